@@ -1,0 +1,201 @@
+"""Models as init/apply pairs over pytrees: the DELM, the linear model and deep linear networks.
+
+All models act on features `phi` of shape `(n, m)` (samples as rows; `deq_jax.maps.features` computes them) and
+return predictions `(n, m_y)` plus solver statistics (`None` for the explicit models). Each exposes its
+end-to-end matrix `W` of shape `(m_y, m)` with `predictions = phi @ W.T`.
+
+The model objects are frozen dataclasses (hashable), so they can be closed over or passed as static arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from deq_jax import _checks
+from deq_jax.maps import DELMMap, DELMTransposedMap, Sigma, get_sigma
+from deq_jax.solve import Backward, Solution, SolveStats, Solver, as_backward, as_solver, solve
+
+Array = jax.Array
+Params = dict
+
+FORMULATIONS = ("transposed", "per_sample")
+
+
+def _check_phi(phi: Any, width: int) -> None:
+    _checks.check_float_array("phi", phi)
+    _checks.check_ndim("phi", phi, (2,))
+    _checks.check_shape("phi", phi, (None, width), f"phi's last axis must equal the model width m={width}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DELM:
+    """Deep equilibrium linear model `f(x) = B z*`, `z* = gamma sigma(A) z* + phi(x)` (docs/theory.md section 1).
+
+    Params: `{"A": (m, m), "B": (m_y, m)}`. `formulation`:
+    - `"transposed"` (default): solve the end-to-end equilibrium `W = B + gamma W sigma(A)` (m_y right-hand sides),
+      then predict `phi @ W.T`; cost O(m^3 + m m_y n) per step.
+    - `"per_sample"`: solve `z_i = gamma sigma(A) z_i + phi_i` for all n samples (the generic DEQ form), predict
+      `z @ B.T`; cost O(m^2 n) per iteration.
+    Both go through any `solver` and `backward` of `deq_jax.solve` and give the same loss and gradients.
+    """
+
+    width: int
+    out_dim: int
+    gamma: float = 0.8
+    sigma: Union[str, Sigma] = "column_softmax"
+    formulation: str = "transposed"
+    solver: Union[str, Solver] = "direct"
+    backward: Union[str, Backward] = "implicit"
+    tol: float = 1e-5
+    maxiter: int = 100
+    precision: Optional[str] = "highest"
+    init_scale: float = 0.1
+
+    def __post_init__(self):
+        _checks.check_positive("width", self.width, integer=True)
+        _checks.check_positive("out_dim", self.out_dim, integer=True)
+        _checks.check_open_unit("gamma", self.gamma)
+        get_sigma(self.sigma)
+        _checks.check_choice("formulation", self.formulation, FORMULATIONS)
+        as_solver(self.solver)
+        as_backward(self.backward)
+        _checks.check_positive("tol", self.tol)
+        _checks.check_positive("maxiter", self.maxiter, integer=True)
+        _checks.check_positive("init_scale", self.init_scale)
+
+    def init(self, key: Array, dtype: Any = jnp.float32) -> Params:
+        """`A, B ~ init_scale * N(0, 1)` (the setting of docs/theory.md section 9)."""
+        ka, kb = jax.random.split(key)
+        return {
+            "A": self.init_scale * jax.random.normal(ka, (self.width, self.width), dtype),
+            "B": self.init_scale * jax.random.normal(kb, (self.out_dim, self.width), dtype),
+        }
+
+    def check_params(self, params: Params) -> None:
+        if not isinstance(params, dict) or set(params) != {"A", "B"}:
+            got = sorted(params) if isinstance(params, dict) else type(params).__name__
+            raise ValueError(f"params must be a dict with keys ['A', 'B']; got {got}")
+        _checks.check_float_array("params", params)
+        m, m_y = self.width, self.out_dim
+        _checks.check_shape("params['A']", params["A"], (m, m), f"A is m x m with m = width = {m}")
+        _checks.check_shape("params['B']", params["B"], (m_y, m), f"B is m_y x m with m_y = out_dim = {m_y}, m = {m}")
+
+    def _solve(self, f, z0, params, x) -> Solution:
+        return solve(f, z0, params, x, solver=self.solver, backward=self.backward, tol=self.tol,
+                     maxiter=self.maxiter, precision=self.precision)
+
+    def end_to_end_solution(self, params: Params) -> Solution:
+        """The end-to-end matrix `W = B (I - gamma sigma(A))^{-1}` as the equilibrium `W = B + gamma W sigma(A)`."""
+        self.check_params(params)
+        f = DELMTransposedMap(self.gamma, self.sigma)
+        return self._solve(f, jnp.zeros_like(params["B"]), {"A": params["A"]}, params["B"])
+
+    def end_to_end(self, params: Params) -> Array:
+        return self.end_to_end_solution(params).value
+
+    def apply(self, params: Params, phi: Array) -> tuple[Array, SolveStats]:
+        """Predictions `(n, m_y)` and the solve's statistics."""
+        self.check_params(params)
+        _check_phi(phi, self.width)
+        if self.formulation == "transposed":
+            sol = self.end_to_end_solution(params)
+            return phi @ sol.value.T, sol.stats
+        f = DELMMap(self.gamma, self.sigma)
+        sol = self._solve(f, jnp.zeros_like(phi), {"A": params["A"]}, phi)
+        return sol.value @ params["B"].T, sol.stats
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear:
+    """The shallow linear model `f(x) = W phi(x)`; params `{"W": (m_y, m)}`."""
+
+    width: int
+    out_dim: int
+    init_scale: float = 0.1
+
+    def __post_init__(self):
+        _checks.check_positive("width", self.width, integer=True)
+        _checks.check_positive("out_dim", self.out_dim, integer=True)
+        _checks.check_positive("init_scale", self.init_scale)
+
+    def init(self, key: Array, dtype: Any = jnp.float32) -> Params:
+        return {"W": self.init_scale * jax.random.normal(key, (self.out_dim, self.width), dtype)}
+
+    def check_params(self, params: Params) -> None:
+        if not isinstance(params, dict) or set(params) != {"W"}:
+            raise ValueError(f"params must be a dict with key 'W'; got {params!r:.80}")
+        _checks.check_float_array("params", params)
+        _checks.check_shape("params['W']", params["W"], (self.out_dim, self.width))
+
+    def end_to_end(self, params: Params) -> Array:
+        return params["W"]
+
+    def apply(self, params: Params, phi: Array) -> tuple[Array, None]:
+        self.check_params(params)
+        _check_phi(phi, self.width)
+        return phi @ params["W"].T, None
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepLinear:
+    """Deep linear network `f(x) = W_H ... W_1 phi(x)` of depth H >= 1; params `{"layers": [W_1, ..., W_H]}`.
+
+    Hidden layers have width `hidden` (default: the input width m). Init: `W_k ~ N(0, init_gain^2 / fan_in)`,
+    which keeps the product's scale near `init_gain^H` and away from the saddle at zero.
+    """
+
+    width: int
+    out_dim: int
+    depth: int = 3
+    hidden: Optional[int] = None
+    init_gain: float = 1.0
+
+    def __post_init__(self):
+        _checks.check_positive("width", self.width, integer=True)
+        _checks.check_positive("out_dim", self.out_dim, integer=True)
+        _checks.check_positive("depth", self.depth, integer=True)
+        if self.hidden is not None:
+            _checks.check_positive("hidden", self.hidden, integer=True)
+        _checks.check_positive("init_gain", self.init_gain)
+
+    def shapes(self) -> list[tuple[int, int]]:
+        h = self.hidden or self.width
+        dims = [self.width] + [h] * (self.depth - 1) + [self.out_dim]
+        return [(dims[k + 1], dims[k]) for k in range(self.depth)]
+
+    def init(self, key: Array, dtype: Any = jnp.float32) -> Params:
+        keys = jax.random.split(key, self.depth)
+        return {
+            "layers": [
+                self.init_gain * jax.random.normal(k, s, dtype) / jnp.sqrt(jnp.asarray(s[1], dtype))
+                for k, s in zip(keys, self.shapes())
+            ]
+        }
+
+    def check_params(self, params: Params) -> None:
+        if not isinstance(params, dict) or set(params) != {"layers"} or len(params["layers"]) != self.depth:
+            raise ValueError(f"params must be a dict {{'layers': [W_1, ..., W_{self.depth}]}} with depth={self.depth}")
+        _checks.check_float_array("params", params)
+        for k, (W, s) in enumerate(zip(params["layers"], self.shapes())):
+            _checks.check_shape(f"params['layers'][{k}]", W, s)
+
+    def end_to_end(self, params: Params) -> Array:
+        W = params["layers"][0]
+        for layer in params["layers"][1:]:
+            W = layer @ W
+        return W
+
+    def apply(self, params: Params, phi: Array) -> tuple[Array, None]:
+        self.check_params(params)
+        _check_phi(phi, self.width)
+        h = phi
+        for layer in params["layers"]:
+            h = h @ layer.T
+        return h, None
+
+
+Model = Union[DELM, Linear, DeepLinear]
