@@ -36,6 +36,8 @@ def check_positive(name: str, value: Any, *, integer: bool = False) -> None:
 
 
 def check_open_unit(name: str, value: Any) -> None:
+    if isinstance(value, jax.core.Tracer):  # e.g. gamma vmapped over in a sweep: checked where it was concrete
+        return
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0.0 < float(value) < 1.0:
         raise ValueError(f"{name} must be a number in the open interval (0, 1); got {value!r}")
 

@@ -1,0 +1,35 @@
+"""`python -m experiments COMMAND ...`: the experiment suite's single entry point.
+
+Commands:
+  reproduce  the main job: the paper's claims end to end (configs/digits.yaml is the default)
+  sweep      a hyperparameter grid as one compiled, vmapped, sharded program
+  bench      benchmarks (the DELM step, the peer comparison with torchdeq)
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "reproduce": "experiments.reproduce",
+    "sweep": "experiments.sweep",
+    "bench": "experiments.bench",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"unknown command {command!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
