@@ -62,7 +62,7 @@ def make_step(model: Model, loss: Union[str, Loss], optimizer: optax.GradientTra
         (value, stats), grads = value_and_grad(params, phi, y)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": value, "grad_norm": optax.global_norm(grads), **_solver_metrics(stats, value.dtype)}
+        metrics = {"loss": value, "grad_norm": optax.tree.norm(grads), **_solver_metrics(stats, value.dtype)}
         return params, opt_state, metrics
 
     return jax.jit(step) if jit else step

@@ -1,0 +1,102 @@
+"""Weight nonlinearities, feature maps and equilibrium maps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deq_jax import DELMMap, DELMTransposedMap, TanhMap, features, get_sigma, random_projection
+from deq_jax.maps import SIGMAS
+
+
+@pytest.mark.parametrize("name", sorted(SIGMAS))
+def test_every_sigma_makes_the_map_contractive(name):
+    """gamma * sigma(A) must have spectral radius < 1 for any A, so the equilibrium exists and is unique."""
+    sigma = get_sigma(name)
+    for seed, scale in [(0, 0.1), (1, 3.0), (2, 30.0)]:
+        A = scale * jax.random.normal(jax.random.PRNGKey(seed), (9, 9), jnp.float64)
+        S = np.asarray(sigma(A))
+        gamma = 0.95
+        assert np.max(np.abs(np.linalg.eigvals(gamma * S))) < 1.0
+        if name == "column_softmax":
+            np.testing.assert_allclose(S.sum(axis=0), 1.0, rtol=1e-12)
+            assert (S > 0).all()
+        if name == "row_softmax":
+            np.testing.assert_allclose(S.sum(axis=1), 1.0, rtol=1e-12)
+        if name == "scaled_tanh":
+            assert np.abs(S).sum(axis=1).max() < 1.0
+
+
+def test_column_softmax_definition():
+    A = jnp.array([[0.0, 1.0], [2.0, 3.0]], jnp.float64)
+    S = get_sigma("column_softmax")(A)
+    np.testing.assert_allclose(S[:, 0], np.exp([0, 2]) / np.exp([0, 2]).sum(), rtol=1e-14)
+    assert get_sigma(jnp.tanh) is jnp.tanh  # callables pass through
+
+
+def test_delm_map_per_sample_and_batched_agree():
+    A = jax.random.normal(jax.random.PRNGKey(0), (5, 5), jnp.float64)
+    z = jax.random.normal(jax.random.PRNGKey(1), (4, 5), jnp.float64)
+    x = jax.random.normal(jax.random.PRNGKey(2), (4, 5), jnp.float64)
+    f = DELMMap(0.7)
+    batched = f(z, {"A": A}, x)
+    S = get_sigma("column_softmax")(A)
+    for i in range(4):
+        np.testing.assert_allclose(batched[i], 0.7 * S @ z[i] + x[i], rtol=1e-13)
+        np.testing.assert_allclose(f(z[i], {"A": A}, x[i]), batched[i], rtol=1e-13)
+    M, c = f.affine({"A": A}, x)
+    np.testing.assert_allclose(z @ M.T + c, batched, rtol=1e-13)
+
+
+def test_transposed_map_fixed_point_is_the_end_to_end_matrix():
+    A = jax.random.normal(jax.random.PRNGKey(0), (5, 5), jnp.float64)
+    B = jax.random.normal(jax.random.PRNGKey(1), (3, 5), jnp.float64)
+    U = jnp.eye(5) - 0.6 * get_sigma("column_softmax")(A)
+    W = B @ jnp.linalg.inv(U)
+    f = DELMTransposedMap(0.6)
+    np.testing.assert_allclose(f(W, {"A": A}, B), W, rtol=1e-12)
+    M, c = f.affine({"A": A}, B)
+    np.testing.assert_allclose(W @ M.T + c, W, rtol=1e-12)
+
+
+def test_maps_are_hashable_static_arguments():
+    f = DELMMap(0.5, "row_softmax")
+    assert hash(f) == hash(DELMMap(0.5, "row_softmax"))
+    out = jax.jit(lambda f, z: f(z, {"A": jnp.eye(3)}, z), static_argnums=0)(f, jnp.ones(3))
+    assert out.shape == (3,)
+
+
+def test_tanh_map_is_a_contraction_for_any_weights():
+    f = TanhMap(0.9)
+    params = f.init(jax.random.PRNGKey(0), width=6, in_dim=3, dtype=jnp.float64)
+    params["W"] = 50.0 * params["W"]  # far from contractive before the rescaling
+    x = jnp.ones((3,), jnp.float64)
+    z1, z2 = jax.random.normal(jax.random.PRNGKey(1), (2, 6), jnp.float64)
+    ratio = jnp.linalg.norm(f(z1, params, x) - f(z2, params, x)) / jnp.linalg.norm(z1 - z2)
+    assert float(ratio) <= 0.9 + 1e-12
+    assert float(jnp.linalg.norm(f.weight(params["W"]), 2)) <= 0.9 + 1e-12
+
+
+def test_random_projection_any_width():
+    x = jax.random.normal(jax.random.PRNGKey(0), (20, 64), jnp.float32)
+    for width in [5, 64, 200]:
+        P = random_projection(jax.random.PRNGKey(1), 64, width)
+        phi = features(x, P)
+        assert phi.shape == (20, width) and phi.dtype == jnp.float32
+    np.testing.assert_array_equal(features(x), x)
+    # fixed: the same key gives the same projection
+    np.testing.assert_array_equal(random_projection(jax.random.PRNGKey(1), 64, 5),
+                                  random_projection(jax.random.PRNGKey(1), 64, 5))
+
+
+def test_map_argument_errors():
+    with pytest.raises(ValueError, match="width must be a positive integer; got 0"):
+        random_projection(jax.random.PRNGKey(0), 4, 0)
+    with pytest.raises(ValueError, match="in_dim must be a positive integer; got -3"):
+        random_projection(jax.random.PRNGKey(0), -3, 2)
+    with pytest.raises(ValueError, match=r"projection must have shape \(8, \*\).*got shape \(4, 2\)"):
+        features(jnp.ones((3, 8)), jnp.ones((4, 2)))
+    with pytest.raises(ValueError, match=r"contraction must be a number in the open interval \(0, 1\); got 1.5"):
+        TanhMap(1.5)
+    with pytest.raises(ValueError, match="gamma"):
+        DELMMap(0.0)

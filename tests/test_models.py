@@ -1,0 +1,104 @@
+"""Models: the DELM in both formulations, the linear model, deep linear networks; shapes and argument errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deq_jax import DELM, DeepLinear, Linear, get_sigma
+
+
+def data(dtype, n=13, m=6, m_y=4):
+    phi = jax.random.normal(jax.random.PRNGKey(0), (n, m), dtype)
+    return phi
+
+
+@pytest.mark.parametrize("sigma", ["column_softmax", "row_softmax", "scaled_tanh"])
+@pytest.mark.parametrize("solver", ["direct", "anderson", "fixed_point", "broyden"])
+def test_delm_formulations_and_closed_form(solver, sigma):
+    phi = data(jnp.float64)
+    outs = {}
+    for formulation in ["transposed", "per_sample"]:
+        model = DELM(6, 4, gamma=0.7, sigma=sigma, formulation=formulation, solver=solver, tol=1e-12, maxiter=400)
+        params = model.init(jax.random.PRNGKey(1), jnp.float64)
+        pred, stats = model.apply(params, phi)
+        assert pred.shape == (13, 4) and bool(stats.converged)
+        outs[formulation] = pred
+    U = jnp.eye(6) - 0.7 * get_sigma(sigma)(params["A"])
+    W = params["B"] @ jnp.linalg.inv(U)
+    for pred in outs.values():
+        np.testing.assert_allclose(pred, phi @ W.T, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(model.end_to_end(params), W, rtol=1e-9, atol=1e-12)
+
+
+def test_delm_float32_end_to_end():
+    model = DELM(6, 4)
+    params = model.init(jax.random.PRNGKey(0))
+    assert params["A"].dtype == jnp.float32 and params["A"].shape == (6, 6) and params["B"].shape == (4, 6)
+    pred, stats = model.apply(params, data(jnp.float32))
+    assert pred.dtype == jnp.float32 and bool(stats.converged)
+
+
+def test_linear_and_deep_linear():
+    phi = data(jnp.float64)
+    lin = Linear(6, 4)
+    p = lin.init(jax.random.PRNGKey(0), jnp.float64)
+    pred, stats = lin.apply(p, phi)
+    assert stats is None
+    np.testing.assert_allclose(pred, phi @ lin.end_to_end(p).T)
+    for depth, hidden in [(1, None), (2, 3), (4, None)]:
+        deep = DeepLinear(6, 4, depth=depth, hidden=hidden)
+        p = deep.init(jax.random.PRNGKey(depth), jnp.float64)
+        assert len(p["layers"]) == depth
+        pred, _ = deep.apply(p, phi)
+        np.testing.assert_allclose(pred, phi @ deep.end_to_end(p).T, rtol=1e-12)
+        # differentiable through every layer
+        grads = jax.grad(lambda p: jnp.sum(deep.apply(p, phi)[0] ** 2))(p)
+        assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads["layers"])
+
+
+def test_models_under_vmap_over_seeds():
+    phi = data(jnp.float32)
+    model = DELM(6, 4, solver="anderson")
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = jax.vmap(lambda k: model.init(k))(keys)
+    preds, stats = jax.vmap(lambda p: model.apply(p, phi))(params)
+    assert preds.shape == (3, 13, 4) and stats.converged.shape == (3,)
+    for i in range(3):
+        np.testing.assert_allclose(preds[i], model.apply(model.init(keys[i]), phi)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_model_argument_errors():
+    phi = data(jnp.float64)
+    model = DELM(6, 4)
+    params = model.init(jax.random.PRNGKey(0), jnp.float64)
+    with pytest.raises(ValueError, match=r"params\['A'\] must have shape \(6, 6\).*got shape \(5, 5\)"):
+        model.apply({"A": jnp.zeros((5, 5)), "B": params["B"]}, phi)
+    with pytest.raises(ValueError, match=r"params\['B'\] must have shape \(4, 6\).*got shape \(4, 5\)"):
+        model.apply({"A": params["A"], "B": jnp.zeros((4, 5))}, phi)
+    with pytest.raises(ValueError, match=r"phi must have shape \(\*, 6\).*got shape \(13, 5\)"):
+        model.apply(params, phi[:, :5])
+    with pytest.raises(ValueError, match=r"phi must have rank 2; got array of shape \(6,\)"):
+        model.apply(params, phi[0])
+    with pytest.raises(ValueError, match="params must be a dict with keys"):
+        model.apply({"A": params["A"]}, phi)
+    with pytest.raises(TypeError, match="phi must be a floating-point array.*int"):
+        model.apply(params, jnp.ones((3, 6), jnp.int32))
+    with pytest.raises(ValueError, match="phi contains NaN"):
+        model.apply(params, phi.at[0, 0].set(jnp.nan))
+    with pytest.raises(ValueError, match="width must be a positive integer; got 0"):
+        DELM(0, 4)
+    with pytest.raises(ValueError, match="out_dim must be a positive integer; got -1"):
+        DELM(3, -1)
+    with pytest.raises(ValueError, match=r"gamma must be a number in the open interval \(0, 1\); got 1.2"):
+        DELM(3, 2, gamma=1.2)
+    with pytest.raises(ValueError, match="unknown formulation 'columns'"):
+        DELM(3, 2, formulation="columns")
+    with pytest.raises(ValueError, match="unknown solver 'lbfgs'"):
+        DELM(3, 2, solver="lbfgs")
+    with pytest.raises(ValueError, match="tol must be a positive number; got 0"):
+        DELM(3, 2, tol=0)
+    with pytest.raises(ValueError, match="depth must be a positive integer; got 0"):
+        DeepLinear(3, 2, depth=0)
+    with pytest.raises(ValueError, match=r"params\['W'\] must have shape \(4, 6\)"):
+        Linear(6, 4).apply({"W": jnp.zeros((6, 4))}, phi)
