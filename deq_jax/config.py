@@ -71,6 +71,8 @@ def _deep_copy(data: Any) -> Any:
 
 
 def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))

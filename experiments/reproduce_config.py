@@ -1,0 +1,367 @@
+"""The main job's configuration: frozen dataclasses validated by `deq_jax.config.from_dict`.
+
+Every field has a default, so a YAML file names only what it changes; an unknown or misspelt key, a wrong type or an
+out-of-range value is a `deq_jax.config.ConfigError` naming the key (range checks live in `__post_init__`).
+
+    cfg = load_config("configs/digits.yaml", overrides=["convergence.steps=2000"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import pathlib
+from typing import Literal, Optional, Sequence, Union
+
+from deq_jax.config import ConfigError, from_dict, load_yaml, to_dict
+
+DatasetName = Literal["digits", "fashion_mnist", "mnist", "kmnist", "cifar10", "cifar100", "svhn"]
+ModelName = Literal["delm", "linear", "deep_linear"]
+LossName = Literal["square", "cross_entropy"]
+
+
+def _positive(name: str, value: float, *, integer: bool = False) -> None:
+    kind = "a positive integer" if integer else "a positive number"
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be {kind}; got {value!r}")
+
+
+def _unit(name: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must lie in the open interval (0, 1); got {value!r}")
+
+
+def _nonempty_unique(name: str, values: tuple, choices: Optional[tuple] = None) -> None:
+    if not values:
+        extra = f" (valid choices: {', '.join(map(repr, choices))})" if choices else ""
+        raise ValueError(f"{name} must list at least one entry{extra}; got an empty list")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} must not repeat entries; got {list(values)}")
+
+
+def _multiple(name: str, steps: int, chunk: int) -> None:
+    if steps % chunk:
+        raise ValueError(f"{name} ({steps}) must be a multiple of chunk ({chunk}), so every compiled chunk has one "
+                         f"length")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which data set and how it becomes features (`deq_jax.data.load_dataset` + `preprocess`).
+
+    `features`: "pca_whiten" (standardise, project on the top `pca_dim` principal components, unit variance),
+    "standardize" or "raw". `n_train`/`n_test`: seeded random subsets (null: the whole split). `add_bias` appends a
+    constant-1 feature. `data_dir`/`cache_dir`: where files are looked for / downloaded to (null: the defaults of
+    `deq_jax.data`, i.e. `$DEQ_JAX_DATA_DIR` or `~/.cache/deq_jax/datasets`). `download`: fetch missing files.
+    """
+
+    dataset: DatasetName = "digits"
+    n_train: Optional[int] = None
+    n_test: Optional[int] = None
+    features: Literal["pca_whiten", "standardize", "raw"] = "pca_whiten"
+    pca_dim: Optional[int] = 32
+    add_bias: bool = True
+    seed: int = 0
+    data_dir: Optional[str] = None
+    cache_dir: Optional[str] = None
+    download: bool = True
+
+    def __post_init__(self):
+        for key in ("n_train", "n_test"):
+            value = getattr(self, key)
+            if value is not None and value < 2:
+                raise ValueError(f"{key} must be an integer >= 2 or null (the whole split); got {value!r}")
+        if self.features == "pca_whiten":
+            if self.pca_dim is None or self.pca_dim < 1:
+                raise ValueError(f"pca_dim must be a positive integer when features is 'pca_whiten'; got "
+                                 f"{self.pca_dim!r}")
+        elif self.pca_dim is not None:
+            raise ValueError(f"pca_dim applies only to features 'pca_whiten'; set it to null for features "
+                             f"{self.features!r} (got pca_dim={self.pca_dim!r})")
+        if self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer; got {self.seed!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Settings shared by all experiments.
+
+    DELM: `gamma` in (0, 1), `sigma` the weight nonlinearity, `A, B ~ init_scale N(0, 1)`; the equilibrium is
+    solved exactly (the library's direct solve, differentiated by autodiff through it). Linear: `W ~ init_scale
+    N(0, 1)`. Deep linear nets: one per entry of `depths`, hidden width `deep_hidden` (null: the feature width m),
+    layers `~ N(0, deep_init_gain^2 / fan_in)`.
+    """
+
+    gamma: float = 0.8
+    sigma: Literal["column_softmax", "row_softmax", "scaled_tanh"] = "column_softmax"
+    init_scale: float = 0.1
+    depths: tuple[int, ...] = (2, 3)
+    deep_hidden: Optional[int] = None
+    deep_init_gain: float = 1.0
+
+    def __post_init__(self):
+        _unit("gamma", self.gamma)
+        _positive("init_scale", self.init_scale)
+        _positive("deep_init_gain", self.deep_init_gain)
+        if self.deep_hidden is not None:
+            _positive("deep_hidden", self.deep_hidden, integer=True)
+        if len(set(self.depths)) != len(self.depths) or any(d < 2 for d in self.depths):
+            raise ValueError(f"depths must be distinct integers >= 2 (depth 1 is the linear model); got "
+                             f"{list(self.depths)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LearningRateConfig:
+    """`rule: theory`: `eta = scale (1 - gamma)^2 / lambda_max(phi^T phi / n)` for every model, on each feature
+    matrix (stable for the DELM since `|U^{-1}|_2 <= 1 / (1 - gamma)`, docs/theory.md section 9).
+    `rule: fixed`: `eta = value`."""
+
+    rule: Literal["theory", "fixed"] = "theory"
+    scale: float = 1.0
+    value: Optional[float] = None
+
+    def __post_init__(self):
+        _positive("scale", self.scale)
+        if self.rule == "fixed":
+            if self.value is None:
+                raise ValueError("value must be set (a positive number) when rule is 'fixed'; got null")
+            _positive("value", self.value)
+        elif self.value is not None:
+            raise ValueError(f"value applies only to rule 'fixed' (rule is 'theory', eta = scale (1-gamma)^2 / "
+                             f"lambda_max); got value={self.value!r}")
+
+    def resolve(self, gamma: float, lambda_max: float) -> float:
+        if self.rule == "fixed":
+            return float(self.value)
+        return float(self.scale * (1.0 - gamma) ** 2 / lambda_max)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvergenceThresholds:
+    """Pass/fail thresholds of experiment 1's claims (see REPORT.md for their justification)."""
+
+    normalised_gap: float = 1e-6
+    r2: float = 0.99
+    bound_excess: float = 1e-6
+    solver_residual: float = 1e-10
+
+    def __post_init__(self):
+        _positive("normalised_gap", self.normalised_gap)
+        _unit("r2", self.r2)
+        _positive("bound_excess", self.bound_excess)
+        _positive("solver_residual", self.solver_residual)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvergenceConfig:
+    """Experiment 1: global linear convergence of full-batch gradient descent to the shallow optimum `L*`.
+
+    Runs every model of `models` on the data's features (width m = their dimension) and every model of
+    `small_width_models` on a fixed random projection of them to `small_width` (null: skip), for each loss.
+    Cross-entropy carries an L2 penalty `(cross_entropy_l2 / 2) |W|_F^2` on the end-to-end matrix, so that the
+    shallow problem has a unique minimiser even on separable data. A run stops early once its normalised gap
+    `(L_t - L*) / (L_0 - L*)` stayed below `stop_gap` for a whole chunk (rounding level).
+    The rate fit and the bound check use the band `fit_lo < gap < fit_hi` / the steps with gap above `bound_floor`.
+    """
+
+    enabled: bool = True
+    losses: tuple[LossName, ...] = ("square", "cross_entropy")
+    models: tuple[ModelName, ...] = ("delm", "linear", "deep_linear")
+    small_width: Optional[int] = 5
+    small_width_models: tuple[ModelName, ...] = ("delm", "linear")
+    steps: int = 3000
+    chunk: int = 50
+    learning_rate: LearningRateConfig = LearningRateConfig()
+    cross_entropy_l2: float = 0.1
+    stop_gap: float = 1e-13
+    fit_hi: float = 1e-2
+    fit_lo: float = 1e-9
+    bound_floor: float = 1e-7
+    thresholds: ConvergenceThresholds = ConvergenceThresholds()
+
+    def __post_init__(self):
+        _nonempty_unique("losses", self.losses, ("square", "cross_entropy"))
+        _nonempty_unique("models", self.models, ("delm", "linear", "deep_linear"))
+        if "delm" not in self.models:
+            raise ValueError(f"models must include 'delm' (the claims are about it); got {list(self.models)}")
+        if self.small_width is not None:
+            _positive("small_width", self.small_width, integer=True)
+            _nonempty_unique("small_width_models", self.small_width_models, ("delm", "linear", "deep_linear"))
+            if "delm" not in self.small_width_models:
+                raise ValueError(f"small_width_models must include 'delm'; got {list(self.small_width_models)}")
+        _positive("steps", self.steps, integer=True)
+        _positive("chunk", self.chunk, integer=True)
+        _multiple("steps", self.steps, self.chunk)
+        _positive("cross_entropy_l2", self.cross_entropy_l2)
+        _unit("stop_gap", self.stop_gap)
+        _unit("fit_lo", self.fit_lo)
+        _unit("fit_hi", self.fit_hi)
+        _unit("bound_floor", self.bound_floor)
+        if not self.fit_lo < self.fit_hi:
+            raise ValueError(f"fit_lo must be below fit_hi; got fit_lo={self.fit_lo!r}, fit_hi={self.fit_hi!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrustRegionThresholds:
+    velocity: float = 1e-6
+    finite_difference: float = 1e-6
+    kkt: float = 1e-6
+    path_difference: float = 1e-3
+
+    def __post_init__(self):
+        for key in ("velocity", "finite_difference", "kkt", "path_difference"):
+            _positive(key, getattr(self, key))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrustRegionConfig:
+    """Experiment 2: the DELM's gradient descent seen in W-space is a trust-region Newton method of the shallow model.
+
+    For each `a_scales` entry s: a DELM with `A ~ s N(0, 1)`, `B ~ b_scale N(0, 1)` runs `steps` GD steps on the
+    square loss; every `check_every` steps (a multiple of `chunk`) while the normalised gap is above `check_floor`,
+    the velocity of W, the induced preconditioner and the trust-region subproblem are checked
+    (`deq_jax.theory.trust_region_check`, plus a central finite difference with relative step `fd_step`). Plain GD
+    on the shallow model runs from the same W_0.
+    The learning rate needs `eta * max eig(P) * lambda_max < 1` for the trust-region norm M to be positive definite,
+    and `max eig(P) >= 1/(1-gamma)^2`: hence a smaller `learning_rate.scale` than experiment 1's.
+    """
+
+    enabled: bool = True
+    a_scales: tuple[float, ...] = (0.1, 1.0, 3.0)
+    b_scale: float = 0.1
+    steps: int = 400
+    chunk: int = 50
+    learning_rate: LearningRateConfig = LearningRateConfig(scale=0.5)
+    check_every: int = 100
+    check_floor: float = 1e-8
+    fd_step: float = 1e-5
+    thresholds: TrustRegionThresholds = TrustRegionThresholds()
+
+    def __post_init__(self):
+        _nonempty_unique("a_scales", self.a_scales)
+        for s in self.a_scales:
+            _positive("a_scales[...]", s)
+        _positive("b_scale", self.b_scale)
+        _positive("steps", self.steps, integer=True)
+        _positive("chunk", self.chunk, integer=True)
+        _multiple("steps", self.steps, self.chunk)
+        _positive("check_every", self.check_every, integer=True)
+        _multiple("check_every", self.check_every, self.chunk)
+        _unit("check_floor", self.check_floor)
+        _unit("fd_step", self.fd_step)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImplicitBiasConfig:
+    """Experiment 3: which of the many minimisers each model reaches when n < m.
+
+    Features: the data set preprocessed again with `features` / `pca_dim` (null: the `data` section's features) and,
+    with `normalize_rows`, every sample's features scaled to the same norm (well-conditioned small subsets, so the
+    runs reach the target in few steps). For each seed: `n_train` training samples drawn (seeded) from them, so
+    that the square loss has a whole affine set of minimisers with L* = 0; every model of `models` (plus each depth of
+    `model.depths` for deep_linear) trains by full-batch GD from its seeded init until its training loss first falls
+    below `target_loss` (matched training loss), at most `max_steps`. Measured at that step: test loss and accuracy on
+    the whole test split, the distance of W from the minimum-norm interpolant.
+    `init_scale` / `deep_init_gain` replace `model.init_scale` / `model.deep_init_gain` here (null: keep them): a
+    small init keeps the part of W that the data do not determine from being decided by the init's noise.
+    """
+
+    enabled: bool = True
+    features: Optional[Literal["pca_whiten", "standardize", "raw"]] = "pca_whiten"
+    pca_dim: Optional[int] = 60
+    normalize_rows: bool = True
+    n_train: int = 20
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    models: tuple[ModelName, ...] = ("delm", "linear", "deep_linear")
+    target_loss: float = 1e-3
+    max_steps: int = 20000
+    chunk: int = 500
+    learning_rate: LearningRateConfig = LearningRateConfig()
+    init_scale: Optional[float] = 0.001
+    deep_init_gain: Optional[float] = 0.5
+
+    def __post_init__(self):
+        for key in ("init_scale", "deep_init_gain"):
+            if getattr(self, key) is not None:
+                _positive(key, getattr(self, key))
+        if self.features == "pca_whiten":
+            if self.pca_dim is None or self.pca_dim < 1:
+                raise ValueError(f"pca_dim must be a positive integer when features is 'pca_whiten'; got "
+                                 f"{self.pca_dim!r}")
+        elif self.pca_dim is not None:
+            raise ValueError(f"pca_dim applies only to features 'pca_whiten'; set it to null for features "
+                             f"{self.features!r} (got pca_dim={self.pca_dim!r})")
+        if self.n_train < 2:
+            raise ValueError(f"n_train must be an integer >= 2; got {self.n_train!r}")
+        _nonempty_unique("seeds", self.seeds)
+        if any(s < 0 for s in self.seeds):
+            raise ValueError(f"seeds must be non-negative integers; got {list(self.seeds)}")
+        _nonempty_unique("models", self.models, ("delm", "linear", "deep_linear"))
+        _positive("target_loss", self.target_loss)
+        _positive("max_steps", self.max_steps, integer=True)
+        _positive("chunk", self.chunk, integer=True)
+        _multiple("max_steps", self.max_steps, self.chunk)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReproduceConfig:
+    """The main job: `python -m experiments reproduce --config configs/<name>.yaml`.
+
+    `name` is the default run name (results go to `<out>/<name>/`), `seed` seeds model inits and the random
+    projection, `dtype` is the floating type of every array (the claims' thresholds assume float64).
+    """
+
+    name: str = "digits"
+    seed: int = 0
+    dtype: Literal["float64", "float32"] = "float64"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    convergence: ConvergenceConfig = ConvergenceConfig()
+    trust_region: TrustRegionConfig = TrustRegionConfig()
+    implicit_bias: ImplicitBiasConfig = ImplicitBiasConfig()
+
+    def __post_init__(self):
+        if not self.name or any(c in self.name for c in "/\\") or self.name in (".", ".."):
+            raise ValueError(f"name must be a non-empty file name (no slashes); got {self.name!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer; got {self.seed!r}")
+        if not (self.convergence.enabled or self.trust_region.enabled or self.implicit_bias.enabled):
+            raise ValueError("at least one of convergence.enabled, trust_region.enabled, implicit_bias.enabled "
+                             "must be true")
+
+
+def load_config(path: Union[str, pathlib.Path, None], overrides: Sequence[str] = ()) -> ReproduceConfig:
+    """Read and validate a YAML config (None: all defaults) with `section.key=value` overrides applied on top."""
+    data = {} if path is None else load_yaml(path)
+    return from_dict(ReproduceConfig, data, overrides=list(overrides))
+
+
+# what the numbers do not depend on: where files live and whether they may be downloaded
+_LOCATION_KEYS = ("data_dir", "cache_dir", "download")
+
+
+#: bump when the checkpoints' contents change, so that old checkpoints are refused rather than misread
+CHECKPOINT_FORMAT = 1
+
+
+def fingerprint(cfg: ReproduceConfig) -> str:
+    """A hash of everything the results depend on (not the run name or the data's location)."""
+    d = to_dict(cfg)
+    d.pop("name")
+    d["checkpoint_format"] = CHECKPOINT_FORMAT
+    for key in _LOCATION_KEYS:
+        d["data"].pop(key)
+    return hashlib.sha256(repr(sorted(_flatten(d))).encode()).hexdigest()[:16]
+
+
+def _flatten(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", repr(v)
+
+
+__all__ = ["ConfigError", "ConvergenceConfig", "DataConfig", "ImplicitBiasConfig", "LearningRateConfig",
+           "ModelConfig", "ReproduceConfig", "TrustRegionConfig", "fingerprint", "load_config"]
