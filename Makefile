@@ -23,6 +23,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+sweep: $(STAMP)
+	$(BIN)/python -m experiments sweep --config configs/sweep_digits.yaml
+
 bench: $(STAMP)
 	$(BIN)/python -m experiments bench --suite step
 

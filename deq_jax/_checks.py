@@ -31,6 +31,8 @@ def check_positive(name: str, value: Any, *, integer: bool = False) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
     else:
+        if isinstance(value, jax.core.Tracer):  # e.g. a learning rate vmapped over in a sweep
+            return
         if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not value > 0:
             raise ValueError(f"{name} must be a positive number; got {value!r}")
 

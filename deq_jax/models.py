@@ -190,12 +190,10 @@ class DeepLinear:
         return W
 
     def apply(self, params: Params, phi: Array) -> tuple[Array, None]:
+        """`phi @ (W_H ... W_1).T`: the product first (O(H m^2 h)), not layer by layer over samples (O(n H m h))."""
         self.check_params(params)
         _check_phi(phi, self.width)
-        h = phi
-        for layer in params["layers"]:
-            h = h @ layer.T
-        return h, None
+        return phi @ self.end_to_end(params).T, None
 
 
 Model = Union[DELM, Linear, DeepLinear]
