@@ -215,6 +215,17 @@ def _with_precision(f: Map, precision: Optional[str]) -> Map:
     return f_at_precision
 
 
+def _f_at_start(f: Map, affine_f: Any, z0: Any, params: Any, x: Any) -> Any:
+    """`f(z0)`, the scale of the relative residual. An affine map started from zero (as the models start) gives its
+    offset `c` without the product with `M` (for the per-sample DELM an n x m x m matmul, the cost of one
+    iteration); `lax.cond` keeps `f(z0)` for any other start, so the value is the same either way."""
+    if not (hasattr(affine_f, "affine") and hasattr(z0, "shape")):
+        return f(z0, params, x)
+    out = jax.eval_shape(f, z0, params, x)
+    offset = lambda: jnp.broadcast_to(affine_f.affine(params, x)[1], out.shape).astype(out.dtype)
+    return jax.lax.cond(jnp.any(z0 != 0), lambda: f(z0, params, x), offset)
+
+
 def _stats(f: Map, z: Any, params: Any, x: Any, scale: Array, iterations: Array, tol: float) -> SolveStats:
     """Residual of the returned value, measured independently of the solver's own bookkeeping."""
     z, params, x = jax.lax.stop_gradient((z, params, x))
@@ -378,7 +389,7 @@ def solve(
 
     affine_f, f = f, _with_precision(f, precision)
     with _precision(precision):
-        scale = jax.lax.stop_gradient(_norm(f(z0, params, x)))
+        scale = jax.lax.stop_gradient(_norm(_f_at_start(f, affine_f, z0, params, x)))
 
         if isinstance(solver, Direct):
             if isinstance(backward, OneStep):
@@ -388,9 +399,10 @@ def solve(
                 z = _direct(affine_f, z0, params, x, solver.max_dense)
             return Solution(z, _stats(f, z, params, x, scale, 0, tol))
 
-        abs_tol = tol * scale
-
         def forward(z_init, params, x):
+            # the stopping threshold is derived from this function's own arguments: a tracer closed over from outside
+            # would leak through jaxopt's custom_vjp under vmap(jit(grad(...)))
+            abs_tol = tol * jax.lax.stop_gradient(_norm(_f_at_start(f, affine_f, z_init, params, x)))
             run = _iterative(solver, f, abs_tol, maxiter, unroll=isinstance(backward, Unrolled))
             z, state = run.run(z_init, params, x)
             return z, state.iter_num

@@ -94,14 +94,14 @@ def test_broyden_sign_matters():
 
 # ----------------------------------------------------------------------------- gradients vs the closed form
 
-@pytest.mark.parametrize("linear_solver", ["gmres", "bicgstab", "normal_cg", "lu"])
-@pytest.mark.parametrize("solver", ITERATIVE)
+@pytest.mark.parametrize("solver, linear_solver", [("anderson", ls) for ls in ["gmres", "bicgstab", "normal_cg", "lu"]]
+                         + [("fixed_point", "bicgstab"), ("broyden", "lu")])
 def test_implicit_gradients_float64(solver, linear_solver):
     A, B, phi, y = problem(jnp.float64)
     ref = jax.grad(closed_form_loss, argnums=(0, 1))(A, B, phi, y)
     backward = Implicit(linear_solver=linear_solver)
     loss = solved_loss("per_sample", solver, backward, TOL[jnp.float64])
-    grads, stats = jax.grad(loss, argnums=(0, 1), has_aux=True)(A, B, phi, y)
+    grads, stats = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(A, B, phi, y)
     assert bool(stats.converged)
     for g, r in zip(grads, ref):
         assert rel_err(g, r) <= GRAD_RTOL[jnp.float64]
@@ -114,7 +114,7 @@ def test_implicit_gradients_both_formulations(formulation, solver, dtype):
     A, B, phi, y = problem(dtype)
     ref = jax.grad(closed_form_loss, argnums=(0, 1))(A, B, phi, y)
     loss = solved_loss(formulation, solver, "implicit", TOL[dtype])
-    grads, stats = jax.grad(loss, argnums=(0, 1), has_aux=True)(A, B, phi, y)
+    grads, stats = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(A, B, phi, y)
     assert bool(stats.converged)
     for g, r in zip(grads, ref):
         assert g.dtype == dtype
@@ -131,7 +131,7 @@ def test_formulations_agree_to_rounding(solver):
         out = {}
         for formulation in ["transposed", "per_sample"]:
             loss = solved_loss(formulation, solver, backward, 1e-13, maxiter=600)
-            (value, _), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(A, B, phi, y)
+            (value, _), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(A, B, phi, y)
             out[formulation] = (value, grads)
         assert abs(float(out["transposed"][0] - out["per_sample"][0])) <= 1e-12 * float(out["per_sample"][0])
         for g, r in zip(out["transposed"][1], out["per_sample"][1]):
@@ -143,7 +143,7 @@ def test_unrolled_matches_implicit_when_converged():
     ref = jax.grad(closed_form_loss, argnums=(0, 1))(A, B, phi, y)
     for solver in ITERATIVE:
         loss = solved_loss("per_sample", solver, "unrolled", 1e-13, maxiter=300)
-        grads, stats = jax.grad(loss, argnums=(0, 1), has_aux=True)(A, B, phi, y)
+        grads, stats = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(A, B, phi, y)
         assert bool(stats.converged)
         for g, r in zip(grads, ref):
             assert rel_err(g, r) <= 1e-9
@@ -174,7 +174,7 @@ def test_one_step_gradient_is_the_jacobian_free_approximation():
 
 def test_finite_differences_float64():
     A, B, phi, y = problem(jnp.float64, m=5, n=6, m_y=2)
-    check_grads(lambda A, B: closed_form_loss(A, B, phi, y), (A, B), order=2, modes=("fwd", "rev"), eps=1e-5)
+    check_grads(lambda A, B: closed_form_loss(A, B, phi, y), (A, B), order=2, modes=("rev",), eps=1e-5)
     direct = lambda A, B: solved_loss("transposed", "direct", "implicit", 1e-12)(A, B, phi, y)[0]
     check_grads(direct, (A, B), order=1, modes=("fwd", "rev"), eps=1e-5)
     anderson = lambda A, B: solved_loss("per_sample", "anderson", Implicit("gmres", tol=1e-13), 1e-13)(A, B, phi, y)[0]
@@ -202,8 +202,9 @@ def test_nonlinear_map_implicit_matches_unrolled(solver):
                     maxiter=400)
         return jnp.sum((sol.value - target) ** 2), sol.stats
 
-    g_imp, s_imp = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x, "implicit")
-    g_unr, s_unr = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x, "unrolled")
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)
+    g_imp, s_imp = grad(params, x, "implicit")
+    g_unr, s_unr = grad(params, x, "unrolled")
     assert bool(s_imp.converged) and bool(s_unr.converged)
     for a, b in zip(jax.tree_util.tree_leaves(g_imp), jax.tree_util.tree_leaves(g_unr)):
         assert rel_err(a, b) <= 1e-9
@@ -239,7 +240,7 @@ def test_jit_equals_eager(solver):
 def test_vmap_over_inputs_equals_loop():
     A, _, phi, _ = problem(jnp.float64)
     f = DELMMap(GAMMA)
-    one = lambda x: solve(f, jnp.zeros_like(x), {"A": A}, x, solver="anderson", tol=1e-12)
+    one = jax.jit(lambda x: solve(f, jnp.zeros_like(x), {"A": A}, x, solver="anderson", tol=1e-12))
     batched = jax.vmap(one)(phi)  # one solve per sample, each with its own statistics
     assert batched.stats.iterations.shape == (phi.shape[0],)
     for i in range(phi.shape[0]):
@@ -251,13 +252,14 @@ def test_vmap_over_inputs_equals_loop():
 def test_vmap_over_parameter_sets_equals_loop():
     As = jnp.stack([problem(jnp.float64, seed=s)[0] for s in range(4)])
     _, B, phi, y = problem(jnp.float64)
-    loss = lambda A: solved_loss("transposed", "broyden", "implicit", 1e-12)(A, B, phi, y)
+    loss = jax.jit(lambda A: solved_loss("transposed", "broyden", "implicit", 1e-12)(A, B, phi, y))
+    grad = jax.jit(jax.grad(lambda A: loss(A)[0]))
     values, stats = jax.vmap(loss)(As)
-    grads = jax.vmap(jax.grad(lambda A: loss(A)[0]))(As)  # vmap of grad
+    grads = jax.vmap(grad)(As)  # vmap of grad
     for i in range(4):
         v, _ = loss(As[i])
         np.testing.assert_allclose(values[i], v, rtol=1e-12)
-        np.testing.assert_allclose(grads[i], jax.grad(lambda A: loss(A)[0])(As[i]), rtol=1e-9, atol=1e-14)
+        np.testing.assert_allclose(grads[i], grad(As[i]), rtol=1e-9, atol=1e-14)
         ref = jax.grad(closed_form_loss)(As[i], B, phi, y)
         assert rel_err(grads[i], ref) <= 1e-9
     assert bool(jnp.all(stats.converged))
@@ -285,13 +287,13 @@ def test_pytree_state():
     z0 = {"u": jnp.zeros(4), "v": jnp.zeros(4)}
     params = {"w": jnp.asarray(0.7)}
     for solver in ITERATIVE:
-        sol = solve(f, z0, params, x, solver=solver, tol=1e-12, maxiter=300)
+        sol = jax.jit(lambda p: solve(f, z0, p, x, solver=solver, tol=1e-12, maxiter=300))(params)
         assert bool(sol.stats.converged)
         res = jax.tree_util.tree_map(jnp.subtract, f(sol.value, params, x), sol.value)
         assert max(float(jnp.max(jnp.abs(r))) for r in jax.tree_util.tree_leaves(res)) < 1e-11
-    g_imp = jax.grad(lambda p: jnp.sum(solve(f, z0, p, x, tol=1e-13, maxiter=300).value["v"]))(params)
-    g_unr = jax.grad(lambda p: jnp.sum(solve(f, z0, p, x, backward="unrolled", tol=1e-13, maxiter=300)
-                                       .value["v"]))(params)
+    g_imp = jax.jit(jax.grad(lambda p: jnp.sum(solve(f, z0, p, x, tol=1e-13, maxiter=300).value["v"])))(params)
+    g_unr = jax.jit(jax.grad(lambda p: jnp.sum(solve(f, z0, p, x, backward="unrolled", tol=1e-13, maxiter=300)
+                                               .value["v"])))(params)
     assert abs(float(g_imp["w"])) > 1e-3
     np.testing.assert_allclose(g_imp["w"], g_unr["w"], rtol=1e-9)
 
@@ -428,6 +430,7 @@ def test_anderson_keeps_low_precision_dtypes(dtype):
 def test_solver_instances_and_options():
     A, _, phi, _ = problem(jnp.float64)
     f, z0, p = DELMMap(GAMMA), jnp.zeros_like(phi), {"A": A}
-    for solver in [FixedPoint(), Anderson(history_size=3, beta=0.9), Broyden(history_size=10)]:
-        for backward in [Implicit("bicgstab", tol=1e-12, maxiter=200), OneStep(), Unrolled()]:
-            assert bool(solve(f, z0, p, phi, solver=solver, backward=backward, tol=1e-10, maxiter=300).stats.converged)
+    for solver, backward in [(FixedPoint(), Implicit("bicgstab", tol=1e-12, maxiter=200)),
+                             (Anderson(history_size=3, beta=0.9), OneStep()), (Broyden(history_size=10), Unrolled())]:
+        sol = jax.jit(lambda p: solve(f, z0, p, phi, solver=solver, backward=backward, tol=1e-10, maxiter=300))(p)
+        assert bool(sol.stats.converged)
