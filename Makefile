@@ -21,7 +21,7 @@ run: $(STAMP)
 	$(BIN)/python -m experiments reproduce --config configs/digits.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 sweep: $(STAMP)
 	$(BIN)/python -m experiments sweep --config configs/sweep_digits.yaml
