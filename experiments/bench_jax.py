@@ -1,0 +1,279 @@
+"""The JAX rows of the benchmarks: deq_jax through its public API, and the same computations written inline with
+plain JAX + jaxopt (the baseline a user would write by hand).
+
+Each builder returns a `Case`; its `prepare()` compiles the whole training step (`value_and_grad` + an optax SGD
+update) with `jax.jit(step).lower(...).compile()`, timing trace + compile, and reads the compiled program's XLA
+temporary memory (`memory_analysis().temp_size_in_bytes`).
+
+The deq_jax rows use the library's own code path: `deq_jax.models.DELM` (or `deq_jax.solve` with
+`deq_jax.maps.TanhMap`) inside `deq_jax.train.make_step`, whose metrics carry the solve's statistics.
+The inline rows compute `sigma(A)` once, hand it to a jaxopt solver (`implicit_diff=True`, backward GMRES at the
+same relative tolerance as the forward) or to `jnp.linalg.solve`, and return jaxopt's own iteration count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import time
+import warnings
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments.bench_common import Case, Check, Prepared, Problem
+
+with warnings.catch_warnings():
+    # jaxopt 0.8.5 is its final release and warns on import; the baseline uses it knowingly
+    warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
+    import jaxopt
+    from jaxopt import linear_solve
+
+
+def precision_context(precision: Optional[str]):
+    """`jax.default_matmul_precision(precision)`, or nothing for None (JAX's own default)."""
+    return contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)
+
+
+def _square(predictions, y):
+    r = predictions - y
+    return 0.5 * jnp.mean(jnp.sum(r * r, axis=-1))
+
+
+def _to_numpy(tree: dict) -> dict:
+    return {k: np.asarray(v) for k, v in tree.items()}
+
+
+def _prepare(step: Callable, params: dict, data: tuple, grad_fn: Callable, state_fn: Callable,
+             info: Callable[[Any], tuple], device: Any, precision: Optional[str], learning_rate: float) -> Prepared:
+    """Compile `step(params, opt_state, phi, y)` for `device`; `grad_fn(params, phi, y) -> (grads, aux)` and
+    `state_fn(params, phi) -> equilibrium` feed the (untimed) check; `info(aux) -> (iterations, converged)`."""
+    optimizer = optax.sgd(learning_rate)
+    params = jax.device_put({k: jnp.asarray(v) for k, v in params.items()}, device)
+    opt_state = jax.device_put(optimizer.init(params), device)
+    phi, y = jax.device_put(tuple(jnp.asarray(a) for a in data), device)
+    args = (params, opt_state, phi, y)
+    with precision_context(precision):
+        start = time.perf_counter()
+        compiled = jax.jit(functools.partial(step, optimizer=optimizer)).lower(*args).compile()
+        compile_s = time.perf_counter() - start
+        grad_jit, state_jit = jax.jit(grad_fn), jax.jit(state_fn)
+    memory = compiled.memory_analysis()
+    temp = None if memory is None else int(memory.temp_size_in_bytes)
+
+    def run():
+        return jax.block_until_ready(compiled(*args))
+
+    def check() -> Check:
+        with precision_context(precision):
+            grads, aux = grad_jit(params, phi, y)
+            state = state_jit(params, phi)
+        iterations, converged = info(aux)
+        return Check(iterations=iterations, converged=converged, state=np.asarray(state), grads=_to_numpy(grads))
+
+    return Prepared(run=run, check=check, compile_s=compile_s, temp_bytes=temp)
+
+
+def _library_step(model):
+    from deq_jax.train import make_step
+
+    def step(params, opt_state, phi, y, *, optimizer):
+        return make_step(model, "square", optimizer, jit=False)(params, opt_state, phi, y)
+
+    return step
+
+
+def _stats_info(stats) -> tuple:
+    return int(stats.iterations), bool(stats.converged)
+
+
+# ----------------------------------------------------------------------------- deq_jax rows
+
+def deq_jax_delm(p: Problem, formulation: str, solver: str, backward: str, *, device: Any, precision: Optional[str],
+                 tol: Optional[float] = None, maxiter: Optional[int] = None, linear_solver: Optional[str] = None,
+                 backward_tol: Optional[float] = None, label: str = "", note: str = "") -> Case:
+    """The DELM step through `deq_jax.models.DELM` + `deq_jax.train.make_step`.
+
+    `linear_solver` / `backward_tol` choose the implicit backward's linear solver and its tolerance (default: the
+    library's GMRES at the forward tolerance).
+    """
+    from deq_jax.maps import DELMMap
+    from deq_jax.models import DELM
+    from deq_jax.solve import Implicit, solve
+    from deq_jax.train import objective
+
+    backward_arg: Any = backward
+    if backward == "implicit" and (linear_solver or backward_tol):
+        backward_arg = Implicit(linear_solver=linear_solver or "gmres", tol=backward_tol)
+    tol = p.tol if tol is None else tol
+    maxiter = p.maxiter if maxiter is None else maxiter
+
+    def prepare() -> Prepared:
+        model = DELM(p.m, p.m_y, gamma=p.gamma, formulation=formulation, solver=solver, backward=backward_arg,
+                     tol=tol, maxiter=maxiter, precision=precision)
+        grad_fn = jax.grad(objective(model, "square"), has_aux=True)
+
+        def state_fn(params, phi):
+            if formulation == "transposed":
+                return model.end_to_end(params)
+            return solve(DELMMap(p.gamma), jnp.zeros_like(phi), {"A": params["A"]}, phi, solver=solver,
+                         backward=backward_arg, tol=tol, maxiter=maxiter, precision=precision).value
+
+        return _prepare(_library_step(model), p.delm, (p.phi, p.y), grad_fn, state_fn, _stats_info, device,
+                        precision, p.learning_rate)
+
+    name_backward = f"implicit[{linear_solver}]" if linear_solver else backward
+    return Case("deq_jax", "delm", formulation, solver, name_backward, prepare, label=label, note=note, tol=tol)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TanhModel:
+    """`predictions = z* B^T` with `z* = TanhMap(z*, {W, U, b}, phi)`: a model in deq_jax's init/apply shape."""
+
+    contraction: float
+    width: int
+    solver: str
+    backward: Any
+    tol: float
+    maxiter: int
+    precision: Optional[str]
+
+    def apply(self, params, phi):
+        sol = self.solve(params, phi)
+        return sol.value @ params["B"].T, sol.stats
+
+    def solve(self, params, phi):
+        from deq_jax.maps import TanhMap
+        from deq_jax.solve import solve
+
+        inner = {k: params[k] for k in ("W", "U", "b")}
+        return solve(TanhMap(self.contraction), jnp.zeros((phi.shape[0], self.width), phi.dtype), inner, phi,
+                     solver=self.solver, backward=self.backward, tol=self.tol, maxiter=self.maxiter,
+                     precision=self.precision)
+
+    def solution(self, params, phi):
+        return self.solve(params, phi).value
+
+
+def deq_jax_tanh(p: Problem, solver: str, backward: str, *, device: Any, precision: Optional[str],
+                 linear_solver: Optional[str] = None) -> Case:
+    """The tanh DEQ step through `deq_jax.solve` + `deq_jax.train.make_step` (`linear_solver`: the implicit
+    backward's, default the library's GMRES)."""
+    from deq_jax.solve import Implicit
+    from deq_jax.train import objective
+
+    backward_arg: Any = Implicit(linear_solver=linear_solver) if linear_solver else backward
+
+    def prepare() -> Prepared:
+        model = _TanhModel(p.contraction, p.m, solver, backward_arg, p.tol, p.maxiter, precision)
+        grad_fn = jax.grad(objective(model, "square"), has_aux=True)
+        return _prepare(_library_step(model), p.tanh, (p.phi, p.y), grad_fn, model.solution, _stats_info, device,
+                        precision, p.learning_rate)
+
+    return Case("deq_jax", "tanh", "per_sample", solver, f"implicit[{linear_solver}]" if linear_solver else backward,
+                prepare)
+
+
+# ----------------------------------------------------------------------------- the inline baseline
+
+def _jaxopt_solver(solver: str, f: Callable, tol_abs, maxiter: int, tol: float):
+    """A jaxopt solver with its own implicit differentiation and a GMRES backward at relative tolerance `tol`."""
+    backward = functools.partial(linear_solve.solve_gmres, tol=tol, atol=0.0)
+    common = dict(tol=tol_abs, maxiter=maxiter, implicit_diff=True, implicit_diff_solve=backward)
+    if solver == "anderson":
+        return jaxopt.AndersonAcceleration(fixed_point_fun=f, **common)
+    if solver == "fixed_point":
+        return jaxopt.FixedPointIteration(fixed_point_fun=f, **common)
+    if solver == "broyden":  # on g(z) = f(z) - z, inverse Jacobian started at -I (the DEQ sign)
+        return jaxopt.Broyden(fun=lambda z, *args: f(z, *args) - z, gamma=-1.0, **common)
+    raise ValueError(f"inline baseline: unknown solver {solver!r}")
+
+
+def _inline_step(loss: Callable):
+    def step(params, opt_state, phi, y, *, optimizer):
+        (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params, phi, y)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value, aux["iterations"], aux["converged"]
+
+    return step
+
+
+def _inline_info(aux) -> tuple:
+    iterations = int(aux["iterations"])
+    return iterations, (None if aux["converged"] is None else bool(aux["converged"]))
+
+
+def inline_delm(p: Problem, formulation: str, solver: str, *, device: Any, precision: Optional[str]) -> Case:
+    """The DELM step written by hand: `jnp.linalg.solve` for direct, a jaxopt solver otherwise."""
+    gamma, tol, maxiter, m = p.gamma, p.tol, p.maxiter, p.m
+
+    def loss(params, phi, y):
+        S = jax.nn.softmax(params["A"], axis=0)
+        B = params["B"]
+        if solver == "direct":
+            U = jnp.eye(m, dtype=S.dtype) - gamma * S
+            if formulation == "transposed":
+                state = jnp.linalg.solve(U.T, B.T).T  # W U = B
+            else:
+                state = jnp.linalg.solve(U, phi.T).T  # U z_i = phi_i for every sample
+            aux = {"iterations": jnp.zeros((), jnp.int32), "converged": None}
+        else:
+            if formulation == "transposed":
+                f, z0, args, scale = (lambda W, S, B: B + gamma * W @ S), jnp.zeros_like(B), (S, B), B
+            else:
+                f, z0, args, scale = (lambda z, S, x: gamma * z @ S.T + x), jnp.zeros_like(phi), (S, phi), phi
+            tol_abs = tol * jax.lax.stop_gradient(jnp.linalg.norm(scale))  # |f(0)| = |B| or |phi|
+            state, st = _jaxopt_solver(solver, f, tol_abs, maxiter, tol).run(z0, *args)
+            aux = {"iterations": st.iter_num, "converged": st.error <= tol_abs}
+        predictions = phi @ state.T if formulation == "transposed" else state @ B.T
+        return _square(predictions, y), dict(aux, state=state)
+
+    def grad_fn(params, phi, y):
+        return jax.grad(loss, has_aux=True)(params, phi, y)
+
+    def prepare() -> Prepared:
+        return _prepare(_inline_step(loss), p.delm, (p.phi, p.y), grad_fn,
+                        lambda params, phi: loss(params, phi, jnp.zeros((phi.shape[0], p.m_y), phi.dtype))[1]["state"],
+                        _inline_info, device, precision, p.learning_rate)
+
+    return Case("inline", "delm", formulation, solver, "autodiff" if solver == "direct" else "implicit", prepare)
+
+
+def inline_tanh(p: Problem, solver: str, *, device: Any, precision: Optional[str]) -> Case:
+    """The tanh DEQ step written by hand with a jaxopt solver (injection `U x + b` computed once)."""
+    c, tol, maxiter = p.contraction, p.tol, p.maxiter
+
+    def loss(params, phi, y):
+        W = params["W"]
+        Wc = W * jnp.minimum(1.0, c / jnp.sqrt(jnp.sum(W * W)))
+        injection = phi @ params["U"].T + params["b"]
+        f = lambda z, Wc, injection: jnp.tanh(z @ Wc.T + injection)
+        tol_abs = tol * jax.lax.stop_gradient(jnp.linalg.norm(jnp.tanh(injection)))  # |f(0)|
+        state, st = _jaxopt_solver(solver, f, tol_abs, maxiter, tol).run(jnp.zeros((phi.shape[0], p.m), phi.dtype),
+                                                                         Wc, injection)
+        aux = {"iterations": st.iter_num, "converged": st.error <= tol_abs, "state": state}
+        return _square(state @ params["B"].T, y), aux
+
+    def prepare() -> Prepared:
+        return _prepare(_inline_step(loss), p.tanh, (p.phi, p.y), lambda *a: jax.grad(loss, has_aux=True)(*a),
+                        lambda params, phi: loss(params, phi, jnp.zeros((phi.shape[0], p.m_y), phi.dtype))[1]["state"],
+                        _inline_info, device, precision, p.learning_rate)
+
+    return Case("inline", "tanh", "per_sample", solver, "implicit", prepare)
+
+
+def direct_gradients(p: Problem, *, device: Any, precision: Optional[str]) -> dict:
+    """deq_jax's float32 direct (closed-form) DELM gradients: the "vs direct" reference of issue 2's table."""
+    from deq_jax.models import DELM
+    from deq_jax.train import objective
+
+    model = DELM(p.m, p.m_y, gamma=p.gamma, solver="direct", precision=precision)
+    params = jax.device_put({k: jnp.asarray(v) for k, v in p.delm.items()}, device)
+    phi, y = jax.device_put((jnp.asarray(p.phi), jnp.asarray(p.y)), device)
+    with precision_context(precision):
+        grads, _ = jax.jit(jax.grad(objective(model, "square"), has_aux=True))(params, phi, y)
+    return _to_numpy(grads)
