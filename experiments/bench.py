@@ -579,9 +579,10 @@ def plot(path: str, payload: dict) -> None:
 # ----------------------------------------------------------------------------- main
 
 def _main_profile(args: argparse.Namespace, p: common.Problem, device, info: dict, argv, started: float) -> int:
-    from experiments.bench_profile import profile_table, run_profile
+    from experiments.bench_profile import backward_solvers, backward_table, profile_table, run_profile
 
     result = run_profile(p, device=device, precision=args.precision, repeats=max(args.repeats, 5))
+    backward = backward_solvers(p, device=device, precision=args.precision)
     step = next(r for r in result["rows"] if r["name"].startswith("deq_jax step"))
     facts = result["facts"]["deq_jax_step"]
     met = [{"goal": "one LU factorisation per step (the backward reuses the forward's factors)",
@@ -598,9 +599,11 @@ def _main_profile(args: argparse.Namespace, p: common.Problem, device, info: dic
                "problem": {"n": p.n, "m": p.m, "m_y": p.m_y, "gamma": p.gamma, "dtype": "float32",
                            "precision": args.precision, "data": p.data},
                "settings": {"repeats": max(args.repeats, 5), "device": args.device},
-               "goals": met, "facts": result["facts"], "rows": result["rows"]}
+               "goals": met, "facts": result["facts"], "rows": result["rows"], "backward_solvers": backward}
     print()
     print(profile_table(result))
+    print()
+    print(backward_table(backward))
     print()
     print(json.dumps(result["facts"], indent=1))
     print()

@@ -12,10 +12,15 @@ O(m m_y n) products. This suite times, in one process with interleaved repeats:
 
 and it reads the compiled deq_jax step: how many LU factorisations (`getrf` custom calls; the backward must reuse
 the forward's factors), triangular solves and while loops it contains, and how many `lu` primitives its jaxpr has.
+
+It also times the per-sample implicit backward's linear solve alone, `(I - J^T) u = v` with `J^T u = gamma u S`
+on the `(n, m)` state and `v` the loss's cotangent, with each Krylov solver at relative tolerance `tol`, counting
+its matrix-vector products (a host callback per product; the count is exact, the time includes the callbacks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from typing import Any, Callable
@@ -167,6 +172,61 @@ def run_profile(p: Problem, *, device: Any, precision, repeats: int, log=print) 
                      "gflops_at_min": (flops / t.min() / 1e9) if flops else None,
                      "kind": "step" if "step" in name else "component"})
     return {"rows": rows, "facts": facts}
+
+
+def backward_solvers(p: Problem, *, device: Any, precision, repeats: int = 2) -> list[dict]:
+    """Time and count the matrix-vector products of each linear solver on the per-sample backward system."""
+    import functools
+
+    import jax.scipy.sparse.linalg as jssl
+
+    from deq_jax.solve import _linear_solve  # jaxopt.linear_solve, as the library imports it
+
+    put = lambda a: jax.device_put(jnp.asarray(a), device)
+    A, B, phi, y = put(p.delm["A"]), put(p.delm["B"]), put(p.phi), put(p.y)
+    S = jax.nn.softmax(A, axis=0)
+    Z = jnp.linalg.solve(jnp.eye(p.m, dtype=S.dtype) - p.gamma * S, phi.T).T
+    v = (Z @ B.T - y) @ B / p.n  # dL/dz of the square loss
+    count = {"products": 0}
+
+    def bump(_):
+        count["products"] += 1
+
+    def matvec(u):
+        jax.debug.callback(bump, u[0, 0])
+        return u - p.gamma * u @ S
+
+    tol = p.tol
+    solvers = {
+        "gmres, batched (jax default; deq_jax's default backward)": functools.partial(
+            jssl.gmres, matvec, tol=tol, atol=0.0, solve_method="batched"),
+        "gmres, incremental": functools.partial(jssl.gmres, matvec, tol=tol, atol=0.0, solve_method="incremental"),
+        "bicgstab": functools.partial(jssl.bicgstab, matvec, tol=tol, atol=0.0),
+        "normal_cg (jaxopt; counts the A products, each CG step also applies A^T)": lambda b: (
+            _linear_solve.solve_normal_cg(matvec, b, tol=tol, atol=0.0), None),
+    }
+    out = []
+    for name, solve in solvers.items():
+        with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
+            run = jax.jit(lambda b: solve(b)[0]).lower(v).compile()
+        jax.block_until_ready(run(v))
+        times = []
+        for _ in range(repeats):
+            count["products"] = 0
+            start = time.perf_counter()
+            u = jax.block_until_ready(run(v))
+            times.append(time.perf_counter() - start)
+        residual = float(jnp.linalg.norm(u - p.gamma * u @ S - v) / jnp.linalg.norm(v))
+        out.append({"name": name, "min_s": min(times), "products": count["products"], "relative_residual": residual})
+    return out
+
+
+def backward_table(rows: list[dict]) -> str:
+    lines = ["| per-sample backward linear solve | min ms | matrix-vector products | relative residual |",
+             "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['min_s'] * 1e3:.0f} | {r['products']} | {r['relative_residual']:.1e} |")
+    return "\n".join(lines)
 
 
 def profile_table(result: dict) -> str:

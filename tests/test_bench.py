@@ -152,6 +152,8 @@ def test_profile_suite_finds_one_lu_factorisation(tmp_path):
     assert facts["getrf_calls"] == 1 and facts["jaxpr_lu_primitives"] == 1
     assert max(payload["facts"]["hand_written_grad_error_vs_f64"].values()) < 1e-4
     assert {r["kind"] for r in payload["rows"]} == {"step", "component"}
+    for solver in payload["backward_solvers"]:  # every backward linear solver reached its tolerance
+        assert solver["products"] >= 1 and solver["relative_residual"] <= 1e-5
 
 
 @pytest.mark.parametrize("argv, message", [
