@@ -12,9 +12,9 @@ import importlib
 import sys
 
 COMMANDS = {
-    "reproduce": "experiments.reproduce",
-    "sweep": "experiments.sweep",
-    "bench": "experiments.bench",
+    "reproduce": "experiments.reproduce.cli",
+    "sweep": "experiments.sweep.cli",
+    "bench": "experiments.bench.cli",
 }
 
 

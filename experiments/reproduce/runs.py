@@ -35,7 +35,7 @@ from deq_jax.losses import Loss, cross_entropy
 from deq_jax.models import DELM, Model
 from deq_jax.train import make_step
 
-from experiments.reproduce_io import CheckpointStore, NullStore
+from experiments.common.io import CheckpointStore, NullStore
 
 #: seconds between checkpoints within a run (a run's end is always checkpointed); the numbers do not depend on it
 CHECKPOINT_EVERY_S = 5.0

@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 
 from deq_jax import losses, models, train
-from experiments import gd_runs, reproduce, reproduce_io
-from experiments.convergence import bound_analysis
-from experiments.implicit_bias import null_projector
-from experiments.reproduce_common import Claim, heldout_metrics
-from experiments.trust_region import distance_to_polyline, plane_coordinates
+from experiments.common import io as reproduce_io
+from experiments.reproduce import cli as reproduce, runs as gd_runs
+from experiments.reproduce.convergence import bound_analysis
+from experiments.reproduce.implicit_bias import null_projector
+from experiments.reproduce.common import Claim, heldout_metrics
+from experiments.reproduce.trust_region import distance_to_polyline, plane_coordinates
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
 

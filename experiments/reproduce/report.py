@@ -1,6 +1,6 @@
 """The main job's outputs: figures (matplotlib, Agg), per-step metrics (CSV), summary.json and REPORT.md.
 
-All files are written atomically (`experiments.reproduce_io`).
+All files are written atomically (`experiments.common.io`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from experiments.reproduce_io import save_figure
+from experiments.common.io import save_figure
 
 THRESHOLD_NOTES = """\
 - **Normalised gap <= 1e-6** (experiment 1): float64 resolves `L - L*` down to ~1e-15 of `L_0 - L*`, so 1e-6 is
@@ -252,7 +252,7 @@ def figure_implicit_bias(outcome: dict, path: pathlib.Path) -> None:
 
 def make_figures(outcomes: dict, fig_dir: pathlib.Path) -> dict[str, list[str]]:
     """Write every figure; returns the relative paths per experiment."""
-    from experiments.convergence import LOSS_TITLES
+    from experiments.reproduce.convergence import LOSS_TITLES
 
     out: dict[str, list[str]] = {}
     if "convergence" in outcomes:
@@ -343,7 +343,7 @@ def _figs(paths: list[str], caption: str) -> list[str]:
 
 
 def _section_convergence(o: dict, figs: list[str], summary: dict) -> list[str]:
-    from experiments.convergence import LOSS_TITLES
+    from experiments.reproduce.convergence import LOSS_TITLES
 
     rows = []
     for r in o["runs"]:

@@ -6,15 +6,15 @@ digits), 10 classes, square loss, gamma = 0.8, 200 full-batch GD steps, direct s
 Three ways to run the 64 seeds, timed in the same process (ratios of one process run; the machine is shared):
   loop   64 x [model.init(PRNGKey(seed)) + jit(full_batch_gd)(...)], one compile, results blocked on at the end;
   vmap   jit(vmap(the same function)) over the 64 keys: one program;
-  sweep  deq_jax.sweep's group program (also computes the final metrics: one more forward/backward pass and
+  sweep  experiments.sweep.engine's group program (also computes the final metrics: one more forward/backward pass and
          two evaluations per run), its configuration axis sharded over every device of the process; each device
-         runs its block by vmap, or by lax.map on a CPU mesh of several devices (deq_jax.sweep.device_batching:
+         runs its block by vmap, or by lax.map on a CPU mesh of several devices (experiments.sweep.engine.device_batching:
          jaxlib 0.10's batched LAPACK kernels deadlock there).
 For 2 and 4 devices the process is started with XLA_FLAGS=--xla_force_host_platform_device_count=N (CPU devices);
 1 device uses JAX's default platform (a GPU where there is one).
 Compile times are measured separately (AOT lower + compile); run times are min and median over --repeats.
 
-    OPENBLAS_NUM_THREADS=1 .venv/bin/python experiments/bench_sweep.py            # prints a table
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python experiments/bench/sweep_bench.py            # prints a table
     # -> results/bench/sweep.json
 """
 
@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SEEDS, STEPS, GAMMA, LEARNING_RATE = 64, 200, 0.8, 0.01
 
 
@@ -47,8 +47,10 @@ def worker(repeats: int) -> dict:
     import numpy as np
     from jax.sharding import Mesh
 
-    from deq_jax import data, models, sweep, train
-    from deq_jax.config import from_dict
+    from deq_jax import models, train
+    from experiments.common import datasets as data
+    from experiments.sweep import engine as sweep
+    from experiments.common.config import from_dict
 
     dtype = jnp.float32
     ds = data.load_dataset("digits")
@@ -83,7 +85,7 @@ def worker(repeats: int) -> dict:
     def vmapped():
         return jax.block_until_ready(vmap_c(keys, phi, Y))
 
-    # sweep: deq_jax.sweep's program for this group, sharded over every device
+    # sweep: experiments.sweep.engine's program for this group, sharded over every device
     devices = jax.devices()
     cfg = from_dict(sweep.SweepConfig, {"name": "bench", "datasets": [{"name": "digits", "features": "raw"}],
                                         "steps": STEPS, "log_every": 1})
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     env_base["PYTHONPATH"] = str(ROOT) + os.pathsep + env_base.get("PYTHONPATH", "")
     machine = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "gpus": _gpu_names(),
                "OPENBLAS_NUM_THREADS": env_base["OPENBLAS_NUM_THREADS"], "loadavg_before": os.getloadavg(),
-               "command": "OPENBLAS_NUM_THREADS=1 .venv/bin/python experiments/bench_sweep.py "
+               "command": "OPENBLAS_NUM_THREADS=1 .venv/bin/python experiments/bench/sweep_bench.py "
                           + " ".join(argv if argv is not None else sys.argv[1:])}
     runs = []
     for count in args.devices:

@@ -5,9 +5,9 @@
 
 Experiments (docs/theory.md sections 4-6; each a short composition of deq_jax calls):
   1. global linear convergence of full-batch GD: DELM vs linear vs deep linear nets, square loss and cross-entropy,
-     against the shallow optimum L*, with the bound from the run's own |U_t|_2 (experiments/convergence.py);
-  2. the trust-region Newton relation of the DELM's dynamics in W-space (experiments/trust_region.py);
-  3. implicit bias at matched training loss where minimisers are many (experiments/implicit_bias.py).
+     against the shallow optimum L*, with the bound from the run's own |U_t|_2 (experiments/reproduce/convergence.py);
+  2. the trust-region Newton relation of the DELM's dynamics in W-space (experiments/reproduce/trust_region.py);
+  3. implicit bias at matched training loss where minimisers are many (experiments/reproduce/implicit_bias.py).
 
 Writes `<out>/<run-name>/`: config.yaml, metrics.csv, summary.json, figures/*.png, REPORT.md, checkpoints/.
 Every file is written atomically. Checkpoints are written at the end of every run and every few seconds within one,
@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from experiments.reproduce_config import ConfigError, ReproduceConfig, fingerprint, load_config
+from experiments.reproduce.config import ConfigError, ReproduceConfig, fingerprint, load_config
 
 DEFAULT_CONFIG = "configs/digits.yaml"
 VERSIONED = ("jax", "jaxlib", "optax", "jaxopt", "chex", "numpy", "scipy", "scikit-learn", "matplotlib", "deq_jax")
@@ -149,7 +149,7 @@ def run_experiments(cfg: ReproduceConfig, ctx: Any, *, log: Any) -> dict:
 
     Their training programs compile in a background thread meanwhile (`gd_runs.precompile`); all numerics run
     here, in order."""
-    from experiments import convergence, gd_runs, implicit_bias, trust_region
+    from experiments.reproduce import convergence, implicit_bias, runs as gd_runs, trust_region
 
     modules = {"convergence": convergence, "trust_region": trust_region, "implicit_bias": implicit_bias}
     names = [name for name in EXPERIMENTS if getattr(cfg, name).enabled]
@@ -180,11 +180,11 @@ def _run(cfg: ReproduceConfig, args: argparse.Namespace, argv: list[str]) -> int
     # float64 for the claims: gaps of 1e-6 relative and discrepancies at rounding level need it
     jax.config.update("jax_enable_x64", True)
 
-    from deq_jax import data as dq_data
-    from deq_jax.config import dump_yaml
-    from experiments import reproduce_report
-    from experiments.reproduce_common import Context, load_dataset, make_features
-    from experiments.reproduce_io import CheckpointMismatch, CheckpointStore, write_json, write_text
+    from experiments.common import datasets as dq_data
+    from experiments.common.config import dump_yaml
+    from experiments.reproduce import report as reproduce_report
+    from experiments.reproduce.common import Context, load_dataset, make_features
+    from experiments.common.io import CheckpointMismatch, CheckpointStore, write_json, write_text
 
     progress = not args.no_progress
     run_name = args.run_name or cfg.name

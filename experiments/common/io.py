@@ -1,12 +1,14 @@
-"""Atomic result files and the checkpoint store that lets an interrupted main job resume to the same numbers.
+"""The applications' one way to write files: atomic writes, the checkpoint store, configuration fingerprints.
 
 Every file is written to a temporary file in its destination directory and moved into place with `os.replace`
 (atomic on POSIX), so a reader, or a run killed mid-write, sees either the old file or the new one, never a torn one.
+Files get the permissions of an ordinary file (0666 minus the umask): `tempfile.mkstemp` alone would leave 0600.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -19,12 +21,21 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
-def atomic_path(path: os.PathLike | str) -> Iterator[pathlib.Path]:
-    """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed."""
+def atomic_path(path: os.PathLike | str, suffix: str = ".tmp") -> Iterator[pathlib.Path]:
+    """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed.
+
+    The temporary file exists (empty) with mode `0666 & ~umask`, as `open(path, "w")` would have created it."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     tmp = pathlib.Path(tmp)
     try:
@@ -47,6 +58,13 @@ def write_text(path: os.PathLike | str, text: str) -> None:
 
 def write_json(path: os.PathLike | str, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n")
+
+
+def fingerprint(content: Any, length: int = 16) -> str:
+    """A short, stable hash of JSON-able `content` (dict keys sorted): what results depend on, never where files
+    live. Two runs with equal fingerprints compute the same numbers, so one may resume the other."""
+    text = json.dumps(content, sort_keys=True, default=repr, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
 def save_figure(fig: Any, path: os.PathLike | str, **kwargs: Any) -> None:

@@ -1,4 +1,4 @@
-"""Tests of deq_jax.sweep and `python -m experiments sweep`.
+"""Tests of experiments.sweep.engine and `python -m experiments sweep`.
 
 The equality test runs the sweep in a subprocess with `XLA_FLAGS=--xla_force_host_platform_device_count=4` (the
 flag must be set before JAX initialises) and the standalone runs in a second subprocess (one device, the main job's
@@ -17,10 +17,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from deq_jax import sweep
-from deq_jax.config import ConfigError, from_dict
+from experiments.sweep import engine as sweep
+from experiments.common.config import ConfigError, from_dict
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # float32 runs of 30 GD steps: vmapped/sharded and standalone programs differ only in how XLA orders the
 # reductions of batched vs unbatched matmuls (each ~1 ulp = 6e-8 relative); GD is stable here, so the
@@ -65,8 +65,8 @@ EQUALITY_CONFIGS = [
 SWEEP_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
-    from deq_jax import sweep
-    from deq_jax.config import from_dict
+    from experiments.sweep import engine as sweep
+    from experiments.common.config import from_dict
 
     def summarise(res):
         runs = {}
@@ -87,14 +87,15 @@ SWEEP_SCRIPT = textwrap.dedent("""
         print(json.dumps(out))
 """)
 
-# The main job's code path, written out here independently of deq_jax.sweep's program (only the data loading
+# The main job's code path, written out here independently of experiments.sweep.engine's program (only the data loading
 # helpers are shared): model.init(PRNGKey(seed), float32) + full_batch_gd, one configuration at a time. The same
 # process (one device) also runs the first sweep vmapped, for the single-device path.
 STANDALONE_SCRIPT = SWEEP_SCRIPT.split("if __name__")[0] + textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
-    from deq_jax import models, sweep, train
-    from deq_jax.config import from_dict
+    from deq_jax import models, train
+    from experiments.sweep import engine as sweep
+    from experiments.common.config import from_dict
     out = {"devices": len(jax.devices()), "sweeps": []}
     programs = {}
     for raw in json.loads(sys.argv[1]):
@@ -327,7 +328,7 @@ def test_interrupted_sweep_resumes_without_recomputing_finished_chunks(one_chunk
 def test_command_writes_the_documented_files(tmp_path, one_chunk):
     import yaml
 
-    from experiments import sweep as command
+    from experiments.sweep import cli as command
 
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "out")}))
@@ -366,7 +367,7 @@ def test_width_is_a_fixed_random_projection_shared_by_train_and_test():
     import jax
     import jax.numpy as jnp
 
-    from deq_jax import data
+    from experiments.common import datasets as data
     from deq_jax.maps import random_projection
 
     pre = data.preprocess(data.load_dataset("digits"), n_train=50, n_test=20, features="raw", add_bias=False)

@@ -1,7 +1,7 @@
-"""The main job's configuration: frozen dataclasses validated by `deq_jax.config.from_dict`.
+"""The main job's configuration: frozen dataclasses validated by `experiments.common.config.from_dict`.
 
 Every field has a default, so a YAML file names only what it changes; an unknown or misspelt key, a wrong type or an
-out-of-range value is a `deq_jax.config.ConfigError` naming the key (range checks live in `__post_init__`).
+out-of-range value is a `experiments.common.config.ConfigError` naming the key (range checks live in `__post_init__`).
 
     cfg = load_config("configs/digits.yaml", overrides=["convergence.steps=2000"])
 """
@@ -14,7 +14,7 @@ import math
 import pathlib
 from typing import Literal, Optional, Sequence, Union
 
-from deq_jax.config import ConfigError, from_dict, load_yaml, to_dict
+from experiments.common.config import ConfigError, from_dict, load_yaml, to_dict
 
 DatasetName = Literal["digits", "fashion_mnist", "mnist", "kmnist", "cifar10", "cifar100", "svhn"]
 ModelName = Literal["delm", "linear", "deep_linear"]
@@ -48,12 +48,12 @@ def _multiple(name: str, steps: int, chunk: int) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Which data set and how it becomes features (`deq_jax.data.load_dataset` + `preprocess`).
+    """Which data set and how it becomes features (`experiments.common.datasets.load_dataset` + `preprocess`).
 
     `features`: "pca_whiten" (standardise, project on the top `pca_dim` principal components, unit variance),
     "standardize" or "raw". `n_train`/`n_test`: seeded random subsets (null: the whole split). `add_bias` appends a
     constant-1 feature. `data_dir`/`cache_dir`: where files are looked for / downloaded to (null: the defaults of
-    `deq_jax.data`, i.e. `$DEQ_JAX_DATA_DIR` or `~/.cache/deq_jax/datasets`). `download`: fetch missing files.
+    `experiments.common.datasets`, i.e. `$DEQ_JAX_DATA_DIR` or `~/.cache/deq_jax/datasets`). `download`: fetch missing files.
     """
 
     dataset: DatasetName = "digits"

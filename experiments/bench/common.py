@@ -51,7 +51,7 @@ class Problem:
 
 def _fashion_mnist(n: int) -> Optional[tuple[np.ndarray, np.ndarray, str]]:
     """The first `n` of a seeded permutation of Fashion-MNIST's training set (raw pixels in [0, 1]), if on disk."""
-    from deq_jax.data import DatasetNotFoundError, load_dataset, preprocess
+    from experiments.common.datasets import DatasetNotFoundError, load_dataset, preprocess
 
     try:
         ds = load_dataset("fashion_mnist", download=False)

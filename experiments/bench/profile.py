@@ -31,7 +31,7 @@ import jax.scipy.linalg as jsl
 import numpy as np
 import optax
 
-from experiments.bench_common import Problem, relative_errors, delm_reference
+from experiments.bench.common import Problem, relative_errors, delm_reference
 
 
 def _count_primitive(jaxpr, name: str) -> int:

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deq_jax import data as dq_data
+from experiments.common import datasets as dq_data
 from deq_jax.models import DELM, DeepLinear, Linear, Model
 
-from experiments.reproduce_config import DataConfig, ModelConfig
+from experiments.reproduce.config import DataConfig, ModelConfig
 
 
 class Features(NamedTuple):
@@ -39,14 +39,14 @@ class Context(NamedTuple):
 
 
 def load_dataset(cfg: DataConfig, *, progress: bool = False) -> Any:
-    """`deq_jax.data.load_dataset` as the config says (its errors pass through)."""
+    """`experiments.common.datasets.load_dataset` as the config says (its errors pass through)."""
     return dq_data.load_dataset(cfg.dataset, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, download=cfg.download,
                                 progress=progress)
 
 
 def make_features(ds: Any, cfg: DataConfig, *, features: Optional[str] = None, pca_dim: Optional[int] = None,
                   normalize_rows: bool = False) -> Features:
-    """`deq_jax.data.preprocess` with the config's subset and seed, and its feature settings unless given.
+    """`experiments.common.datasets.preprocess` with the config's subset and seed, and its feature settings unless given.
 
     `normalize_rows` rescales each sample's features (the bias excluded) to norm sqrt(d), d their number: a fixed
     per-sample map that tames the outliers whitening creates, so that small subsets are well conditioned.

@@ -1,4 +1,4 @@
-"""Tests of deq_jax.data: real file formats served by a local HTTP server (no internet), cache, errors, preprocess."""
+"""Tests of experiments.common.datasets: real file formats served by a local HTTP server (no internet), cache, errors, preprocess."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from deq_jax import data
-from deq_jax.data import ChecksumError, Dataset, DatasetFormatError, DatasetNotFoundError
+from experiments.common import datasets as data
+from experiments.common.datasets import ChecksumError, Dataset, DatasetFormatError, DatasetNotFoundError
 
 FASHION_SYSTEM_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 

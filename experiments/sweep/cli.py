@@ -1,5 +1,5 @@
 """`python -m experiments sweep --config configs/sweep_digits.yaml`: a hyperparameter grid as compiled, vmapped,
-sharded programs (`deq_jax.sweep`), then figures and a markdown summary.
+sharded programs (`experiments.sweep.engine`), then figures and a markdown summary.
 
 Writes into the output directory (default `results/sweeps/<name>`): `results.csv`, `results.jsonl`,
 `aggregate.csv` (from the library), `figures/*.png` (mean and spread across seeds per setting), `summary.md` and
@@ -51,8 +51,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.distributed or os.environ.get("DEQ_JAX_DISTRIBUTED", "").lower() in TRUTHY:
         jax.distributed.initialize()  # must precede any other JAX call: devices become global
 
-    from deq_jax import sweep
-    from deq_jax.config import ConfigError
+    from experiments.sweep import engine as sweep
+    from experiments.common.config import ConfigError
 
     try:
         config = sweep.load_config(args.config, args.overrides)
@@ -88,8 +88,8 @@ def _atomic_write(path: pathlib.Path, text: str) -> pathlib.Path:
 
 def write_manifest(result: Any) -> pathlib.Path:
     """`sweep.json`: the config, its fingerprint, the environment, the budget and each group's report."""
-    from deq_jax import config as config_lib
-    from deq_jax import sweep
+    from experiments.common import config as config_lib
+    from experiments.sweep import engine as sweep
 
     groups = []
     for g in result.groups:
@@ -129,7 +129,7 @@ def write_figures(rows: Sequence[dict], directory: pathlib.Path) -> dict[str, pa
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from deq_jax import sweep
+    from experiments.sweep import engine as sweep
 
     directory.mkdir(parents=True, exist_ok=True)
     panels: dict[tuple, list[dict]] = {}
@@ -181,7 +181,7 @@ def _pm(mean: Any, std: Any) -> str:
 
 def write_summary(result: Any, files: dict[str, pathlib.Path]) -> pathlib.Path:
     """`summary.md`: what ran where, per-group chunking and memory, the best settings, failures, the files."""
-    from deq_jax import sweep
+    from experiments.sweep import engine as sweep
 
     cfg, env = result.config, result.environment
     n_cfg = len(result.configurations)
@@ -202,7 +202,7 @@ def write_summary(result: Any, files: dict[str, pathlib.Path]) -> pathlib.Path:
         + (f" ({computed / run_s:.3g} configurations/s excluding compilation)" if run_s > 0 and computed else "")
         + f", wall {result.wall_s:.1f} s.", "",
         "## Groups (one compiled program each)", "",
-        "Memory per device for one chunk: the formula's estimate (`deq_jax.sweep.estimate_config_bytes`, with its "
+        "Memory per device for one chunk: the formula's estimate (`experiments.sweep.engine.estimate_config_bytes`, with its "
         "safety factor) and XLA's `memory_analysis()` of the compiled program.", "",
         "| group | configs | chunk size | chunks run / resumed | estimate per device | measured per device "
         "| compile s | run s |",

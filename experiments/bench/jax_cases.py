@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.bench_common import Case, Check, Prepared, Problem
+from experiments.bench.common import Case, Check, Prepared, Problem
 
 with warnings.catch_warnings():
     # jaxopt 0.8.5 is its final release and warns on import; the baseline uses it knowingly

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from experiments.bench_common import Case, Check, Prepared, Problem
+from experiments.bench.common import Case, Check, Prepared, Problem
 
 TORCHDEQ_SOLVERS = {"fixed_point": "fixed_point_iter", "anderson": "anderson", "broyden": "broyden"}
 

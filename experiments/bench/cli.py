@@ -14,7 +14,7 @@ of a shared machine hits every row alike):
   --width 64` runs the same code path on a CPU).
 - `profile` (issue 5): where the time of the transposed DELM step goes, component by component, next to a
   hand-written closed-form step; and how many LU factorisations the compiled deq_jax step contains
-  (`experiments/bench_profile.py`).
+  (`experiments/bench/profile.py`).
 
 Per row: step time min and median (after warmup), compile time (trace + XLA compile), forward iterations, the
 implementation's own convergence verdict and an independent one (the float64 relative residual of the returned
@@ -46,7 +46,7 @@ from typing import Any, Optional  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from experiments import bench_common as common  # noqa: E402
+from experiments.bench import common  # noqa: E402
 
 SUITES = ("step", "peer", "gpu", "profile")
 STEP_SOLVERS = ("direct", "anderson", "fixed_point", "broyden")
@@ -189,7 +189,7 @@ def environment(device, torch_info: dict) -> dict:
 # ----------------------------------------------------------------------------- suites
 
 def build_cases(args: argparse.Namespace, p: common.Problem, device, torch_ok: dict) -> list[common.Case]:
-    from experiments import bench_jax as bj
+    from experiments.bench import jax_cases as bj
 
     kw = dict(device=device, precision=args.precision)
     cases: list[common.Case] = []
@@ -211,7 +211,7 @@ def build_cases(args: argparse.Namespace, p: common.Problem, device, torch_ok: d
                          f"comparison); implicit backward at tol {p.tol:g}"))
         return cases
 
-    from experiments import bench_torch as bt
+    from experiments.bench import torch_cases as bt
 
     tdev = args.device
     # DELM, per-sample (the generic DEQ form; torchdeq's natural use)
@@ -579,7 +579,7 @@ def plot(path: str, payload: dict) -> None:
 # ----------------------------------------------------------------------------- main
 
 def _main_profile(args: argparse.Namespace, p: common.Problem, device, info: dict, argv, started: float) -> int:
-    from experiments.bench_profile import backward_solvers, backward_table, profile_table, run_profile
+    from experiments.bench.profile import backward_solvers, backward_table, profile_table, run_profile
 
     result = run_profile(p, device=device, precision=args.precision, repeats=max(args.repeats, 5))
     backward = backward_solvers(p, device=device, precision=args.precision)
@@ -623,8 +623,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     if args.max_temp_gb is None:
         args.max_temp_gb = _default_max_temp_gb(device)
-    from experiments import bench_jax as bj
-    from experiments import bench_torch as bt
+    from experiments.bench import jax_cases as bj
+    from experiments.bench import torch_cases as bt
 
     torch_ok = {"torch": False, "torchdeq": False, "note": "", "versions": {}}
     notes = []

@@ -18,10 +18,10 @@ import numpy as np
 
 from deq_jax import theory
 
-from experiments.gd_runs import ProgramSpec, run_gd
-from experiments.reproduce_common import (Claim, Context, build_models, dtype_of, fold, heldout_metrics, make_features,
+from experiments.reproduce.runs import ProgramSpec, run_gd
+from experiments.reproduce.common import (Claim, Context, build_models, dtype_of, fold, heldout_metrics, make_features,
                                           slug)
-from experiments.reproduce_config import ConfigError, ReproduceConfig
+from experiments.reproduce.config import ConfigError, ReproduceConfig
 
 NAME = "implicit_bias"
 NULL_SPACE_TOLERANCE = 1e-10  # rounding level of float64 GD over thousands of steps, with a wide margin

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import bench, bench_common
+from experiments.bench import cli as bench, common as bench_common
 
 TINY = ["--n", "24", "--width", "12", "--classes", "3", "--repeats", "1", "--warmup", "0", "--settle", "0",
         "--data", "random"]
@@ -112,7 +112,7 @@ def test_peer_suite_torchdeq_rows_verify_their_settings(tmp_path):
 
 
 def test_peer_suite_says_when_torch_is_missing(monkeypatch, capsys):
-    from experiments import bench_torch
+    from experiments.bench import torch_cases as bench_torch
 
     monkeypatch.setattr(bench_torch, "availability", lambda: {
         "torch": False, "torchdeq": False, "versions": {},

@@ -25,10 +25,10 @@ from deq_jax import theory
 from deq_jax.maps import random_projection
 from deq_jax.train import check_converged
 
-from experiments.gd_runs import ProgramSpec, regularised_cross_entropy, run_gd, with_probe_rows
-from experiments.reproduce_common import (Claim, Context, Features, build_models, dtype_of, measure_or_none, fold,
+from experiments.reproduce.runs import ProgramSpec, regularised_cross_entropy, run_gd, with_probe_rows
+from experiments.reproduce.common import (Claim, Context, Features, build_models, dtype_of, measure_or_none, fold,
                                           heldout_metrics, slug)
-from experiments.reproduce_config import ReproduceConfig
+from experiments.reproduce.config import ReproduceConfig
 
 NAME = "convergence"
 LOSS_TITLES = {"square": "square loss", "cross_entropy": "cross-entropy + L2"}

@@ -78,8 +78,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from deq_jax import config as config_lib
-from deq_jax import data as data_lib
+from experiments.common import config as config_lib
+from experiments.common import datasets as data_lib
 from deq_jax import losses as losses_lib
 from deq_jax import models, theory, train
 from deq_jax.maps import SIGMAS, features, random_projection
@@ -133,7 +133,7 @@ def _is_number(v: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """A data set and its preprocessing (the arguments of `deq_jax.data.load_dataset` and `preprocess`).
+    """A data set and its preprocessing (the arguments of `experiments.common.datasets.load_dataset` and `preprocess`).
 
     `label` names it in the results (default: `name`); labels must be unique within a sweep.
     """

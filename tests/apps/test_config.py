@@ -1,4 +1,4 @@
-"""deq_jax.config: strict YAML -> dataclass validation; and the main job's config (experiments/reproduce_config.py)."""
+"""experiments.common.config: strict YAML -> dataclass validation; and the main job's config (experiments/reproduce/config.py)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,18 @@ from typing import Literal, Optional
 
 import pytest
 
-from deq_jax.config import (ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml, parse_override,
+from experiments.common.config import (ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml, parse_override,
                             to_dict)
-from experiments.reproduce_config import ReproduceConfig, fingerprint, load_config
+from experiments.reproduce.config import ReproduceConfig, fingerprint, load_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 # the main job's configs (configs/ holds other commands' configs too, e.g. sweeps)
 REPRODUCE_NAMES = ("digits", "fashion_mnist", "mnist", "kmnist", "cifar10", "cifar100", "svhn", "tiny")
 CONFIGS = sorted([ROOT / "configs" / f"{n}.yaml" for n in REPRODUCE_NAMES if (ROOT / "configs" / f"{n}.yaml").exists()]
                  + list((ROOT / "configs").glob("reproduce_*.yaml")))
 
 
-# --------------------------------------------------------------------------------------------- deq_jax.config
+# --------------------------------------------------------------------------------------------- experiments.common.config
 
 @dataclasses.dataclass(frozen=True)
 class Inner:

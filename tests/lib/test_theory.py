@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from deq_jax import theory
-from deq_jax.data import load_dataset, one_hot, preprocess
+from experiments.common.datasets import load_dataset, one_hot, preprocess
 from deq_jax.maps import get_sigma
 from deq_jax.models import DELM
 from deq_jax.train import full_batch_gd, make_step, objective

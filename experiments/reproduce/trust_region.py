@@ -25,9 +25,9 @@ import numpy as np
 from deq_jax import theory
 from deq_jax.train import objective
 
-from experiments.gd_runs import ProgramSpec, run_gd
-from experiments.reproduce_common import Claim, Context, build_models, dtype_of, fold
-from experiments.reproduce_config import ReproduceConfig
+from experiments.reproduce.runs import ProgramSpec, run_gd
+from experiments.reproduce.common import Claim, Context, build_models, dtype_of, fold
+from experiments.reproduce.config import ReproduceConfig
 
 NAME = "trust_region"
 

@@ -1,0 +1,74 @@
+"""The applications' one way to run a command: a user error is one line and exit status 2, never a traceback.
+
+Exit statuses, the same for every subcommand of `python -m experiments`:
+
+| status | meaning |
+|---|---|
+| 0 | done, and everything checked passed |
+| 1 | done, but something checked failed (a claim, a benchmark goal) |
+| 2 | not run: a usage, configuration or data error the user can fix (one line on stderr names it) |
+| 130 | interrupted (Ctrl-C or SIGTERM); what was finished is kept, the same command resumes |
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import threading
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UserError(Exception):
+    """Something the user can fix (a config key, a path, a missing data file): reported as one line, exit 2.
+
+    The message should name what is wrong in the user's terms (the flag or config key, not a function argument)."""
+
+
+def _raise_interrupt(signum, frame):  # SIGTERM (kill, a scheduler's timeout) leaves like Ctrl-C
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> Union[argparse.Namespace, int]:
+    """`parser.parse_args`, returning argparse's exit status (0 for --help, 2 for a usage error) instead of exiting."""
+    try:
+        return parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+
+
+def run(prog: str, body: Callable[[], Optional[int]], *,
+        interrupted: Union[str, Callable[[], str], None] = None) -> int:
+    """Run `body()` and turn its outcome into an exit status (see the table above).
+
+    `UserError` (and `ConfigError`, a subclass) prints `prog: error: <message>`; `KeyboardInterrupt` (Ctrl-C, or
+    SIGTERM, which is turned into one) prints `prog: interrupted` and the `interrupted` hint (e.g. how to resume).
+    Any other exception is a bug and propagates with its traceback."""
+    with _sigterm_as_interrupt():
+        try:
+            return int(body() or 0)
+        except UserError as err:
+            print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            hint = interrupted() if callable(interrupted) else interrupted
+            print(f"\n{prog}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
