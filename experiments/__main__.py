@@ -18,14 +18,22 @@ COMMANDS = {
 }
 
 
+USAGE = f"usage: python -m experiments {{{','.join(COMMANDS)}}} [options]; python -m experiments --help lists them"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a command's `main`. No command or an unknown one: one line on stderr, exit status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        return 0 if argv else 2
+        return 0
+    if not argv:
+        print(f"python -m experiments: error: no command given; {USAGE}", file=sys.stderr)
+        return 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"unknown command {command!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        print(f"python -m experiments: error: unknown command {command!r}; valid commands: {', '.join(COMMANDS)}",
+              file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command])
     return int(module.main(rest) or 0)

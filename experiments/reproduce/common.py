@@ -1,10 +1,10 @@
-"""Pieces shared by the main job's experiments: features, models, claims, small measurements."""
+"""Pieces shared by the main job's experiments: features, the square loss's Gram form, models, claims, metrics."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,13 +29,47 @@ class Features(NamedTuple):
     info: dict
 
 
-class Context(NamedTuple):
-    """What every experiment gets: the data set, its features (the `data` section), checkpoints, progress flag."""
+@dataclasses.dataclass
+class Context:
+    """What every experiment gets: the data set, its features (the `data` section), checkpoints, progress flag, and
+    the counts of runs computed and loaded from checkpoints (for the report)."""
 
     dataset: Any
-    features: "Features"
+    features: Features
     store: Any
     progress: bool
+    log: Callable[[str], None] = lambda msg: None
+    runs_loaded: int = 0
+    runs_total: int = 0
+    data_config: Optional[DataConfig] = None
+    _cache: dict = dataclasses.field(default_factory=dict)
+
+    def features_for(self, features: Optional[str], pca_dim: Optional[int] = None,
+                     normalize_rows: bool = False) -> Features:
+        """The data set preprocessed another way (null `features`: the data section's), computed once per setting.
+
+        PCA-whitened features are ordered by variance, so `pca_whiten k` for k below the data section's own
+        `pca_whiten` width is its first k columns (and the bias): sliced, not recomputed (the same numbers: the
+        same standardisation and eigenvectors)."""
+        key = (features, pca_dim, normalize_rows)
+        if key in self._cache:
+            return self._cache[key]
+        cfg, base = self.data_config, self.features
+        if features is None or (features == cfg.features and pca_dim == cfg.pca_dim):
+            out = base
+        elif features == "pca_whiten" and cfg.features == "pca_whiten" and pca_dim <= cfg.pca_dim:
+            cols = list(range(pca_dim)) + ([base.phi_train.shape[1] - 1] if cfg.add_bias else [])
+            out = base._replace(phi_train=base.phi_train[:, cols], phi_test=base.phi_test[:, cols],
+                                info={**base.info, "pca_dim": pca_dim, "output_dim": len(cols),
+                                      "sliced_from_pca_dim": cfg.pca_dim})
+        else:
+            out = make_features(self.dataset, cfg, features=features, pca_dim=pca_dim)
+        if normalize_rows:
+            out = out._replace(phi_train=_normalize_rows(out.phi_train, cfg.add_bias),
+                               phi_test=_normalize_rows(out.phi_test, cfg.add_bias),
+                               info={**out.info, "normalize_rows": True})
+        self._cache[key] = out
+        return out
 
 
 def load_dataset(cfg: DataConfig, *, progress: bool = False) -> Any:
@@ -46,7 +80,8 @@ def load_dataset(cfg: DataConfig, *, progress: bool = False) -> Any:
 
 def make_features(ds: Any, cfg: DataConfig, *, features: Optional[str] = None, pca_dim: Optional[int] = None,
                   normalize_rows: bool = False) -> Features:
-    """`experiments.common.datasets.preprocess` with the config's subset and seed, and its feature settings unless given.
+    """`experiments.common.datasets.preprocess` with the config's subset and seed, and its feature settings unless
+    given.
 
     `normalize_rows` rescales each sample's features (the bias excluded) to norm sqrt(d), d their number: a fixed
     per-sample map that tames the outliers whitening creates, so that small subsets are well conditioned.
@@ -73,8 +108,72 @@ def _normalize_rows(x: np.ndarray, has_bias: bool) -> np.ndarray:
     return np.concatenate([body, x[:, d:]], axis=1)
 
 
+# --------------------------------------------------------------------------------------------- the square loss's Gram form
+
+class GramData(NamedTuple):
+    """The square loss `L(W) = (1/2n) |phi W^T - Y|_F^2` through `C = phi^T phi / n` and `D = phi^T Y / n` only.
+
+    `L(W) = 1/2 <W C, W> - <W, D^T> + |Y|^2 / 2n`, so every quantity of the shallow problem is n-independent once
+    C and D are formed (one pass over the data). For training, the library's square loss is fed `r` synthetic rows
+    with the same gradient everywhere: with `C = V diag(lam) V^T` (the `r` eigenvalues above the rank cutoff),
+    `phi_c = sqrt(r) diag(lam)^{1/2} V^T` and `Y_c = sqrt(r) diag(lam)^{-1/2} V^T D`, the loss on `(phi_c, Y_c)` is
+    `L(W) - offset` (D lies in C's range). Does not apply to cross-entropy, whose gradient needs every sample.
+    """
+
+    C: np.ndarray
+    D: np.ndarray
+    phi: np.ndarray  # (r, m) compressed rows
+    Y: np.ndarray  # (r, m_y)
+    offset: float  # L(W) = loss(phi_c, Y_c; W) + offset
+    y_energy: float  # |Y|^2 / 2n
+    W_star: np.ndarray  # the minimum-norm minimiser D^T C^+
+    L_star: float
+    lambda_max: float
+    lambda_min_plus: float
+    rank: int
+
+
+def gram_data(phi: np.ndarray, Y: np.ndarray) -> GramData:
+    phi = np.asarray(phi, np.float64)
+    Y = np.asarray(Y, np.float64)
+    n, m = phi.shape
+    C = phi.T @ phi / n
+    D = phi.T @ Y / n
+    lam, V = np.linalg.eigh(0.5 * (C + C.T))
+    # eigh resolves C's eigenvalues to ~eps lambda_max (a zero one of a rank-deficient phi comes out near that), so
+    # the cutoff is max(n, m) eps lambda_max: singular values of phi below ~sqrt(max(n, m) eps) s_max count as zero
+    keep = lam > max(n, m) * np.finfo(np.float64).eps * lam[-1]
+    lam_r, V_r = lam[keep], V[:, keep]
+    r = int(keep.sum())
+    coeff = V_r.T @ D  # (r, m_y)
+    phi_c = np.sqrt(r) * np.sqrt(lam_r)[:, None] * V_r.T
+    Y_c = np.sqrt(r) * coeff / np.sqrt(lam_r)[:, None]
+    base = 0.5 * float(np.sum(Y * Y)) / n
+    explained = 0.5 * float(np.sum(coeff * coeff / lam_r[:, None]))
+    W_star = ((V_r / lam_r) @ coeff).T
+    return GramData(C=C, D=D, phi=phi_c, Y=Y_c, offset=base - explained, y_energy=base, W_star=W_star,
+                    L_star=base - explained, lambda_max=float(lam[-1]),
+                    lambda_min_plus=float(lam_r[0]) if r else math.nan, rank=r)
+
+
+def square_loss_value(g: GramData, W: np.ndarray) -> float:
+    """`L(W)` from the Gram form (float64 NumPy)."""
+    W = np.asarray(W, np.float64)
+    return float(0.5 * np.sum((W @ g.C) * W) - np.sum(W * g.D.T)) + g.y_energy
+
+
+def feature_spectrum(phi: np.ndarray) -> dict:
+    """Extreme eigenvalues of `C = phi^T phi / n` from the m x m matrix (never an n x n workspace): `lambda_max`,
+    `lambda_min_plus` (the smallest above the pseudo-inverse's cutoff) and `rank`."""
+    g = gram_data(phi, np.zeros((phi.shape[0], 1)))
+    return {"lambda_max": g.lambda_max, "lambda_min_plus": g.lambda_min_plus, "rank": g.rank, "C": g.C}
+
+
+# --------------------------------------------------------------------------------------------- models
+
 def build_models(names: tuple, width: int, out_dim: int, cfg: ModelConfig) -> list[tuple[str, Model]]:
-    """`(label, model)` for each name; `deep_linear` expands into one model per depth of `cfg.depths`."""
+    """`(label, model)` for each name; `deep_linear` expands into one model per depth of `cfg.depths`. The DELM is
+    the exact one: the library's direct solve, differentiated by autodiff through the LU solve."""
     out: list[tuple[str, Model]] = []
     for name in names:
         if name == "delm":
@@ -93,7 +192,7 @@ def build_models(names: tuple, width: int, out_dim: int, cfg: ModelConfig) -> li
 
 
 def slug(label: str) -> str:
-    return label.replace(" ", "_").replace("=", "")
+    return "".join(c if c.isalnum() or c in "_-." else "_" for c in label.replace("=", ""))
 
 
 def heldout_metrics(W: Any, phi: np.ndarray, labels: np.ndarray, Y: np.ndarray) -> dict:
@@ -107,45 +206,6 @@ def heldout_metrics(W: Any, phi: np.ndarray, labels: np.ndarray, Y: np.ndarray) 
             "accuracy": float(np.mean(np.argmax(pred, axis=1) == labels))}
 
 
-@dataclasses.dataclass(frozen=True)
-class Claim:
-    """One checked statement: `passed` iff `measured <op> threshold` (a NaN measurement never passes)."""
-
-    experiment: str
-    name: str
-    measured: float
-    threshold: float
-    op: str  # "<=", ">=", ">" or "<"
-    detail: str = ""
-
-    @property
-    def passed(self) -> bool:
-        m, t = self.measured, self.threshold
-        if m is None or (isinstance(m, float) and math.isnan(m)):
-            return False
-        return {"<=": m <= t, ">=": m >= t, ">": m > t, "<": m < t}[self.op]
-
-    def as_dict(self) -> dict:
-        return {"experiment": self.experiment, "name": self.name, "passed": bool(self.passed),
-                "measured": _num(self.measured), "threshold": _num(self.threshold), "comparison": self.op,
-                "detail": self.detail}
-
-
-def _num(x: Any) -> Any:
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else str(x)
-
-
-def measure_or_none(fn, *args, **kwargs) -> Optional[dict]:
-    """A measurement that may not apply (e.g. a fit with too few points in its window): its result, or None."""
-    try:
-        return fn(*args, **kwargs)
-    except ValueError:
-        return None
-
-
 def dtype_of(name: str):
     return jnp.float64 if name == "float64" else jnp.float32
 
@@ -156,3 +216,71 @@ def fold(seed: int, *path: int) -> jax.Array:
     for p in path:
         key = jax.random.fold_in(key, p)
     return key
+
+
+# --------------------------------------------------------------------------------------------- claims
+
+OPS = ("<=", ">=", "<", ">", "|x| <=")
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """One checked statement: `passed` iff `measured <op> threshold` (a NaN or missing measurement never passes).
+
+    `op` `"|x| <="` is two-sided: `|measured| <= threshold` (e.g. a signed gap that must be small either way).
+    `sensitive`: the claim depends on the gradient that training applied being the true one; under a wrong gradient
+    (`--mutation`) it must fail. `key`: a stable identifier (experiment/group/what), for the mutation table."""
+
+    experiment: str
+    key: str
+    name: str
+    measured: Optional[float]
+    threshold: float
+    op: str
+    detail: str = ""
+    sensitive: bool = False
+
+    def __post_init__(self):
+        if self.op not in OPS:
+            raise ValueError(f"op must be one of {OPS}; got {self.op!r}")
+
+    @property
+    def passed(self) -> bool:
+        m, t = self.measured, self.threshold
+        if m is None or not math.isfinite(float(m)):
+            return False
+        m = float(m)
+        return {"<=": m <= t, ">=": m >= t, ">": m > t, "<": m < t, "|x| <=": abs(m) <= t}[self.op]
+
+    def as_dict(self) -> dict:
+        return {"experiment": self.experiment, "key": self.key, "name": self.name, "passed": bool(self.passed),
+                "measured": _num(self.measured), "threshold": _num(self.threshold), "comparison": self.op,
+                "gradient_sensitive": self.sensitive, "detail": self.detail}
+
+
+def _num(x: Any) -> Any:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else str(x)
+
+
+def checked(experiment: str, key: str, name: str, threshold: float, op: str, measure: Callable[[], tuple],
+            *, sensitive: bool = False) -> Claim:
+    """A claim whose measurement cannot crash the job: `measure()` returns `(value, detail)`; an empty measurement,
+    a NaN or an exception becomes a failed claim that says why."""
+    try:
+        value, detail = measure()
+    except (ValueError, ArithmeticError, KeyError, IndexError, TypeError, np.linalg.LinAlgError) as err:
+        value, detail = math.nan, f"not measured: {type(err).__name__}: {err}"
+    if value is None:
+        value = math.nan
+    return Claim(experiment, key, name, float(value), threshold, op, detail, sensitive)
+
+
+def finite_max(values: Any) -> float:
+    """The largest value, NaN if there is none or any is NaN (so an empty or failed measurement fails its claim)."""
+    a = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=np.float64).ravel()
+    if a.size == 0 or np.isnan(a).any():
+        return math.nan
+    return float(a.max())
