@@ -15,10 +15,10 @@ in the `ChunkPlan`:
   share one compiled program.
 - **Memory budget.** With a budget of B bytes per device, S bytes of `shared` (every device holds all of it) and
   E bytes of working memory per configuration, C = D min(floor((B - S) / E), ceil(N / D), floor(max_chunk / D)).
-  E is the caller's estimate (`bytes_per_config`) or, without one, XLA's measurement of the program at one
-  configuration per device minus S. The chosen program's `memory_analysis()` is then read; while it exceeds B, C
-  shrinks in proportion to the overshoot and the program is recompiled (at most `max_recompiles` times), so the
-  budget holds against XLA's measurement, not only the estimate. `MemoryBudgetError` when not even one
+  E is the caller's estimate (`bytes_per_config`); without one, the first program tried holds every configuration
+  (ceil(N / D) per device, or max_chunk) and its measurement gives E. The chosen program's `memory_analysis()` is
+  then read; while it exceeds B, C shrinks in proportion to the overshoot and the program is recompiled (at most
+  `max_recompiles` times), so the budget holds against XLA's measurement, not only the estimate. `MemoryBudgetError` when not even one
   configuration per device fits. Default B: half the device's memory limit where it reports one (GPU, TPU), else
   a quarter of the host's RAM shared among the process's devices.
 - **Sharding.** The configuration axis is split over a one-axis `jax.sharding.Mesh` of the devices
@@ -261,8 +261,10 @@ class ParallelMap:
                 return jax.vmap(fn, in_axes=(0, None))(per_config, shared)
             return jax.lax.map(lambda config: fn(config, shared), per_config)
 
+        # check_vma=False: the blocks never communicate, and the varying-axis check refuses loops whose carry
+        # starts from constants, such as the GMRES of jax.scipy that implicit differentiation runs
         program = jax.shard_map(local, mesh=self.mesh, in_specs=(PartitionSpec(axis_name), PartitionSpec()),
-                                out_specs=PartitionSpec(axis_name))
+                                out_specs=PartitionSpec(axis_name), check_vma=False)
         self._program = jax.jit(program, in_shardings=(self._split, self._replicated), out_shardings=self._split)
 
     @property
@@ -314,20 +316,19 @@ class ParallelMap:
         D = self.n_devices
         S = _leaves_bytes(shared)
         t0 = time.perf_counter()
-        estimate_source = "caller"
-        if bytes_per_config is None:  # XLA's measurement at one configuration per device
-            measured = measured_bytes(self.compiled(D, per_config, shared))
-            bytes_per_config = None if measured is None else max(1, measured - S)
-            estimate_source = "XLA's memory analysis at one configuration per device"
-        if bytes_per_config is None:  # nothing to plan with: one chunk (capped), unchecked
-            per_device = min(-(-n // D), max(1, (max_chunk_size or n * D) // D))
-            estimate_source = "none (the backend reports no memory analysis)"
+        most = -(-n // D) if max_chunk_size is None else min(-(-n // D), max(1, max_chunk_size // D))
+        if bytes_per_config is None:  # try everything at once; XLA's measurement of that program sizes the rest
+            per_device = most
+            estimate_source = "XLA's memory analysis of the first program tried"
         else:
             per_device = plan_chunk_size(n, int(bytes_per_config), S, budget, D, max_chunk_size=max_chunk_size,
                                          what=what) // D
+            estimate_source = "caller"
         recompiles = 0
         while True:
             measured = measured_bytes(self.compiled(per_device * D, per_config, shared))
+            if bytes_per_config is None and measured is not None:
+                bytes_per_config = max(1, (measured - S) // per_device)
             if measured is None or measured <= budget:
                 break
             if per_device == 1 or recompiles == max_recompiles:
@@ -337,6 +338,8 @@ class ParallelMap:
             shrunk = int(per_device * (budget - S) / max(1, measured - S))  # shared data stay replicated
             per_device = max(1, min(per_device - 1, shrunk))
             recompiles += 1
+        if bytes_per_config is None:
+            estimate_source = "none (the backend reports no memory analysis: unchecked)"
         plan = ChunkPlan(
             n=int(n), chunk_size=per_device * D, per_device=per_device, n_devices=D, batching=self.batching,
             budget_bytes=budget, budget_source=source, shared_bytes=S,

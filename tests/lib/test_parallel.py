@@ -21,12 +21,15 @@ RTOL = 1e-12  # float64 rounding of the same arithmetic in a batched vs a single
 
 
 def gd(config, shared):
-    """One configuration: 5 gradient steps on a least-squares fit from a seeded start, a pytree in and out."""
+    """One configuration: 5 gradient steps on a least-squares fit from a seeded start, a pytree in and out, and a
+    loop whose carry starts from constants (as in jax.scipy's GMRES, which implicit differentiation runs)."""
     X, y = shared
     w = jax.random.normal(config["key"], (X.shape[1],), X.dtype)
     for _ in range(5):
         w = w - config["lr"] * X.T @ (X @ w - y) / X.shape[0]
-    return {"loss": jnp.mean((X @ w - y) ** 2), "w": w, "step": config["lr"] * 2}
+    total, _ = jax.lax.while_loop(lambda c: c[1] < 3, lambda c: (c[0] + config["lr"], c[1] + 1),
+                                  (jnp.zeros((), X.dtype), 0))
+    return {"loss": jnp.mean((X @ w - y) ** 2), "w": w, "step": total}
 
 
 def _problem(n=N, seed=0):
@@ -70,7 +73,7 @@ def test_chunked_sharded_run_equals_a_loop_and_shares_one_program(engine, refere
     per_config, shared, want = reference
     D = len(jax.devices())
     assert engine.n_devices == D and engine.batching == parallel.device_batching(jax.devices())
-    est = 1000  # bytes per configuration, stated by the caller
+    est = 10_000  # bytes per configuration, stated by the caller (above what XLA measures for this fn)
     S = sum(a.nbytes for a in shared)
     events, stop = _compiles()
     try:
@@ -119,9 +122,11 @@ def test_budget_holds_against_xla_not_only_the_estimate(engine, reference):
     # below one configuration per device by XLA's count: refused with the numbers
     with pytest.raises(parallel.MemoryBudgetError, match=r"XLA reports .* per device for 1 configuration"):
         engine.plan(N, per_config, shared, budget_bytes=measured_one - 1, bytes_per_config=1, what="fit")
-    # without an estimate XLA measures one configuration per device
+    # without an estimate the first program holds everything, and XLA's measurement of it is the estimate
     plan = engine.plan(N, per_config, shared, budget_bytes=2**24)
-    assert plan.estimate_source.startswith("XLA") and plan.bytes_per_config == max(1, measured_one - S)
+    full = parallel.measured_bytes(engine.compiled(-(-N // D) * D, per_config, shared))
+    assert plan.estimate_source.startswith("XLA") and plan.chunk_size == -(-N // D) * D
+    assert plan.bytes_per_config == (full - S) // -(-N // D) and plan.recompiles == 0
 
 
 def test_chunk_size_rule():
