@@ -29,8 +29,9 @@ in the `ChunkPlan`:
 - **Several processes** (after `jax.distributed.initialize()`): the default devices are every process's, so the
   mesh spans all hosts. Every process must make the same calls with the same `per_config` and `shared` (each
   device takes its slice of them), and every process receives all outputs (`process_allgather`, a collective:
-  a process that died makes the others fail with an error instead of waiting). `agree` gives every process
-  process 0's value of a host array (e.g. which configurations are already done).
+  a process that died makes the others fail with an error instead of waiting). Every process uses process 0's
+  chunk size (hosts may differ in memory). `agree` gives every process process 0's value of a host array (e.g.
+  which configurations are already done).
 
 The engine is a host-side driver (it chooses sizes, compiles and moves data), so it is not itself traced; `fn` is,
 under `vmap` or `lax.map`, `shard_map` and `jit`: it must be a pure JAX function of its arguments. PRNG keys enter
@@ -340,6 +341,11 @@ class ParallelMap:
             recompiles += 1
         if bytes_per_config is None:
             estimate_source = "none (the backend reports no memory analysis: unchecked)"
+        if jax.process_count() > 1:  # hosts may differ in RAM or code size: every process follows process 0
+            agreed = int(agree(np.asarray(per_device, np.int64)))
+            if agreed != per_device:
+                per_device = agreed
+                measured = measured_bytes(self.compiled(per_device * D, per_config, shared))
         plan = ChunkPlan(
             n=int(n), chunk_size=per_device * D, per_device=per_device, n_devices=D, batching=self.batching,
             budget_bytes=budget, budget_source=source, shared_bytes=S,

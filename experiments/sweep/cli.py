@@ -119,10 +119,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     def interrupted() -> str:
-        if state["output_dir"] is None:
-            return "nothing was written"
-        return (f"finished chunks (if any) are kept in {state['output_dir']}/chunks; run the same command again to "
-                f"resume, or add --fresh to start over")
+        import pathlib
+
+        chunks = pathlib.Path(state["output_dir"] or "") / "chunks"
+        saved = len(list(chunks.glob("chunk-*.npz"))) if state["output_dir"] and chunks.is_dir() else 0
+        if not saved:
+            return "no chunk had finished, nothing was written; run the same command again to start"
+        return (f"{saved} finished chunk(s) are kept in {chunks}; run the same command again to resume (--fresh "
+                f"starts over)")
 
     try:
         code = cli.run(PROG, body, interrupted=interrupted)

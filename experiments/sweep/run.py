@@ -267,10 +267,12 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
             config, key, n_train=fd.phi_train.shape[0], n_test=fd.phi_test.shape[0], width=width,
             out_dim=fd.num_classes)
         report.data_bytes = sum(a.nbytes for a in _data(fd, key.loss))
+        report.chunk_size = len(members)  # until planned: a guess for the progress bar
         if report.estimated_bytes_per_config is not None:
             try:
-                parallel.plan_chunk_size(len(members), report.estimated_bytes_per_config, report.data_bytes,
-                                         budget, n_dev, what=f"group {key.label}")
+                report.chunk_size = parallel.plan_chunk_size(
+                    len(members), report.estimated_bytes_per_config, report.data_bytes, budget, n_dev,
+                    max_chunk_size=config.max_chunk_size, what=f"group {key.label}")
             except parallel.MemoryBudgetError as err:
                 raise SweepMemoryError(f"{err}; raise memory_budget_mb, use fewer samples (n_train) or a smaller "
                                        f"width") from None
@@ -299,7 +301,8 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
     bar = None
     computed = 0
     try:
-        bar = _progress(skipped_chunks, skipped_chunks, config.name, progress and writer)
+        expected = sum(-(-len(m) // reports[k].chunk_size) for k, m in todo.items())
+        bar = _progress(skipped_chunks + expected, skipped_chunks, config.name, progress and writer)
         for key, members in todo.items():
             if not members:
                 continue
@@ -319,6 +322,7 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
             except parallel.MemoryBudgetError as err:
                 raise SweepMemoryError(f"{err}; raise memory_budget_mb, use fewer samples (n_train) or a smaller "
                                        f"width") from None
+            guess = report.chunk_size
             report.programs_compiled = engine.compiles - compiles
             report.compile_s = plan.compile_s
             report.chunk_size = plan.chunk_size
@@ -326,8 +330,8 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
             report.measured_bytes_per_device = plan.measured_bytes_per_device
             if report.estimated_bytes_per_config is None:
                 report.estimated_bytes_per_config = plan.bytes_per_config
-            if bar is not None:
-                bar.total += -(-len(members) // plan.chunk_size)
+            if bar is not None:  # the plan may differ from the formula's guess (XLA's measurement)
+                bar.total += -(-len(members) // plan.chunk_size) - -(-len(members) // guess)
                 bar.refresh()
             for chunk in engine.chunks(per_config, shared, plan=plan):
                 ids = [c.config_id for c in members[chunk.start:chunk.stop]]

@@ -25,7 +25,7 @@ from experiments.common.config import ConfigError
 from experiments.sweep import data as sweep_data
 from experiments.sweep import figures, grid, programs, tables
 from experiments.sweep import models as sweep_models
-from experiments.sweep.config import SweepConfig, fingerprint
+from experiments.sweep.config import fingerprint
 from experiments.sweep.run import SweepError, SweepMemoryError, run_sweep
 from sweep_cases import FAST, TINY, base_result, tiny
 
