@@ -347,6 +347,10 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
                     bar.update(1)
                 if on_chunk is not None:
                     on_chunk(ChunkReport(key.label, tuple(ids), chunk.seconds))
+    except BaseException:
+        if bar is not None:  # an interrupted bar is erased: the command's one line says what happened
+            bar.leave = False
+        raise
     finally:
         if bar is not None:
             bar.close()

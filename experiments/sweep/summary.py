@@ -64,7 +64,7 @@ def write_summary(result: Any, files: dict[str, pathlib.Path]) -> pathlib.Path:
         "## Groups", "",
         "Memory per device for one chunk: the formula's estimate (`experiments.sweep.programs.estimate_config_bytes`,"
         " with its safety factor) and XLA's `memory_analysis()` of the compiled program. Groups of equal structure "
-        "share one compiled program (programs compiled: 0).", "",
+        "share compiled programs: a group that reused another's compiled none.", "",
         "| group | configs | chunk size | chunks run / resumed | estimate per device | measured per device "
         "| programs compiled | compile s | run s |",
         "|---|---|---|---|---|---|---|---|---|",
