@@ -60,10 +60,12 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_nothing_half_written(tmp_path):
     out = tmp_path / "out"
     config.write_text(yaml.safe_dump({**TINY, "datasets": [DATA], "dtype": "float32", "save_params": False,
                                       "grid": {**TINY["grid"], "models": ["linear"]}, "output_dir": str(out)}))
-    # Ctrl-C's default action, even where the test runner ignores SIGINT (a background job does)
-    proc = subprocess.Popen([PYTHON, "-m", "experiments", "sweep", "--config", str(config), "--no-progress"],
-                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # `python -m experiments sweep ...` with Python's Ctrl-C handler, even where the test runner ignores SIGINT
+    # (a background job does, and a child inherits that)
+    start = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "runpy.run_module('experiments', run_name='__main__')")
+    proc = subprocess.Popen([PYTHON, "-c", start, "sweep", "--config", str(config), "--no-progress"],
+                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         started = proc.stdout.readline()  # printed when the data are loaded and the computing starts
         assert started.startswith("sweep tiny: 6 configurations"), started + proc.stderr.read()
