@@ -6,8 +6,10 @@ compiles each program once (`experiments.sweep.run` keeps them) and the suite's 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import sys
 import tempfile
 
@@ -42,6 +44,7 @@ def base_result():
     from experiments.sweep.run import run_sweep
 
     out = tempfile.mkdtemp(prefix="sweep_base_")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     return run_sweep(tiny(output_dir=out), progress=False, compiler_options=FAST)
 
 
