@@ -1,4 +1,4 @@
-"""`python -m experiments bench`: benchmarks of one DEQ training step (arguments and dispatch only).
+"""python -m experiments bench: benchmarks of one DEQ training step.
 
 Suites (all rows of a suite run in one process, their timed repeats interleaved round by round, so that the load
 of a shared machine hits every row alike; rows: experiments/bench/cases.py, goals: experiments/bench/goals.py):
@@ -22,6 +22,7 @@ Exit status: 0 done, every row ran and every correctness goal held (speed and me
 not); 1 done, but a row failed or a correctness goal did not hold; 2 not run: a flag, device or file error (one
 line on stderr); 130 interrupted (Ctrl-C or SIGTERM): nothing is written.
 """
+# This module holds the arguments and the dispatch only; a run is experiments/bench/run.py.
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0].strip("`"), epilog=EXAMPLES,
+    parser = _Parser(prog=PROG, description=__doc__, epilog=EXAMPLES,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--suite", choices=SUITES, default="step", help="which benchmark (default: step)")

@@ -301,6 +301,8 @@ def test_render_refuses_a_malformed_result(tmp_path, capsys):
     assert cli.main(["--render", "--docs-dir", str(tmp_path)]) == 2
     assert "not a benchmark result (missing command" in _one_error_line(capsys.readouterr().err)
     assert (tmp_path / "benchmarks.md").read_text() == "<!-- bench:begin step table -->\n<!-- bench:end -->\n"
+    assert cli.main(["--render", "--docs-dir", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in _one_error_line(capsys.readouterr().err)
 
 
 def test_committed_benchmark_docs_are_what_their_jsons_render_to():
