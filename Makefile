@@ -30,7 +30,7 @@ sweep: $(STAMP)
 	$(BIN)/python -m experiments sweep --config configs/sweep_digits.yaml
 
 bench: $(STAMP)
-	$(BIN)/python -m experiments bench --suite step
+	$(BIN)/python -m experiments bench --suite step --publish
 
 clean:
 	rm -rf $(VENV) results
