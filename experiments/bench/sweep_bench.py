@@ -131,8 +131,7 @@ def worker(repeats: int) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments bench --suite sweep", description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", choices=("sweep",), default="sweep", help=argparse.SUPPRESS)  # from the bench command
+    p = argparse.ArgumentParser(prog="python -m experiments.bench.sweep_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (default 5)")
     p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4],
                    help="device counts (default 1 2 4); above 1 means forced host (CPU) devices")
@@ -166,7 +165,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     env_base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env_base.setdefault("OPENBLAS_NUM_THREADS", "1")
     env_base["PYTHONPATH"] = str(ROOT) + os.pathsep + env_base.get("PYTHONPATH", "")
-    command = "python -m experiments bench --suite sweep " + " ".join(a for a in argv if a not in ("--suite", "sweep"))
+    command = "python -m experiments bench --suite sweep " + " ".join(argv)
     runs = []
     for count in args.devices:
         env = dict(env_base)

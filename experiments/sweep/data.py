@@ -16,6 +16,7 @@ from deq_jax import theory
 from deq_jax.maps import features, random_projection
 from experiments.common import datasets as data_lib
 from experiments.common.cli import UserError
+from experiments.common.datasets.errors import Setting
 from experiments.sweep.config import SweepConfig
 
 
@@ -45,31 +46,33 @@ def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+def _settings(i: int) -> dict[str, Setting]:
+    """How the sweep spells the loader's settings for `datasets[i]` (the loader's messages use these)."""
+    key = f"datasets[{i}]"
+    out = {name: Setting(key=f"{key}.{name}") for name in ("download", "n_train", "n_test", "features", "pca_dim")}
+    out["data_dir"] = Setting(flag="--data-dir", key=f"{key}.data_dir")
+    out["cache_dir"] = Setting(env="DEQ_JAX_DATA_DIR")
+    return out
 
 
 def load_datasets(config: SweepConfig, *, progress: bool = False) -> dict[str, data_lib.Preprocessed]:
-    """Every data set of the sweep, loaded and preprocessed, by label."""
+    """Every data set of the sweep, loaded and preprocessed, by label; a `DataError` (one line) otherwise."""
     out = {}
     for i, spec in enumerate(config.datasets):
-        where = f"datasets[{i}] ({spec.key})"
+        where, settings = f"datasets[{i}] ({spec.key})", _settings(i)
         try:
-            ds = data_lib.load_dataset(spec.name, data_dir=spec.data_dir, download=spec.download, progress=progress)
-        except data_lib.DatasetNotFoundError as err:  # the library's advice names its arguments: say it in ours
-            key = where.split()[0]
-            raise DataError(f"{where}: {_first_line(err)} Put the data set's files in a folder and pass --data-dir "
-                            f"FOLDER (or set {key}.data_dir), or allow downloading ({key}.download: true)") from None
-        except (data_lib.ChecksumError, data_lib.DatasetFormatError) as err:
-            raise DataError(f"{where}: data set {spec.name!r} is unusable ({type(err).__name__}): "
-                            f"{_one_line(err)}") from None
-        except ValueError as err:  # e.g. a data_dir that is not a directory
-            raise DataError(f"{where}: {_one_line(err)} (check --data-dir or {where.split()[0]}.data_dir)") from None
-        try:
+            ds = data_lib.load_dataset(spec.name, data_dir=spec.data_dir, download=spec.download, progress=progress,
+                                       settings=settings)
             out[spec.key] = data_lib.preprocess(ds, n_train=spec.n_train, n_test=spec.n_test,
                                                 features=spec.features, pca_dim=spec.pca_dim,
-                                                add_bias=spec.add_bias, seed=spec.seed)
-        except ValueError as err:  # e.g. n_train above the split's size, pca_dim above the data's rank
+                                                add_bias=spec.add_bias, seed=spec.seed, settings=settings)
+        except data_lib.DatasetNotFoundError as err:  # the loader lists files and folders over several lines
+            first = str(err).strip().splitlines()[0]
+            missing = f" Missing: {', '.join(err.missing)}." if err.missing else ""
+            raise DataError(f"{where}: {first}{missing} Put the files in a folder and pass --data-dir FOLDER (or "
+                            f"set datasets[{i}].data_dir), or allow downloading (datasets[{i}].download: "
+                            f"true).") from None
+        except data_lib.DatasetError as err:  # checksums, formats, settings that do not fit the data
             raise DataError(f"{where}: {_one_line(err)}") from None
     return out
 
