@@ -106,7 +106,7 @@ def program_key(config: SweepConfig, key: GroupKey, width: int, out_dim: int) ->
 def param_shapes(config: SweepConfig, key: GroupKey, width: int, out_dim: int) -> Any:
     """The parameters' pytree of `jax.ShapeDtypeStruct`s (nothing is computed)."""
     model = sweep_models.build_model(key.model, model_spec(config, key, width, out_dim, 0.5))
-    return jax.eval_shape(lambda k: model.init(k, jnp.dtype(config.dtype)), jax.random.PRNGKey(0))
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.dtype(config.dtype)))  # key traced too
 
 
 def estimate_config_bytes(config: SweepConfig, key: GroupKey, *, n_train: int, n_test: int, width: int,

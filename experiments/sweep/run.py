@@ -246,27 +246,19 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
     output_dir = pathlib.Path(output_dir) if output_dir is not None else config.resolved_output_dir
     dtype = jnp.dtype(config.dtype)
 
-    # data, features and L* per (data set, width); then every group's memory plan by the formula
+    # data; every group's memory plan by the formula, from the shapes alone (nothing compiled yet)
     preprocessed = sweep_data.load_datasets(config)
-    projection_seeds = {d.key: d.projection_seed for d in config.datasets}
-    features: dict[tuple, sweep_data.FeatureData] = {}
-    L_stars: dict[tuple, Optional[float]] = {}
     reports: dict[GroupKey, GroupReport] = {}
     for key, members in groups.items():
-        fkey = (key.dataset, key.width)
-        if fkey not in features:
-            features[fkey] = sweep_data.prepare_features(preprocessed[key.dataset], key.width, dtype,
-                                                         projection_seeds[key.dataset])
-        fd = features[fkey]
-        if (fkey, key.loss) not in L_stars:
-            L_stars[(fkey, key.loss)] = (sweep_data.shallow_square_optimum(fd.phi_train, fd.targets("square"))
-                                         if key.loss == "square" else None)
-        width = fd.phi_train.shape[1]
+        pre = preprocessed[key.dataset]
+        n_train, n_test = pre.x_train.shape[0], pre.x_test.shape[0]
+        width, out_dim = key.width or pre.x_train.shape[1], int(pre.num_classes)
         report = GroupReport(key.label, key, width, len(members))
         report.estimated_bytes_per_config = programs.estimate_config_bytes(
-            config, key, n_train=fd.phi_train.shape[0], n_test=fd.phi_test.shape[0], width=width,
-            out_dim=fd.num_classes)
-        report.data_bytes = sum(a.nbytes for a in _data(fd, key.loss))
+            config, key, n_train=n_train, n_test=n_test, width=width, out_dim=out_dim)
+        itemsize, label = dtype.itemsize, 4  # int32 labels
+        targets = out_dim * itemsize if key.loss == "square" else label
+        report.data_bytes = (n_train + n_test) * (width * itemsize + targets + label)  # = the arrays of `_data`
         report.chunk_size = len(members)  # until planned: a guess for the progress bar
         if report.estimated_bytes_per_config is not None:
             try:
@@ -277,6 +269,20 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
                 raise SweepMemoryError(f"{err}; raise memory_budget_mb, use fewer samples (n_train) or a smaller "
                                        f"width") from None
         reports[key] = report
+
+    # features (a random projection where a width is given) and L* per (data set, width)
+    projection_seeds = {d.key: d.projection_seed for d in config.datasets}
+    features: dict[tuple, sweep_data.FeatureData] = {}
+    L_stars: dict[tuple, Optional[float]] = {}
+    for key in groups:
+        fkey = (key.dataset, key.width)
+        if fkey not in features:
+            features[fkey] = sweep_data.prepare_features(preprocessed[key.dataset], key.width, dtype,
+                                                         projection_seeds[key.dataset])
+        if (fkey, key.loss) not in L_stars:
+            fd = features[fkey]
+            L_stars[(fkey, key.loss)] = (sweep_data.shallow_square_optimum(fd.phi_train, fd.targets("square"))
+                                         if key.loss == "square" else None)
 
     # saved chunks (process 0 reads them, every process follows)
     chunks = _Chunks(output_dir, fingerprint(config))
@@ -313,6 +319,7 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
                           "learning_rate": np.asarray([c.learning_rate for c in members], dtype),
                           "gamma": np.asarray([0.0 if c.gamma is None else c.gamma for c in members], dtype)}
             shared = _data(fd, key.loss)
+            assert sum(a.nbytes for a in shared) == report.data_bytes, "the data's size by shapes is exact"
             compiles = engine.compiles
             try:
                 plan = engine.plan(report.n_configs, per_config, shared, budget_bytes=budget,
