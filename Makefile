@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # LAPACK/OpenBLAS threads fight XLA's own threads on small CPUs (see docs): one thread is faster
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: run test bench sweep venv clean
+.PHONY: run test test-slow bench sweep venv clean
 
 venv: $(STAMP)
 
@@ -21,13 +21,16 @@ run: $(STAMP)
 	$(BIN)/python -m experiments reproduce --config configs/digits.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m slow
 
 sweep: $(STAMP)
 	$(BIN)/python -m experiments sweep --config configs/sweep_digits.yaml
 
 bench: $(STAMP)
-	$(BIN)/python -m experiments bench --suite step
+	$(BIN)/python -m experiments bench --suite step --publish
 
 clean:
 	rm -rf $(VENV) results

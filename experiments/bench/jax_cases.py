@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.bench.common import Case, Check, Prepared, Problem
+from experiments.bench.problem import Problem
+from experiments.bench.protocol import Case, Check, Prepared
 
 with warnings.catch_warnings():
     # jaxopt 0.8.5 is its final release and warns on import; the baseline uses it knowingly
@@ -48,10 +49,11 @@ def _to_numpy(tree: dict) -> dict:
     return {k: np.asarray(v) for k, v in tree.items()}
 
 
-def _prepare(step: Callable, params: dict, data: tuple, grad_fn: Callable, state_fn: Callable,
-             info: Callable[[Any], tuple], device: Any, precision: Optional[str], learning_rate: float) -> Prepared:
-    """Compile `step(params, opt_state, phi, y)` for `device`; `grad_fn(params, phi, y) -> (grads, aux)` and
-    `state_fn(params, phi) -> equilibrium` feed the (untimed) check; `info(aux) -> (iterations, converged)`."""
+def _prepare(step: Callable, params: dict, data: tuple, check_fn: Callable, info: Callable[[Any], tuple],
+             device: Any, precision: Optional[str], learning_rate: float) -> Prepared:
+    """Compile `step(params, opt_state, phi, y)` for `device`. The (untimed) check runs the jitted
+    `check_fn(params, phi, y) -> (grads, aux, equilibrium)` (one program: gradients and the returned equilibrium
+    in one compile); `info(aux) -> (iterations, converged)`."""
     optimizer = optax.sgd(learning_rate)
     params = jax.device_put({k: jnp.asarray(v) for k, v in params.items()}, device)
     opt_state = jax.device_put(optimizer.init(params), device)
@@ -61,7 +63,6 @@ def _prepare(step: Callable, params: dict, data: tuple, grad_fn: Callable, state
         start = time.perf_counter()
         compiled = jax.jit(functools.partial(step, optimizer=optimizer)).lower(*args).compile()
         compile_s = time.perf_counter() - start
-        grad_jit, state_jit = jax.jit(grad_fn), jax.jit(state_fn)
     memory = compiled.memory_analysis()
     temp = None if memory is None else int(memory.temp_size_in_bytes)
 
@@ -70,12 +71,32 @@ def _prepare(step: Callable, params: dict, data: tuple, grad_fn: Callable, state
 
     def check() -> Check:
         with precision_context(precision):
-            grads, aux = grad_jit(params, phi, y)
-            state = state_jit(params, phi)
+            grads, aux, state = check_fn(params, phi, y)
         iterations, converged = info(aux)
         return Check(iterations=iterations, converged=converged, state=np.asarray(state), grads=_to_numpy(grads))
 
     return Prepared(run=run, check=check, compile_s=compile_s, temp_bytes=temp)
+
+
+@functools.lru_cache(maxsize=64)
+def _delm_check(model, gamma: float) -> Callable:
+    """The jitted check of a `DELM` model's step: `(params, phi, y) -> (grads, stats, equilibrium)`.
+
+    Cached per model (a frozen dataclass), so the float32 direct reference (`direct_gradients`) and the row with
+    the same model share one compiled program."""
+    from deq_jax.maps import DELMMap
+    from deq_jax.solve import solve
+    from deq_jax.train import objective
+
+    def check(params, phi, y):
+        grads, stats = jax.grad(objective(model, "square"), has_aux=True)(params, phi, y)
+        if model.formulation == "transposed":
+            return grads, stats, model.end_to_end(params)
+        state = solve(DELMMap(gamma), jnp.zeros_like(phi), {"A": params["A"]}, phi, solver=model.solver,
+                      backward=model.backward, tol=model.tol, maxiter=model.maxiter, precision=model.precision).value
+        return grads, stats, state
+
+    return jax.jit(check)
 
 
 def _library_step(model):
@@ -93,6 +114,14 @@ def _stats_info(stats) -> tuple:
 
 # ----------------------------------------------------------------------------- deq_jax rows
 
+def _delm_model(p: Problem, formulation: str, solver: str, backward: Any, tol: float, maxiter: int,
+                precision: Optional[str]):
+    from deq_jax.models import DELM
+
+    return DELM(p.m, p.m_y, gamma=p.gamma, formulation=formulation, solver=solver, backward=backward, tol=tol,
+                maxiter=maxiter, precision=precision)
+
+
 def deq_jax_delm(p: Problem, formulation: str, solver: str, backward: str, *, device: Any, precision: Optional[str],
                  tol: Optional[float] = None, maxiter: Optional[int] = None, linear_solver: Optional[str] = None,
                  backward_tol: Optional[float] = None, label: str = "", note: str = "") -> Case:
@@ -101,10 +130,7 @@ def deq_jax_delm(p: Problem, formulation: str, solver: str, backward: str, *, de
     `linear_solver` / `backward_tol` choose the implicit backward's linear solver and its tolerance (default: the
     library's GMRES at the forward tolerance).
     """
-    from deq_jax.maps import DELMMap
-    from deq_jax.models import DELM
-    from deq_jax.solve import Implicit, solve
-    from deq_jax.train import objective
+    from deq_jax.solve import Implicit
 
     backward_arg: Any = backward
     if backward == "implicit" and (linear_solver or backward_tol):
@@ -113,18 +139,9 @@ def deq_jax_delm(p: Problem, formulation: str, solver: str, backward: str, *, de
     maxiter = p.maxiter if maxiter is None else maxiter
 
     def prepare() -> Prepared:
-        model = DELM(p.m, p.m_y, gamma=p.gamma, formulation=formulation, solver=solver, backward=backward_arg,
-                     tol=tol, maxiter=maxiter, precision=precision)
-        grad_fn = jax.grad(objective(model, "square"), has_aux=True)
-
-        def state_fn(params, phi):
-            if formulation == "transposed":
-                return model.end_to_end(params)
-            return solve(DELMMap(p.gamma), jnp.zeros_like(phi), {"A": params["A"]}, phi, solver=solver,
-                         backward=backward_arg, tol=tol, maxiter=maxiter, precision=precision).value
-
-        return _prepare(_library_step(model), p.delm, (p.phi, p.y), grad_fn, state_fn, _stats_info, device,
-                        precision, p.learning_rate)
+        model = _delm_model(p, formulation, solver, backward_arg, tol, maxiter, precision)
+        return _prepare(_library_step(model), p.delm, (p.phi, p.y), _delm_check(model, p.gamma), _stats_info,
+                        device, precision, p.learning_rate)
 
     name_backward = f"implicit[{linear_solver}]" if linear_solver else backward
     return Case("deq_jax", "delm", formulation, solver, name_backward, prepare, label=label, note=note, tol=tol)
@@ -170,8 +187,11 @@ def deq_jax_tanh(p: Problem, solver: str, backward: str, *, device: Any, precisi
 
     def prepare() -> Prepared:
         model = _TanhModel(p.contraction, p.m, solver, backward_arg, p.tol, p.maxiter, precision)
-        grad_fn = jax.grad(objective(model, "square"), has_aux=True)
-        return _prepare(_library_step(model), p.tanh, (p.phi, p.y), grad_fn, model.solution, _stats_info, device,
+
+        def check(params, phi, y):
+            return (*jax.grad(objective(model, "square"), has_aux=True)(params, phi, y), model.solution(params, phi))
+
+        return _prepare(_library_step(model), p.tanh, (p.phi, p.y), jax.jit(check), _stats_info, device,
                         precision, p.learning_rate)
 
     return Case("deq_jax", "tanh", "per_sample", solver, f"implicit[{linear_solver}]" if linear_solver else backward,
@@ -200,6 +220,16 @@ def _inline_step(loss: Callable):
         return optax.apply_updates(params, updates), opt_state, value, aux["iterations"], aux["converged"]
 
     return step
+
+
+def _inline_check(loss: Callable) -> Callable:
+    """The jitted check of an inline step: gradients, and the equilibrium its loss returns in `aux`."""
+
+    def check(params, phi, y):
+        grads, aux = jax.grad(loss, has_aux=True)(params, phi, y)
+        return grads, aux, aux["state"]
+
+    return jax.jit(check)
 
 
 def _inline_info(aux) -> tuple:
@@ -232,13 +262,9 @@ def inline_delm(p: Problem, formulation: str, solver: str, *, device: Any, preci
         predictions = phi @ state.T if formulation == "transposed" else state @ B.T
         return _square(predictions, y), dict(aux, state=state)
 
-    def grad_fn(params, phi, y):
-        return jax.grad(loss, has_aux=True)(params, phi, y)
-
     def prepare() -> Prepared:
-        return _prepare(_inline_step(loss), p.delm, (p.phi, p.y), grad_fn,
-                        lambda params, phi: loss(params, phi, jnp.zeros((phi.shape[0], p.m_y), phi.dtype))[1]["state"],
-                        _inline_info, device, precision, p.learning_rate)
+        return _prepare(_inline_step(loss), p.delm, (p.phi, p.y), _inline_check(loss), _inline_info, device,
+                        precision, p.learning_rate)
 
     return Case("inline", "delm", formulation, solver, "autodiff" if solver == "direct" else "implicit", prepare)
 
@@ -259,21 +285,55 @@ def inline_tanh(p: Problem, solver: str, *, device: Any, precision: Optional[str
         return _square(state @ params["B"].T, y), aux
 
     def prepare() -> Prepared:
-        return _prepare(_inline_step(loss), p.tanh, (p.phi, p.y), lambda *a: jax.grad(loss, has_aux=True)(*a),
-                        lambda params, phi: loss(params, phi, jnp.zeros((phi.shape[0], p.m_y), phi.dtype))[1]["state"],
-                        _inline_info, device, precision, p.learning_rate)
+        return _prepare(_inline_step(loss), p.tanh, (p.phi, p.y), _inline_check(loss), _inline_info, device,
+                        precision, p.learning_rate)
 
     return Case("inline", "tanh", "per_sample", solver, "implicit", prepare)
 
 
-def direct_gradients(p: Problem, *, device: Any, precision: Optional[str]) -> dict:
-    """deq_jax's float32 direct (closed-form) DELM gradients: the "vs direct" reference of issue 2's table."""
-    from deq_jax.models import DELM
-    from deq_jax.train import objective
+# ----------------------------------------------------------------------------- yardsticks
 
-    model = DELM(p.m, p.m_y, gamma=p.gamma, solver="direct", precision=precision)
+def lu_factor(p: Problem, *, device: Any, precision: Optional[str]) -> Case:
+    """The bare m x m LU factorisation of the transposed step, `jax.scipy.linalg.lu_factor(U^T)` (getrf and its
+    pivots), with `U = I - gamma sigma(A)` computed outside the timed call: the yardstick a transposed training step
+    is measured against (a direct step costs one such factorisation plus O(m m_y n) products).
+
+    Its untimed check solves `W U = B` with the factors (`lu_solve`), so the independent residual check judges the
+    factorisation's accuracy like any other row's equilibrium; it computes no gradient.
+    """
+    import jax.scipy.linalg as jsl
+
+    def prepare() -> Prepared:
+        e = np.exp(p.delm["A"] - p.delm["A"].max(axis=0))  # the column softmax, in float32 like the steps'
+        U = np.eye(p.m, dtype=np.float32) - np.float32(p.gamma) * e / e.sum(axis=0)
+        U_T = jax.device_put(jnp.asarray(U.T), device)
+        B_T = jax.device_put(jnp.asarray(p.delm["B"].T), device)
+        with precision_context(precision):
+            start = time.perf_counter()
+            compiled = jax.jit(jsl.lu_factor).lower(U_T).compile()
+            compile_s = time.perf_counter() - start
+            solve = jax.jit(lambda lu, piv, b: jsl.lu_solve((lu, piv), b))
+        memory = compiled.memory_analysis()
+
+        def check() -> Check:
+            with precision_context(precision):
+                W = solve(*compiled(U_T), B_T).T  # U^T W^T = B^T
+            return Check(iterations=0, converged=None, state=np.asarray(W), grads={})
+
+        return Prepared(run=lambda: jax.block_until_ready(compiled(U_T)), check=check, compile_s=compile_s,
+                        temp_bytes=None if memory is None else int(memory.temp_size_in_bytes))
+
+    return Case("inline", "delm", "transposed", "lu_factor", "", prepare,
+                note="the bare m x m LU factorisation (jax.scipy.linalg.lu_factor), no gradient: the yardstick")
+
+
+def direct_gradients(p: Problem, *, device: Any, precision: Optional[str]) -> dict:
+    """deq_jax's float32 direct (closed-form) DELM gradients: the reference of the tables' "vs direct" column.
+
+    The same model, hence the same compiled check, as the `deq_jax delm transposed direct implicit` row."""
+    model = _delm_model(p, "transposed", "direct", "implicit", p.tol, p.maxiter, precision)
     params = jax.device_put({k: jnp.asarray(v) for k, v in p.delm.items()}, device)
     phi, y = jax.device_put((jnp.asarray(p.phi), jnp.asarray(p.y)), device)
     with precision_context(precision):
-        grads, _ = jax.jit(jax.grad(objective(model, "square"), has_aux=True))(params, phi, y)
+        grads, _, _ = _delm_check(model, p.gamma)(params, phi, y)
     return _to_numpy(grads)

@@ -16,13 +16,19 @@ the forward's factors), triangular solves and while loops it contains, and how m
 It also times the per-sample implicit backward's linear solve alone, `(I - J^T) u = v` with `J^T u = gamma u S`
 on the `(n, m)` state and `v` the loss's cotangent, with each Krylov solver at relative tolerance `tol`, counting
 its matrix-vector products (a host callback per product; the count is exact, the time includes the callbacks).
+
+Every entry (component, step, backward solve) has a name, so `--list`, `--rows` and `--skip` work here as in the
+other suites; the facts of the compiled deq_jax step are read when that step is selected.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import re
 import time
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import jax
@@ -31,7 +37,8 @@ import jax.scipy.linalg as jsl
 import numpy as np
 import optax
 
-from experiments.bench.common import Problem, relative_errors, delm_reference
+from experiments.bench.checks import delm_reference, relative_errors
+from experiments.bench.problem import Problem
 
 
 def _count_primitive(jaxpr, name: str) -> int:
@@ -64,22 +71,41 @@ def hlo_facts(compiled_text: str, jaxpr) -> dict:
     }
 
 
-def _steps(p: Problem, precision) -> dict[str, Callable]:
-    """The three whole steps, as `step(params, opt_state, phi, y)`."""
-    from deq_jax.models import DELM
-    from deq_jax.train import make_step
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One timed thing: `make(arrays) -> (function, arguments, nominal flops)`; kind "component" or "step"."""
 
-    optimizer = optax.sgd(p.learning_rate)
+    name: str
+    kind: str
+    make: Callable[[Any], tuple[Callable, tuple, float]]
+
+
+def _arrays(p: Problem, device: Any) -> SimpleNamespace:
+    """The problem's arrays on `device` and the intermediate values the components start from."""
+    put = lambda a: jax.device_put(jnp.asarray(a), device)
+    a = SimpleNamespace(A=put(p.delm["A"]), B=put(p.delm["B"]), phi=put(p.phi), y=put(p.y))
+
+    @jax.jit  # one program for all of them (eager calls would compile one small program per operation)
+    def derived(A, B, phi, y):
+        S = jax.nn.softmax(A, axis=0)
+        U = jnp.eye(p.m, dtype=S.dtype) - p.gamma * S
+        _, pivots, _ = jax.lax.linalg.lu(U.T)
+        W = jnp.linalg.solve(U.T, B.T).T
+        R = phi @ W.T - y
+        return S, U, pivots, W, R, R.T @ phi / p.n
+
+    a.S, a.U, a.pivots, a.W, a.R, a.G = derived(a.A, a.B, a.phi, a.y)
+    a.params = {"A": a.A, "B": a.B}
+    a.optimizer = optax.sgd(p.learning_rate)
+    a.opt_state = a.optimizer.init(a.params)
+    return a
+
+
+def _closed_form(p: Problem):
+    """Loss and gradients of docs/theory.md section 3 with one LU of U (no autodiff)."""
     gamma, m = p.gamma, p.m
 
-    def inline_loss(params, phi, y):
-        S = jax.nn.softmax(params["A"], axis=0)
-        W = jnp.linalg.solve((jnp.eye(m, dtype=S.dtype) - gamma * S).T, params["B"].T).T
-        r = phi @ W.T - y
-        return 0.5 * jnp.mean(jnp.sum(r * r, axis=-1))
-
     def closed_form(params, phi, y):
-        """Loss and gradients of docs/theory.md section 3 with one LU of U (no autodiff)."""
         A, B = params["A"], params["B"]
         S = jax.nn.softmax(A, axis=0)
         lu = jsl.lu_factor(jnp.eye(m, dtype=S.dtype) - gamma * S)
@@ -91,102 +117,132 @@ def _steps(p: Problem, precision) -> dict[str, Callable]:
         dA = S * (dS - jnp.sum(S * dS, axis=0, keepdims=True))
         return 0.5 * jnp.mean(jnp.sum(R * R, axis=-1)), {"A": dA, "B": dB}
 
-    def with_update(value_and_grad):
-        def step(params, opt_state, phi, y):
-            value, grads = value_and_grad(params, phi, y)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, value
-
-        return step
-
-    model = DELM(p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="direct", precision=precision)
-    return {
-        "deq_jax step (DELM + make_step)": make_step(model, "square", optimizer, jit=False),
-        "inline step (jnp.linalg.solve + autodiff)": with_update(jax.value_and_grad(inline_loss)),
-        "hand-written step (closed-form gradients, one lu_factor)": with_update(closed_form),
-    }, closed_form
+    return closed_form
 
 
-def run_profile(p: Problem, *, device: Any, precision, repeats: int, log=print) -> dict:
-    """Time the components and the whole steps; read the compiled deq_jax step."""
-    put = lambda a: jax.device_put(jnp.asarray(a), device)
-    A, B, phi, y = put(p.delm["A"]), put(p.delm["B"]), put(p.phi), put(p.y)
-    gamma, m = p.gamma, p.m
-    S = jax.nn.softmax(A, axis=0)
-    U = jnp.eye(m, dtype=S.dtype) - gamma * S
-    _, pivots, _ = jax.lax.linalg.lu(U.T)
-    W = jnp.linalg.solve(U.T, B.T).T
-    R = phi @ W.T - y
-    G = R.T @ phi / p.n
-    params = {"A": A, "B": B}
+def _step(p: Problem, precision, which: str) -> Callable:
+    """One whole step `step(params, opt_state, phi, y)`: deq_jax, the inline baseline, or the hand-written one."""
+    from deq_jax.models import DELM
+    from deq_jax.train import make_step
+
     optimizer = optax.sgd(p.learning_rate)
-    opt_state = optimizer.init(params)
-    components: list[tuple[str, Callable, tuple, float]] = [
-        # (name, function, arguments, flops)
-        ("softmax sigma(A) (column)", lambda A: jax.nn.softmax(A, axis=0), (A,), 0.0),
-        ("LU factorisation of U (lax.linalg.lu: getrf + permutation)", jax.lax.linalg.lu, (U.T,), 2 / 3 * m**3),
-        ("  of which pivots -> permutation loop", lambda piv: jax.lax.linalg.lu_pivots_to_permutation(piv, m),
-         (pivots,), 0.0),
-        ("jnp.linalg.solve(U^T, B^T): LU + 2 triangular solves (forward)",
-         lambda U, B: jnp.linalg.solve(U.T, B.T), (U, B), 2 / 3 * m**3 + 2 * m * m * p.m_y),
-        ("predictions phi W^T (n x m x m_y)", lambda phi, W: phi @ W.T, (phi, W), 2 * p.n * m * p.m_y),
-        ("G = R^T phi / n (m_y x n x m)", lambda R, phi: R.T @ phi / p.n, (R, phi), 2 * p.n * m * p.m_y),
-        ("dL/dsigma = gamma W^T dB (outer, m x m_y x m)", lambda W, G: gamma * W.T @ G, (W, G),
-         2 * m * m * p.m_y),
-        ("softmax transpose S * (dS - 1 1^T (S * dS))",
-         lambda S, dS: S * (dS - jnp.sum(S * dS, axis=0, keepdims=True)), (S, S), 0.0),
-        ("optax SGD update", lambda g, s, prm: optimizer.update(g, s, prm), (params, opt_state, params), 0.0),
-        ("deq_jax residual check W sigma(A) (m_y x m x m)", lambda W, S: B + gamma * W @ S, (W, S),
-         2 * m * m * p.m_y),
-        (f"dense matmul {m}^3 (the machine's matmul rate)", lambda S: S @ S, (S,), 2.0 * m**3),
+    if which == "deq_jax":
+        model = DELM(p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="direct", precision=precision)
+        return make_step(model, "square", optimizer, jit=False)
+
+    def inline_loss(params, phi, y):
+        S = jax.nn.softmax(params["A"], axis=0)
+        W = jnp.linalg.solve((jnp.eye(p.m, dtype=S.dtype) - p.gamma * S).T, params["B"].T).T
+        r = phi @ W.T - y
+        return 0.5 * jnp.mean(jnp.sum(r * r, axis=-1))
+
+    value_and_grad = jax.value_and_grad(inline_loss) if which == "inline" else _closed_form(p)
+
+    def step(params, opt_state, phi, y):
+        value, grads = value_and_grad(params, phi, y)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    return step
+
+
+STEPS = {"deq_jax": "deq_jax step (DELM + make_step)", "inline": "inline step (jnp.linalg.solve + autodiff)",
+         "hand": "hand-written step (closed-form gradients, one lu_factor)"}
+
+
+def entries(p: Problem, precision) -> list[Entry]:
+    """Every component and whole step of the profile, in table order (nothing is computed until `make` runs)."""
+    m, n, m_y, gamma = p.m, p.n, p.m_y, p.gamma
+    sgd = optax.sgd(p.learning_rate)
+    steps = [Entry(name, "step", functools.partial(
+        lambda which, a: (_step(p, precision, which), (a.params, a.opt_state, a.phi, a.y), 0.0), which))
+        for which, name in STEPS.items()]
+    return [
+        Entry("softmax sigma(A) (column)", "component", lambda a: (lambda A: jax.nn.softmax(A, axis=0), (a.A,), 0.0)),
+        Entry("LU factorisation of U (lax.linalg.lu: getrf + permutation)", "component",
+              lambda a: (jax.lax.linalg.lu, (a.U.T,), 2 / 3 * m**3)),
+        Entry("  of which pivots -> permutation loop", "component",
+              lambda a: (lambda piv: jax.lax.linalg.lu_pivots_to_permutation(piv, m), (a.pivots,), 0.0)),
+        Entry("jnp.linalg.solve(U^T, B^T): LU + 2 triangular solves (forward)", "component",
+              lambda a: (lambda U, B: jnp.linalg.solve(U.T, B.T), (a.U, a.B), 2 / 3 * m**3 + 2 * m * m * m_y)),
+        Entry("predictions phi W^T (n x m x m_y)", "component",
+              lambda a: (lambda phi, W: phi @ W.T, (a.phi, a.W), 2 * n * m * m_y)),
+        Entry("G = R^T phi / n (m_y x n x m)", "component",
+              lambda a: (lambda R, phi: R.T @ phi / n, (a.R, a.phi), 2 * n * m * m_y)),
+        Entry("dL/dsigma = gamma W^T dB (outer, m x m_y x m)", "component",
+              lambda a: (lambda W, G: gamma * W.T @ G, (a.W, a.G), 2 * m * m * m_y)),
+        Entry("softmax transpose S * (dS - 1 1^T (S * dS))", "component",
+              lambda a: (lambda S, dS: S * (dS - jnp.sum(S * dS, axis=0, keepdims=True)), (a.S, a.S), 0.0)),
+        Entry("optax SGD update", "component",
+              lambda a: (lambda g, s, prm: sgd.update(g, s, prm), (a.params, a.opt_state, a.params), 0.0)),
+        Entry("deq_jax residual check W sigma(A) (m_y x m x m)", "component",
+              lambda a: (lambda W, S, B: B + gamma * W @ S, (a.W, a.S, a.B), 2 * m * m * m_y)),
+        Entry(f"dense matmul {m}^3 (the machine's matmul rate)", "component",
+              lambda a: (lambda S: S @ S, (a.S,), 2.0 * m**3)),
+        *steps,
     ]
-    steps, closed_form = _steps(p, precision)
+
+
+def run_profile(p: Problem, chosen: list[Entry], *, device: Any, precision, repeats: int) -> dict:
+    """Time the chosen components and whole steps round-robin; read the compiled deq_jax step; check the
+    hand-written step's gradients against the float64 closed form."""
+    if not chosen:
+        return {"rows": [], "facts": {}}
+    a = _arrays(p, device)
     compiled: dict[str, Any] = {}
     facts: dict = {}
-    for name, fn, args, flops in components:
-        compiled[name] = (jax.jit(fn).lower(*args).compile(), args, flops)
-    for name, step in steps.items():
-        args = (params, opt_state, phi, y)
-        lowered = jax.jit(step).lower(*args)
-        c = lowered.compile()
-        compiled[name] = (c, args, 0.0)
-        if name.startswith("deq_jax"):
-            facts["deq_jax_step"] = hlo_facts(c.as_text(), jax.make_jaxpr(step)(*args))
-        if name.startswith("inline"):
-            facts["inline_step"] = hlo_facts(c.as_text(), jax.make_jaxpr(step)(*args))
-    ref = delm_reference(p)["grads"]
-    _, hand = jax.jit(closed_form)(params, phi, y)
-    facts["hand_written_grad_error_vs_f64"] = relative_errors({k: np.asarray(v) for k, v in hand.items()}, ref)
-    for c, args, _ in compiled.values():
+    with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
+        for entry in chosen:
+            fn, args, flops = entry.make(a)
+            c = jax.jit(fn).lower(*args).compile()
+            compiled[entry.name] = (c, args, flops, entry.kind)
+            if entry.name == STEPS["deq_jax"]:
+                facts["deq_jax_step"] = hlo_facts(c.as_text(), jax.make_jaxpr(fn)(*args))
+            elif entry.name == STEPS["inline"]:
+                facts["inline_step"] = hlo_facts(c.as_text(), jax.make_jaxpr(fn)(*args))
+            elif entry.name == STEPS["hand"]:
+                _, hand = jax.jit(_closed_form(p))(a.params, a.phi, a.y)
+                facts["hand_written_grad_error_vs_f64"] = relative_errors(
+                    {k: np.asarray(v) for k, v in hand.items()}, delm_reference(p)["grads"])
+    for c, args, _, _ in compiled.values():
         jax.block_until_ready(c(*args))
     times: dict[str, list] = {name: [] for name in compiled}
-    for r in range(repeats):
-        for name, (c, args, _) in compiled.items():
+    for _ in range(repeats):
+        for name, (c, args, _, _) in compiled.items():
             start = time.perf_counter()
             jax.block_until_ready(c(*args))
             times[name].append(time.perf_counter() - start)
     rows = []
-    for name, (_, _, flops) in compiled.items():
+    for name, (_, _, flops, kind) in compiled.items():
         t = np.asarray(times[name])
-        rows.append({"name": name, "min_s": float(t.min()), "median_s": float(np.median(t)),
-                     "gflops_at_min": (flops / t.min() / 1e9) if flops else None,
-                     "kind": "step" if "step" in name else "component"})
+        rows.append({"name": name, "kind": kind, "times_s": t.tolist(), "min_s": float(t.min()),
+                     "median_s": float(np.median(t)), "gflops_at_min": (flops / t.min() / 1e9) if flops else None})
     return {"rows": rows, "facts": facts}
 
 
-def backward_solvers(p: Problem, *, device: Any, precision, repeats: int = 2) -> list[dict]:
-    """Time and count the matrix-vector products of each linear solver on the per-sample backward system."""
-    import functools
+BACKWARD_SOLVERS = ("gmres, batched (jax default; deq_jax's default backward)", "gmres, incremental", "bicgstab",
+                    "normal_cg (jaxopt; counts the A products, each CG step also applies A^T)")
 
+
+def backward_solvers(p: Problem, names: tuple[str, ...] = BACKWARD_SOLVERS, *, device: Any, precision,
+                     repeats: int = 2) -> list[dict]:
+    """Time and count the matrix-vector products of each linear solver on the per-sample backward system."""
     import jax.scipy.sparse.linalg as jssl
 
     from deq_jax.solve import _linear_solve  # jaxopt.linear_solve, as the library imports it
 
+    if not names:
+        return []
     put = lambda a: jax.device_put(jnp.asarray(a), device)
-    A, B, phi, y = put(p.delm["A"]), put(p.delm["B"]), put(p.phi), put(p.y)
-    S = jax.nn.softmax(A, axis=0)
-    Z = jnp.linalg.solve(jnp.eye(p.m, dtype=S.dtype) - p.gamma * S, phi.T).T
-    v = (Z @ B.T - y) @ B / p.n  # dL/dz of the square loss
+
+    @jax.jit  # one program (eager calls would compile one small program per operation)
+    def system(A, B, phi, y):
+        S = jax.nn.softmax(A, axis=0)
+        Z = jnp.linalg.solve(jnp.eye(p.m, dtype=S.dtype) - p.gamma * S, phi.T).T
+        return S, (Z @ B.T - y) @ B / p.n  # sigma(A), and dL/dz of the square loss
+
+    S, v = system(put(p.delm["A"]), put(p.delm["B"]), put(p.phi), put(p.y))
+    relative_residual = jax.jit(lambda u: jnp.linalg.norm(u - p.gamma * u @ S - v) / jnp.linalg.norm(v))
     count = {"products": 0}
 
     def bump(_):
@@ -197,16 +253,14 @@ def backward_solvers(p: Problem, *, device: Any, precision, repeats: int = 2) ->
         return u - p.gamma * u @ S
 
     tol = p.tol
-    solvers = {
-        "gmres, batched (jax default; deq_jax's default backward)": functools.partial(
-            jssl.gmres, matvec, tol=tol, atol=0.0, solve_method="batched"),
-        "gmres, incremental": functools.partial(jssl.gmres, matvec, tol=tol, atol=0.0, solve_method="incremental"),
-        "bicgstab": functools.partial(jssl.bicgstab, matvec, tol=tol, atol=0.0),
-        "normal_cg (jaxopt; counts the A products, each CG step also applies A^T)": lambda b: (
-            _linear_solve.solve_normal_cg(matvec, b, tol=tol, atol=0.0), None),
-    }
+    solvers = dict(zip(BACKWARD_SOLVERS, (
+        functools.partial(jssl.gmres, matvec, tol=tol, atol=0.0, solve_method="batched"),
+        functools.partial(jssl.gmres, matvec, tol=tol, atol=0.0, solve_method="incremental"),
+        functools.partial(jssl.bicgstab, matvec, tol=tol, atol=0.0),
+        lambda b: (_linear_solve.solve_normal_cg(matvec, b, tol=tol, atol=0.0), None))))
     out = []
-    for name, solve in solvers.items():
+    for name in names:
+        solve = solvers[name]
         with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
             run = jax.jit(lambda b: solve(b)[0]).lower(v).compile()
         jax.block_until_ready(run(v))
@@ -216,22 +270,6 @@ def backward_solvers(p: Problem, *, device: Any, precision, repeats: int = 2) ->
             start = time.perf_counter()
             u = jax.block_until_ready(run(v))
             times.append(time.perf_counter() - start)
-        residual = float(jnp.linalg.norm(u - p.gamma * u @ S - v) / jnp.linalg.norm(v))
+        residual = float(relative_residual(u))
         out.append({"name": name, "min_s": min(times), "products": count["products"], "relative_residual": residual})
     return out
-
-
-def backward_table(rows: list[dict]) -> str:
-    lines = ["| per-sample backward linear solve | min ms | matrix-vector products | relative residual |",
-             "|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['name']} | {r['min_s'] * 1e3:.0f} | {r['products']} | {r['relative_residual']:.1e} |")
-    return "\n".join(lines)
-
-
-def profile_table(result: dict) -> str:
-    lines = ["| component / step | min ms | median ms | GFLOP/s at min |", "|---|---|---|---|"]
-    for row in result["rows"]:
-        rate = "-" if row["gflops_at_min"] is None else f"{row['gflops_at_min']:.1f}"
-        lines.append(f"| {row['name']} | {row['min_s'] * 1e3:.2f} | {row['median_s'] * 1e3:.2f} | {rate} |")
-    return "\n".join(lines)

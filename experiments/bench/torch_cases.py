@@ -15,35 +15,29 @@ note saying so.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 from typing import Any, Optional
 
 import numpy as np
 
-from experiments.bench.common import Case, Check, Prepared, Problem
+from experiments.bench.problem import Problem
+from experiments.bench.protocol import Case, Check, Prepared
 
 TORCHDEQ_SOLVERS = {"fixed_point": "fixed_point_iter", "anderson": "anderson", "broyden": "broyden"}
 
 
 def availability() -> dict:
-    """`{"torch": bool, "torchdeq": bool, "note": str, "versions": {...}}` without raising."""
+    """`{"torch": bool, "torchdeq": bool, "note": str, "versions": {...}}` without raising or importing torch (an
+    import costs seconds; a broken installation shows up as an error in the row that uses it)."""
     out = {"torch": False, "torchdeq": False, "note": "", "versions": {}}
-    try:
-        import torch  # noqa: F401
-
-        out["torch"] = True
-        out["versions"]["torch"] = importlib.metadata.version("torch")
-    except ImportError as err:
-        out["note"] = (f"torch is not installed ({err}); torch and torchdeq rows skipped. "
-                       "Install the optional extra: pip install -e '.[peer]' (torch==2.13.0, torchdeq==0.1.0)")
-        return out
-    try:
-        import torchdeq  # noqa: F401
-
-        out["torchdeq"] = True
-        out["versions"]["torchdeq"] = importlib.metadata.version("torchdeq")
-    except ImportError as err:
-        out["note"] = (f"torchdeq is not installed ({err}); torchdeq rows skipped. "
-                       "Install the optional extra: pip install -e '.[peer]' (torchdeq==0.1.0)")
+    for package in ("torch", "torchdeq"):
+        if importlib.util.find_spec(package) is None:
+            skipped = "torch and torchdeq rows" if package == "torch" else "torchdeq rows"
+            out["note"] = (f"{package} is not installed; {skipped} skipped. Install the optional extra: "
+                           f"pip install -e '.[peer]' (torch==2.13.0, torchdeq==0.1.0)")
+            return out
+        out[package] = True
+        out["versions"][package] = importlib.metadata.version(package)
     return out
 
 

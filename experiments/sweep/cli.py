@@ -1,249 +1,169 @@
 """`python -m experiments sweep --config configs/sweep_digits.yaml`: a hyperparameter grid as compiled, vmapped,
-sharded programs (`experiments.sweep.engine`), then figures and a markdown summary.
+sharded programs, then tables, figures and a summary.
 
-Writes into the output directory (default `results/sweeps/<name>`): `results.csv`, `results.jsonl`,
-`aggregate.csv` (from the library), `figures/*.png` (mean and spread across seeds per setting), `summary.md` and
-`sweep.json` (the validated config, the environment, per-group chunking, memory and timing). Finished chunks are
-kept in `chunks/`; running the same command again resumes, `--fresh` starts over.
+Writes into the output folder (default `results/sweeps/<name>`): `results.csv`, `results.jsonl`, `aggregate.csv`,
+`figures/*.png`, `sweep.json` (config, environment, chunking, memory, timing) and `summary.md`. Finished chunks are
+kept in `chunks/`: the same command resumes an interrupted sweep, `--fresh` starts over.
 
-Several hosts: start the same command on every host with `--distributed` (or `DEQ_JAX_DISTRIBUTED=1`), which
-calls `jax.distributed.initialize()` first (coordinator from the cluster environment or
-`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`); the mesh then spans every host's devices and
-only process 0 writes files.
+Exit status: 0 done; 2 not run (a usage, configuration or data error: one line on stderr names the flag or key);
+130 interrupted (Ctrl-C or SIGTERM; finished chunks are kept, the process ends at once); 1 a multi-process run
+lost a process (each survivor says so in one line and exits at once; finished chunks are kept and the same
+commands resume).
+
+Several processes or hosts: start the same command once per process, with `--distributed` and where to meet:
+
+    python -m experiments sweep --config configs/sweep_digits.yaml --distributed \\
+        --coordinator HOST0:12355 --num-processes 2 --process-id I        # I = 0 on HOST0, 1 on the other
+
+(on Slurm or Open MPI the three values are detected; on CPUs the processes talk through gloo). The mesh then
+spans every process's devices, every process computes its shards, and process 0 alone reads and writes files.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import dataclasses
 import os
-import pathlib
 import sys
-import tempfile
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
+from experiments.common import cli
+
+PROG = "sweep"
+EXIT_LOST_PROCESS = 1
 TRUTHY = ("1", "true", "yes", "on")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments sweep", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments sweep", description=__doc__.split("\n\n")[0],
+                                epilog="exit status: 0 done, 1 a multi-process run lost a process, 2 usage, "
+                                       "configuration or data error, 130 interrupted (the same command resumes)")
     p.add_argument("--config", required=True, help="sweep YAML (see configs/sweep_*.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set steps=50 --set grid.seeds=[0,1] (repeatable)")
     p.add_argument("--output-dir", default=None, help="default: the config's output_dir or results/sweeps/<name>")
-    p.add_argument("--fresh", action="store_true", help="delete saved chunks instead of resuming")
+    p.add_argument("--data-dir", default=None, metavar="FOLDER",
+                   help="folder holding the data sets' files (overrides every datasets[i].data_dir)")
+    p.add_argument("--fresh", action="store_true", help="discard saved chunks instead of resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
-    p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (several hosts); also DEQ_JAX_DISTRIBUTED=1")
+    d = p.add_argument_group("several processes (jax.distributed)")
+    d.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (also DEQ_JAX_DISTRIBUTED=1)")
+    d.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="process 0's address (default: detected, or $JAX_COORDINATOR_ADDRESS)")
+    d.add_argument("--num-processes", type=int, default=None, metavar="N", help="default: detected")
+    d.add_argument("--process-id", type=int, default=None, metavar="I", help="0 .. N-1; default: detected")
+    d.add_argument("--init-timeout", type=int, default=300, metavar="SECONDS",
+                   help="give up when the processes have not all joined after this long (default 300)")
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run a sweep from a YAML config; 0 on success, 2 on invalid input (message on stderr)."""
-    try:
-        args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    except SystemExit as exit_:  # --help, or a usage error (argparse has printed it)
-        return int(exit_.code or 0)
+def _initialize_distributed(args: argparse.Namespace) -> None:
+    """`jax.distributed.initialize` with the flags: before anything else touches JAX (devices become global)."""
     import jax
 
-    if args.distributed or os.environ.get("DEQ_JAX_DISTRIBUTED", "").lower() in TRUTHY:
-        jax.distributed.initialize()  # must precede any other JAX call: devices become global
+    for flag, value in (("--num-processes", args.num_processes), ("--init-timeout", args.init_timeout)):
+        if value is not None and value < 1:
+            raise cli.UserError(f"{flag} must be a positive integer; got {value}")
+    if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or args.process_id + 1):
+        raise cli.UserError(f"--process-id must be in 0 .. --num-processes - 1; got {args.process_id}")
+    try:
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id, initialization_timeout=args.init_timeout)
+    except (ValueError, TypeError) as err:  # nothing detected and not given
+        raise cli.UserError(f"--distributed: {err} (pass --coordinator HOST:PORT --num-processes N --process-id I)")
+    except jax.errors.JaxRuntimeError as err:  # e.g. the coordinator never answered
+        raise cli.UserError(f"--distributed: the processes could not meet at {args.coordinator or 'the coordinator'}"
+                            f" within {args.init_timeout} s: {' '.join(str(err).split())[:300]}") from None
 
-    from experiments.sweep import engine as sweep
-    from experiments.common.config import ConfigError
+
+class _LostProcess(Exception):
+    pass
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run a sweep from a YAML config; the exit status as in the module docstring."""
+    args = cli.parse_args(build_parser(), argv)
+    if isinstance(args, int):
+        return args
+    distributed = args.distributed or os.environ.get("DEQ_JAX_DISTRIBUTED", "").lower() in TRUTHY
+    state = {"output_dir": None, "prog": PROG, "joined": False}
+
+    def body() -> int:
+        if distributed:
+            _initialize_distributed(args)
+            state["joined"] = True
+        import jax
+
+        if jax.process_count() > 1:
+            state["prog"] = f"{PROG} [process {jax.process_index()}]"
+        from experiments.sweep import run as sweep_run
+        from experiments.sweep.config import load_config
+
+        config = load_config(args.config, args.overrides)
+        if args.data_dir is not None:
+            config = dataclasses.replace(config, datasets=tuple(
+                dataclasses.replace(d, data_dir=args.data_dir) for d in config.datasets))
+        output_dir = args.output_dir or config.resolved_output_dir
+        state["output_dir"] = output_dir
+        try:
+            result = sweep_run.run_sweep(config, output_dir=output_dir, resume=not args.fresh,
+                                         progress=not args.no_progress, log=lambda line: print(line, flush=True))
+        except jax.errors.JaxRuntimeError as err:
+            if jax.process_count() == 1:
+                raise
+            raise _LostProcess(" ".join(str(err).split())[:300]) from None
+        except cli.UserError as err:
+            if jax.process_count() == 1:
+                raise
+            raise type(err)(f"[process {jax.process_index()}] {err}") from None
+        if jax.process_index() != 0:
+            return 0
+        _write_records(result, figures=not args.no_figures)
+        return 0
+
+    def interrupted() -> str:
+        import pathlib
+
+        chunks = pathlib.Path(state["output_dir"] or "") / "chunks"
+        saved = len(list(chunks.glob("chunk-*.npz"))) if state["output_dir"] and chunks.is_dir() else 0
+        if not saved:
+            return "no chunk had finished, nothing was written; run the same command again to start"
+        return (f"{saved} finished chunk(s) are kept in {chunks}; run the same command again to resume (--fresh "
+                f"starts over)")
 
     try:
-        config = sweep.load_config(args.config, args.overrides)
-        result = sweep.run_sweep(config, output_dir=args.output_dir, resume=not args.fresh,
-                                 progress=not args.no_progress)
-    except (ConfigError, sweep.SweepError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if jax.process_index() != 0:
-        return 0
+        code = cli.run(PROG, body, interrupted=interrupted)
+    except _LostProcess as err:
+        print(f"{state['prog']}: error: the multi-process run lost a process (it died, was killed or cannot be "
+              f"reached): {err}. Finished chunks are kept; start the same commands again to resume.",
+              file=sys.stderr, flush=True)
+        code = EXIT_LOST_PROCESS
+    # Leave at once (everything kept is already on disk, written atomically): after an interrupt, because JAX's
+    # teardown can crash once a Ctrl-C has landed inside tracing or compiling (measured: a segmentation fault at
+    # exit in 1 of 4 interrupts); after a lost process, because jax's shutdown barrier would wait for the dead one.
+    if code == cli.EXIT_INTERRUPTED or (state["joined"] and code != 0):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _write_records(result, *, figures: bool) -> None:
+    from experiments.sweep import figures as sweep_figures
+    from experiments.sweep import summary
+
     files = dict(result.files)
-    if not args.no_figures:
-        files.update(write_figures(result.rows, result.output_dir / "figures"))
-    files["manifest"] = write_manifest(result)
-    files["summary"] = write_summary(result, files)
-    print(f"sweep {config.name}: {len(result.configurations)} configurations in {len(result.groups)} groups, "
-          f"{result.chunks_computed} chunks computed, {result.chunks_skipped} resumed, {result.wall_s:.1f} s")
+    if figures:
+        files.update(sweep_figures.write_figures(result.rows, result.output_dir / "figures"))
+    files["manifest"] = summary.write_manifest(result)
+    files["summary"] = summary.write_summary(result, files)
+    print(f"sweep {result.config.name}: {len(result.configurations)} configurations in {len(result.groups)} "
+          f"groups, {result.chunks_computed} chunks computed, {result.chunks_skipped} resumed, "
+          f"{result.wall_s:.1f} s")
     for name, path in files.items():
         print(f"  {name}: {path}")
-    return 0
-
-
-# ----------------------------------------------------------------------------- files
-
-def _atomic_write(path: pathlib.Path, text: str) -> pathlib.Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-    return path
-
-
-def write_manifest(result: Any) -> pathlib.Path:
-    """`sweep.json`: the config, its fingerprint, the environment, the budget and each group's report."""
-    from experiments.common import config as config_lib
-    from experiments.sweep import engine as sweep
-
-    groups = []
-    for g in result.groups:
-        entry = {k: v for k, v in vars(g).items() if k != "key"}
-        entry["key"] = g.key._asdict()
-        groups.append(entry)
-    manifest = {
-        "name": result.config.name, "fingerprint": sweep.fingerprint(result.config),
-        "config": config_lib.to_dict(result.config), "environment": result.environment,
-        "devices": result.devices, "budget_bytes_per_device": result.budget_bytes,
-        "budget_source": result.budget_source, "device_batching": result.device_batching,
-        "n_configurations": len(result.configurations),
-        "chunks_computed": result.chunks_computed, "chunks_skipped": result.chunks_skipped,
-        "wall_s": result.wall_s, "groups": groups,
-    }
-    return _atomic_write(result.output_dir / "sweep.json", json.dumps(manifest, indent=2) + "\n")
-
-
-def _setting_label(setting: dict) -> str:
-    parts = [setting["model"]]
-    if setting["depth"] is not None:
-        parts.append(f"H={setting['depth']}")
-    if setting["sigma"] is not None:
-        parts.append(setting["sigma"])
-    if setting["gamma"] is not None:
-        parts.append(f"gamma={setting['gamma']:g}")
-    parts.append(f"lr={setting['learning_rate']:g}")
-    return " ".join(parts)
-
-
-def write_figures(rows: Sequence[dict], directory: pathlib.Path) -> dict[str, pathlib.Path]:
-    """Per (dataset, width, loss): the training curves (gap to L* for the square loss, else the loss; mean across
-    seeds, band = min..max) and the final test accuracy (mean +- std across seeds), one line/bar per setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from experiments.sweep import engine as sweep
-
-    directory.mkdir(parents=True, exist_ok=True)
-    panels: dict[tuple, list[dict]] = {}
-    for row in rows:
-        panels.setdefault((row["dataset"], row["width"], row["projected"], row["loss"]), []).append(row)
-    files = {}
-    for (dataset, width, projected, loss), panel_rows in panels.items():
-        stem = f"{dataset}_m{width}{'p' if projected else ''}_{loss}"
-        metric = "gap" if loss == "square" else "train_loss"
-        fig, (ax_curve, ax_final) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
-        curves = sweep.curves(panel_rows, metric)
-        finals = sweep.aggregate(panel_rows)
-        colors = plt.cm.tab20(np.linspace(0, 1, 20))
-        for i, (setting, c) in enumerate(curves.items()):
-            label = _setting_label(dict(zip(sweep.SETTING_COLUMNS, setting)))
-            positive = lambda a: [v if v > 0 else math.nan for v in a]  # log axis: gaps at/below 0 are rounding
-            (line,) = ax_curve.plot(c["step"], positive(c["mean"]), label=label, lw=1.3, color=colors[i % 20],
-                                    linestyle=("-", "--", ":")[(i // 20) % 3])
-            ax_curve.fill_between(c["step"], positive(c["min"]), positive(c["max"]), color=line.get_color(),
-                                  alpha=0.15, lw=0)
-        ax_curve.set_yscale("log")
-        ax_curve.set_xlabel("full-batch GD step")
-        ax_curve.set_ylabel("L - L* (train)" if metric == "gap" else "train loss")
-        ax_curve.set_title(f"{dataset}, m={width}{' (projected)' if projected else ''}, {loss} loss: "
-                           f"mean over seeds, band min..max", fontsize=9)
-        if len(curves) <= 16:
-            ax_curve.legend(fontsize=6, loc="best")
-        labels = [_setting_label(a) for a in finals]
-        means = [a["test_accuracy_mean"] if a["test_accuracy_mean"] is not None else math.nan for a in finals]
-        stds = [a["test_accuracy_std"] if a["test_accuracy_std"] is not None else 0.0 for a in finals]
-        ax_final.barh(range(len(finals)), means, xerr=stds, color="tab:blue", alpha=0.7)
-        ax_final.set_yticks(range(len(finals)), labels, fontsize=6 if len(finals) <= 30 else 4)
-        ax_final.set_xlabel("final test accuracy (mean +- std over seeds)")
-        ax_final.invert_yaxis()
-        fig.tight_layout()
-        path = directory / f"{stem}.png"
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=120)
-        os.replace(tmp, path)
-        plt.close(fig)
-        files[f"figure {stem}"] = path
-    return files
-
-
-def _pm(mean: Any, std: Any) -> str:
-    return "-" if mean is None else f"{mean:.4g} +- {std:.2g}"
-
-
-def write_summary(result: Any, files: dict[str, pathlib.Path]) -> pathlib.Path:
-    """`summary.md`: what ran where, per-group chunking and memory, the best settings, failures, the files."""
-    from experiments.sweep import engine as sweep
-
-    cfg, env = result.config, result.environment
-    n_cfg = len(result.configurations)
-    run_s = sum(g.run_s for g in result.groups)
-    compile_s = sum(g.compile_s for g in result.groups)
-    computed = sum(g.n_configs - g.configs_skipped for g in result.groups)
-    lines = [
-        f"# Sweep `{cfg.name}`", "",
-        f"- {n_cfg} configurations in {len(result.groups)} compiled groups; {cfg.steps} full-batch GD steps each, "
-        f"{cfg.dtype}, rows every {cfg.log_every} steps and at the end.",
-        f"- Devices: {env['device_count']} x {env['device_kind']} ({env['platform']}), {env['process_count']} "
-        f"process(es); CPU {env['cpu']}; jax {env['jax']}, jaxlib {env['jaxlib']}, Python {env['python']}; "
-        f"OPENBLAS_NUM_THREADS={env['OPENBLAS_NUM_THREADS']}.",
-        f"- Memory budget {result.budget_bytes / 2**20:.4g} MiB per device ({result.budget_source}); each device "
-        f"runs its configurations by `{result.device_batching}`.",
-        f"- Chunks computed {result.chunks_computed}, resumed from disk {result.chunks_skipped}; compile "
-        f"{compile_s:.1f} s, run {run_s:.2f} s"
-        + (f" ({computed / run_s:.3g} configurations/s excluding compilation)" if run_s > 0 and computed else "")
-        + f", wall {result.wall_s:.1f} s.", "",
-        "## Groups (one compiled program each)", "",
-        "Memory per device for one chunk: the formula's estimate (`experiments.sweep.engine.estimate_config_bytes`, with its "
-        "safety factor) and XLA's `memory_analysis()` of the compiled program.", "",
-        "| group | configs | chunk size | chunks run / resumed | estimate per device | measured per device "
-        "| compile s | run s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for g in result.groups:
-        measured = "-" if g.measured_bytes_per_device is None else f"{g.measured_bytes_per_device / 2**20:.3g} MiB"
-        lines.append(f"| `{g.label}` (m={g.width}) | {g.n_configs} | {g.chunk_size} | {g.chunks_computed} / "
-                     f"{g.chunks_skipped} | {g.estimated_bytes_per_device / 2**20:.3g} MiB | {measured} | "
-                     f"{g.compile_s:.1f} | {g.run_s:.2f} |")
-    lines += ["", "## Best settings (final step, mean +- std across seeds)", ""]
-    panels: dict[tuple, list[dict]] = {}
-    for a in result.aggregate:
-        panels.setdefault((a["dataset"], a["width"], a["loss"]), []).append(a)
-    for (dataset, width, loss), settings in panels.items():
-        key = "gap_mean" if loss == "square" else "train_loss_mean"
-        ranked = sorted(settings, key=lambda a: math.inf if a[key] is None else a[key])[:5]
-        lines += [f"**{dataset}, m = {width}, {loss} loss** (ranked by {key.replace('_mean', '')}"
-                  + (", L* = shallow optimum" if loss == "square" else "") + ")", "",
-                  "| setting | seeds | train loss | gap to L* | test accuracy |", "|---|---|---|---|---|"]
-        for a in ranked:
-            lines.append(f"| {_setting_label(a)} | {a['n_seeds']} | {_pm(a['train_loss_mean'], a['train_loss_std'])} "
-                         f"| {_pm(a['gap_mean'], a['gap_std'])} "
-                         f"| {_pm(a['test_accuracy_mean'], a['test_accuracy_std'])} |")
-        lines.append("")
-    nonconv = [a for a in result.aggregate if a["nonconverged_runs"]]
-    diverged = [a for a in result.aggregate if a["diverged_runs"]]
-    lines += ["## Failures", ""]
-    if not nonconv and not diverged:
-        lines.append("Every equilibrium solve reached its tolerance and every final loss is finite.")
-    for a in nonconv:
-        lines.append(f"- {a['nonconverged_runs']} of {a['n_seeds']} runs had non-converged solves: {_setting_label(a)} "
-                     f"({a['dataset']}, m={a['width']}, {a['loss']})")
-    for a in diverged:
-        lines.append(f"- {a['diverged_runs']} of {a['n_seeds']} runs diverged (non-finite loss): {_setting_label(a)} "
-                     f"({a['dataset']}, m={a['width']}, {a['loss']})")
-    lines += ["", "Gaps are float32 losses minus a float64 L*; values below about 1e-7 L* are rounding, not "
-              "progress." if cfg.dtype == "float32" else "", "", "## Files", ""]
-    lines += [f"- {name}: `{path}`" for name, path in files.items()]
-    lines.append(f"- columns of results.csv: {', '.join(sweep.ROW_COLUMNS)}")
-    return _atomic_write(result.output_dir / "summary.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,22 +1,32 @@
-"""Smoke tests of the benchmark code paths (`python -m experiments bench`) at tiny sizes; no timing assertions.
+"""The benchmark application (`python -m experiments bench`) at tiny sizes; no timing assertions.
 
-They check what the benchmark claims about correctness: its float64 reference gradients, the independent residual
-and gradient checks of each row, torchdeq reading back our settings, the unrolled-vs-implicit memory rows running
-exactly 100 iterations, one LU per compiled step, the GPU mode's error without a GPU, and the JSON it writes.
+They check what the benchmark claims about correctness (its float64 references, the independent residual and
+gradient checks of each row, torchdeq reading back our settings, the memory rows running exactly 100 iterations,
+one LU per compiled step), how its goals are judged (a target stated for m = 784 is "not applicable" at toy size),
+what its CLI promises (every suite's --list, one line and exit 2 for a user error, exit 130 and nothing written
+on SIGINT), and that docs/benchmarks.md is what the committed result JSONs render to.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pathlib
+import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.bench import cli as bench, common as bench_common
+from experiments.bench import cases, checks, cli, goals, render
+from experiments.bench.problem import make_problem
 
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ["--n", "24", "--width", "12", "--classes", "3", "--repeats", "1", "--warmup", "0", "--settle", "0",
         "--data", "random"]
 
@@ -33,10 +43,17 @@ def _load(path) -> dict:
         return json.load(fh)
 
 
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- references and checks
+
 def test_delm_reference_matches_float64_autodiff():
-    p = bench_common.make_problem(n=20, width=7, classes=3, gamma=0.8, tol=1e-5, maxiter=50, learning_rate=1e-3,
-                                  data="random")
-    ref = bench_common.delm_reference(p)
+    p = make_problem(n=20, width=7, classes=3, gamma=0.8, tol=1e-5, maxiter=50, learning_rate=1e-3, data="random")
+    ref = checks.delm_reference(p)
 
     def loss(params):
         S = jax.nn.softmax(params["A"], axis=0)
@@ -44,38 +61,99 @@ def test_delm_reference_matches_float64_autodiff():
         r = jnp.asarray(p.phi, jnp.float64) @ W.T - jnp.asarray(p.y, jnp.float64)
         return 0.5 * jnp.mean(jnp.sum(r * r, axis=1))
 
-    params = {k: jnp.asarray(v, jnp.float64) for k, v in p.delm.items()}
-    value, grads = jax.jit(jax.value_and_grad(loss))(params)
-    assert abs(float(value) - ref["loss"]) <= 1e-12 * abs(ref["loss"])
-    errors = bench_common.relative_errors({k: np.asarray(v) for k, v in grads.items()}, ref["grads"])
+    with jax.enable_x64(True):
+        params = {k: jnp.asarray(v, jnp.float64) for k, v in p.delm.items()}
+        value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    assert abs(float(value) - ref["loss"]) <= 1e-12 * abs(ref["loss"])  # two float64 routes to the same number
+    errors = checks.relative_errors({k: np.asarray(v) for k, v in grads.items()}, ref["grads"])
     assert max(errors.values()) < 1e-10, errors
 
 
 def test_relative_residual_detects_a_wrong_state():
-    p = bench_common.make_problem(n=10, width=6, classes=2, gamma=0.9, tol=1e-5, maxiter=50, learning_rate=1e-3,
-                                  data="random")
-    S = bench_common._softmax0(p.delm["A"].astype(np.float64))  # the numpy reference's softmax
+    p = make_problem(n=10, width=6, classes=2, gamma=0.9, tol=1e-5, maxiter=50, learning_rate=1e-3, data="random")
+    S = checks._softmax0(p.delm["A"].astype(np.float64))  # the numpy reference's softmax
     U = np.eye(p.m) - p.gamma * S
     z = np.linalg.solve(U, p.phi.astype(np.float64).T).T
-    assert bench_common.relative_residual(p, "delm", "per_sample", z) < 1e-12
-    assert bench_common.relative_residual(p, "delm", "per_sample", 0.9 * z) > 1e-3
+    assert checks.relative_residual(p, "delm", "per_sample", z) < 1e-12
+    assert checks.relative_residual(p, "delm", "per_sample", 0.9 * z) > 1e-3
     W = np.linalg.solve(U.T, p.delm["B"].astype(np.float64).T).T
-    assert bench_common.relative_residual(p, "delm", "transposed", W) < 1e-12
+    assert checks.relative_residual(p, "delm", "transposed", W) < 1e-12
 
 
-def test_step_suite_rows_and_json(tmp_path):
-    out = tmp_path / "step.json"
-    rc = bench.main(["--suite", "step", *TINY, "--out", str(out),
-                     "--rows", "deq_jax delm transposed (direct|fixed_point .*100 it)"])
+def test_profile_hand_written_step_has_the_closed_form_gradients():
+    from experiments.bench import profile
+
+    p = make_problem(n=20, width=7, classes=3, gamma=0.8, tol=1e-5, maxiter=50, learning_rate=1e-3, data="random")
+    params = {k: jnp.asarray(v) for k, v in p.delm.items()}
+    _, grads = jax.jit(profile._closed_form(p))(params, jnp.asarray(p.phi), jnp.asarray(p.y))
+    errors = checks.relative_errors({k: np.asarray(v) for k, v in grads.items()}, checks.delm_reference(p)["grads"])
+    assert max(errors.values()) < 1e-4, errors  # float32 LU solves of a well-conditioned U (gamma 0.8)
+
+
+# ----------------------------------------------------------------------------- goals
+
+def _row(name, impl, formulation, solver, backward, times, *, label="", tol=1e-5, converged=True, grad=1e-6,
+         approximate=False, **extra):
+    return dict(name=name, impl=impl, problem="delm", formulation=formulation, solver=solver, backward=backward,
+                label=label, tol=tol, status="ok", converged=converged, approximate_gradient=approximate,
+                grad_error={"A": grad, "B": grad} if grad is not None else {}, times_s=list(times),
+                min_s=min(times), median_s=float(np.median(times)), **extra)
+
+
+FULL = {"m": 784, "n": 1024, "m_y": 10, "device": "cpu"}
+
+
+def test_goals_apply_only_at_the_size_they_are_stated_for():
+    rows = [_row("direct", "deq_jax", "transposed", "direct", "implicit", [0.008, 0.009])]
+    verdict = goals.judge([goals.step_time(0.010, goals.CPU_SIZE)], rows, size={**FULL, "m": 12, "n": 24}, tol=1e-5)
+    assert verdict[0]["status"] == "not applicable at this size" and verdict[0]["met"] is None
+    assert "defined at m=784" in verdict[0]["value"] and "this run: m=12" in verdict[0]["value"]
+    assert goals.judge([goals.step_time(0.010, goals.CPU_SIZE)], rows, size=FULL, tol=1e-5)[0]["status"] == "met"
+    assert goals.judge([goals.step_time(0.002, goals.GPU_SIZE)], rows, size=FULL, tol=1e-5)[0]["met"] is None
+    missing = goals.judge([goals.overhead("per_sample", "anderson")], rows, size=FULL, tol=1e-5)[0]
+    assert missing["status"] == "not measured"
+    flagged = [dict(rows[0], flag="reported converged but the independent residual is above tol")]
+    verdicts = goals.judge([goals.never_falsely_converged()], flagged, size={"m": 3}, tol=1e-5)
+    assert verdicts[0]["status"] == "NOT met" and goals.failed_correctness(verdicts) == [verdicts[0]["goal"]]
+
+
+def test_step_versus_lu_goal_takes_the_fastest_accurate_row_only():
+    lu = _row("inline delm transposed lu_factor", "inline", "transposed", "lu_factor", "", [1.0, 1.0, 1.0],
+              grad=None)
+    direct = _row("direct", "deq_jax", "transposed", "direct", "implicit", [1.7, 1.6, 1.8], grad=5e-7)
+    fast_but_approximate = _row("one", "deq_jax", "transposed", "anderson", "one_step", [0.3] * 3, grad=0.9,
+                                approximate=True)
+    fast_but_inaccurate = _row("fp", "deq_jax", "transposed", "fixed_point", "implicit", [0.4] * 3, grad=2e-4)
+    fast_but_unconverged = _row("br", "deq_jax", "transposed", "broyden", "implicit", [0.4] * 3, converged=False)
+    memory_row = _row("mem", "deq_jax", "transposed", "fixed_point", "implicit", [0.2] * 3, label="100 it",
+                      tol=1e-30)
+    good = _row("anderson", "deq_jax", "transposed", "anderson", "implicit", [0.69, 0.75, 0.6], grad=8e-6)
+    goal = [goals.transposed_step_vs_lu()]
+    rows = [lu, direct, fast_but_approximate, fast_but_inaccurate, fast_but_unconverged, memory_row]
+    (verdict,) = goals.judge(goal, rows, size=FULL, tol=1e-5)
+    assert verdict["status"] == "NOT met" and verdict["value"].startswith("direct / inline")  # 1.7x the LU
+    (verdict,) = goals.judge(goal, rows + [good], size=FULL, tol=1e-5)
+    assert verdict["status"] == "met" and verdict["value"].startswith("anderson / ")  # paired median 0.69
+
+
+# ----------------------------------------------------------------------------- suites, end to end
+
+def test_step_suite_publishes_json_figure_and_docs(tmp_path):
+    (tmp_path / "benchmarks.md").write_text("# t\n<!-- bench:begin step summary -->\n<!-- bench:end -->\n"
+                                            "<!-- bench:begin step goals -->\nstale\n<!-- bench:end -->\n"
+                                            "<!-- bench:begin step table -->\n<!-- bench:end -->\n"
+                                            "<!-- bench:begin step figure -->\n<!-- bench:end -->\n")
+    rc = cli.main(["--suite", "step", *TINY, "--publish", "--docs-dir", str(tmp_path),
+                   "--rows", "deq_jax delm transposed (direct|fixed_point unrolled)|lu_factor"])
     assert rc == 0
-    payload = _load(out)
-    assert payload["machine"]["cpu_model"] and payload["machine"]["cpu_cores"] >= 1
+    payload = _load(tmp_path / "results" / "bench-step.json")
+    env = payload["environment"]
+    assert env["machine"]["cpu_model"] and env["machine"]["cpu_cores"] >= 1
     for package in ("python", "jax", "jaxlib", "jaxopt", "optax", "numpy"):
-        assert payload["versions"][package]
-    assert payload["env"]["OPENBLAS_NUM_THREADS"] is not None
+        assert env["versions"][package]
+    assert env["variables"]["OPENBLAS_NUM_THREADS"] is not None and payload["device"]["jax_device_kind"]
     rows = {r["name"]: r for r in payload["rows"]}
-    assert set(rows) == {"deq_jax delm transposed direct implicit",
-                         "deq_jax delm transposed fixed_point implicit 100 it",
+    assert set(rows) == {"deq_jax delm transposed direct implicit", "inline delm transposed lu_factor",
                          "deq_jax delm transposed fixed_point unrolled 100 it"}
     for row in rows.values():
         assert row["status"] == "ok", row
@@ -83,13 +161,23 @@ def test_step_suite_rows_and_json(tmp_path):
         assert row["temp_bytes"] is not None
     direct = rows["deq_jax delm transposed direct implicit"]
     assert direct["converged"] and direct["relative_residual"] < 1e-5 and max(direct["grad_error"].values()) < 1e-4
-    for backward in ("implicit", "unrolled"):
-        row = rows[f"deq_jax delm transposed fixed_point {backward} 100 it"]
-        assert row["iterations"] == bench.MEMORY_ITERATIONS and not row["converged"]  # unreachable tol by design
-        assert max(row["grad_error"].values()) < 1e-3  # 100 iterations at gamma 0.9 still give a good gradient
-    goals = [g["goal"] for g in payload["goals"]]
-    assert any("temp memory" in g and "transposed" in g for g in goals)
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".bench-")]  # atomic write left no temp file
+    lu = rows["inline delm transposed lu_factor"]  # its factors solve W U = B: the independent check applies
+    assert lu["converged"] and lu["relative_residual"] < 1e-5 and lu["grad_error"] == {}
+    unrolled = rows["deq_jax delm transposed fixed_point unrolled 100 it"]
+    assert unrolled["iterations"] == cases.MEMORY_ITERATIONS and not unrolled["converged"]  # unreachable tol
+    assert max(unrolled["grad_error"].values()) < 1e-3  # 100 iterations at gamma 0.9 still give a good gradient
+    statuses = {g["goal"]: g["status"] for g in payload["goals"]}
+    lu_goal = next(g for g in statuses if "LU factorisation" in g)
+    assert statuses[lu_goal] == "not applicable at this size"  # a m = 784 target says nothing about m = 12
+    assert statuses["never a non-converged solve reported as converged"] == "met"
+    assert payload["figure"] == "benchmarks_step.png"
+    assert (tmp_path / "benchmarks_step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = (tmp_path / "benchmarks.md").read_text()
+    assert "stale" not in doc and "| inline delm transposed lu_factor |" in doc
+    assert "[not applicable at this size]" in doc and "![step](benchmarks_step.png)" in doc
+    assert render.render_text(doc, tmp_path / "results")[0] == doc  # rendering is deterministic
+    leftovers = [f for d, _, fs in os.walk(tmp_path) for f in fs if f.startswith(".")]
+    assert not leftovers  # the atomic writes left no temporary file
 
 
 def test_peer_suite_torchdeq_rows_verify_their_settings(tmp_path):
@@ -97,8 +185,8 @@ def test_peer_suite_torchdeq_rows_verify_their_settings(tmp_path):
     pytest.importorskip("torchdeq")
     out = tmp_path / "peer.json"
     # gamma 0.5: torchdeq's Anderson (absolute ridge 1e-4) needs > 100 iterations at gamma 0.9 on this tiny problem
-    rc = bench.main(["--suite", "peer", *TINY, "--gamma", "0.5", "--maxiter", "100", "--out", str(out),
-                     "--rows", "^torch(deq)? delm transposed (direct|anderson implicit)"])
+    rc = cli.main(["--suite", "peer", *TINY, "--gamma", "0.5", "--maxiter", "100", "--out", str(out),
+                   "--rows", "^torch(deq)? delm transposed (direct|anderson implicit)"])
     assert rc == 0
     rows = {r["name"]: r for r in _load(out)["rows"]}
     assert set(rows) == {"torch delm transposed direct autodiff", "torchdeq delm transposed anderson implicit"}
@@ -111,49 +199,68 @@ def test_peer_suite_torchdeq_rows_verify_their_settings(tmp_path):
     assert max(rows["torch delm transposed direct autodiff"]["grad_error"].values()) < 1e-4
 
 
-def test_peer_suite_says_when_torch_is_missing(monkeypatch, capsys):
-    from experiments.bench import torch_cases as bench_torch
-
-    monkeypatch.setattr(bench_torch, "availability", lambda: {
-        "torch": False, "torchdeq": False, "versions": {},
-        "note": "torch is not installed (test); torch and torchdeq rows skipped. Install the optional extra"})
-    assert bench.main(["--suite", "peer", *TINY, "--list"]) == 0
-    printed = capsys.readouterr().out
-    assert "note: torch is not installed" in printed
-    names = [line for line in printed.splitlines() if not line.startswith("note:")]
-    assert names and not [n for n in names if n.startswith("torch")]
-    assert "deq_jax tanh per_sample anderson implicit" in names
-
-
-def test_gpu_suite_without_a_gpu_errors_clearly(capsys):
-    if _has_gpu():
-        pytest.skip("this machine has a GPU")
-    assert bench.main(["--suite", "gpu", "--n", "8", "--width", "4", "--data", "random"]) == 2
-    err = capsys.readouterr().err
-    assert "--device gpu" in err and "no GPU" in err and "--device cpu" in err
-
-
 def test_gpu_suite_code_path_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
-    rc = bench.main(["--suite", "gpu", "--device", "cpu", *TINY, "--out", str(out),
-                     "--rows", "^inline delm transposed direct"])
+    rc = cli.main(["--suite", "gpu", "--device", "cpu", *TINY, "--out", str(out),
+                   "--rows", "^deq_jax delm transposed direct"])
     assert rc == 0
     payload = _load(out)
     assert payload["suite"] == "gpu" and payload["settings"]["device"] == "cpu" and payload["problem"]["n"] == 24
     (row,) = payload["rows"]
     assert row["converged"] and max(row["grad_error"].values()) < 1e-4 and row["temp_bytes"] is not None
+    statuses = {g["goal"]: g["status"] for g in payload["goals"]}
+    assert statuses["DELM step <= 2 ms, transposed formulation"] == "not applicable at this size"
 
 
-def test_profile_suite_finds_one_lu_factorisation(tmp_path):
+def test_profile_suite_finds_one_lu_factorisation(tmp_path, capsys):
     out = tmp_path / "profile.json"
-    assert bench.main(["--suite", "profile", *TINY, "--out", str(out)]) == 0
+    assert cli.main(["--suite", "profile", *TINY, "--out", str(out), "--rows", "^(deq_jax step|softmax sigma)|bicgstab"]) == 0
+    printed = capsys.readouterr().out
+    assert "[met] DELM step" not in printed  # the toy run must not claim the m = 784 target
+    assert "[not applicable at this size] DELM step <= 10 ms" in printed
     payload = _load(out)
     facts = payload["facts"]["deq_jax_step"]
     assert facts["getrf_calls"] == 1 and facts["jaxpr_lu_primitives"] == 1
-    assert max(payload["facts"]["hand_written_grad_error_vs_f64"].values()) < 1e-4
-    assert {r["kind"] for r in payload["rows"]} == {"step", "component"}
-    for solver in payload["backward_solvers"]:  # every backward linear solver reached its tolerance
-        assert solver["products"] >= 1 and solver["relative_residual"] <= 1e-5
+    assert [r["kind"] for r in payload["rows"]] == ["component", "step"]
+    (solver,) = payload["backward_solvers"]  # the backward linear solver reached its tolerance
+    assert solver["name"] == "bicgstab" and solver["products"] >= 1 and solver["relative_residual"] <= 1e-5
+    statuses = {g["goal"].split(" (")[0]: g["status"] for g in payload["goals"]}
+    assert statuses["one LU factorisation per step"] == "met"
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+@pytest.mark.parametrize("suite", ["step", "peer", "gpu", "profile"])
+def test_every_suite_lists_its_rows(suite, capsys):
+    assert cli.main(["--suite", suite, "--list"]) == 0
+    names = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("note:")]
+    assert len(names) >= 4 and len(set(names)) == len(names)
+
+
+def test_help_examples_are_valid_commands(capsys):
+    examples = [shlex.split(line.split("#")[0])[4:] for line in cli.EXAMPLES.splitlines()[1:] if line.strip()]
+    assert len(examples) >= 5
+    for argv in examples:
+        cli.parse_args(argv)  # every flag and value accepted
+        if "--list" in argv:
+            assert cli.main(argv) == 0
+    capsys.readouterr()
+
+
+def test_peer_suite_says_when_torch_is_missing(monkeypatch, capsys):
+    from experiments.bench import torch_cases
+
+    monkeypatch.setattr(torch_cases, "availability", lambda: {
+        "torch": False, "torchdeq": False, "versions": {},
+        "note": "torch is not installed (test); torch and torchdeq rows skipped. Install the optional extra"})
+    assert cli.main(["--suite", "peer", "--list"]) == 0
+    printed = capsys.readouterr().out
+    assert "note: torch is not installed" in printed
+    names = [line for line in printed.splitlines() if not line.startswith("note:")]
+    assert names and not [n for n in names if n.startswith("torch")]
+    assert "deq_jax tanh per_sample anderson implicit" in names
+    assert cli.main(["--suite", "peer", "--rows", "^torchdeq", "--list"]) == 2  # only torch rows: a user error
+    assert "needs torch/torchdeq" in _one_error_line(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -161,14 +268,72 @@ def test_profile_suite_finds_one_lu_factorisation(tmp_path):
     (["--gamma", "1.5"], "--gamma must be in the open interval (0, 1)"),
     (["--rows", "("], "--rows must be a regular expression"),
     (["--suite", "nope"], "invalid choice"),
+    (["--device", "tpu"], "invalid choice"),
+    (["--repeats", "x"], "invalid int value"),
+    (["--suite", "step", "--rows", "no such row", "--list"], "no rows of suite 'step' match"),
+    (["--suite", "profile", "--plot", "x.png"], "the profile suite has no figure"),
+    (["--publish", "a/b"], "--publish NAME must be"),
 ])
-def test_bad_arguments_name_the_argument(argv, message, capsys):
-    with pytest.raises(SystemExit) as exc:
-        bench.parse_args(argv)
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+def test_user_errors_are_one_line_and_exit_2(argv, message, capsys):
+    assert cli.main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("python -m experiments bench: error:") and message in line
 
 
-def test_no_matching_rows_is_an_error(capsys):
-    assert bench.main(["--suite", "step", *TINY, "--rows", "no such row"]) == 2
-    assert "no rows" in capsys.readouterr().err
+def test_gpu_suite_without_a_gpu_errors_clearly(tmp_path, capsys):
+    if _has_gpu():
+        pytest.skip("this machine has a GPU")
+    assert cli.main(["--suite", "gpu", "--n", "8", "--width", "4", "--data", "random",
+                     "--out", str(tmp_path / "gpu.json")]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--device gpu" in line and "no GPU" in line and "--device cpu" in line
+    assert not list(tmp_path.iterdir())
+
+
+def test_render_refuses_a_malformed_result(tmp_path, capsys):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "benchmarks.md").write_text("<!-- bench:begin step table -->\n<!-- bench:end -->\n")
+    (tmp_path / "results" / "bench-step.json").write_text('{"suite": "step", "rows": [')
+    assert cli.main(["--render", "--docs-dir", str(tmp_path)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "bench-step.json: not valid JSON" in line
+    (tmp_path / "results" / "bench-step.json").write_text('{"suite": "step"}')
+    assert cli.main(["--render", "--docs-dir", str(tmp_path)]) == 2
+    assert "not a benchmark result (missing command" in _one_error_line(capsys.readouterr().err)
+    assert (tmp_path / "benchmarks.md").read_text() == "<!-- bench:begin step table -->\n<!-- bench:end -->\n"
+    assert cli.main(["--render", "--docs-dir", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in _one_error_line(capsys.readouterr().err)
+
+
+def test_committed_benchmark_docs_are_what_their_jsons_render_to():
+    doc = ROOT / "docs" / "benchmarks.md"
+    text = doc.read_text()
+    rendered, count = render.render_text(text, ROOT / "docs" / "results")
+    assert count >= 10 and rendered == text, "docs/benchmarks.md is stale: run python -m experiments bench --render"
+
+
+def test_sweep_suite_is_handed_to_the_sweep_benchmark(capsys):
+    assert cli.main(["--suite", "sweep", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out and "--suite" not in out  # the sweep benchmark's own options, not bench's
+
+
+def test_sigint_stops_a_run_with_one_line_exit_130_and_nothing_written(tmp_path):
+    out = tmp_path / "out" / "step.json"
+    argv = [sys.executable, "-m", "experiments", "bench", "--suite", "step", *TINY, "--repeats", "1000",
+            "--rows", "deq_jax delm transposed direct", "--out", str(out), "--plot", str(tmp_path / "step.png")]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # interrupt once the run has started (its header is printed)
+            line = proc.stdout.readline()
+            if not line or line.startswith("bench --suite step"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted; nothing was written" in _one_error_line(err)
+    assert not list(tmp_path.iterdir())  # no JSON, no figure, no folder, no temporary file

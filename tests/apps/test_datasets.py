@@ -1,4 +1,5 @@
-"""Tests of experiments.common.datasets: real file formats served by a local HTTP server (no internet), cache, errors, preprocess."""
+"""Tests of experiments.common.datasets: real file formats served by a local HTTP server on 127.0.0.1 (no internet),
+the cache, IDX files as users have them (uncompressed, recompressed), CLI-facing errors, preprocess at n >> d."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pickle
 import socket
 import tarfile
 import threading
+import tracemalloc
 from collections import Counter
 from typing import Iterator, NamedTuple
 
@@ -18,8 +20,10 @@ import numpy as np
 import pytest
 import scipy.io
 
+from experiments.common import cli
 from experiments.common import datasets as data
-from experiments.common.datasets import ChecksumError, Dataset, DatasetFormatError, DatasetNotFoundError
+from experiments.common.datasets import (ChecksumError, Dataset, DatasetFormatError, DatasetNotFoundError,
+                                         DataSettingError, DatasetWarning, Setting)
 
 FASHION_SYSTEM_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
@@ -167,7 +171,7 @@ def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     """
     monkeypatch.setenv("DEQ_JAX_DATA_DIR", str(tmp_path / "env-cache"))
     monkeypatch.setenv("DEQ_JAX_DATA_BASE_URL", free_port_url())
-    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", {})
+    monkeypatch.setitem(data.SYSTEM_DATA_DIRS, "fashion_mnist", ())
 
 
 class Server(NamedTuple):
@@ -227,7 +231,6 @@ def test_download_then_cache(name: str, server: Server, tmp_path: pathlib.Path, 
     fake = FAKES[name]()
     server.publish(name, fake.files)
     monkeypatch.setitem(data.CHECKSUMS, name, fake.checksums)
-    monkeypatch.setitem(data.CONTENT_CHECKSUMS, name, {})
     cache = tmp_path / "cache"
 
     ds = data.load_dataset(name, cache_dir=cache, base_url=server.url)
@@ -366,8 +369,12 @@ def test_offline_missing_files_message(tmp_path: pathlib.Path, monkeypatch) -> N
     for fname in data.CHECKSUMS["kmnist"]:
         assert fname in msg
     assert str(user) in msg and str(user / "kmnist") in msg and str(cache / "kmnist") in msg
-    assert "download=True" in msg and "codh.rois.ac.jp" in msg
-    assert files_under(cache) == []
+    assert "config key data.download: true" in msg and "codh.rois.ac.jp" in msg
+    assert "--data-dir" in msg and "--cache-dir" in msg and "(or uncompressed: train-images-idx3-ubyte)" in msg
+    assert err.value.setting == "download" and err.value.dataset == "kmnist"
+    assert set(err.value.missing) == set(data.registry.IDX_FILES)
+    assert err.value.searched == (user, user / "kmnist", cache / "kmnist")
+    assert not cache.exists()
 
 
 def test_offline_message_cifar_mentions_tarball_and_directory(tmp_path: pathlib.Path) -> None:
@@ -498,7 +505,7 @@ def test_digits() -> None:
 
 @pytest.mark.skipif(not FASHION_SYSTEM_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
 def test_fashion_mnist_system_copy(monkeypatch, tmp_path: pathlib.Path, closed_port_url: str) -> None:
-    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", {"fashion_mnist": (FASHION_SYSTEM_DIR,)})
+    monkeypatch.setitem(data.SYSTEM_DATA_DIRS, "fashion_mnist", (FASHION_SYSTEM_DIR,))
     ds = data.load_dataset("fashion_mnist", cache_dir=tmp_path, base_url=closed_port_url)
     assert ds.x_train.shape == (60000, 784) and ds.x_test.shape == (10000, 784)
     assert np.bincount(ds.y_train).tolist() == [6000] * 10 and np.bincount(ds.y_test).tolist() == [1000] * 10
@@ -586,21 +593,40 @@ def test_preprocess_deterministic_subsets() -> None:
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"n_train": 201}, r"'n_train'.*200.*received 201"),
         ({"n_test": 0}, r"'n_test'.*positive integer.*received 0"),
         ({"features": "whiten"}, r"'features'.*'raw'.*received 'whiten'"),
         ({"features": "pca_whiten"}, r"'pca_dim' is required"),
-        ({"features": "pca_whiten", "pca_dim": 11}, r"'pca_dim'.*<=.*10.*received 11"),
         ({"features": "standardize", "pca_dim": 3}, r"'pca_dim' is only used"),
-        ({"features": "pca_whiten", "pca_dim": 8, "n_train": 5}, r"'pca_dim'.*numerical rank"),
         ({"seed": -1}, r"'seed'"),
         ({"seed": 1.5}, r"'seed'"),
         ({"add_bias": 1}, r"'add_bias'"),
     ],
 )
 def test_preprocess_argument_errors(kwargs: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as err:
         data.preprocess(toy(), **kwargs)
+    assert not isinstance(err.value, cli.UserError)  # a caller's bug, not a user's setting
+
+
+@pytest.mark.parametrize(
+    "kwargs, setting, match",
+    [
+        ({"n_train": 201}, "n_train", r"n_train = 201 is more than the 200 training samples of 'toy' \(set by config "
+                                      r"key data\.n_train\); use at most 200"),
+        ({"n_test": 51}, "n_test", r"n_test = 51 is more than the 50 test samples"),
+        ({"features": "pca_whiten", "pca_dim": 11}, "pca_dim", r"pca_dim = 11 is more than the 10 non-constant"),
+        ({"features": "pca_whiten", "pca_dim": 8, "n_train": 5}, "pca_dim", r"pca_dim = 8 .*numerical rank 4"),
+        ({"n_train": 1}, "n_train", r"at least 2 train samples"),
+    ],
+)
+def test_preprocess_setting_errors_name_the_config_key(kwargs: dict, setting: str, match: str) -> None:
+    """Values that do not fit the data are the user's to fix: a UserError (and ValueError) naming the setting."""
+    with pytest.raises(DataSettingError, match=match) as err:
+        data.preprocess(toy(), **kwargs)
+    assert isinstance(err.value, cli.UserError) and isinstance(err.value, ValueError)
+    assert err.value.setting == setting and err.value.dataset == "toy"
+    with pytest.raises(DataSettingError, match=r"datasets\[1\]\." + setting):  # the sweep's spelling
+        data.preprocess(toy(), settings={setting: f"datasets[1].{setting}"}, **kwargs)
 
 
 def test_preprocess_rejects_non_dataset() -> None:
@@ -618,3 +644,248 @@ def test_one_hot() -> None:
         data.one_hot(np.array([0]), 0)
     with pytest.raises(ValueError, match="'y'"):
         data.one_hot(np.array([[0, 1]]), 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# IDX files as users have them: uncompressed, recompressed by a mirror
+
+
+def raw_idx(fake: Fake) -> dict[str, bytes]:
+    """The decompressed content of each IDX file, keyed by the uncompressed name."""
+    return {fname[:-3]: gzip.decompress(raw) for fname, raw in fake.files.items()}
+
+
+def with_content_digests(fake: Fake, algo: str = "md5") -> dict[str, str]:
+    """The published-style table: MD5 of each .gz and a digest (MD5 or SHA-256) of each decompressed file."""
+    table = dict(fake.checksums)
+    table.update({name: hashlib.new(algo, raw).hexdigest() for name, raw in raw_idx(fake).items()})
+    return table
+
+
+@pytest.mark.parametrize("algo", ["md5", "sha256"])
+def test_uncompressed_and_recompressed_idx_files_load(algo: str, tmp_path: pathlib.Path, monkeypatch) -> None:
+    """A user's copy: two files uncompressed, one recompressed (other bytes, same content), one as published."""
+    fake = make_idx(20)
+    monkeypatch.setitem(data.CHECKSUMS, "mnist", with_content_digests(fake, algo))
+    raw = raw_idx(fake)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "train-images-idx3-ubyte").write_bytes(raw["train-images-idx3-ubyte"])
+    (user / "t10k-labels-idx1-ubyte").write_bytes(raw["t10k-labels-idx1-ubyte"])
+    recompressed = gzip.compress(raw["train-labels-idx1-ubyte"], compresslevel=1, mtime=123)
+    assert recompressed != fake.files["train-labels-idx1-ubyte.gz"]  # the case that used to be refused
+    (user / "train-labels-idx1-ubyte.gz").write_bytes(recompressed)
+    (user / "t10k-images-idx3-ubyte.gz").write_bytes(fake.files["t10k-images-idx3-ubyte.gz"])
+    ds = data.load_dataset("mnist", data_dir=user, cache_dir=tmp_path / "cache", download=False)
+    check_matches(ds, fake, "mnist")
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("form", ["recompressed", "uncompressed"])
+def test_real_corruption_is_still_refused(form: str, tmp_path: pathlib.Path, monkeypatch) -> None:
+    fake = make_idx(21)
+    monkeypatch.setitem(data.CHECKSUMS, "mnist", with_content_digests(fake, "sha256"))
+    for fname, raw in fake.files.items():
+        (tmp_path / fname).write_bytes(raw)
+    content = bytearray(raw_idx(fake)["train-labels-idx1-ubyte"])
+    content[-1] = (content[-1] + 1) % 10  # one label changed: still a well-formed IDX file
+    (tmp_path / "train-labels-idx1-ubyte.gz").unlink()
+    bad = tmp_path / ("train-labels-idx1-ubyte.gz" if form == "recompressed" else "train-labels-idx1-ubyte")
+    bad.write_bytes(gzip.compress(bytes(content), mtime=1) if form == "recompressed" else bytes(content))
+    with pytest.raises(ChecksumError, match=r"train-labels-idx1-ubyte(.|\n)*SHA-256 of the decompressed") as err:
+        data.load_dataset("mnist", data_dir=tmp_path, download=False)
+    e = err.value
+    assert e.path == bad and e.verified_by == "SHA-256 of the decompressed content" and e.setting is None
+    assert e.expected == hashlib.sha256(raw_idx(fake)["train-labels-idx1-ubyte"]).hexdigest()
+    assert e.got == hashlib.sha256(bytes(content)).hexdigest() and e.got in str(e) and e.expected in str(e)
+    assert "left in place" in str(e) and bad.exists()
+
+
+def test_without_a_published_content_digest_a_structural_check_says_so(tmp_path: pathlib.Path, monkeypatch) -> None:
+    """KMNIST publishes no digest of its decompressed files: other copies pass a structural check, with a warning."""
+    fake = make_idx(22)
+    monkeypatch.setitem(data.CHECKSUMS, "kmnist", fake.checksums)  # .gz MD5s only, like the real table
+    shapes = {"train-images-idx3-ubyte": (20, 28, 28), "train-labels-idx1-ubyte": (20,),
+              "t10k-images-idx3-ubyte": (10, 28, 28), "t10k-labels-idx1-ubyte": (10,)}
+    for name, shape in shapes.items():  # the fake's sizes in place of 60000 / 10000
+        monkeypatch.setitem(data.SPECS["kmnist"].idx_shapes, name, shape)
+    for fname, raw in fake.files.items():
+        (tmp_path / fname).write_bytes(raw)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").unlink()
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(raw_idx(fake)["t10k-images-idx3-ubyte"])
+    with pytest.warns(DatasetWarning, match=r"t10k-images-idx3-ubyte(.|\n)*structure only"):
+        ds = data.load_dataset("kmnist", data_dir=tmp_path, download=False)
+    check_matches(ds, fake, "kmnist")
+
+    # A file of the wrong structure is refused, and the error says what was checked.
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(fake.x_test[:9]))
+    with pytest.raises(ChecksumError, match=r"no digest of its decompressed content is published(.|\n)*shape") as err:
+        data.load_dataset("kmnist", data_dir=tmp_path, download=False)
+    assert err.value.verified_by == "structure"
+
+
+def test_mirror_serving_recompressed_files(server: Server, tmp_path: pathlib.Path, monkeypatch) -> None:
+    """A download whose bytes differ from the published .gz is kept when its content is the published one."""
+    fake = make_idx(23)
+    monkeypatch.setitem(data.CHECKSUMS, "fashion_mnist", with_content_digests(fake))
+    server.publish("fashion_mnist", {f: gzip.compress(gzip.decompress(r), compresslevel=9, mtime=7)
+                                     for f, r in fake.files.items()})
+    cache = tmp_path / "cache"
+    ds = data.load_dataset("fashion_mnist", cache_dir=cache, base_url=server.url)
+    check_matches(ds, fake, "fashion_mnist")
+    assert sorted(p.name for p in files_under(cache)) == sorted(fake.files)
+    data.load_dataset("fashion_mnist", cache_dir=cache, download=False)  # the cached copies verify again
+
+    # Corrupt content from the mirror: refused, nothing kept, no folder created.
+    monkeypatch.setitem(data.CHECKSUMS["fashion_mnist"], "train-images-idx3-ubyte", "0" * 32)
+    cache2 = tmp_path / "c2" / "deeper"
+    with pytest.raises(ChecksumError, match=r"downloaded from .*train-images-idx3-ubyte\.gz(.|\n)*decompressed"):
+        data.load_dataset("fashion_mnist", cache_dir=cache2, base_url=server.url)
+    assert not (tmp_path / "c2").exists()
+
+
+@pytest.mark.skipif(not FASHION_SYSTEM_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
+def test_fashion_mnist_published_content_digests(tmp_path: pathlib.Path) -> None:
+    """The real table: Debian's recompressed .gz files verify by their content, and so do uncompressed copies."""
+    labels_gz = FASHION_SYSTEM_DIR / "t10k-labels-idx1-ubyte.gz"
+    table = data.CHECKSUMS["fashion_mnist"]
+    assert md5(labels_gz.read_bytes()) != table["t10k-labels-idx1-ubyte.gz"]  # recompressed: other bytes
+    for fname in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (tmp_path / fname[:-3]).write_bytes(gzip.decompress((FASHION_SYSTEM_DIR / fname).read_bytes()))
+    (tmp_path / "train-images-idx3-ubyte.gz").symlink_to(FASHION_SYSTEM_DIR / "train-images-idx3-ubyte.gz")
+    (tmp_path / "train-labels-idx1-ubyte.gz").symlink_to(FASHION_SYSTEM_DIR / "train-labels-idx1-ubyte.gz")
+    ds = data.load_dataset("fashion_mnist", data_dir=tmp_path, download=False)
+    assert ds.x_test.shape == (10000, 784) and np.bincount(ds.y_test).tolist() == [1000] * 10
+
+
+def test_checksum_table_is_well_formed() -> None:
+    """Every IDX set has the published .gz MD5s; content digests are MD5 or SHA-256 hex, where one is published."""
+    hexdigits = set("0123456789abcdef")
+    for name in ("mnist", "fashion_mnist", "kmnist"):
+        table = data.CHECKSUMS[name]
+        for fname in data.registry.IDX_FILES:
+            assert len(table[fname]) == 32 and set(table[fname]) <= hexdigits
+            content = table.get(fname[:-3])
+            if name == "kmnist":
+                assert content is None  # none published: the structural check applies
+            else:
+                assert len(content) in (32, 64) and set(content) <= hexdigits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors in the CLI's terms; nothing left behind
+
+
+def test_errors_are_user_errors_naming_flag_and_key(tmp_path: pathlib.Path, capsys) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(DatasetNotFoundError) as err:
+        data.load_dataset("mnist", data_dir=missing)
+    e = err.value
+    assert isinstance(e, cli.UserError) and isinstance(e, FileNotFoundError)
+    assert e.setting == "data_dir" and e.path == missing and e.dataset == "mnist"
+    assert str(missing) in str(e) and "--data-dir" in str(e) and "config key data.data_dir" in str(e)
+    assert "load_dataset" not in str(e) and "argument" not in str(e)
+    assert not missing.exists()
+
+    # Through the CLIs' runner: one message, exit status 2, no traceback.
+    def body() -> int:
+        data.load_dataset("kmnist", cache_dir=tmp_path / "cache", download=False)
+        return 0
+
+    assert cli.run("prog", body) == cli.EXIT_USAGE
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("prog: error: data set 'kmnist' not found") and "Traceback" not in stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_settings_spelled_by_the_application(tmp_path: pathlib.Path) -> None:
+    settings = {"data_dir": Setting(key="datasets[0].data_dir"), "download": "datasets[0].download"}
+    with pytest.raises(DatasetNotFoundError) as err:
+        data.load_dataset("svhn", cache_dir=tmp_path, download=False, settings=settings)
+    msg = str(err.value)
+    assert "config key datasets[0].download: true" in msg and "given by config key datasets[0].data_dir" in msg
+    assert "--data-dir" not in msg
+    assert "--cache-dir, config key data.cache_dir or $DEQ_JAX_DATA_DIR" in msg  # the default spelling
+    with pytest.raises(ValueError, match="unknown setting 'datadir'"):
+        data.load_dataset("svhn", settings={"datadir": "x"})
+
+
+def test_failed_download_leaves_no_folder_and_files_are_readable(server: Server, tmp_path, monkeypatch) -> None:
+    fake = make_svhn()
+    server.publish("svhn", {"train_32x32.mat": fake.files["train_32x32.mat"]})  # the test file is missing: 404
+    monkeypatch.setitem(data.CHECKSUMS, "svhn", fake.checksums)
+    cache = tmp_path / "a" / "b"
+    with pytest.raises(DatasetNotFoundError, match="HTTP 404") as err:
+        data.load_dataset("svhn", cache_dir=cache, base_url=server.url)
+    assert err.value.setting is None and err.value.missing == ("test_32x32.mat",)
+    assert [p.name for p in files_under(cache)] == ["train_32x32.mat"]  # verified before the failure: kept
+    assert (cache / "svhn" / "train_32x32.mat").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+    with pytest.raises(DatasetNotFoundError):  # nothing verified at all: no folder either
+        data.load_dataset("svhn", cache_dir=tmp_path / "x" / "y", base_url=free_port_url())
+    assert not (tmp_path / "x").exists()
+
+
+def test_cache_that_cannot_be_written_names_the_setting(tmp_path: pathlib.Path, server: Server) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(DataSettingError, match=r"cannot write the download cache(.|\n)*--cache-dir") as err:
+        data.load_dataset("mnist", cache_dir=blocker, base_url=server.url)
+    assert err.value.setting == "cache_dir" and isinstance(err.value, cli.UserError)
+    assert blocker.read_text() == "not a directory" and sum(server.requests.values()) == 0
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# preprocess at scale (n >> d) and against an SVD reference
+
+
+def test_pca_at_n_much_larger_than_d_needs_no_n_by_n_workspace() -> None:
+    """n = 50000 samples of d = 30: an n x n array (20 GB) or an SVD of the n x d data would show in the peak."""
+    n, d = 50000, 30
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(n + 10, d)) @ rng.normal(size=(d, d))).astype(np.float32)
+    y = rng.integers(0, 3, n + 10).astype(np.int32)
+    ds = Dataset(x[:n], y[:n], x[n:], y[n:], "wide", 3, (d,))
+    tracemalloc.start()
+    try:
+        p = data.preprocess(ds, features="pca_whiten", pca_dim=8)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    out_bytes = n * 9 * 8
+    workspace = data.preprocessing.ROW_BLOCK * d * 8
+    assert peak < out_bytes + 4 * workspace + 2 * d * d * 8 + (1 << 20), peak  # output + blocks, O(n d) at most
+    z = p.x_train[:, :-1]
+    np.testing.assert_allclose(z.T @ z / n, np.eye(8), atol=1e-9)  # whitened, across many row blocks
+    np.testing.assert_allclose(z.mean(axis=0), 0.0, atol=1e-9)
+
+
+@pytest.mark.parametrize("block", [7, 4096])  # ragged blocks, and one block
+def test_pca_matches_an_svd_reference(block: int, monkeypatch) -> None:
+    monkeypatch.setattr(data.preprocessing, "ROW_BLOCK", block)
+    ds = toy()
+    k = 5
+    p = data.preprocess(ds, features="pca_whiten", pca_dim=k, add_bias=False)
+    # Reference: standardise with numpy, then the thin SVD X_s = U S V^T; whitened train features are sqrt(n) U.
+    keep = ds.x_train.std(axis=0) > 1e-10
+    mean, std = ds.x_train[:, keep].astype(np.float64).mean(0), ds.x_train[:, keep].astype(np.float64).std(0)
+    xs = (ds.x_train[:, keep] - mean) / std
+    xs_te = (ds.x_test[:, keep] - mean) / std
+    _, s, vt = np.linalg.svd(xs, full_matrices=False)
+    v = vt[:k].T * np.sign(vt[:k].T[np.argmax(np.abs(vt[:k].T), axis=0), np.arange(k)])  # the same sign rule
+    proj = v / (s[:k] / np.sqrt(xs.shape[0]))
+    # eigh of the d x d covariance vs SVD of the data: equal to ~cond * eps; these components are well separated
+    np.testing.assert_allclose(p.x_train, xs @ proj, atol=1e-9)
+    np.testing.assert_allclose(p.x_test, xs_te @ proj, atol=1e-9)
+    assert p.info["explained_variance_ratio"] == pytest.approx((s[:k] ** 2).sum() / (s ** 2).sum(), rel=1e-12)
+    std_only = data.preprocess(ds, features="standardize", add_bias=False)
+    np.testing.assert_allclose(std_only.x_train, xs, atol=1e-12)
+    np.testing.assert_allclose(std_only.x_test, xs_te, atol=1e-12)

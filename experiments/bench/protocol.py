@@ -1,0 +1,62 @@
+"""The row protocol of the benchmarks: what a row is (`Case`), what building it gives (`Prepared`), and what its
+untimed check returns (`Check`).
+
+A `Case` is cheap to build (its `prepare` is lazy: nothing is imported, compiled or allocated until it runs), so a
+suite can list every row, torch rows included, on a machine without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+#: backward modes whose gradient is an approximation by design (the Jacobian-free one-step gradient)
+APPROXIMATE_BACKWARDS = ("one_step",)
+
+
+@dataclasses.dataclass
+class Check:
+    """What one row's computation returned, gathered outside the timed step."""
+
+    iterations: Optional[int]  # forward iterations (0 for direct solves)
+    converged: Optional[bool]  # the implementation's own verdict (None where it has none)
+    state: Any  # the equilibrium (z for per-sample, W for transposed), a numpy array
+    grads: dict  # parameter name -> gradient (numpy); empty for rows that compute no gradient
+    extra: dict = dataclasses.field(default_factory=dict)  # e.g. torchdeq's backward iterations
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A row ready to time: `run()` performs one full training step and waits for it to finish."""
+
+    run: Callable[[], Any]
+    check: Callable[[], Check]
+    compile_s: Optional[float] = None  # jax: trace + XLA compile of the whole step
+    temp_bytes: Optional[int] = None  # XLA temporary memory of the compiled step
+    reset: Optional[Callable[[], None]] = None  # untimed, before each timed step (torch: restore the parameters)
+    peak_memory: Optional[Callable[[], Optional[int]]] = None  # device peak bytes after a step, where measurable
+
+
+@dataclasses.dataclass
+class Case:
+    """One row of a benchmark table; `prepare()` builds (and, for JAX, compiles) it."""
+
+    impl: str  # "deq_jax" | "inline" | "torchdeq" | "torch"
+    problem: str  # "delm" | "tanh"
+    formulation: str  # "transposed" | "per_sample"
+    solver: str  # "direct" | "anderson" | "fixed_point" | "broyden" | "lu_factor" (the bare factorisation)
+    backward: str  # "implicit[...]" | "one_step" | "unrolled" | "autodiff" | "" (no gradient)
+    prepare: Callable[[], Prepared]
+    label: str = ""  # extra words for the row name (e.g. "100 it")
+    note: str = ""
+    tol: Optional[float] = None  # the row's relative tolerance if not the problem's
+
+    @property
+    def name(self) -> str:
+        parts = [self.impl, self.problem, self.formulation, self.solver, self.backward, self.label]
+        return " ".join(part for part in parts if part)
+
+    @property
+    def approximate_gradient(self) -> bool:
+        """True where the gradient is approximate by design (the plots and tables mark these rows)."""
+        return self.backward in APPROXIMATE_BACKWARDS

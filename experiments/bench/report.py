@@ -1,0 +1,148 @@
+"""What a benchmark run reports: its Markdown tables, its goal lines, and the JSON record they come from.
+
+The same functions print a run's results and render docs/benchmarks.md from the committed JSON
+(`experiments/bench/render.py`), so the docs show exactly what the command printed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shlex
+from typing import Any, Optional
+
+import numpy as np
+
+from experiments.common.env import load_average
+
+
+def fmt_s(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.2f} s"
+
+
+def fmt_ms(x: Optional[float]) -> str:
+    if x is None:
+        return "-"
+    return f"{x * 1e3:.1f}" if x < 10 else f"{x * 1e3:.0f}"
+
+
+def fmt_bytes(x: Optional[int]) -> str:
+    if x is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(x) >= size:
+            return f"{x / size:.1f} {unit}"
+    return f"{x} B"
+
+
+def fmt_e(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.1e}"
+
+
+def _converged_cell(row: dict) -> str:
+    """The independent verdict; the implementation's own where it disagrees; torchdeq's backward solve's."""
+    cell = "yes" if row.get("converged") else "no"
+    own = row.get("converged_own")
+    if own is not None and bool(own) != row.get("converged"):
+        cell += f" (own: {'yes' if own else 'no'})"
+    if row.get("backward_converged") is False:
+        cell += " (bwd: no)"
+    return cell
+
+
+def _grad_cell(row: dict) -> str:
+    errors = list(row["grad_error"].values())
+    if not errors:
+        return "- (no gradient)"
+    cell = ", ".join(fmt_e(e) for e in errors[:1] + errors[-1:]) if len(errors) > 1 else fmt_e(errors[0])
+    return cell + (" (approximate gradient)" if row.get("approximate_gradient") else "")
+
+
+def table(rows: list[dict]) -> str:
+    """A Markdown table of a suite's rows (what the command prints and docs/benchmarks.md shows)."""
+    header = ["row", "min ms", "median ms", "compile", "iters", "converged", "rel. residual", "grad err (1st, 2nd)",
+              "vs direct", "XLA temp", "RSS peak +"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        name = row["name"]
+        if row["status"] != "ok":
+            reason = row.get("error") or row.get("note")
+            lines.append(f"| {name} | {row['status']}: {reason} |" + " |" * (len(header) - 2))
+            continue
+        vs = row.get("grad_error_vs_direct_f32")
+        iters = str(row["iterations"])
+        if row.get("backward_iterations") is not None:
+            iters += f" (+{row['backward_iterations']} bwd)"
+        cells = [name, fmt_ms(row["min_s"]), fmt_ms(row["median_s"]), fmt_s(row.get("compile_s")), iters,
+                 _converged_cell(row), fmt_e(row["relative_residual"]), _grad_cell(row),
+                 fmt_e(max(vs.values())) if vs else "-", fmt_bytes(row.get("temp_bytes")),
+                 fmt_bytes(row.get("device_peak_bytes") or row.get("rss_peak_delta_bytes"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def goals_text(verdicts: list[dict]) -> str:
+    """One line per goal: `- [met|NOT met|not applicable at this size|not measured] goal: value`."""
+    return "\n".join(f"- [{v['status']}] {v['goal']}: {v['value']}" for v in verdicts)
+
+
+def profile_table(rows: list[dict]) -> str:
+    lines = ["| component / step | min ms | median ms | GFLOP/s at min |", "|---|---|---|---|"]
+    for row in rows:
+        rate = "-" if row.get("gflops_at_min") is None else f"{row['gflops_at_min']:.1f}"
+        lines.append(f"| {row['name']} | {row['min_s'] * 1e3:.2f} | {row['median_s'] * 1e3:.2f} | {rate} |")
+    return "\n".join(lines)
+
+
+def backward_table(rows: list[dict]) -> str:
+    lines = ["| per-sample backward linear solve | min ms | matrix-vector products | relative residual |",
+             "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['min_s'] * 1e3:.0f} | {r['products']} | {r['relative_residual']:.1e} |")
+    return "\n".join(lines)
+
+
+def facts_text(facts: dict) -> str:
+    """The profile's facts about the compiled steps (LU factorisations, solves, loops), as JSON."""
+    return json.dumps(jsonable(facts), indent=1)
+
+
+def tables(payload: dict) -> str:
+    """Every table of a payload (one for the step suites; components and backward solves for the profile)."""
+    if payload["suite"] != "profile":
+        return table(payload["rows"])
+    parts = [profile_table(payload["rows"])] if payload["rows"] else []
+    if payload.get("backward_solvers"):
+        parts.append(backward_table(payload["backward_solvers"]))
+    return "\n\n".join(parts)
+
+
+def command(argv: list[str]) -> str:
+    """The command line of a run, as a user types it from the repository root."""
+    return shlex.join([".venv/bin/python", "-m", "experiments", "bench", *argv])
+
+
+def jsonable(obj: Any) -> Any:
+    """`obj` with numpy scalars and arrays turned into Python numbers and lists."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def payload(*, suite: str, argv: list[str], started: float, environment: dict, device: dict, problem: dict,
+            settings: dict, notes: list[str], goals: list[dict], rows: list[dict], **extra: Any) -> dict:
+    """The JSON record of one run: what ran, where, on what, and every row's measurements."""
+    import time
+
+    device = dict(device, load_average_after=load_average())
+    return jsonable({
+        "suite": suite, "command": command(argv), "argv": list(argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": time.time() - started, "environment": environment, "device": device, "problem": problem,
+        "settings": settings, "notes": notes, "goals": goals, "rows": rows, **extra})

@@ -1,0 +1,140 @@
+"""A sweep's figures, one per (data set, width, loss): training curves and final test accuracy per setting.
+
+Drawn for a reader: every setting of the grid appears in both panels (a diverged one as a red cross and the word
+"diverged", never as a missing line or an empty bar); accuracies are percentages on an axis zoomed to the data
+(dots with error bars, not bars that would need a zero baseline); the legend lists only drawn lines; no text
+below 8 pt.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from experiments.common import io
+from experiments.sweep import tables
+
+MIN_FONT_PT = 8
+DIVERGED_COLOR = "tab:red"
+_STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "xtick.labelsize": 8, "ytick.labelsize": 8,
+          "legend.fontsize": 8, "figure.titlesize": 10}
+
+
+def setting_label(setting: Mapping) -> str:
+    parts = [setting["model"]]
+    if setting.get("depth") is not None:
+        parts.append(f"H={setting['depth']}")
+    if setting.get("sigma") is not None:
+        parts.append(setting["sigma"])
+    if setting.get("gamma") is not None:
+        parts.append(f"gamma={setting['gamma']:g}")
+    parts.append(f"lr={setting['learning_rate']:g}")
+    return " ".join(parts)
+
+
+def _accuracy_limits(lows: Sequence[float], highs: Sequence[float]) -> tuple[float, float]:
+    """An accuracy axis (percent) around the data: the spread plus 10% margin each side (at least 1 point),
+    within [0, 100]."""
+    lo, hi = min(lows), max(highs)
+    margin = max(1.0, 0.1 * (hi - lo))
+    return max(0.0, lo - margin), min(100.0, hi + margin)
+
+
+def make_figure(rows: Sequence[Mapping]) -> Any:
+    """The figure of one panel's rows (one data set, width and loss); returns the matplotlib Figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = rows[0]
+    metric = "gap" if first["loss"] == "square" else "train_loss"
+    curves = tables.curves(rows, metric)
+    finals = tables.aggregate(rows)
+    n = len(finals)
+    with plt.rc_context(_STYLE):
+        fig, (ax_curve, ax_final) = plt.subplots(1, 2, figsize=(13, max(4.8, 1.2 + 0.32 * n)),
+                                                 gridspec_kw={"width_ratios": [3, 2]})
+        colors = plt.cm.tab10(np.arange(10)) if n <= 10 else plt.cm.tab20(np.linspace(0, 1, 20))
+        tops = []
+        for i, (setting, c) in enumerate(curves.items()):
+            agg = next(a for a in finals if tables.setting(a) == setting)
+            label = setting_label(dict(zip(tables.SETTING_COLUMNS, setting)))
+            if agg["diverged_runs"]:
+                label += f" (diverged: {agg['diverged_runs']}/{agg['n_seeds']} seeds)"
+            # a log axis: gaps at or below 0 are rounding (float32 against a float64 L*), not progress
+            mean = np.where(c["mean"] > 0, c["mean"], np.nan)
+            finite = np.flatnonzero(np.isfinite(mean))
+            color = colors[i % len(colors)]
+            style = ("-", "--", ":")[(i // len(colors)) % 3]
+            if finite.size:
+                ax_curve.plot(c["step"], mean, label=label, lw=1.4, color=color, linestyle=style)
+                low = np.where(c["min"] > 0, c["min"], np.nan)
+                ax_curve.fill_between(c["step"], low, np.where(c["max"] > 0, c["max"], np.nan), color=color,
+                                      alpha=0.15, lw=0)
+                tops.append(np.nanmax(mean))
+                if agg["diverged_runs"]:  # where the last seed still had a finite loss
+                    j = finite[-1]
+                    ax_curve.plot(c["step"][j], mean[j], "x", color=DIVERGED_COLOR, ms=9, mew=2)
+        diverged_at_once = [a for a in finals if a["diverged_runs"] == a["n_seeds"]
+                            and not np.isfinite(np.where(curves[tables.setting(a)]["mean"] > 0,
+                                                         curves[tables.setting(a)]["mean"], np.nan)).any()]
+        ax_curve.set_yscale("log")
+        ax_curve.set_xlabel("full-batch GD step")
+        ax_curve.set_ylabel("L - L* (train)" if metric == "gap" else "train loss")
+        ax_curve.set_title(f"{first['dataset']}, m={first['width']}{' (projected)' if first['projected'] else ''}, "
+                           f"{first['loss']} loss: mean over seeds, band min..max")
+        if ax_curve.get_lines():
+            ax_curve.legend(loc="best", framealpha=0.85)
+        if diverged_at_once:
+            names = "; ".join(setting_label(a) for a in diverged_at_once)
+            ax_curve.text(0.01, 0.01, f"diverged before the first logged step: {names}", transform=ax_curve.transAxes,
+                          color=DIVERGED_COLOR, fontsize=MIN_FONT_PT, va="bottom", wrap=True)
+
+        labels = [setting_label(a) for a in finals]
+        means = [a["test_accuracy_pct_mean"] for a in finals]
+        stds = [a["test_accuracy_pct_std"] or 0.0 for a in finals]
+        drawn = [i for i, m in enumerate(means) if m is not None]
+        if drawn:
+            lo, hi = _accuracy_limits([means[i] - stds[i] for i in drawn], [means[i] + stds[i] for i in drawn])
+        else:
+            lo, hi = 0.0, 100.0
+        ax_final.set_xlim(lo, hi)
+        for i, a in enumerate(finals):
+            if means[i] is not None:
+                ax_final.errorbar(means[i], i, xerr=stds[i], fmt="o", color="tab:blue", ms=5, capsize=3)
+            if a["diverged_runs"]:
+                x = lo + 0.02 * (hi - lo) if means[i] is None else means[i]
+                ax_final.plot(x, i, "x", color=DIVERGED_COLOR, ms=9, mew=2)
+                ax_final.annotate(f"diverged: {a['diverged_runs']}/{a['n_seeds']} seeds", (x, i),
+                                  xytext=(8, 0), textcoords="offset points", va="center", color=DIVERGED_COLOR,
+                                  fontsize=MIN_FONT_PT)
+        ax_final.set_yticks(range(n), labels)
+        ax_final.set_ylim(n - 0.5, -0.5)
+        ax_final.set_xlabel("final test accuracy (%), mean +- std over seeds")
+        ax_final.grid(axis="x", alpha=0.3)
+        fig.tight_layout()
+    return fig
+
+
+def write_figures(rows: Sequence[Mapping], directory: pathlib.Path) -> dict[str, pathlib.Path]:
+    """One PNG per (data set, width, loss), written atomically; returns their paths by name."""
+    import matplotlib.pyplot as plt
+
+    panels: dict[tuple, list[Mapping]] = {}
+    for row in rows:
+        panels.setdefault((row["dataset"], row["width"], row["projected"], row["loss"]), []).append(row)
+    files = {}
+    for (dataset, width, projected, loss), panel_rows in panels.items():
+        stem = f"{dataset}_m{width}{'p' if projected else ''}_{loss}"
+        fig = make_figure(panel_rows)
+        path = directory / f"{stem}.png"
+        io.save_figure(fig, path, dpi=120)
+        plt.close(fig)
+        files[f"figure {stem}"] = path
+    return files
+
+
+__all__ = ["MIN_FONT_PT", "make_figure", "setting_label", "write_figures"]
