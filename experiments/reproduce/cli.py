@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
-import re
 import shlex
 import sys
 import time
@@ -32,7 +31,7 @@ from typing import Any, Optional, Sequence
 
 from experiments.common import cli as common_cli
 from experiments.common.cli import UserError
-from experiments.reproduce.config import MUTATIONS, ConfigError, ReproduceConfig, load_config
+from experiments.reproduce.config import MUTATIONS, ReproduceConfig, load_config
 
 DEFAULT_CONFIG = "configs/digits.yaml"
 EXPERIMENTS = ("convergence", "trust_region", "implicit_bias")
@@ -141,20 +140,22 @@ def _default_name(cfg: ReproduceConfig) -> str:
     return cfg.name + (f"_{cfg.mutation}" if cfg.mutation else "")
 
 
-def _data_error(cfg: ReproduceConfig, err: Exception) -> UserError:
+def _one_line(cfg: ReproduceConfig, err: Exception) -> UserError:
+    """A data error as one line: the data package's (multi-line) message, with what was missing and where it was
+    looked for, in the terms of this command (--data-dir, --cache-dir, data.download)."""
+    from experiments.common import datasets as dq_data
+
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    missing = []
-    if "Missing file(s):" in lines:
-        for line in lines[lines.index("Missing file(s):") + 1:]:
-            if " " in line or line.endswith(":"):
-                break
-            missing.append(line)
-    what = lines[0] if lines else type(err).__name__
-    extra = f" Missing: {', '.join(missing)}." if missing else ""
-    cache = cfg.data.cache_dir or "$DEQ_JAX_DATA_DIR or ~/.cache/deq_jax/datasets"
-    return UserError(f"data set {cfg.data.dataset!r} unavailable: {what}{extra} Put its files into a directory and "
-                     f"pass --data-dir DIR (or set data.data_dir), or into the cache ({cache}; --cache-dir moves "
-                     f"it){'' if cfg.data.download else ', or allow downloads (data.download: true)'}.")
+    if isinstance(err, dq_data.DatasetNotFoundError):
+        missing = ", ".join(getattr(err, "missing", ()) or ())
+        searched = ", ".join(str(p) for p in getattr(err, "searched", ()) or ())
+        what = lines[0].rstrip(".") if lines else f"data set {cfg.data.dataset!r} not found"
+        return UserError(f"{what}" + (f"; missing {missing}" if missing else "")
+                         + (f"; looked in {searched}" if searched else "")
+                         + "; put the files into a directory and pass --data-dir DIR (config key data.data_dir), or "
+                           "into the download cache (--cache-dir DIR or $DEQ_JAX_DATA_DIR)"
+                         + ("" if cfg.data.download else ", or allow downloading (data.download: true)"))
+    return UserError(" ".join(lines))
 
 
 def _load(cfg: ReproduceConfig, progress: bool):
@@ -164,11 +165,8 @@ def _load(cfg: ReproduceConfig, progress: bool):
     try:
         dataset = load_dataset(cfg.data, progress=progress)
         feats = make_features(dataset, cfg.data)
-    except (dq_data.DatasetNotFoundError, dq_data.ChecksumError, dq_data.DatasetFormatError) as err:
-        raise _data_error(cfg, err) from None
-    except ValueError as err:  # e.g. pca_dim above the data's rank, n_train above the split's size
-        message = re.sub(r"(?:preprocess|load_dataset): argument '(\w+)'", r"data.\1", str(err).splitlines()[0])
-        raise ConfigError(f"data: {message}") from None
+    except dq_data.DatasetError as err:  # before anything is written: a data error leaves no folder behind
+        raise _one_line(cfg, err) from None
     return dataset, feats
 
 
@@ -246,7 +244,7 @@ def _run_one(cfg: ReproduceConfig, args: argparse.Namespace, argv: list[str], ru
     honest = pathlib.Path(args.out) / where.get("honest", cfg.name) / "checkpoints"
     if cfg.mutation and (honest / "fingerprint.txt").is_file() and \
             (honest / "fingerprint.txt").read_text().strip() == fp:  # reuse the honest run's unmutated runs
-        from experiments.reproduce.runs import FallbackStore
+        from experiments.reproduce.checkpoints import FallbackStore
 
         store = FallbackStore(out / "checkpoints", CheckpointStore(honest))
     try:

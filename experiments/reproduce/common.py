@@ -45,8 +45,9 @@ class Context:
     _cache: dict = dataclasses.field(default_factory=dict)
 
     def features_for(self, features: Optional[str], pca_dim: Optional[int] = None,
-                     normalize_rows: bool = False) -> Features:
+                     normalize_rows: bool = False, *, section: str = "data", pca_key: str = "pca_dim") -> Features:
         """The data set preprocessed another way (null `features`: the data section's), computed once per setting.
+        `section.features` / `section.pca_key` are how the user set them (named in error messages).
 
         PCA-whitened features are ordered by variance, so `pca_whiten k` for k below the data section's own
         `pca_whiten` width is its first k columns (and the bias): sliced, not recomputed (the same numbers: the
@@ -63,7 +64,8 @@ class Context:
                                 info={**base.info, "pca_dim": pca_dim, "output_dim": len(cols),
                                       "sliced_from_pca_dim": cfg.pca_dim})
         else:
-            out = make_features(self.dataset, cfg, features=features, pca_dim=pca_dim)
+            out = make_features(self.dataset, cfg, features=features, pca_dim=pca_dim,
+                                settings={"features": f"{section}.features", "pca_dim": f"{section}.{pca_key}"})
         if normalize_rows:
             out = out._replace(phi_train=_normalize_rows(out.phi_train, cfg.add_bias),
                                phi_test=_normalize_rows(out.phi_test, cfg.add_bias),
@@ -79,18 +81,19 @@ def load_dataset(cfg: DataConfig, *, progress: bool = False) -> Any:
 
 
 def make_features(ds: Any, cfg: DataConfig, *, features: Optional[str] = None, pca_dim: Optional[int] = None,
-                  normalize_rows: bool = False) -> Features:
+                  normalize_rows: bool = False, settings: Optional[dict] = None) -> Features:
     """`experiments.common.datasets.preprocess` with the config's subset and seed, and its feature settings unless
     given.
 
     `normalize_rows` rescales each sample's features (the bias excluded) to norm sqrt(d), d their number: a fixed
     per-sample map that tames the outliers whitening creates, so that small subsets are well conditioned.
+    `settings`: how the user spells the preprocessing settings (config keys), for the data package's messages.
     """
     if features is None:
         features, pca_dim = cfg.features, cfg.pca_dim
     pp = dq_data.preprocess(ds, n_train=cfg.n_train, n_test=cfg.n_test, features=features,
                             pca_dim=pca_dim if features == "pca_whiten" else None, add_bias=cfg.add_bias,
-                            seed=cfg.seed)
+                            seed=cfg.seed, settings=settings)
     x_train, x_test, info = pp.x_train, pp.x_test, dict(pp.info)
     if normalize_rows:
         x_train, x_test = (_normalize_rows(x, cfg.add_bias) for x in (x_train, x_test))

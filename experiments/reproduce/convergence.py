@@ -15,13 +15,16 @@ PL constant is then `l2`). The models of a group:
 Measured: the normalised gap `(L_t - L*) / (L_0 - L*)`, its log-linear rate over an explicit band of gaps, the
 per-step bound `gap_{t+1} / gap_t <= (1 - eta lambda / |U_t|_2^2)^2` from the run's own `|U_t|_2`, and the
 stiffness `eta lambda_max(P_t H)` of the W-dynamics at the logged steps.
+
+(One experiment in one module: its typed results, plan, run and claims, ~430 lines; the bound's measurements are
+in `bounds.py`.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -31,9 +34,10 @@ from deq_jax.maps import random_projection
 from deq_jax.models import DELM
 
 from experiments.reproduce import dynamics
+from experiments.reproduce.bounds import BoundAnalysis, bound_analysis, rate_factor
 from experiments.reproduce.common import (Claim, Context, Features, GramData, build_models, checked, dtype_of,
                                           finite_max, fold, gram_data, heldout_metrics, slug)
-from experiments.reproduce.config import ConfigError, FeatureSetConfig, ReproduceConfig, VariantConfig
+from experiments.reproduce.config import FeatureSetConfig, ReproduceConfig, VariantConfig
 from experiments.reproduce.runs import (RunSpec, Trace, regularised_cross_entropy, run_gd, with_probe_rows)
 
 NAME = "convergence"
@@ -43,23 +47,6 @@ STABILITY_LIMIT = 2.0
 
 
 # --------------------------------------------------------------------------------------------- typed results
-
-@dataclasses.dataclass
-class BoundAnalysis:
-    """Observed per-step ratios `gap_{t+1} / gap_t` against the bound from the run's own `|U_t|_2`."""
-
-    ratio: np.ndarray
-    checked: np.ndarray
-    bound_ratio: np.ndarray
-    flow_ratio: np.ndarray
-    cumulative_bound: np.ndarray
-    max_excess: float
-    max_flow_excess: float
-    checked_steps: int
-    median_ratio: float
-    median_bound_ratio: float
-    U_norm2_range: tuple
-
 
 @dataclasses.dataclass
 class ConvergenceRun:
@@ -148,48 +135,6 @@ class ConvergenceResult:
 
 # --------------------------------------------------------------------------------------------- measurements
 
-def bound_analysis(loss_hist: np.ndarray, U_norm2: np.ndarray, L_star: float, learning_rate: float, pl: float,
-                   floor: float) -> BoundAnalysis:
-    """Observed per-step ratios `gap_{t+1} / gap_t` against the bound from the run's own `|U_t|_2`.
-
-    `theory.gd_rate_bound` gives the gradient-flow bound per step, `r_t = 1 - 2 x_t` with
-    `x_t = eta lambda / |U_t|_2^2`: first order in eta. One gradient *step* contracts the shallow model's slowest
-    direction, preconditioned by `1/|U_t|_2^2`, by exactly `(1 - x_t)^2 = r_t + x_t^2`; that is the per-step bound
-    checked (`bound_ratio`). Both are compared only where the gaps are above `floor * gap_0`, below which the ratio
-    of two rounding-level numbers says nothing. An empty comparison gives NaN maxima (a failed claim, never a crash).
-    """
-    gap = np.asarray(loss_hist, np.float64) - L_star
-    ng = gap / gap[0] if gap.size and gap[0] != 0 else np.full(gap.shape, np.nan)
-    flow_ratio = np.asarray(theory.gd_rate_bound(learning_rate, pl, np.asarray(U_norm2)), np.float64)
-    bound_ratio = ((1.0 + flow_ratio) / 2.0) ** 2
-    cumulative = np.concatenate([[1.0], np.cumprod(bound_ratio[:-1])]) if gap.size else np.zeros(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        valid = (ng[1:] > floor) & (ng[:-1] > floor)
-        ratio = np.full(gap.shape, np.nan)
-        ratio[:-1] = gap[1:] / gap[:-1]
-    excess = ratio[:-1][valid] - bound_ratio[:-1][valid]
-    flow_excess = ratio[:-1][valid] - flow_ratio[:-1][valid]
-    checked_mask = np.zeros(gap.shape, bool)
-    checked_mask[:-1] = valid
-    return BoundAnalysis(
-        ratio=ratio, checked=checked_mask, bound_ratio=bound_ratio, flow_ratio=flow_ratio,
-        cumulative_bound=cumulative, max_excess=finite_max(excess), max_flow_excess=finite_max(flow_excess),
-        checked_steps=int(valid.sum()),
-        median_ratio=float(np.median(ratio[:-1][valid])) if valid.any() else math.nan,
-        median_bound_ratio=float(np.median(bound_ratio[:-1][valid])) if valid.any() else math.nan,
-        U_norm2_range=(float(np.min(U_norm2)), float(np.max(U_norm2))) if np.size(U_norm2) else (math.nan, math.nan))
-
-
-def rate_factor(fit: Optional[dict], bound: Optional[BoundAnalysis]) -> float:
-    """How many times faster than its bound the gap decays over the fit window: the fitted log-rate over the mean
-    log of the per-step bound there (>= 1 when the bound holds; large when the bound says little)."""
-    if fit is None or bound is None:
-        return math.nan
-    i0, i1 = fit["window"]
-    predicted = float(np.mean(np.log(bound.bound_ratio[i0:i1])))
-    return fit["slope"] / predicted if predicted < 0 else math.nan
-
-
 def _stop_at_floor(L_star: float, stop_gap: float):
     def stop(history: dict, chunk: dict, start: int):
         gap0 = float(history["loss"][0]) - L_star
@@ -275,12 +220,10 @@ def _feature_sets(cfg: ReproduceConfig, ctx: Context) -> list[tuple[FeatureSetCo
         elif fs.features == "projection":
             m = feats.phi_train.shape[1]
             P = np.asarray(random_projection(fold(cfg.seed, 2), m, fs.width, jnp.float64))
-            out.append((fs, f"random projection of the data's features", feats.phi_train @ P, feats.phi_test @ P))
+            out.append((fs, "random projection of the data's features", feats.phi_train @ P, feats.phi_test @ P))
         else:
-            try:
-                f2 = ctx.features_for(fs.features, fs.width if fs.features == "pca_whiten" else None)
-            except ValueError as err:
-                raise ConfigError(f"convergence.feature_sets[{i}]: {err}") from err
+            f2 = ctx.features_for(fs.features, fs.width if fs.features == "pca_whiten" else None,
+                                  section=f"convergence.feature_sets[{i}]", pca_key="width")
             label = fs.features + (f" {fs.width}" if fs.width else "")
             out.append((fs, label, f2.phi_train, f2.phi_test))
     return out
@@ -308,15 +251,17 @@ def plan(cfg: ReproduceConfig, ctx: Context) -> list[GroupPlan]:
                 # baselines record W at every step (cheap), so that the trust-region experiment's shallow GD shares
                 # their compiled program
                 trace = Trace(u_norm=True) if role == "reference" else Trace(W_every_step=True)
-                runs.append(PlannedRun(model_label, role, RunSpec(model, loss, c.chunk, rows, dtype, trace),
+                runs.append(PlannedRun(model_label, role, RunSpec(model, loss, c.chunk, rows, dtype, trace,
+                                                               fast_compile=cfg.fast_compile),
                                        "direct (LU) solve, autodiff through it" if role == "reference" else ""))
                 if role == "reference":
                     for v in fs.variants:
                         vm = _variant_model(model, v)
                         v_rows = n if (loss_name == "square" and v.formulation == "per_sample") else rows
-                        runs.append(PlannedRun(f"DELM {v.solver} {v.formulation}", "variant",
-                                               RunSpec(vm, loss, c.chunk, v_rows, dtype, Trace(),
-                                                       mutation=cfg.mutation), _describe_variant(v), v))
+                        spec = RunSpec(vm, loss, c.chunk, v_rows, dtype, Trace(), mutation=cfg.mutation,
+                                       fast_compile=cfg.fast_compile)
+                        runs.append(PlannedRun(f"DELM {v.solver} {v.formulation}", "variant", spec,
+                                               _describe_variant(v), v))
             groups.append(GroupPlan(loss_name, fs, label, phi, phi_test, gram, runs))
     return groups
 

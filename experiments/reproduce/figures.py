@@ -36,7 +36,7 @@ def _positive(x: Any) -> np.ndarray:
 def _legend_below(ax, ncol: int = 1) -> None:
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=ncol, frameon=False)
+        ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.16), ncol=ncol, frameon=False)
 
 
 def convergence(groups: list, loss: str, path: pathlib.Path) -> None:
@@ -46,13 +46,15 @@ def convergence(groups: list, loss: str, path: pathlib.Path) -> None:
                              gridspec_kw={"height_ratios": [3, 2], "hspace": 0.75})
     for j, g in enumerate(groups):
         ax, bx = axes[0, j], axes[1, j]
+        markers = iter([("o", 8), ("x", 6), ("s", 4), ("^", 4)])
         for i, r in enumerate(g.runs):
             color = f"C{i}"
             steps = np.arange(len(r.normalised_gap))
-            if r.role == "variant":  # iterative: drawn as markers at the logged steps, over the exact line
+            if r.role == "variant":  # iterative: markers at the logged steps over the exact line (distinct shapes)
                 ls = r.logged_steps[r.logged_steps < len(r.normalised_gap)]
-                ax.semilogy(ls, _positive(r.normalised_gap[ls]), "o", color=color, ms=5, mfc="none",
-                            label=f"{r.label} (iterative, tol-limited; at logged steps)")
+                marker, size = next(markers)
+                ax.semilogy(ls, _positive(r.normalised_gap[ls]), marker, color=color, ms=size, mfc="none",
+                            mew=1.4, label=f"{r.label} (iterative, tol-limited; at logged steps)")
                 continue
             ax.semilogy(steps, _positive(r.normalised_gap), color=color, lw=1.8 if r.is_delm else 1.2,
                         label=f"{r.label} (exact solve)" if r.role == "reference" else r.label)
@@ -90,7 +92,7 @@ def trust_region(result: Any, path: pathlib.Path) -> None:
     plt = _plt()
     scales = result.scales
     fig, axes = plt.subplots(2, len(scales), figsize=(5.6 * len(scales), 10.5), squeeze=False,
-                             gridspec_kw={"hspace": 0.7})
+                             gridspec_kw={"hspace": 0.75, "wspace": 0.3})
     for j, s in enumerate(scales):
         ax, bx = axes[0, j], axes[1, j]
         ax.plot(s.xy_gd[:, 0], s.xy_gd[:, 1], color="C1", lw=1.6, ls="--", label="shallow GD")
@@ -105,7 +107,8 @@ def trust_region(result: Any, path: pathlib.Path) -> None:
         ax.set_xlabel("along W_0 - W*")
         ax.set_ylabel("largest deviation of the DELM path")
         ax.grid(True, alpha=0.3)
-        _legend_below(ax, ncol=2)
+        if j == 0:  # every panel draws the same series: one legend per row
+            _legend_below(ax, ncol=2)
         steps = np.arange(len(s.distance_to_gd_path))
         bx.semilogy(steps, _positive(s.distance_to_gd_path), color="C0", label="DELM's distance to the GD path")
         bx.semilogy(steps, _positive(s.distance_in_time), color="C2", ls="--", label="|W_t(DELM) - W_t(GD)|")
@@ -115,7 +118,8 @@ def trust_region(result: Any, path: pathlib.Path) -> None:
         bx.set_ylabel("distance / |W_0 - W*|")
         bx.set_title(f"max distance to the GD path {s.max_distance_to_gd_path:.3g}")
         bx.grid(True, alpha=0.3)
-        _legend_below(bx)
+        if j == 0:
+            _legend_below(bx)
     save_figure(fig, path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 

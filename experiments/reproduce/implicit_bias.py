@@ -113,10 +113,7 @@ class BiasPlan:
 
 def plan(cfg: ReproduceConfig, ctx: Context) -> BiasPlan:
     ib = cfg.implicit_bias
-    try:
-        feats = ctx.features_for(ib.features, ib.pca_dim, ib.normalize_rows)
-    except ValueError as err:  # e.g. pca_dim above the number of non-constant pixels
-        raise ConfigError(f"implicit_bias.features / implicit_bias.pca_dim: {err}") from err
+    feats = ctx.features_for(ib.features, ib.pca_dim, ib.normalize_rows, section="implicit_bias")
     N, m = feats.phi_train.shape
     if ib.n_train > N:
         raise ConfigError(f"implicit_bias.n_train ({ib.n_train}) exceeds the {N} training samples of the data "
@@ -127,7 +124,7 @@ def plan(cfg: ReproduceConfig, ctx: Context) -> BiasPlan:
         is_delm = label == "DELM"
         runs.append((label, RunSpec(model, "square", ib.chunk, ib.n_train, dtype,
                                     Trace(W_every_step=True, checks=is_delm),
-                                    mutation=cfg.mutation if is_delm else None)))
+                                    mutation=cfg.mutation if is_delm else None, fast_compile=cfg.fast_compile)))
     return BiasPlan(feats, runs)
 
 

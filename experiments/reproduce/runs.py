@@ -23,7 +23,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import hashlib
 import sys
 import threading
 import time
@@ -38,11 +37,15 @@ from deq_jax.losses import Loss, cross_entropy
 from deq_jax.models import DELM, Model
 from deq_jax.train import make_step
 
-from experiments.common.io import CheckpointStore, NullStore, fingerprint
+from experiments.common.io import CheckpointStore, NullStore
 from experiments.reproduce import dynamics, interrupts, mutations
+from experiments.reproduce.checkpoints import run_identity
 
 #: seconds between checkpoints within a run (a run's end is always checkpointed); the numbers do not depend on it
 CHECKPOINT_EVERY_S = 5.0
+#: XLA options of `ReproduceConfig.fast_compile`: LLVM optimisation off, compilation ~2x faster, execution 2-4x
+#: slower (measured on the tiny config's programs), for runs whose time is compilation (the test suite's)
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 #: |U|_2 by an SVD up to this width, by power iteration on U^T U above (an estimate from below)
 EXACT_NORM_WIDTH = 256
 NORM_ITERATIONS = 50
@@ -95,15 +98,20 @@ class RunSpec:
     dtype: Any
     trace: Trace = Trace()
     mutation: Optional[str] = None
+    fast_compile: bool = False
 
     @property
     def program(self) -> Callable:
         return _chunk_program(self.model, self.loss, self.chunk, self.trace, self.mutation)
 
+    @property
+    def compiler_options(self) -> Optional[dict]:
+        return FAST_COMPILE if self.fast_compile else None
+
     def identity(self) -> dict:
         loss = self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", repr(self.loss))
         return {"model": repr(self.model), "loss": loss, "chunk": self.chunk, "trace": repr(self.trace),
-                "mutation": self.mutation, "dtype": str(jnp.dtype(self.dtype))}
+                "mutation": self.mutation, "dtype": str(jnp.dtype(self.dtype)), "fast_compile": self.fast_compile}
 
 
 def closed_form_W(model: Model, params: Any) -> jax.Array:
@@ -162,10 +170,10 @@ _COMPILED_LOCK = threading.Lock()
 _EXECUTOR: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
 
-def _signature(program: Callable, args: tuple) -> tuple:
+def _signature(program: Callable, args: tuple, options: Optional[dict]) -> tuple:
     leaves, treedef = jax.tree_util.tree_flatten(args)
     return (program, treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype), bool(getattr(x, "weak_type", False)))
-                                    for x in leaves))
+                                    for x in leaves), repr(options))
 
 
 def _abstract_args(spec: RunSpec) -> tuple:
@@ -184,10 +192,11 @@ def precompile(specs: Sequence[RunSpec]) -> None:
         if _EXECUTOR is None:
             _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="precompile")
         for spec in specs:
-            program, args = spec.program, _abstract_args(spec)
-            sig = _signature(program, args)
+            program, args, options = spec.program, _abstract_args(spec), spec.compiler_options
+            sig = _signature(program, args, options)
             if sig not in _COMPILED:
-                _COMPILED[sig] = _EXECUTOR.submit(lambda p=program, a=args: p.lower(*a).compile())
+                _COMPILED[sig] = _EXECUTOR.submit(
+                    lambda p=program, a=args, o=options: p.lower(*a).compile(compiler_options=o))
 
 
 def stop_precompiling() -> None:
@@ -201,9 +210,9 @@ def stop_precompiling() -> None:
             del _COMPILED[sig]
 
 
-def _compiled(program: Callable, args: tuple) -> Callable:
+def _compiled(program: Callable, args: tuple, options: Optional[dict] = None) -> Callable:
     """The compiled `program` for these arguments: precompiled, or compiled here (and kept)."""
-    sig = _signature(program, args)
+    sig = _signature(program, args, options)
     with _COMPILED_LOCK:
         entry = _COMPILED.get(sig)
         if isinstance(entry, concurrent.futures.Future) and entry.cancel():  # not started yet: do it here
@@ -217,54 +226,10 @@ def _compiled(program: Callable, args: tuple) -> Callable:
         except Exception:  # noqa: BLE001 -- compiling again here raises the error in context, if it is real
             entry = None
     if entry is None:
-        entry = program.lower(*args).compile()
+        entry = program.lower(*args).compile(compiler_options=options)
     with _COMPILED_LOCK:
         _COMPILED[sig] = entry
     return entry
-
-
-# --------------------------------------------------------------------------------------------- checkpoint identity
-
-class FallbackStore(CheckpointStore):
-    """A store that also reads another run's checkpoints (never writes or deletes them).
-
-    Checkpoint keys carry the fingerprint of everything a run's numbers depend on, so a key found in another
-    run's store holds exactly the numbers this run would compute: a `--mutation` run reads the honest run's
-    reference and baseline runs instead of recomputing them."""
-
-    def __init__(self, root, fallback: CheckpointStore):
-        super().__init__(root)
-        self.fallback = fallback
-
-    def load(self, key: str):
-        hit = super().load(key)
-        return hit if hit is not None else self.fallback.load(key)
-
-
-_DIGESTS: dict[int, tuple[Any, str]] = {}
-
-
-def digest(*arrays: Any) -> str:
-    """A content hash of arrays (shape, dtype, bytes); cached per array object (which the cache keeps alive)."""
-    parts = []
-    for a in arrays:
-        hit = _DIGESTS.get(id(a))
-        if hit is None or hit[0] is not a:
-            x = np.ascontiguousarray(np.asarray(a))
-            h = hashlib.sha256(f"{x.shape}{x.dtype}".encode())
-            h.update(x.tobytes())
-            hit = (a, h.hexdigest()[:16])
-            _DIGESTS[id(a)] = hit
-        parts.append(hit[1])
-    return "-".join(parts)
-
-
-def run_identity(spec: RunSpec, params0: Any, phi: Any, y: Any, learning_rate: float, steps: int,
-                 stop_id: Any, keep: Sequence[str], snapshots: bool) -> str:
-    """The fingerprint of everything a run's numbers depend on (and nothing else)."""
-    return fingerprint({"spec": spec.identity(), "learning_rate": repr(float(learning_rate)), "steps": int(steps),
-                        "stop": repr(stop_id), "keep": sorted(keep), "snapshots": bool(snapshots),
-                        "data": digest(phi, y), "params0": digest(*jax.tree_util.tree_leaves(params0))})
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -391,7 +356,7 @@ def run_gd(spec: RunSpec, params: Any, phi: Any, y: Any, *, learning_rate: float
         while done < steps and captured is None:
             interrupts.check()
             if compiled is None:
-                compiled = _compiled(program, (params, opt_state, phi, y, lr))
+                compiled = _compiled(program, (params, opt_state, phi, y, lr), spec.compiler_options)
             params, opt_state, chunk_hist, W_start, W_end = compiled(params, opt_state, phi, y, lr)
             chunk_hist, W_start, W_end = jax.device_get((chunk_hist, W_start, W_end))
             chunk_hist = dict(chunk_hist)

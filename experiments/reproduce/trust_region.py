@@ -28,7 +28,7 @@ from deq_jax import theory
 from experiments.reproduce import dynamics
 from experiments.reproduce.common import (Claim, Context, GramData, build_models, checked, dtype_of, finite_max, fold,
                                           gram_data)
-from experiments.reproduce.config import ConfigError, ReproduceConfig
+from experiments.reproduce.config import ReproduceConfig
 from experiments.reproduce.runs import RunSpec, Trace, run_gd
 
 NAME = "trust_region"
@@ -144,10 +144,7 @@ DELM_KEEP = ("loss", "relative_residual", "converged", "U_norm2", "W", "predicte
 
 def plan(cfg: ReproduceConfig, ctx: Context) -> TrustRegionPlan:
     t = cfg.trust_region
-    try:
-        feats = ctx.features_for(t.features, t.pca_dim)
-    except ValueError as err:
-        raise ConfigError(f"trust_region.features / trust_region.pca_dim: {err}") from err
+    feats = ctx.features_for(t.features, t.pca_dim, section="trust_region")
     gram = gram_data(feats.phi_train, feats.Y_train)
     m, k = feats.phi_train.shape[1], feats.num_classes
     rows, dtype = gram.phi.shape[0], dtype_of(cfg.dtype)
@@ -156,8 +153,10 @@ def plan(cfg: ReproduceConfig, ctx: Context) -> TrustRegionPlan:
     return TrustRegionPlan(
         gram=gram, width=m,
         delm=RunSpec(delm, "square", t.chunk, rows, dtype, Trace(u_norm=True, W_every_step=True, checks=True,
-                                                                   fd_step=t.fd_step), mutation=cfg.mutation),
-        linear=RunSpec(linear, "square", t.chunk, rows, dtype, Trace(W_every_step=True)))
+                                                                   fd_step=t.fd_step), mutation=cfg.mutation,
+                     fast_compile=cfg.fast_compile),
+        linear=RunSpec(linear, "square", t.chunk, rows, dtype, Trace(W_every_step=True),
+                       fast_compile=cfg.fast_compile))
 
 
 def programs(p: TrustRegionPlan) -> list[RunSpec]:
@@ -232,7 +231,7 @@ def run(cfg: ReproduceConfig, ctx: Context, p: TrustRegionPlan) -> TrustRegionRe
 
 
 def _params_id(params: dict, lr: float) -> str:
-    from experiments.reproduce.runs import digest
+    from experiments.reproduce.checkpoints import digest
 
     return digest(*[np.asarray(params[k]) for k in ("A", "B")], np.asarray(lr))
 
