@@ -285,7 +285,7 @@ class ConvergenceConfig:
 class TrustRegionThresholds:
     velocity: float = 1e-8
     finite_difference: float = 1e-6
-    path: float = 1e-2
+    path: float = 1e-4
 
     def __post_init__(self):
         for key in ("velocity", "finite_difference", "path"):
@@ -299,7 +299,8 @@ class TrustRegionConfig:
     For each `a_scales` entry s: a DELM with `A ~ s N(0, 1)`, `B ~ b_scale N(0, 1)` runs `steps` GD steps on the
     square loss. At every step, the change of `W = B U^{-1}` along the parameter update that training applied is
     compared with `-eta P_t(G_t)` (forward mode through the closed form, and a central finite difference with
-    relative step `fd_step`), and the W-path with the path integrated from `-eta P_t(G_t)`. Every `check_every`
+    relative step `fd_step`), and the W-path with the path integrated from `-eta P_t(G_t)` (to second order in
+    eta). Every `check_every`
     steps (a multiple of `chunk`) while the normalised gap is above `check_floor`, the trust-region norm M is built
     densely (`(m_y m)^2` matrices: feasible widths only) and its smallest eigenvalue measured. Plain GD on the
     shallow model runs from the same W_0 (for comparison, not a claim).

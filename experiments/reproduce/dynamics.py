@@ -54,16 +54,22 @@ def update_checks(model: Any, loss: Any, params: dict, new_params: dict, phi: ja
                   learning_rate: jax.Array, fd_step: Optional[float] = None) -> dict:
     """Compare the W-velocity of the applied update with `-eta P_t(G_t)` (traceable; one step of a scan).
 
-    Returns `predicted_step` (`-eta P(G)`, the first-order change of W), `velocity_error`
-    (`|DW[d] + eta P(G)| / |eta P(G)|`, forward mode) and `fd_velocity_error` (the same with
-    `DW[d] ~ (W(theta + h d) - W(theta - h d)) / 2h`, `h = fd_step |theta| / |d|`; only with `fd_step`)."""
-    W = closed_form(model, params)
+    Returns `predicted_step`, the change of W that one exact GD step makes to second order in eta,
+    `-eta P(G) + (eta^2 / 2) D^2W[g, g]` with `g = DW^*[G]` the true gradient (so that a path integrated from these
+    steps follows the exact one to O(eta^3) per step), `velocity_error` (`|DW[d] + eta P(G)| / |eta P(G)|`, forward
+    mode) and `fd_velocity_error` (the same with `DW[d] ~ (W(theta + h d) - W(theta - h d)) / 2h`,
+    `h = fd_step |theta| / |d|`; only with `fd_step`)."""
+    W_of = lambda p: closed_form(model, p)  # noqa: E731
+    W, vjp = jax.vjp(W_of, params)
     G = shallow_gradient(loss, W, phi, y)
     predicted = -learning_rate * theory.induced_preconditioner(params, G, model.gamma, model.sigma)
+    (g,) = vjp(G)  # the true gradient DW^*[G]
+    curvature = jax.jvp(lambda p: jax.jvp(W_of, (p,), (g,))[1], (params,), (g,))[1]  # D^2W[g, g]
     d = jax.tree_util.tree_map(jnp.subtract, new_params, params)
     velocity = jax.jvp(lambda p: closed_form(model, p), (params,), (d,))[1]
     scale = jnp.maximum(jnp.linalg.norm(predicted), jnp.finfo(W.dtype).tiny)
-    out = {"predicted_step": predicted, "velocity_error": jnp.linalg.norm(velocity - predicted) / scale}
+    out = {"predicted_step": predicted + 0.5 * learning_rate ** 2 * curvature,
+           "velocity_error": jnp.linalg.norm(velocity - predicted) / scale}
     if fd_step is not None:
         h = fd_step * _norm(params) / jnp.maximum(_norm(d), jnp.finfo(W.dtype).tiny)
         plus = jax.tree_util.tree_map(lambda p, e: p + h * e, params, d)
@@ -155,7 +161,8 @@ def learning_rate(rule: Any, model: Any, params0: dict, curvature: Curvature) ->
 
 
 def integrated_path(W0: np.ndarray, predicted_steps: np.ndarray) -> np.ndarray:
-    """The W-path predicted by `W_{t+1} = W_t - eta P_t(G_t)` from `W_0`: `W0 + cumsum` (index t = before step t)."""
+    """The W-path integrated from the predicted steps (`update_checks`' `predicted_step`, the trust-region dynamics
+    `-eta P_t(G_t)` to second order in eta) from `W_0`: `W0 + cumsum` (index t = before step t)."""
     steps = np.asarray(predicted_steps)
     return np.concatenate([np.asarray(W0)[None], np.asarray(W0)[None] + np.cumsum(steps, axis=0)])
 

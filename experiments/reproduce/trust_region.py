@@ -256,8 +256,8 @@ def claims(cfg: ReproduceConfig, r: TrustRegionResult) -> list[Claim]:
         checked(NAME, f"{NAME}/finite_difference", "the same by central finite differences of the closed form",
                 t.finite_difference, "<=", lambda: (worst("fd_velocity_error")[0],
                                                     f"relative step {cfg.trust_region.fd_step:g}"), sensitive=True),
-        checked(NAME, f"{NAME}/path", "the W-path follows the path integrated from dW = -eta P_t(G_t): max_t "
-                                      "|W_t - W_t(predicted)| / |W_0 - W*|",
+        checked(NAME, f"{NAME}/path", "the W-path follows the path integrated from dW = -eta P_t(G_t) (to second "
+                                      "order in eta): max_t |W_t - W_t(predicted)| / |W_0 - W*|",
                 t.path, "<=", lambda: worst("path_error"), sensitive=True),
         checked(NAME, f"{NAME}/M_positive_definite", "the trust-region norm M is positive definite (min eigenvalue "
                                                      "of M = (eta P)^-1 - H; equivalently eta lambda_max(P H) < 1)",

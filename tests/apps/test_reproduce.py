@@ -40,7 +40,7 @@ def _data(n=9, m=9, k=10, seed=0):
     """Random data of the tiny config's square-loss shapes (its Gram rows: n = m = 9), so compiled programs are
     shared with the tiny job."""
     rng = np.random.default_rng(seed)
-    phi = rng.normal(size=(n, m))
+    phi = rng.normal(size=(n, m)) / 3  # lambda_max(phi^T phi / n) ~ 0.4: GD at eta = 0.05 is stable
     labels = rng.integers(0, k, n)
     return jnp.asarray(phi), jnp.asarray(np.eye(k)[labels]), labels
 
@@ -56,16 +56,17 @@ DELM = models.DELM(9, 10)
 # --------------------------------------------------------------------------------------------- building blocks
 
 def test_chunked_runner_equals_full_batch_gd():
-    """The chunked runner is full_batch_gd cut into pieces: the same losses and parameters, bit for bit."""
+    """The chunked runner is full_batch_gd cut into pieces: the same losses and parameters (to rounding: the runner's
+    program is compiled with the tiny config's fast options, full_batch_gd's with XLA's defaults)."""
     model, trace = DELM, gd_runs.Trace(u_norm=True)
     phi, Y, _ = _data()
     params = model.init(jax.random.PRNGKey(0), jnp.float64)
     ref_params, ref = train.full_batch_gd(model, "square", params, phi, Y, learning_rate=0.05, steps=100)
-    spec = dataclasses.replace(_spec(model, trace), fast_compile=False)  # full_batch_gd's compilation options
-    res = gd_runs.run_gd(spec, params, phi, Y, learning_rate=0.05, steps=100)
-    np.testing.assert_array_equal(res.history["loss"], np.asarray(ref["loss"]))
+    res = gd_runs.run_gd(_spec(model, trace), params, phi, Y, learning_rate=0.05, steps=100)
+    assert res.history["loss"][-1] < 0.5 * res.history["loss"][0]  # a converging run: rounding cannot grow
+    np.testing.assert_allclose(res.history["loss"], np.asarray(ref["loss"]), rtol=1e-13)
     for a, b in zip(jax.tree_util.tree_leaves(res.params), jax.tree_util.tree_leaves(ref_params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(res.W_final, np.asarray(model.end_to_end(ref_params)), rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(res.W0, np.asarray(model.end_to_end(params)), rtol=1e-12, atol=1e-15)
     assert list(res.logged_steps) == [0, 50, 100] and res.W_logged.shape == (3, 10, 9)
@@ -133,7 +134,7 @@ def test_regularised_cross_entropy_is_ce_plus_l2_on_the_end_to_end_matrix():
     phi_aug, Y_aug = gd_runs.with_probe_rows(np.asarray(phi), np.asarray(Y))
     loss = gd_runs.regularised_cross_entropy(n, 0.3)
     assert loss is gd_runs.regularised_cross_entropy(n, 0.3)  # cached: one compiled program per (n, l2)
-    model = models.DELM(6, 4)
+    model = models.DeepLinear(6, 4, depth=2)  # any model: the probe rows read its end-to-end matrix
 
     @jax.jit
     def both(params):
@@ -207,9 +208,11 @@ def test_mutations_falsify_the_gradient_and_the_update_checks_see_it():
             opt = mutations.optimizer(lr, mutation)
             updates, _ = opt.update(g, opt.init(params), params)
             new = jax.tree_util.tree_map(jnp.add, params, updates)
-            checks = dynamics.update_checks(DELM, "square", params, new, phi, Y, jnp.asarray(lr), 1e-5)
+            checks = dynamics.update_checks(DELM, "square", params, new, phi, Y, jnp.asarray(lr),
+                                            1e-5 if name in ("honest", "one_step") else None)
             step_error = norm(jax.tree_util.tree_map(lambda u, t: u + lr * t, updates, g_true)) / norm(g_true) / lr
-            out[name] = (v / value - 1, step_error, checks["velocity_error"], checks["fd_velocity_error"])
+            out[name] = (v / value - 1, step_error, checks["velocity_error"],
+                         checks.get("fd_velocity_error", jnp.nan))
         return out
 
     e = {k: [float(x) for x in v] for k, v in measure(DELM.init(jax.random.PRNGKey(4), jnp.float64)).items()}
@@ -217,7 +220,8 @@ def test_mutations_falsify_the_gradient_and_the_update_checks_see_it():
     assert e["honest"][1] < 1e-15 and e["honest"][2] < 1e-12 and e["honest"][3] < 1e-8
     assert e["perturbed"][1] == pytest.approx(mutations.PERTURBATION, rel=1e-10)
     for name in ("one_step", "wrong_sigma", "perturbed"):
-        assert e[name][1] > 1e-3 and e[name][2] > 1e-3 and e[name][3] > 1e-3, (name, e[name])
+        assert e[name][1] > 1e-3 and e[name][2] > 1e-3, (name, e[name])
+    assert e["one_step"][3] > 1e-3  # the finite-difference form sees it too
 
 
 # --------------------------------------------------------------------------------------------- the claims can fail
