@@ -72,12 +72,17 @@ def check_converged(history: Metrics, policy: str = "warn", *, learning_rate: An
     - Divergence (loss NaN/inf, or grown): `DivergenceWarning` / `DivergenceError`, naming the step size
       (`learning_rate` if given) as the cause.
     - Otherwise, solves that missed their tolerance (the forward `converged` and, where recorded,
-      `backward_converged`): `NonConvergenceWarning` / `NonConvergenceError` with advice for `model`'s solver.
+      `backward_failures` / `backward_nonfinite`): `NonConvergenceWarning` / `NonConvergenceError` with advice for
+      `model`'s solver.
     Returns the number of steps with an unconverged solve.
     """
     _checks.check_choice("policy", policy, ("warn", "raise", "ignore"))
-    flags = [np.asarray(history[k]) for k in ("converged", "backward_converged") if k in history]
-    ok = np.logical_and.reduce(flags) if len(flags) > 1 else flags[0]
+    ok = np.asarray(history["converged"], bool)
+    backward_failed = np.zeros_like(ok)
+    for key in ("backward_failures", "backward_nonfinite"):
+        if key in history:
+            backward_failed = backward_failed | (np.asarray(history[key]) > 0)
+    ok = ok & ~backward_failed
     failures = int(ok.size - np.sum(ok))
     if policy == "ignore":
         return failures
@@ -97,8 +102,9 @@ def check_converged(history: Metrics, policy: str = "warn", *, learning_rate: An
         worst = float(np.nanmax(np.asarray(history["relative_residual"])))
         message = (f"{failures} of {ok.size} steps had an equilibrium solve that did not reach its tolerance "
                    f"(worst forward relative residual {worst:.3g}): {_solver_advice(model)}")
-        if "backward_converged" in history and not np.all(history["backward_converged"]):
-            message += "; the backward (adjoint) solve missed its tolerance too: see Implicit(tol=..., maxiter=...)"
+        if np.any(backward_failed):
+            message += (f"; in {int(np.sum(backward_failed))} steps the backward (adjoint) solve missed its "
+                        "tolerance: see Implicit(tol=..., maxiter=...)")
         if policy == "raise":
             raise NonConvergenceError(message)
         warnings.warn(message, NonConvergenceWarning, stacklevel=2)

@@ -116,15 +116,21 @@ def _solver_metrics(stats: Any, dtype: Any) -> Metrics:
 
 
 def _metrics(value: Array, grads: Any, stats: Any) -> Metrics:
-    """A step's metrics: loss (before the update), grad_norm, the forward solve's iterations, residual,
-    relative_residual, converged; with a carried-state step also the backward (adjoint) solve's
-    `backward_iterations`, `backward_relative_residual`, `backward_converged`, and `refactored` (LU recomputed)."""
+    """A step's metrics, built here only: loss (before the update), grad_norm, the forward solve's iterations,
+    residual, relative_residual, converged; where the step solved the backward (adjoint) system itself (carried
+    state) also `backward_solves`, `backward_failures` (solves that missed their tolerance), `backward_nonfinite`,
+    `backward_relative_residual` (summed over the solves), `backward_iterations`, and `refactored` (an LU was
+    computed this step, solver "refine")."""
     step_stats = stats if isinstance(stats, StepStats) else StepStats(stats)
     metrics = {"loss": value, "grad_norm": optax.tree.norm(grads), **_solver_metrics(step_stats.forward, value.dtype)}
     if step_stats.backward is not None:
         b = step_stats.backward
-        metrics.update(backward_iterations=b.iterations, backward_relative_residual=b.relative_residual,
-                       backward_converged=b.converged)
+        upstream = jnp.isfinite(value) & jnp.isfinite(step_stats.forward.residual)  # else: divergence upstream
+        metrics.update(backward_solves=jnp.ones((), jnp.int32),
+                       backward_failures=(upstream & ~b.converged).astype(jnp.int32),
+                       backward_nonfinite=(~upstream).astype(jnp.int32),
+                       backward_relative_residual=jnp.where(upstream, b.relative_residual, 0.0),
+                       backward_iterations=b.iterations)
     if step_stats.refactored is not None:
         metrics["refactored"] = step_stats.refactored
     return metrics
@@ -226,12 +232,14 @@ def make_step(model: Model, loss: Union[str, Loss], optimizer: Optional[optax.Gr
             return state
         return state._replace(warm=model.warm_start(state.params, phi, previous=state.warm))
 
-    def cold(params, opt_state, phi, y):
+    wrap = jax.jit if jit else (lambda f: f)
+    init, update, rebatch = wrap(init), wrap(update), wrap(rebatch)
+
+    def cold(params, opt_state, phi, y):  # the compiled `update` itself, with nothing carried
         state, metrics = update(TrainState(params, opt_state, None), phi, y)
         return state.params, state.opt_state, metrics
 
-    wrap = jax.jit if jit else (lambda f: f)
-    return TrainStep(init=wrap(init), update=wrap(update), rebatch=wrap(rebatch), cold=wrap(cold))
+    return TrainStep(init=init, update=update, rebatch=rebatch, cold=cold)
 
 
 # ----------------------------------------------------------------------------- many steps

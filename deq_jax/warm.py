@@ -78,17 +78,22 @@ def _norm(x: Array) -> Array:
 
 def _stats(iterations, residual, scale, tol, atol) -> SolveStats:
     relative = residual / jnp.maximum(scale, jnp.finfo(residual.dtype).tiny)
-    return SolveStats(iterations=jnp.asarray(iterations, jnp.int32), residual=residual, relative_residual=relative,
-                      converged=refine_lib.converged(residual, scale, tol, atol))
+    fields = dict(iterations=jnp.asarray(iterations, jnp.int32), residual=residual, relative_residual=relative,
+                  converged=refine_lib.converged(residual, scale, tol, atol))
+    if "diverged" in SolveStats._fields:  # solve's divergence flag: here, a value that is no longer finite
+        fields["diverged"] = ~jnp.isfinite(residual)
+    return SolveStats(**fields)
 
 
 def _rejudge(stats: SolveStats, z: Any, tol: float, atol: float) -> SolveStats:
-    """Judge a `solve` result by `|f(z) - z| <= tol |f(z)| + atol` with `|f(z)| >= |z| - |f(z) - z|` (a lower bound,
-    so never looser), whatever rule the solver stopped by: a good start cannot pass for convergence."""
+    """`stats` of a `solve` result, judged again by `|f(z) - z| <= tol |f(z)| + atol` with `|f(z)| <= |z| + |f(z) - z|`
+    (never stricter than the rule, at most a factor `1 + 2 tol` looser), whatever rule the solver stopped by: a good
+    start cannot pass for convergence. The relative residual is reported against `|z|`."""
     znorm = jnp.sqrt(sum(jnp.sum(leaf * leaf) for leaf in jax.tree_util.tree_leaves(z)))
-    scale = jnp.maximum(znorm - stats.residual, 0.0)
-    judged = _stats(stats.iterations, stats.residual, scale, tol, atol)
-    return judged._replace(converged=jnp.logical_and(judged.converged, stats.converged))
+    judged = _stats(stats.iterations, stats.residual, znorm, tol, atol)
+    return stats._replace(relative_residual=judged.relative_residual,
+                          converged=stats.converged & refine_lib.converged(stats.residual, znorm + stats.residual,
+                                                                            tol, atol))
 
 
 def _precision(precision: Optional[str]):
