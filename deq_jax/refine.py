@@ -50,11 +50,14 @@ class Refine:
 
 
 class Factors(NamedTuple):
-    """`M_old[perm] = L R`: `lu_t` is the transpose of the packed factors (L unit lower, R upper), kept transposed
-    because LAPACK's triangular solve reads column-major: `lu_t.T` is then a free relabelling where `lu` would be
-    an `m x m` copy per solve. `perm` is the row permutation."""
+    """LU factors of `M_old^T` with partial pivoting, `M_old^T[perm] = L Ru` (`lu` packs L, unit lower, and Ru), so
+    `M_old = Ru^T L^T P`.
 
-    lu_t: Array
+    `M^T` rather than `M` because LAPACK works column-major: a row-major `M^T` is a column-major `M`, and the
+    solves below read `lu.T`, the column-major view of the row-major `lu`, so that neither factorising nor solving
+    transposes an `m x m` array (measured: such transposing copies cost more than the rest of a refinement step)."""
+
+    lu: Array
     perm: Array
 
 
@@ -68,25 +71,26 @@ class Refined(NamedTuple):
 
 
 def factor(M: Array) -> Factors:
-    """LU factors with partial pivoting (`jax.lax.linalg.lu`); the permutation, not the pivots, is kept, so a solve
-    needs no pivot-to-permutation loop."""
-    lu, _, perm = jax.lax.linalg.lu(M)
-    return Factors(lu.T, perm)
+    """`Factors` of `M` (`jax.lax.linalg.lu` of `M^T`); the permutation, not the pivots, is kept, so a solve needs no
+    pivot-to-permutation loop."""
+    lu, _, perm = jax.lax.linalg.lu(M.T)
+    return Factors(lu, perm)
 
 
 def right_solve(factors: Factors, R: Array, transpose: bool = False) -> Array:
     """`X` with `X M_old = R` (or `X M_old^T = R` for `transpose=True`); `R` has shape `(k, m)`.
 
-    With `P M = L Ru` (`P` the permutation): `X M = R` is `(X P^T) L Ru = R`; `X M^T = R` is `X Ru^T L^T = R P^T`.
+    With `M^T = P^T L Ru` and `K = lu^T` (lower part `Ru^T`, unit upper part `L^T`): `X M = R` is
+    `X Ru^T L^T = R P^T`; `X M^T = R` is `(X P^T) L Ru = R`.
     """
-    lu, perm = factors.lu_t.T, factors.perm
+    K, perm = factors.lu.T, factors.perm
     tri = jax.lax.linalg.triangular_solve
-    if not transpose:
-        Y = tri(lu, R, left_side=False, lower=False)
-        Y = tri(lu, Y, left_side=False, lower=True, unit_diagonal=True)
+    if transpose:
+        Y = tri(K, R, left_side=False, lower=True, transpose_a=True)
+        Y = tri(K, Y, left_side=False, lower=False, transpose_a=True, unit_diagonal=True)
         return jnp.zeros_like(Y).at[..., perm].set(Y)
-    Y = tri(lu, R[..., perm], left_side=False, lower=True, transpose_a=True, unit_diagonal=True)
-    return tri(lu, Y, left_side=False, lower=False, transpose_a=True)
+    Y = tri(K, R[..., perm], left_side=False, lower=False, unit_diagonal=True)
+    return tri(K, Y, left_side=False, lower=True)
 
 
 def _norm(x: Array) -> Array:

@@ -225,19 +225,22 @@ class _LUSolves:
     def solve(self, R, start, t, tol):
         S, gamma = self.S, self.gamma
         times_M = lambda X: X - gamma * (X @ S.T if t else X @ S)
-        sweeps = 1 if self.opts is None else self.opts.max_sweeps
-        run = lambda F, x0: refine_lib.refine(times_M, R, x0, F, transpose=t, tol=tol, atol=0.0, max_sweeps=sweeps)
         if self.opts is None:  # direct: one LU solve, its residual measured
-            out = run(self.factors, None)
-            return out.value, _stats(0, out.residual, out.scale, tol, 0.0)
+            X = refine_lib.right_solve(self.factors, R, t)
+            r = R - times_M(X)
+            residual, scale = jnp.sqrt(jnp.sum(r * r)), jnp.sqrt(jnp.sum((X + r) ** 2))
+            return X, _stats(0, residual, scale, tol, 0.0)
+        run = lambda F, x0: refine_lib.refine(times_M, R, x0, F, transpose=t, tol=tol, atol=0.0,
+                                              max_sweeps=self.opts.max_sweeps)
         out = run(self.factors, start)
         ok = refine_lib.converged(out.residual, out.scale, tol, 0.0)
 
-        def again(out):  # stalled: factorise the current U and finish from where it stopped (or from zero)
+        def again(carry):  # stalled: factorise the current U and finish from where it stopped (or from zero)
+            out, _ = carry
             more = run(self.fresh(), jnp.where(jnp.isfinite(out.residual), out.value, 0.0))
             return more._replace(sweeps=out.sweeps + more.sweeps), jnp.ones((), bool)
 
-        out, redone = jax.lax.cond(ok, lambda out: (out, jnp.zeros((), bool)), again, out)
+        out, redone = _when(~ok, again, (out, jnp.zeros((), bool)))
         self.redone.append(redone)
         self.sweeps.append(out.sweeps)
         return out.value, _stats(out.sweeps, out.residual, out.scale, tol, 0.0)
@@ -246,8 +249,18 @@ class _LUSolves:
         """Factorise the current U for the next step if a solve stalled or needed more than `refactor_after` sweeps."""
         slow = functools.reduce(jnp.maximum, self.sweeps) > self.opts.refactor_after
         refactor = functools.reduce(jnp.logical_or, self.redone, slow)
-        factors = jax.lax.cond(refactor, self.fresh, lambda: self.factors)
-        return warm._replace(factors=factors), refactor
+        return warm._replace(factors=_when(refactor, lambda _: self.fresh(), self.factors)), refactor
+
+
+def _when(pred: Array, fn: Callable, operand: Any) -> Any:
+    """`fn(operand)` if `pred` else `operand`, as a loop of at most one trip. Under `vmap` a `lax.cond` with a batched
+    predicate becomes a select that runs `fn` (here an LU) for every member at every step; a loop runs it only when
+    some member needs it."""
+    def body(carry):
+        _, x = carry
+        return jnp.zeros_like(pred), fn(x)
+
+    return jax.lax.while_loop(lambda carry: carry[0], body, (pred, operand))[1]
 
 
 # ----------------------------------------------------------------------------- any map

@@ -64,7 +64,7 @@ def test_linear_and_deep_linear():
 
 def test_models_under_vmap_over_seeds():
     phi = data(jnp.float32)
-    model = DELM(6, 4, solver="fixed_point")
+    model = DELM(6, 4)
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     params = jax.vmap(lambda k: model.init(k))(keys)
     apply = jax.jit(lambda p: model.apply(p, phi))

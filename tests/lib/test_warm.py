@@ -88,7 +88,7 @@ def test_no_start_makes_a_solve_look_converged():
     step_grads = jax.tree_util.tree_map(lambda a, b: (a - b) / LR, params, state.params)
     assert rel_err(step_grads, reference(params, phi, y)[1]) < 1e-10
     # the factors carried on are those of this step's U
-    np.testing.assert_allclose(state.warm.factors.lu_t, refine_lib.factor(u_matrix(A)).lu_t, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(state.warm.factors.lu, refine_lib.factor(u_matrix(A)).lu, rtol=1e-12, atol=1e-14)
 
 
 def test_rebatch_keeps_what_does_not_depend_on_the_samples():
@@ -112,5 +112,5 @@ def test_rebatch_keeps_what_does_not_depend_on_the_samples():
         np.testing.assert_array_equal(kept, was)  # W, dL/dB and the LU factors carry over to other samples
     before, after = out["per_sample"]
     assert after.state.shape == other.shape and not np.any(after.state) and not np.any(after.adjoint)  # from zero
-    np.testing.assert_array_equal(after.factors.lu_t, before.factors.lu_t)
+    np.testing.assert_array_equal(after.factors.lu, before.factors.lu)
     assert DELM(7, 3, backward="unrolled").warm_start(params, phi) is None  # differentiated through its loop
