@@ -10,7 +10,7 @@ from deq_jax.losses import LOSSES, cross_entropy, get_loss, logistic, square
 from deq_jax.maps import (SIGMAS, DELMMap, DELMTransposedMap, TanhMap, column_softmax, features, get_sigma,
                           random_projection, row_softmax, scaled_tanh)
 from deq_jax.loop import ChunkEnd, FitResult, fit, stop_on_divergence
-from deq_jax.models import DELM, DELM_SOLVERS, FORMULATIONS, MODELS, DeepLinear, Linear, Model
+from deq_jax.models import DELM, DELM_SOLVERS, FORMULATIONS, MODELS, REFINE_FROM_WIDTH, DeepLinear, Linear, Model
 from deq_jax.refine import Refine
 from deq_jax.solve import (BACKWARDS, LINEAR_SOLVERS, SOLVERS, Anderson, Broyden, Direct, FixedPoint, Implicit,
                            OneStep, Solution, SolveStats, Unrolled, solve)

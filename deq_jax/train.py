@@ -115,7 +115,7 @@ def _solver_metrics(stats: Any, dtype: Any) -> Metrics:
             "relative_residual": stats.relative_residual, "converged": stats.converged}
 
 
-def _metrics(value: Array, grads: Any, stats: Any) -> Metrics:
+def _metrics(value: Array, grads: Any, stats: Any, extra: Optional[Metrics] = None) -> Metrics:
     """A step's metrics, built here only: loss (before the update), grad_norm, the forward solve's iterations,
     residual, relative_residual, converged; where the step solved the backward (adjoint) system itself (carried
     state) also `backward_solves`, `backward_failures` (solves that missed their tolerance), `backward_nonfinite`,
@@ -133,6 +133,8 @@ def _metrics(value: Array, grads: Any, stats: Any) -> Metrics:
                        backward_iterations=b.iterations)
     if step_stats.refactored is not None:
         metrics["refactored"] = step_stats.refactored
+    if extra:  # e.g. the backward statistics of an autodiff step
+        metrics.update(extra)
     return metrics
 
 

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deq_jax import DELM, DELM_SOLVERS, MODELS, SOLVERS, DeepLinear, Linear, Model, Refine, get_sigma
+from deq_jax import (DELM, DELM_SOLVERS, MODELS, REFINE_FROM_WIDTH, SOLVERS, DeepLinear, Linear, Model, Refine,
+                     get_sigma)
 
 requires_x64 = pytest.mark.skipif(not jax.config.read("jax_enable_x64"), reason="float64 reference needs x64")
 
@@ -127,6 +128,8 @@ def test_model_protocol_and_registries():
     assert isinstance(MODELS["delm"](width=3, out_dim=2), DELM)
     assert set(DELM_SOLVERS) == set(SOLVERS) | {"refine"} and DELM_SOLVERS["refine"] is Refine
     assert DELM(3, 2, solver=Refine(max_sweeps=3)).solver == Refine(max_sweeps=3)
+    # "auto" (the default) says what it chose: direct below the measured crossover, refine from it on
+    assert DELM(REFINE_FROM_WIDTH - 1, 2).solver == "direct" and DELM(REFINE_FROM_WIDTH, 2).solver == "refine"
 
 
 @requires_x64
