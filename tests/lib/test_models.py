@@ -19,21 +19,20 @@ def data(dtype, n=13, m=6, m_y=4):
 
 # the solvers themselves are tested in test_solve.py (and through the model in test_models_under_vmap_over_seeds)
 @requires_x64
-@pytest.mark.parametrize("solver, sigma", [("direct", s) for s in ["column_softmax", "row_softmax", "scaled_tanh"]])
-def test_delm_formulations_and_closed_form(solver, sigma):
+def test_delm_formulations_and_closed_form():
     phi = data(jnp.float64)
-    outs = {}
-    for formulation in ["transposed", "per_sample"]:
-        model = DELM(6, 4, gamma=0.7, sigma=sigma, formulation=formulation, solver=solver, tol=1e-12, maxiter=400)
-        params = model.init(jax.random.PRNGKey(1), jnp.float64)
-        pred, stats = jax.jit(model.apply)(params, phi)
+    sigmas = ["column_softmax", "row_softmax", "scaled_tanh"]
+    models = {(s, f): DELM(6, 4, gamma=0.7, sigma=s, formulation=f, tol=1e-12) for s in sigmas
+              for f in ["transposed", "per_sample"]}
+    params = DELM(6, 4).init(jax.random.PRNGKey(1), jnp.float64)
+    # one compiled program for all six models: compiling dominates this test
+    outs = jax.jit(lambda p: {k: (m.apply(p, phi), m.end_to_end(p)) for k, m in models.items()})(params)
+    for (sigma, _), ((pred, stats), W_model) in outs.items():
+        U = jnp.eye(6) - 0.7 * get_sigma(sigma)(params["A"])
+        W = params["B"] @ jnp.linalg.inv(U)
         assert pred.shape == (13, 4) and bool(stats.converged)
-        outs[formulation] = pred
-    U = jnp.eye(6) - 0.7 * get_sigma(sigma)(params["A"])
-    W = params["B"] @ jnp.linalg.inv(U)
-    for pred in outs.values():
         np.testing.assert_allclose(pred, phi @ W.T, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(model.end_to_end(params), W, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(W_model, W, rtol=1e-9, atol=1e-12)
 
 
 def test_delm_float32_end_to_end():
@@ -47,19 +46,26 @@ def test_delm_float32_end_to_end():
 @requires_x64
 def test_linear_and_deep_linear():
     phi = data(jnp.float64)
-    lin = Linear(6, 4)
-    p = lin.init(jax.random.PRNGKey(0), jnp.float64)
-    pred, stats = lin.apply(p, phi)
+    lin, deeps = Linear(6, 4), [DeepLinear(6, 4, depth=1), DeepLinear(6, 4, depth=3, hidden=2)]
+    p_lin = lin.init(jax.random.PRNGKey(0), jnp.float64)
+    p_deep = [deep.init(jax.random.PRNGKey(k), jnp.float64) for k, deep in enumerate(deeps)]
+    assert [len(p["layers"]) for p in p_deep] == [1, 3]
+
+    @jax.jit
+    def run(p_lin, p_deep):
+        out = {"linear": (lin.apply(p_lin, phi), lin.end_to_end(p_lin))}
+        for k, (deep, p) in enumerate(zip(deeps, p_deep)):  # differentiable through every layer
+            grads = jax.grad(lambda p: jnp.sum(deep.apply(p, phi)[0] ** 2))(p)
+            out[f"deep{k}"] = (deep.apply(p, phi), deep.end_to_end(p), grads)
+        return out
+
+    out = run(p_lin, p_deep)
+    (pred, stats), W = out["linear"]
     assert stats is None
-    np.testing.assert_allclose(pred, phi @ lin.end_to_end(p).T)
-    for depth, hidden in [(1, None), (3, 2)]:
-        deep = DeepLinear(6, 4, depth=depth, hidden=hidden)
-        p = deep.init(jax.random.PRNGKey(depth), jnp.float64)
-        assert len(p["layers"]) == depth
-        pred, _ = deep.apply(p, phi)
-        np.testing.assert_allclose(pred, phi @ deep.end_to_end(p).T, rtol=1e-12)
-        # differentiable through every layer
-        grads = jax.grad(lambda p: jnp.sum(deep.apply(p, phi)[0] ** 2))(p)
+    np.testing.assert_allclose(pred, phi @ W.T)
+    for k in range(2):
+        (pred, _), W, grads = out[f"deep{k}"]
+        np.testing.assert_allclose(pred, phi @ W.T, rtol=1e-12)
         assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads["layers"])
 
 
