@@ -10,8 +10,8 @@ from deq_jax.losses import LOSSES, cross_entropy, get_loss, logistic, square
 from deq_jax.maps import (SIGMAS, DELMMap, DELMTransposedMap, TanhMap, column_softmax, features, get_sigma,
                           random_projection, row_softmax, scaled_tanh)
 from deq_jax.models import DELM, DeepLinear, Linear
-from deq_jax.solve import (BACKWARDS, LINEAR_SOLVERS, SOLVERS, Anderson, Broyden, Direct, FixedPoint, Implicit,
-                           OneStep, Solution, SolveStats, Unrolled, solve)
+from deq_jax.solve import (BACKWARDS, LINEAR_SOLVERS, SOLVERS, Anderson, BackwardStats, Broyden, Direct, FixedPoint,
+                           Implicit, OneStep, Solution, SolveStats, Unrolled, solve, value_and_grad)
 from deq_jax.train import (NonConvergenceError, NonConvergenceWarning, check_converged, full_batch_gd, make_step,
                            minibatch_train, objective)
 

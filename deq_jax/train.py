@@ -17,6 +17,7 @@ import optax
 from deq_jax import _checks
 from deq_jax.losses import Loss, get_loss
 from deq_jax.models import Model
+from deq_jax.solve import value_and_grad as value_and_grad_with_backward_stats
 
 Array = jax.Array
 Metrics = dict
@@ -56,13 +57,14 @@ def make_step(model: Model, loss: Union[str, Loss], optimizer: optax.GradientTra
     `metrics`: loss (before the update), grad_norm, and the solve's iterations, residual, relative_residual,
     converged. Gradients go through the model's backward mode (implicit differentiation by default).
     """
-    value_and_grad = jax.value_and_grad(objective(model, loss), has_aux=True)
+    value_and_grad = value_and_grad_with_backward_stats(objective(model, loss), has_aux=True)
 
     def step(params, opt_state, phi, y):
-        (value, stats), grads = value_and_grad(params, phi, y)
+        (value, stats), grads, backward = value_and_grad(params, phi, y)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": value, "grad_norm": optax.tree.norm(grads), **_solver_metrics(stats, value.dtype)}
+        metrics = {"loss": value, "grad_norm": optax.tree.norm(grads), **_solver_metrics(stats, value.dtype),
+                   **backward.metrics()}
         return params, opt_state, metrics
 
     return jax.jit(step) if jit else step
