@@ -13,8 +13,8 @@ from deq_jax.loop import ChunkEnd, FitResult, fit, stop_on_divergence
 from deq_jax.models import DELM, DELM_SOLVERS, FORMULATIONS, MODELS, REFINE_FROM_WIDTH, DeepLinear, Linear, Model
 from deq_jax.parallel import ParallelMap, parallel_map
 from deq_jax.refine import Refine
-from deq_jax.solve import (BACKWARDS, LINEAR_SOLVERS, SOLVERS, Anderson, Broyden, Direct, FixedPoint, Implicit,
-                           OneStep, Solution, SolveStats, Unrolled, solve)
+from deq_jax.solve import (BACKWARDS, LINEAR_SOLVERS, SOLVERS, Anderson, BackwardStats, Broyden, Direct, FixedPoint,
+                           Implicit, OneStep, Solution, SolveStats, Unrolled, solve, value_and_grad)
 from deq_jax.train import (DivergenceError, DivergenceWarning, GramData, NonConvergenceError, NonConvergenceWarning,
                            TrainState, TrainStep, check_converged, full_batch_gd, gram_square_loss, make_chunk,
                            make_step, minibatch_train, objective, square_gram)

@@ -133,10 +133,10 @@ class DELM:
         _checks.check_shape("params['A']", params["A"], (m, m), f"A is m x m with m = width = {m}")
         _checks.check_shape("params['B']", params["B"], (m_y, m), f"B is m_y x m with m_y = out_dim = {m_y}, m = {m}")
 
-    def _solve(self, f, z0, params, x) -> Solution:
+    def _solve(self, f, z0, params, x, batch_axis=None) -> Solution:
         solver = "direct" if _is_refine(self.solver) else self.solver  # no carried factors: factorise now
         return solve(f, z0, params, x, solver=solver, backward=self.backward, tol=self.tol,
-                     maxiter=self.maxiter, precision=self.precision)
+                     maxiter=self.maxiter, precision=self.precision, batch_axis=batch_axis)
 
     def end_to_end_solution(self, params: Params) -> Solution:
         """The end-to-end matrix `W = B (I - gamma sigma(A))^{-1}` as the equilibrium `W = B + gamma W sigma(A)`."""
@@ -155,7 +155,8 @@ class DELM:
             sol = self.end_to_end_solution(params)
             return phi @ sol.value.T, sol.stats
         f = DELMMap(self.gamma, self.sigma)
-        sol = self._solve(f, jnp.zeros_like(phi), {"A": params["A"]}, phi)
+        # per sample: each sample's residual is judged, so one sample far from its equilibrium is seen
+        sol = self._solve(f, jnp.zeros_like(phi), {"A": params["A"]}, phi, batch_axis=0)
         return sol.value @ params["B"].T, sol.stats
 
     # ------------------------------------------------------------------------- warm-started training (deq_jax.warm)

@@ -30,6 +30,7 @@ from deq_jax.diagnose import (DivergenceError, DivergenceWarning, NonConvergence
                               check_converged)
 from deq_jax.losses import Loss, get_loss, square
 from deq_jax.models import Model
+from deq_jax.solve import value_and_grad as value_and_grad_with_backward_stats
 from deq_jax.warm import StepStats
 
 __all__ = ["TrainState", "TrainStep", "GramData", "square_gram", "gram_square_loss", "objective", "make_step",
@@ -187,7 +188,8 @@ def make_step(model: Model, loss: Union[str, Loss], optimizer: Optional[optax.Gr
     """
     loss_fn, pen = get_loss(loss), _penalty(penalty)
     optimizer = _optimizer(optimizer, learning_rate)
-    plain = jax.value_and_grad(objective(model, loss, penalty), has_aux=True)
+    # autodiff through the model; implicit backward solves inside it report their statistics (never silent)
+    plain = value_and_grad_with_backward_stats(objective(model, loss, penalty), has_aux=True)
     warm_capable = warm_start and hasattr(model, "warm_start") and hasattr(model, "warm_value_and_grad")
 
     def gram_value_and_grad(params, gram, warm):
@@ -218,16 +220,18 @@ def make_step(model: Model, loss: Union[str, Loss], optimizer: Optional[optax.Gr
 
     def update(state, phi, y):
         params, opt_state, warm = state
+        extra = None
         if isinstance(phi, GramData):
             value, grads, warm, stats = gram_value_and_grad(params, phi, warm)
         elif warm is not None:
             value, grads, warm, stats = model.warm_value_and_grad(
                 params, phi, lambda p, predictions: loss_fn(predictions, y) + pen(p), warm)
         else:
-            (value, stats), grads = plain(params, phi, y)
+            (value, stats), grads, backward = plain(params, phi, y)
+            extra = backward.metrics()
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return TrainState(params, opt_state, warm), _metrics(value, grads, stats)
+        return TrainState(params, opt_state, warm), _metrics(value, grads, stats, extra)
 
     def rebatch(state, phi):
         if state.warm is None:

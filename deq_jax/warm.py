@@ -96,6 +96,11 @@ def _rejudge(stats: SolveStats, z: Any, tol: float, atol: float) -> SolveStats:
                                                                             tol, atol))
 
 
+def _judged(sol: Any, tol: float, atol: float, batch_axis: Optional[int]) -> SolveStats:
+    """A solve's statistics; per sample (`batch_axis`) solve's own worst-sample judgement, else `_rejudge`."""
+    return sol.stats if batch_axis is not None else _rejudge(sol.stats, sol.value, tol, atol)
+
+
 def _precision(precision: Optional[str]):
     return contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)
 
@@ -163,14 +168,15 @@ def _delm_value_and_grad(model, params, objective, warm, end_to_end, phi):
     # the adjoint solve uses the other one (V U^T = G, u U = dL/dz)
     rhs = jax.lax.stop_gradient(B if end_to_end else phi)
     fwd_t = not end_to_end
+    batch_axis = None if end_to_end else 0  # per sample: every sample must meet the tolerance, the worst is reported
     lu = _LUSolves(model, S, warm) if _is_lu(model.solver) else None
 
     if lu is not None:
         X, forward_stats = lu.solve(rhs, warm.state, fwd_t, tol)
     else:
         sol = solve(_Affine(gamma, fwd_t), warm.state, {"S": S}, rhs, solver=model.solver, tol=tol,
-                    maxiter=model.maxiter, precision=model.precision)
-        X, forward_stats = jax.lax.stop_gradient(sol.value), _rejudge(sol.stats, sol.value, tol, atol)
+                    maxiter=model.maxiter, precision=model.precision, batch_axis=batch_axis)
+        X, forward_stats = jax.lax.stop_gradient(sol.value), _judged(sol, tol, atol, batch_axis)
 
     value, (g_params, g_state) = jax.value_and_grad(objective, argnums=(0, 1))(params, X)
     g_state = jax.lax.stop_gradient(g_state)
@@ -182,8 +188,8 @@ def _delm_value_and_grad(model, params, objective, warm, end_to_end, phi):
         adjoint, backward_stats = lu.solve(g_state, warm.adjoint, not fwd_t, btol)
     else:
         sol = solve(_Affine(gamma, not fwd_t), warm.adjoint, {"S": S}, g_state, solver=model.solver, tol=btol,
-                    maxiter=bmaxiter, precision=model.precision)
-        adjoint, backward_stats = jax.lax.stop_gradient(sol.value), _rejudge(sol.stats, sol.value, btol, atol)
+                    maxiter=bmaxiter, precision=model.precision, batch_axis=batch_axis)
+        adjoint, backward_stats = jax.lax.stop_gradient(sol.value), _judged(sol, btol, atol, batch_axis)
 
     # dL/dsigma = gamma W^T V (end-to-end) or gamma u^T z (per sample); dL/dB = V on the end-to-end route
     g_S = gamma * (X.T @ adjoint if end_to_end else adjoint.T @ X)
