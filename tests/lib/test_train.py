@@ -64,7 +64,10 @@ def test_step_with_penalty_equals_a_manual_gradient_step():
     # the stateless form step(params, opt_state, phi, y): the same compiled update with nothing carried
     new, _, metrics = step(params, optax.sgd(0.1).init(params), phi, labels)
     assert rel_err(new, state.params) < 1e-13
-    assert set(metrics) == {"loss", "grad_norm", "iterations", "residual", "relative_residual", "converged"}
+    # the forward solve's statistics, and the implicit backward passes' (counted by deq_jax.value_and_grad)
+    assert set(metrics) == {"loss", "grad_norm", "iterations", "residual", "relative_residual", "converged",
+                            "backward_solves", "backward_failures", "backward_nonfinite", "backward_relative_residual"}
+    assert int(metrics["backward_failures"]) == 0 and int(metrics["backward_nonfinite"]) == 0
 
 
 @pytest.mark.parametrize("model", [DELM(8, 3, gamma=0.8), DELM(8, 3, solver="refine", formulation="per_sample"),
