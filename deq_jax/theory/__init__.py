@@ -12,7 +12,7 @@ Modules (all names are re-exported here: `from deq_jax import theory; theory.<na
   `min_norm_solution`, `shallow_optimum_square`, `square_loss_gradient`): `O(n m^2)` time, no `n x n` workspace;
 - `cross_entropy`: `shallow_optimum_cross_entropy` (failure is data: `info["status"]`), `cross_entropy_gradient`;
 - `rates`: the section-4 bound per step (`gd_rate_bound`, `flow_bound`) and `fit_log_linear`;
-- `step_size`: `learning_rate_limit`, `preconditioner_norm_bound`, `sigma_derivative_bound` (section 11);
+- `step_size`: `learning_rate_limit`, `preconditioner_norm_bound`, `sigma_derivative_bound` (section 12);
 - `dynamics`: the induced dynamics of `W` (`delm_w_velocity`, `induced_preconditioner`, `preconditioner_matrix`,
   `parameter_gradient`) and the per-step prediction of the W-path (`predict_w_step`, `w_step_check`);
 - `trust_region`: `trust_region_check` (section 5).

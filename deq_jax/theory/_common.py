@@ -96,7 +96,7 @@ def float_dtype(*xs: Any) -> Any:
 #: XLA options for every theory program: no YNNPACK library fusions on the CPU backend. XLA:CPU (jaxlib 0.10.2)
 #: builds the YNNPACK runtime of such a fusion lazily and keeps it with the executable; compiled while another thread
 #: compiles (the main job's background precompile), about 1 executable in 20 kept a corrupt one, and then returned
-#: NaN on every call (docs/theory.md section 12). XLA's own CPU emitters do the same arithmetic.
+#: NaN on every call (docs/theory.md section 13). XLA's own CPU emitters do the same arithmetic.
 SAFE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 _options_supported: Optional[bool] = None
 _options_lock = threading.Lock()

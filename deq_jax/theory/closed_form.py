@@ -2,8 +2,9 @@
 
 `u_matrix`, `end_to_end`: `U` and `W = B U^{-1}`. `spectral_norm`: `|M|_2`. `u_norms` / `u_inverse_norm`: `|U|_2`
 and `|U^{-1}|_2 = 1 / sigma_min(U)` from one SVD of the `m x m` matrix `U`, batched over a run's history of `A`.
-`u_inverse_norm_bound`: the a-priori bound `|U^{-1}|_2 <= sqrt(1 + (m - 1) gamma) / (1 - gamma) <= sqrt(m) / (1 - gamma)`
-for a stochastic `sigma(A)` (docs/theory.md section 9; `1 / (1 - gamma)` bounds the 1-norm only).
+`u_inverse_norm_bound`: the a-priori bound
+`|U^{-1}|_2 <= sqrt(1 + (m - 1) gamma) / (1 - gamma) <= sqrt(m) / (1 - gamma)` for a stochastic `sigma(A)`
+(docs/theory.md section 9; `1 / (1 - gamma)` bounds the 1-norm only).
 """
 
 from __future__ import annotations

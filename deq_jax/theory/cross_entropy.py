@@ -1,4 +1,4 @@
-"""The shallow cross-entropy problem `min_W (1/n) sum_i CE(W phi_i, label_i) + (l2/2) |W|_F^2` (docs/theory.md 12).
+"""The shallow cross-entropy problem `min_W (1/n) sum_i CE(W phi_i, y_i) + (l2/2) |W|_F^2` (docs/theory.md section 13).
 
 Solved by truncated Newton (conjugate gradients on Hessian-vector products, Armijo backtracking) in `O(n (m + m_y))`
 memory: the only products with `phi` are `phi W^T` and `V^T phi` for `(m_y, m)` matrices `V`.

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import jax
 import jax.numpy as jnp
 
 from deq_jax.losses import square

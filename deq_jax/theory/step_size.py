@@ -1,4 +1,4 @@
-"""A justified step size for full-batch GD on the DELM's square loss (docs/theory.md sections 9 and 11).
+"""A justified step size for full-batch GD on the DELM's square loss (docs/theory.md sections 9 and 12).
 
 GD moves `W = B U^{-1}` by `-eta P(G) + O(eta^2)`, with `P = J J^*` the induced preconditioner (`J` the Jacobian of
 `(A, B) -> W`) and `H = I (x) C`, `C = phi^T phi / n`, the shallow Hessian. The quantity that decides the step is
@@ -57,7 +57,7 @@ def learning_rate_limit(lambda_max: Union[float, Array], U_inv_norm2: Union[floa
                         W_norm2: Union[float, Array], gamma: Union[float, Array], *,
                         sigma: Union[str, Sigma] = "column_softmax", m: Optional[int] = None,
                         dsigma_norm: Optional[float] = None) -> Array:
-    """`1 / (lambda_max(C) |U^{-1}|_2^2 (1 + gamma^2 c_sigma^2 |W|_2^2))`: steps below it have `eta lambda_max(P H) <= 1`.
+    """`1 / (lambda_max(C) |U^{-1}|_2^2 (1 + gamma^2 c_sigma^2 |W|_2^2))`: below it, `eta lambda_max(P H) <= 1`.
 
     `lambda_max`: of `C = phi^T phi / n` (`feature_spectrum`); `U_inv_norm2 = |U^{-1}|_2` (`u_norms`);
     `W_norm2 = |W|_2` (`spectral_norm(end_to_end(...))`); `c_sigma` from `sigma_derivative_bound(sigma, m)` (`m` is

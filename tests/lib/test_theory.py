@@ -289,7 +289,7 @@ def test_cross_entropy_optimum_failure_is_data(monkeypatch, fault):
 
 def test_theory_programs_are_compiled_without_ynnpack_fusions():
     """The cause of the main job's NaN optimum: XLA:CPU's YNNPACK fusions, whose runtime state was corrupted when the
-    program was compiled concurrently with another (docs/theory.md section 12). Theory programs do without them."""
+    program was compiled concurrently with another (docs/theory.md section 13). Theory programs do without them."""
     if jax.default_backend() != "cpu":
         pytest.skip("a CPU-backend option")
     from deq_jax.theory import _common
@@ -395,6 +395,22 @@ def test_trust_region_relation_content():
     assert abs(r2["M_min_eig"] - r1["M_min_eig"] / 2) < tol(1e-9, 1e-3) * r1["M_min_eig"]
     assert abs(r2["delta"] - r1["delta"] / np.sqrt(2)) < tol(1e-9, 1e-3) * r1["delta"]
     assert rb["lambda"] > 0 and rb["M_positive_definite"]
+
+
+@SLOW
+def test_trust_region_check_on_digits():
+    """The setting measured in docs/theory.md section 5: digits, standardised + bias, gamma 0.8, DELM init."""
+    from experiments.common.datasets import load_dataset, one_hot, preprocess
+    ds = load_dataset("digits", download=False)
+    pp = preprocess(ds, features="standardize", add_bias=True)
+    phi, y = jnp.asarray(pp.x_train, F64), jnp.asarray(one_hot(pp.y_train, 10), F64)
+    m = phi.shape[1]
+    params = DELM(width=m, out_dim=10, gamma=GAMMA).init(jax.random.PRNGKey(0), F64)
+    eta = (1 - GAMMA) ** 2 / float(theory.feature_spectrum(phi)["lambda_max"])
+    r = theory.trust_region_check(params, phi, y, eta, GAMMA)
+    assert r["velocity_rel_error"] < tol(1e-9, 1e-4) and r["M_positive_definite"]
+    assert abs(r["P_min_eig"] - 0.97) < 0.01 and 5.5 < r["M_min_eig"] < 6.5 and r["step_size_ratio"] < 1
+    assert 0 < r["model_decrease_ratio"] <= 1
 
 
 # ----------------------------------------------------------------------------- rate bound (sections 4 and 9)
