@@ -90,3 +90,90 @@ def check_shape(name: str, x: Any, expected: tuple, explanation: str = "") -> No
         want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
         extra = f" ({explanation})" if explanation else ""
         raise ValueError(f"{name} must have shape {want}{extra}; got shape {shape}")
+
+
+# ----------------------------------------------------------------------------- equilibrium-solve inputs
+
+def _leaf_kind(leaf: Any) -> str:
+    """'float', 'int' or 'bool' for arrays and NumPy scalars (by dtype); 'scalar' for Python numbers; else 'other'."""
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+        if isinstance(leaf, bool):
+            return "bool"
+        return "scalar" if isinstance(leaf, (int, float)) else "other"
+    if not hasattr(leaf, "shape"):
+        return "other"
+    if jnp.issubdtype(dtype, jnp.bool_):
+        return "bool"
+    if jnp.issubdtype(dtype, jnp.floating):
+        return "float"
+    if jnp.issubdtype(dtype, jnp.integer):
+        return "int"
+    return "other"
+
+
+def as_state(name: str, tree: Any) -> Any:
+    """The initial state `z0` with the cast rule of `deq_jax.solve`: floating arrays keep their dtype; Python numbers
+    and integer arrays become arrays of JAX's default floating dtype (float32, or float64 with x64 enabled), as
+    `jnp.asarray(z0, float)` would; booleans, complex numbers and non-arrays are refused with the reason."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    if not leaves:
+        raise ValueError(f"{name} must contain at least one array; got an empty pytree {tree!r}")
+    out = []
+    for path, leaf in leaves:
+        where = name + jax.tree_util.keystr(path)
+        kind = _leaf_kind(leaf)
+        if kind in ("scalar", "int"):
+            leaf = jnp.asarray(leaf, dtype=jnp.result_type(float))
+        elif kind == "float":
+            leaf = jnp.asarray(leaf)
+        elif kind == "bool":
+            raise TypeError(f"{where} must be a real number or a floating-point array; got a boolean "
+                            f"({_describe(leaf)}): an equilibrium state is iterated, so it must be real-valued")
+        else:
+            raise TypeError(f"{where} must be a real number or a floating-point array (the state is iterated, "
+                            f"so it must be real-valued; split complex states into real and imaginary parts); "
+                            f"got {_describe(leaf)}")
+        if is_concrete(leaf) and not _all_finite(leaf):
+            raise ValueError(f"{where} contains NaN or infinite values ({_describe(leaf)})")
+        out.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def as_arguments(name: str, tree: Any) -> Any:
+    """`params` or `x` of a solve: every leaf an array or a Python number (made an array, weakly typed, as JAX
+    does). Floating leaves are differentiable and, where concrete, must be finite; integer leaves (indices, counts)
+    are passed to the map unchanged and, as in JAX, get no gradient."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    out = []
+    for path, leaf in leaves:
+        where = name + jax.tree_util.keystr(path)
+        kind = _leaf_kind(leaf)
+        if kind == "other":
+            raise TypeError(
+                f"{where} must be an array or a number (the solve differentiates through {name}); got "
+                f"{_describe(leaf) if hasattr(leaf, 'dtype') else type(leaf).__name__}. Pass configuration "
+                f"through the map itself (a dataclass field or a closure) instead")
+        leaf = jnp.asarray(leaf)
+        if kind in ("float", "scalar") and is_concrete(leaf) and not _all_finite(leaf):
+            raise ValueError(f"{where} contains NaN or infinite values ({_describe(leaf)})")
+        out.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def check_batch_axis(batch_axis: Any, state: Any) -> Any:
+    """A valid axis of every leaf of `state`, all of the same size along it; returned non-negative per leaf."""
+    if batch_axis is None:
+        return None
+    if isinstance(batch_axis, bool) or not isinstance(batch_axis, (int, np.integer)):
+        raise TypeError(f"batch_axis must be an integer axis or None; got {batch_axis!r}")
+    sizes = set()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if not -leaf.ndim <= batch_axis < leaf.ndim:
+            raise ValueError(f"batch_axis={batch_axis} is not an axis of z0{jax.tree_util.keystr(path)} "
+                             f"({_describe(leaf)}); every leaf of the state needs the batch axis")
+        sizes.add(leaf.shape[batch_axis])
+    if len(sizes) > 1:
+        raise ValueError(f"batch_axis={batch_axis} must have the same size in every leaf of z0; got sizes "
+                         f"{sorted(sizes)}")
+    return int(batch_axis)

@@ -1,8 +1,9 @@
-"""Models as init/apply pairs over pytrees: the DELM, the linear model and deep linear networks.
+"""Models as init/apply pairs over pytrees: the DELM, the linear model and deep linear networks, and the `Model`
+protocol that a user's own model (e.g. a tanh DEQ built on `deq_jax.solve`) follows to use the training helpers.
 
 All models act on features `phi` of shape `(n, m)` (samples as rows; `deq_jax.maps.features` computes them) and
-return predictions `(n, m_y)` plus solver statistics (`None` for the explicit models). Each exposes its
-end-to-end matrix `W` of shape `(m_y, m)` with `predictions = phi @ W.T`.
+return predictions `(n, m_y)` plus solver statistics (`None` for the explicit models). Each built-in model exposes
+its end-to-end matrix `W` of shape `(m_y, m)` with `predictions = phi @ W.T`.
 
 The model objects are frozen dataclasses (hashable), so they can be closed over or passed as static arguments.
 """
@@ -10,19 +11,54 @@ The model objects are frozen dataclasses (hashable), so they can be closed over 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Protocol, Union, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 
 from deq_jax import _checks
 from deq_jax.maps import DELMMap, DELMTransposedMap, Sigma, get_sigma
-from deq_jax.solve import Backward, Solution, SolveStats, Solver, as_backward, as_solver, solve
+from deq_jax import warm as warm_lib
+from deq_jax.refine import Refine
+from deq_jax.solve import SOLVERS, Backward, Solution, SolveStats, Solver, as_backward, as_solver, solve
+from deq_jax.warm import DELMWarm, StepStats
 
 Array = jax.Array
 Params = dict
 
 FORMULATIONS = ("transposed", "per_sample")
+#: the DELM's solvers: those of `deq_jax.solve`, and "refine" (LU factors kept across training steps)
+DELM_SOLVERS: dict[str, Callable[[], Any]] = {**SOLVERS, "refine": Refine}
+#: `solver="auto"` is "direct" below this width and "refine" from it on: a warm-started transposed step with kept
+#: LU factors was measured faster than refactorising every step from m = 256 on (equal at 128, slower at 64: there
+#: the factorisation costs less than the refinement's loops)
+REFINE_FROM_WIDTH = 256
+
+
+@runtime_checkable
+class Model(Protocol):
+    """What the training helpers (`make_step`, `full_batch_gd`, `minibatch_train`) need of a model.
+
+    Required:
+    - `init(key, dtype) -> params`: a pytree of float arrays;
+    - `apply(params, phi) -> (predictions, stats)`: predictions `(n, m_y)` for features `phi` `(n, m)`, and the
+      equilibrium solve's `SolveStats` (None for a model without one). Differentiable in `params`.
+    Optional, each enabling a route:
+    - `end_to_end(params) -> W` with `predictions = phi @ W.T`: the square loss's Gram route (`GramData`);
+    - `warm_start(params, phi, previous=None) -> warm` and
+      `warm_value_and_grad(params, phi, objective, warm) -> (value, grads, warm, StepStats)`, with
+      `objective(params, predictions) -> scalar`: solves started from the last step's solution (see `deq_jax.warm`;
+      `implicit_value_and_grad` builds the second for any map);
+    - `end_to_end_value_and_grad(params, objective, warm)`, `objective(params, W)`: the same on the Gram route.
+    """
+
+    def init(self, key: Array, dtype: Any = jnp.float32) -> Any: ...
+
+    def apply(self, params: Any, phi: Array) -> tuple[Array, Optional[SolveStats]]: ...
+
+
+def _is_refine(solver: Any) -> bool:
+    return isinstance(solver, Refine) or (isinstance(solver, str) and solver == "refine")
 
 
 def _check_phi(phi: Any, width: int) -> None:
@@ -41,6 +77,14 @@ class DELM:
     - `"per_sample"`: solve `z_i = gamma sigma(A) z_i + phi_i` for all n samples (the generic DEQ form), predict
       `z @ B.T`; cost O(m^2 n) per iteration.
     Both go through any `solver` and `backward` of `deq_jax.solve` and give the same loss and gradients.
+    `solver="refine"` (or `Refine(...)`) keeps the LU factors of an earlier `U` across training steps and refines
+    to tolerance (`deq_jax.refine`); without carried state (`apply`) it is the direct solve. The default "auto"
+    becomes "direct" below `REFINE_FROM_WIDTH` = 256 and "refine" from there on (measured crossover).
+
+    In training (`make_step` with `warm_start=True`) each step starts its solves from the previous step's solution
+    and computes the gradient explicitly (`deq_jax.warm`): `warm_start`, `warm_value_and_grad`,
+    `end_to_end_value_and_grad`. There `Implicit(tol, maxiter)` set the adjoint solve's tolerance and iteration cap;
+    the adjoint is solved by the forward solver (`Implicit.linear_solver` applies to `apply`'s backward).
     """
 
     width: int
@@ -48,7 +92,7 @@ class DELM:
     gamma: float = 0.8
     sigma: Union[str, Sigma] = "column_softmax"
     formulation: str = "transposed"
-    solver: Union[str, Solver] = "direct"
+    solver: Union[str, Solver] = "auto"
     backward: Union[str, Backward] = "implicit"
     tol: float = 1e-5
     maxiter: int = 100
@@ -61,7 +105,12 @@ class DELM:
         _checks.check_open_unit("gamma", self.gamma)
         get_sigma(self.sigma)
         _checks.check_choice("formulation", self.formulation, FORMULATIONS)
-        as_solver(self.solver)
+        if isinstance(self.solver, str):
+            _checks.check_choice("solver", self.solver, (*DELM_SOLVERS, "auto"))
+            if self.solver == "auto":  # resolved once, so that model.solver says what runs
+                object.__setattr__(self, "solver", "refine" if self.width >= REFINE_FROM_WIDTH else "direct")
+        if not _is_refine(self.solver):
+            as_solver(self.solver)
         as_backward(self.backward)
         _checks.check_positive("tol", self.tol)
         _checks.check_positive("maxiter", self.maxiter, integer=True)
@@ -84,9 +133,10 @@ class DELM:
         _checks.check_shape("params['A']", params["A"], (m, m), f"A is m x m with m = width = {m}")
         _checks.check_shape("params['B']", params["B"], (m_y, m), f"B is m_y x m with m_y = out_dim = {m_y}, m = {m}")
 
-    def _solve(self, f, z0, params, x) -> Solution:
-        return solve(f, z0, params, x, solver=self.solver, backward=self.backward, tol=self.tol,
-                     maxiter=self.maxiter, precision=self.precision)
+    def _solve(self, f, z0, params, x, batch_axis=None) -> Solution:
+        solver = "direct" if _is_refine(self.solver) else self.solver  # no carried factors: factorise now
+        return solve(f, z0, params, x, solver=solver, backward=self.backward, tol=self.tol,
+                     maxiter=self.maxiter, precision=self.precision, batch_axis=batch_axis)
 
     def end_to_end_solution(self, params: Params) -> Solution:
         """The end-to-end matrix `W = B (I - gamma sigma(A))^{-1}` as the equilibrium `W = B + gamma W sigma(A)`."""
@@ -105,8 +155,38 @@ class DELM:
             sol = self.end_to_end_solution(params)
             return phi @ sol.value.T, sol.stats
         f = DELMMap(self.gamma, self.sigma)
-        sol = self._solve(f, jnp.zeros_like(phi), {"A": params["A"]}, phi)
+        # per sample: each sample's residual is judged, so one sample far from its equilibrium is seen
+        sol = self._solve(f, jnp.zeros_like(phi), {"A": params["A"]}, phi, batch_axis=0)
         return sol.value @ params["B"].T, sol.stats
+
+    # ------------------------------------------------------------------------- warm-started training (deq_jax.warm)
+
+    def warm_start(self, params: Params, phi: Optional[Array] = None, previous: Optional[DELMWarm] = None
+                   ) -> Optional[DELMWarm]:
+        """The solver state carried into the first step on `phi` (None: the end-to-end route, e.g. `GramData`).
+
+        Carried: W and dL/dB (end-to-end; kept from `previous` when the samples change) or z and u per sample
+        (reset when they change); the LU factors for "refine". None for `backward="unrolled"`."""
+        self.check_params(params)
+        if phi is not None:
+            _check_phi(phi, self.width)
+        return warm_lib.delm_warm_start(self, params, phi, previous)
+
+    def warm_value_and_grad(self, params: Params, phi: Array, objective: Callable, warm: DELMWarm
+                            ) -> tuple[Array, Params, DELMWarm, StepStats]:
+        """`objective(params, predictions)`'s value and gradient, solves started from `warm`; the new `warm`."""
+        self.check_params(params)
+        _check_phi(phi, self.width)
+        if self.formulation == "transposed":
+            return self.end_to_end_value_and_grad(params, lambda p, W: objective(p, phi @ W.T), warm)
+        return warm_lib.delm_value_and_grad(self, params, lambda p, z: objective(p, z @ p["B"].T), warm,
+                                            end_to_end=False, phi=phi)
+
+    def end_to_end_value_and_grad(self, params: Params, objective: Callable, warm: DELMWarm
+                                  ) -> tuple[Array, Params, DELMWarm, StepStats]:
+        """`objective(params, W)`'s value and gradient at `W = B U^{-1}`, solves started from `warm`."""
+        self.check_params(params)
+        return warm_lib.delm_value_and_grad(self, params, objective, warm, end_to_end=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,4 +276,5 @@ class DeepLinear:
         return phi @ self.end_to_end(params).T, None
 
 
-Model = Union[DELM, Linear, DeepLinear]
+#: the built-in models by name, e.g. for an application's config (`MODELS[name](width=..., out_dim=..., ...)`)
+MODELS: dict[str, Callable[..., Model]] = {"delm": DELM, "linear": Linear, "deep_linear": DeepLinear}

@@ -1,43 +1,66 @@
 """One entry point for equilibrium solves: `solve(f, z0, params, x, solver=..., backward=...) -> Solution`.
 
-The forward solver finds `z* = f(z*, params, x)`; the backward mode defines how gradients with respect to
-`params` and `x` flow through `z*`:
+(Over 400 lines on purpose: the stopping rule, the statistics and the three backward modes are one contract and are
+read together; jaxopt and the loops that drive it live in `deq_jax._jaxopt`.)
 
-- `Implicit` (default): the implicit function theorem, `dz*/dtheta = (I - df/dz)^{-1} df/dtheta`, through jaxopt's
-  `custom_fixed_point` (a `jax.custom_vjp`, so reverse mode only). The transposed system `(I - J^T) u = v` is not
-  symmetric, so plain CG is refused; GMRES (default), BiCGSTAB, normal-equation CG, or a dense LU solve it.
+The forward solver finds `z* = f(z*, params, x)`; the backward mode defines how gradients with respect to `params`
+and `x` flow through `z*`:
+
+- `Implicit` (default): the implicit function theorem, `dz*/dtheta = (I - J)^{-1} df/dtheta` with `J = df/dz` at
+  `z*`, as a `jax.custom_vjp` (reverse mode only). Each backward pass solves `(I - J^T) u = v` for the incoming
+  cotangent `v` with GMRES (default), BiCGSTAB, CG on the normal equations, or a dense LU, then MEASURES the solve:
+  `|(I - J^T) u - v| / |v|`. Plain CG is refused: the system is not symmetric.
 - `OneStep`: the Jacobian-free (one-step) gradient: `z = f(stop_gradient(z*), params, x)`, cheap and approximate.
-- `Unrolled`: autodiff through every iteration of the forward loop (for verification and memory comparisons).
+- `Unrolled`: autodiff through exactly `maxiter` forward steps (for verification and memory comparisons).
 
-Every solve reports `SolveStats`: iterations, absolute residual `|f(z) - z|`, relative residual
-`|f(z) - z| / |f(z0)|` (for `z0 = 0` the scale is `|f(0)|`, i.e. the input's size) and `converged`, which is
-`relative_residual <= tol` evaluated on the returned value. A solve that stops at `maxiter` says so.
+Convergence rule (one rule, for stopping and for `stats.converged`): with 2-norms over the whole pytree state,
 
-Precision: on GPUs JAX's default float32 matmul precision is TF32, with which Anderson acceleration was measured
-to stall at maxiter without any sign of it. Every solve therefore traces its map, its mixing and its backward linear
-solve under `jax.default_matmul_precision(precision)`, `"highest"` by default (`None` leaves JAX's setting).
+    |f(z) - z| <= tol * |f(z)| + atol        and z, f(z) finite and not diverged,
+
+so "converged" means "within `tol` (relative) of being a fixed point", whatever the start: a far start, a zero start
+and a warm start (e.g. the previous training step's equilibrium) are judged by the same rule on the value returned.
+With `batch_axis=k`, the norms are taken per sample along axis `k` of every leaf and every sample must satisfy the
+rule; the statistics report the worst sample. With `atol=0` (the default) an equilibrium at exactly `z* = 0` is met
+only when the residual vanishes: pass `atol` for such problems.
+
+Divergence: an iterate is `diverged` when it (or its image) is not finite, or when its largest entry exceeds
+`eps^(-3/4)` times the scale of the start, `max(|z0|_inf, |f(z0)|_inf)` (1.5e5 in float32, 5.8e11 in float64; `eps`
+of the state's dtype): such runaways (e.g. Broyden pushing an entry to 1e16, where rounding makes `f(z) - z`
+exactly zero) can satisfy any residual test, so they never count as converged. Loops stop as soon as it happens.
+
+Backward failure: a backward solve FAILS when its measured relative residual exceeds `10 * tol` (the margin covers
+the rounding between a Krylov solver's own residual estimate and the recomputed one), or its solution is not
+finite while its inputs are. Failure is never silent:
+- inside `deq_jax.value_and_grad` (which `deq_jax.train.make_step` uses), it is data: `BackwardStats` counts the
+  backward solves, the failures and the non-finite ones, and sums their relative residuals;
+- otherwise (plain `jax.grad`) it raises at run time, under `jit` too, with what failed and what to change.
+A non-finite cotangent or equilibrium is divergence upstream, not a backward failure: it is counted as `nonfinite`
+and never raises, so one diverged configuration of a vmapped sweep does not stop the others.
+`Implicit(check=False)` skips the measurement (one map VJP per backward pass) and the error.
+
+State types: any pytree (arrays, tuples, dicts, NamedTuples) of floating arrays of any rank, 0-d included, mixed
+float32/float64 included, for every solver and backward mode. Cast rule for `z0`: Python numbers and integer arrays
+become JAX's default floating dtype (float32, or float64 with x64); booleans and complex states are refused.
+`params`/`x`: Python numbers become arrays; integer leaves are passed through as data (no gradient, as in JAX).
+
+Precision: on GPUs JAX's default float32 matmul precision is TF32, with which Anderson acceleration was measured to
+stall at maxiter without any sign of it. Every solve traces its map, its mixing and its backward linear solve under
+`jax.default_matmul_precision(precision)`, `"highest"` by default (`None` leaves JAX's setting).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
-import numpy as np
 
 from deq_jax import _checks
-
-with __import__("warnings").catch_warnings():
-    # jaxopt 0.8.5 is its final release and warns on import; the library depends on it knowingly.
-    __import__("warnings").filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
-    import jaxopt
-    from jaxopt import linear_solve as _linear_solve
-    from jaxopt.implicit_diff import custom_fixed_point
+from deq_jax import _implicit
+from deq_jax import _jaxopt
+from deq_jax._implicit import BackwardStats, value_and_grad  # noqa: F401 (public here)
 
 Array = jax.Array
 Map = Callable[[Any, Any, Any], Any]
@@ -46,17 +69,19 @@ Map = Callable[[Any, Any, Any], Any]
 # ----------------------------------------------------------------------------- results
 
 class SolveStats(NamedTuple):
-    """What a solve did. Under `vmap` each field gains the mapped axis."""
+    """What a forward solve did, measured at the returned value. Under `vmap` each field gains the mapped axis."""
 
-    iterations: Array  # int32: forward iterations taken (0 for `Direct`)
-    residual: Array  # |f(z) - z|_2 at the returned z, over the whole pytree
-    relative_residual: Array  # residual / |f(z0)|_2
-    converged: Array  # bool: relative_residual <= tol (False for NaN)
+    iterations: Array  # int32: solver steps taken (0 for `Direct`; a start that already satisfies the rule: 0 or 1)
+    residual: Array  # |f(z) - z|_2 over the pytree (with batch_axis: the largest per-sample value)
+    relative_residual: Array  # |f(z) - z| / |f(z)| (with batch_axis: the largest per-sample value)
+    converged: Array  # bool: the convergence rule holds (every sample) and not diverged
+    diverged: Array  # bool: a non-finite value, or an entry beyond eps^(-3/4) times the start's scale
 
 
 class Solution(NamedTuple):
-    value: Any  # the equilibrium z*, same structure as z0
+    value: Any  # the equilibrium z*, same structure and dtypes as z0
     stats: SolveStats
+    aux: Any = None  # with has_aux=True: the map's aux output at the returned value (differentiable)
 
 
 # ----------------------------------------------------------------------------- forward solvers
@@ -83,10 +108,11 @@ class Anderson:
 
 @dataclasses.dataclass(frozen=True)
 class Broyden:
-    """Limited-memory Broyden on `g(z) = f(z) - z` (jaxopt `Broyden`).
+    """Limited-memory Broyden on `g(z) = f(z) - z` (jaxopt `Broyden`, on the flattened state).
 
     `inverse_jacobian_init = -1` starts the inverse-Jacobian estimate at `-I`, the right sign for DEQ residuals
     (`dg/dz = J - I` is near `-I` for a contraction); jaxopt's default `+1` was measured 10x slower or divergent.
+    `history_size=None` keeps `maxiter` updates.
     """
 
     inverse_jacobian_init: float = -1.0
@@ -101,8 +127,9 @@ class Broyden:
 class Direct:
     """An exact linear solve, for maps affine in z: `z (I - M)^T = c` where `f(z) = z @ M.T + c`.
 
-    Uses the map's `affine(params, x)` when it has one (the DELM maps do: the closed form); otherwise the
-    Jacobian is materialised (`jax.jacfwd`), which is only sensible for small states (at most `max_dense` numbers).
+    Uses the map's `affine(params, x)` when it has one (the DELM maps do: the closed form); otherwise the Jacobian is
+    materialised at `z = 0` (`jax.jacfwd`), which is only sensible for small states (at most `max_dense` numbers).
+    On a map that is not affine the result is not an equilibrium, and the statistics say so.
     """
 
     max_dense: int = 16384
@@ -120,18 +147,23 @@ SOLVERS: dict[str, Callable[[], Solver]] = {
 # ----------------------------------------------------------------------------- backward modes
 
 LINEAR_SOLVERS = ("gmres", "bicgstab", "normal_cg", "lu")
+FAILURE_MARGIN = _implicit.FAILURE_MARGIN  # a backward solve fails above FAILURE_MARGIN * tol (module docstring)
 
 
 @dataclasses.dataclass(frozen=True)
 class Implicit:
     """Implicit differentiation: solve `(I - J^T) u = v` with `linear_solver` to relative tolerance `tol`.
 
-    `tol=None` uses the forward solve's tolerance. `"lu"` materialises the Jacobian (small states only).
+    `tol=None` uses the forward solve's tolerance; `maxiter` caps the Krylov iterations (GMRES: restarts of 20).
+    `"lu"` materialises the Jacobian (states of at most `max_dense` numbers). `check=True` measures every backward
+    solve's residual and makes a failure loud (an error, or `BackwardStats` inside `deq_jax.value_and_grad`).
     """
 
     linear_solver: str = "gmres"
     tol: Optional[float] = None
     maxiter: Optional[int] = None
+    check: bool = True
+    max_dense: int = 4096
 
     def __post_init__(self):
         if self.linear_solver == "cg":
@@ -146,23 +178,31 @@ class Implicit:
             _checks.check_positive("Implicit.tol", self.tol)
         if self.maxiter is not None:
             _checks.check_positive("Implicit.maxiter", self.maxiter, integer=True)
+        if not isinstance(self.check, bool):
+            raise TypeError(f"Implicit.check must be True or False; got {self.check!r}")
+        _checks.check_positive("Implicit.max_dense", self.max_dense, integer=True)
 
 
 @dataclasses.dataclass(frozen=True)
 class OneStep:
-    """Jacobian-free backward: differentiate one application of `f` at the (stopped) equilibrium."""
+    """Jacobian-free backward: differentiate one application of `f` at the (stopped) equilibrium.
+
+    The value returned is `f(z*)`; the statistics describe `z*` (their residual is `|f(z*) - z*|`)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Unrolled:
-    """Differentiate through all `maxiter` iterations of the forward loop (memory grows with `maxiter`).
-
-    With `Direct`, this is plain autodiff through the linear solve, which is already exact.
+    """Differentiate through exactly `maxiter` forward steps, whatever the start: the solver's steps until the
+    convergence rule holds, then averaged steps `z <- (z + f(z)) / 2`. The gradient approaches the implicit one
+    geometrically in the number of steps (for a map that contracts at `z*`, or is non-expansive without the
+    eigenvalue 1); `stats.iterations` counts the solver's steps. With `Direct`: plain autodiff through the solve.
+    Memory grows with `maxiter`.
     """
 
 
 Backward = Union[Implicit, OneStep, Unrolled]
 BACKWARDS: dict[str, Callable[[], Backward]] = {"implicit": Implicit, "one_step": OneStep, "unrolled": Unrolled}
+PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
 
 
 def as_solver(solver: Union[str, Solver]) -> Solver:
@@ -187,24 +227,69 @@ def as_backward(backward: Union[str, Backward]) -> Backward:
     return BACKWARDS[backward]()
 
 
+# ----------------------------------------------------------------------------- the convergence rule
+
+def _wide(leaf: Array) -> Array:
+    return leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))  # norms of bfloat16 states in float32
+
+
+def _norms(tree: Any, batch_axis: Optional[int]) -> Array:
+    """2-norm over the pytree, or per sample along `batch_axis` (shape `(n,)`)."""
+    def sq(leaf):
+        leaf = jnp.abs(_wide(leaf)) ** 2
+        if batch_axis is None:
+            return jnp.sum(leaf)
+        return jnp.sum(jnp.moveaxis(leaf, batch_axis, 0).reshape(leaf.shape[batch_axis], -1), axis=1)
+
+    return jnp.sqrt(sum(sq(leaf) for leaf in jax.tree_util.tree_leaves(tree)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    tol: Any  # a float, or a tracer (e.g. vmapped over)
+    atol: Any
+    batch_axis: Optional[int]
+    growth: float  # eps^(-3/4) of the state's dtype
+
+    def measure(self, r: Any, fz: Any) -> tuple[Array, Array, Array]:
+        """(|r|, |f(z)|, rule holds) per sample (or scalars)."""
+        res, scale = _norms(r, self.batch_axis), _norms(fz, self.batch_axis)
+        return res, scale, res <= self.tol * scale + self.atol  # False for NaN
+
+    def diverged(self, r: Any, fz: Any, ref: Array) -> Array:
+        big = jnp.maximum(_jaxopt.max_abs(r), _jaxopt.max_abs(fz))
+        return ~jnp.isfinite(big) | (_jaxopt.max_abs(fz) > self.growth * ref)
+
+    def check(self, r: Any, fz: Any, ref: Array) -> tuple[Array, Array]:
+        """The loops' stopping test: (rule holds for every sample, diverged)."""
+        return jnp.all(self.measure(r, fz)[2]), self.diverged(r, fz, ref)
+
+    def stats(self, z: Any, fz: Any, iterations: Array, ref: Optional[Array]) -> SolveStats:
+        """The statistics of the returned value, measured independently of the solver's bookkeeping."""
+        z, fz = jax.lax.stop_gradient((z, fz))
+        r = jax.tree_util.tree_map(jnp.subtract, fz, z)
+        res, scale, holds = self.measure(r, fz)
+        relative = res / jnp.maximum(scale, jnp.finfo(scale.dtype).tiny)
+        diverged = self.diverged(r, fz, jnp.asarray(jnp.inf if ref is None else ref))
+        return SolveStats(
+            iterations=jnp.asarray(iterations, jnp.int32),
+            residual=jnp.max(res),
+            relative_residual=jnp.max(relative),
+            converged=jnp.all(holds) & ~diverged,
+            diverged=diverged,
+        )
+
+
+def _growth(z0: Any) -> float:
+    dtype = jnp.result_type(*[leaf.dtype for leaf in jax.tree_util.tree_leaves(z0)])
+    return float(jnp.finfo(dtype).eps) ** -0.75
+
+
 # ----------------------------------------------------------------------------- helpers
 
-def _norm(tree: Any) -> Array:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.sqrt(sum(jnp.sum(jnp.abs(leaf) ** 2) for leaf in leaves))
-
-
-def _sub(a: Any, b: Any) -> Any:
-    return jax.tree_util.tree_map(jnp.subtract, a, b)
-
-
-def _precision(precision: Optional[str]):
-    return contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)
-
-
 def _with_precision(f: Map, precision: Optional[str]) -> Map:
-    """`f` traced under the given matmul precision wherever it is traced: in the forward loop, and where jaxopt
-    linearises it for the backward pass (transposed matmuls inherit the precision of the traced ones)."""
+    """`f` traced under the given matmul precision wherever it is traced: in the forward loop, and where the
+    backward linearises it (transposed matmuls inherit the precision of the traced ones)."""
     if precision is None:
         return f
 
@@ -215,125 +300,51 @@ def _with_precision(f: Map, precision: Optional[str]) -> Map:
     return f_at_precision
 
 
-def _f_at_start(f: Map, affine_f: Any, z0: Any, params: Any, x: Any) -> Any:
-    """`f(z0)`, the scale of the relative residual. An affine map started from zero (as the models start) gives its
-    offset `c` without the product with `M` (for the per-sample DELM an n x m x m matmul, the cost of one
-    iteration); `lax.cond` keeps `f(z0)` for any other start, so the value is the same either way."""
-    if not (hasattr(affine_f, "affine") and hasattr(z0, "shape")):
-        return f(z0, params, x)
+def _check_map(f: Map, z0: Any, params: Any, x: Any, has_aux: bool) -> None:
+    """`f(z0, params, x)` must return a state like `z0` (plus aux with has_aux): checked on shapes, not values."""
     out = jax.eval_shape(f, z0, params, x)
-    offset = lambda: jnp.broadcast_to(affine_f.affine(params, x)[1], out.shape).astype(out.dtype)
-    return jax.lax.cond(jnp.any(z0 != 0), lambda: f(z0, params, x), offset)
+    if has_aux:
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise ValueError(f"with has_aux=True, f must return a pair (z, aux); got {jax.tree_util.tree_structure(out)}")
+        out = out[0]
+    problem = None
+    if jax.tree_util.tree_structure(out) != jax.tree_util.tree_structure(z0):
+        problem = (f"structure {jax.tree_util.tree_structure(out)} where z0 has "
+                   f"{jax.tree_util.tree_structure(z0)}")
+        if not has_aux and isinstance(out, tuple) and len(out) == 2:
+            problem += " (a map returning (z, aux) needs has_aux=True)"
+    else:
+        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(out)[0], jax.tree_util.tree_leaves(z0)):
+            if a.shape != b.shape or a.dtype != b.dtype:
+                problem = (f"leaf {jax.tree_util.keystr(path) or '(root)'} of shape {a.shape} and dtype {a.dtype} where "
+                           f"z0 has shape {b.shape} and dtype {b.dtype}")
+                break
+    if problem:
+        raise ValueError(f"f(z0, params, x) must return a state of z0's structure, shapes and dtypes (the cast rule "
+                         f"gives z0 the default float dtype for Python numbers and integers); it returns {problem}")
 
 
-def _stats(f: Map, z: Any, params: Any, x: Any, scale: Array, iterations: Array, tol: float) -> SolveStats:
-    """Residual of the returned value, measured independently of the solver's own bookkeeping."""
-    z, params, x = jax.lax.stop_gradient((z, params, x))
-    residual = _norm(_sub(f(z, params, x), z))
-    relative = residual / jnp.maximum(scale, jnp.finfo(residual.dtype).tiny)
-    return SolveStats(
-        iterations=jnp.asarray(iterations, jnp.int32),
-        residual=residual,
-        relative_residual=relative,
-        converged=relative <= tol,
-    )
-
-
-def _linear_solver(backward: Implicit, tol: float, precision: Optional[str]) -> Callable:
-    tol = backward.tol if backward.tol is not None else tol
-    kwargs = {} if backward.maxiter is None else {"maxiter": backward.maxiter}
-    base = {
-        "gmres": functools.partial(_linear_solve.solve_gmres, tol=tol, atol=0.0, **kwargs),
-        "bicgstab": functools.partial(_linear_solve.solve_bicgstab, tol=tol, atol=0.0, **kwargs),
-        "normal_cg": functools.partial(_linear_solve.solve_normal_cg, tol=tol, atol=0.0, **kwargs),
-        "lu": _linear_solve.solve_lu,
-    }[backward.linear_solver]
-
-    def linear_solve(matvec, b):
-        # the backward pass is traced after solve() returns: set the precision here too
-        with _precision(precision):
-            return base(matvec, b)
-
-    return linear_solve
-
-
-def _direct(f: Map, z0: Any, params: Any, x: Any, max_dense: int) -> Any:
+def _direct(f: Map, fz: Map, z0: Any, params: Any, x: Any, max_dense: int) -> Any:
     """Exact solution of the affine fixed-point equation (differentiable by ordinary autodiff)."""
-    if hasattr(f, "affine"):
+    if hasattr(f, "affine") and not isinstance(z0, (tuple, list, dict)):
         M, c = f.affine(params, x)
         eye = jnp.eye(M.shape[0], dtype=M.dtype)
         if c.ndim == 1:
             return jnp.linalg.solve(eye - M, c)
         return jnp.linalg.solve(eye - M, c.reshape(-1, c.shape[-1]).T).T.reshape(c.shape)
     flat0, unravel = jax.flatten_util.ravel_pytree(z0)
-    if flat0.size > max_dense:
-        raise ValueError(
-            f"solver 'direct' on a map without an `affine(params, x)` method materialises a "
-            f"{flat0.size} x {flat0.size} Jacobian, above Direct.max_dense={max_dense}; give the map an `affine` "
-            f"method or use an iterative solver"
-        )
-    g = lambda v: jax.flatten_util.ravel_pytree(f(unravel(v), params, x))[0]
+    g = lambda v: jax.flatten_util.ravel_pytree(fz(unravel(v), params, x))[0]
     zero = jnp.zeros_like(flat0)
-    c = g(zero)
     J = jax.jacfwd(g)(zero)
-    return unravel(jnp.linalg.solve(jnp.eye(flat0.size, dtype=J.dtype) - J, c))
+    return unravel(jnp.linalg.solve(jnp.eye(flat0.size, dtype=J.dtype) - J, g(zero)))
 
 
-class _RelativeRidgeAnderson(jaxopt.AndersonAcceleration):
-    """jaxopt's Anderson (its state, loop and stopping rule) with a mixing step that is scale-invariant and keeps dtypes.
-
-    - The ridge is relative to the residual Gram matrix's mean diagonal: jaxopt adds an absolute `ridge`, which
-      dominates once residuals are small and decays the mixing to plain averaging (measured: 359 iterations where
-      fixed-point iteration took 213, float64, tol 1e-10; 19 with the relative ridge).
-    - The mixing weights are cast to the state's dtype: jaxopt builds them in the default float dtype, which turns a
-      float32 (or bfloat16) state into float64 under `jax_enable_x64` and breaks its `lax.cond`.
-    """
-
-    def update(self, params, state, *args, **kwargs):
-        m = self.history_size
-        gram = state.residual_gram
-        mix_now = jnp.logical_and(state.iter_num % self.mixing_frequency == 0, state.iter_num >= m)
-
-        def mix(_):
-            # argmin_alpha |sum_i alpha_i r_i|^2 + ridge |alpha|^2 subject to sum_i alpha_i = 1
-            ridge = self.ridge * jnp.trace(gram) / m + jnp.finfo(gram.dtype).tiny
-            w = jnp.linalg.solve(gram + ridge * jnp.eye(m, dtype=gram.dtype), jnp.ones(m, gram.dtype))
-            alpha = w / jnp.sum(w)
-            combine = lambda h: jnp.tensordot(alpha.astype(h.dtype), h, axes=1)
-            return jax.tree_util.tree_map(
-                lambda p, r: combine(p) + jnp.asarray(self.beta, p.dtype) * combine(r),
-                state.params_history, state.residuals_history)
-
-        extrapolated = jax.lax.cond(mix_now, mix, lambda _: params, None)
-        next_params, aux = self._value_with_aux(extrapolated, *args, **kwargs)
-        residual = _sub(next_params, extrapolated)
-        pos = state.iter_num % m
-        params_history = jax.tree_util.tree_map(lambda h, v: h.at[pos].set(v), state.params_history, extrapolated)
-        residuals_history = jax.tree_util.tree_map(lambda h, v: h.at[pos].set(v), state.residuals_history, residual)
-        row = jax.vmap(lambda hist: sum(jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(hist),
-                                                                       jax.tree_util.tree_leaves(residual))),
-                       )(residuals_history).astype(gram.dtype)
-        gram = gram.at[pos, :].set(row).at[:, pos].set(row)
-        next_state = state._replace(
-            iter_num=state.iter_num + 1, error=jnp.sqrt(gram[pos, pos]).astype(jnp.asarray(state.error).dtype),
-            params_history=params_history, residuals_history=residuals_history, residual_gram=gram, aux=aux,
-            num_fun_eval=state.num_fun_eval + 1)
-        return jaxopt.OptStep(params=next_params, state=next_state)
-
-
-def _iterative(solver: Solver, f: Map, abs_tol: Array, maxiter: int, unroll: bool):
-    """The jaxopt solver object (implicit_diff off: deq_jax decides how to differentiate)."""
-    common = dict(maxiter=maxiter, tol=abs_tol, implicit_diff=False, unroll=unroll, jit=True)
+def _kind(solver: Solver, maxiter: int) -> tuple[str, dict]:
     if isinstance(solver, FixedPoint):
-        return jaxopt.FixedPointIteration(fixed_point_fun=f, **common)
+        return "fixed_point", {}
     if isinstance(solver, Anderson):
-        return _RelativeRidgeAnderson(
-            fixed_point_fun=f, history_size=solver.history_size, beta=solver.beta, ridge=solver.ridge, **common
-        )
-    residual_fun = lambda z, params, x: _sub(f(z, params, x), z)
-    return jaxopt.Broyden(
-        fun=residual_fun, gamma=solver.inverse_jacobian_init, history_size=solver.history_size, **common
-    )
+        return "anderson", dict(history_size=solver.history_size, beta=solver.beta, ridge=solver.ridge)
+    return "broyden", dict(gamma=solver.inverse_jacobian_init, history_size=solver.history_size or maxiter)
 
 
 # ----------------------------------------------------------------------------- the entry point
@@ -347,79 +358,99 @@ def solve(
     solver: Union[str, Solver] = "anderson",
     backward: Union[str, Backward] = "implicit",
     tol: float = 1e-5,
+    atol: float = 0.0,
     maxiter: int = 100,
     precision: Optional[str] = "highest",
+    has_aux: bool = False,
+    batch_axis: Optional[int] = None,
 ) -> Solution:
-    """Find `z* = f(z*, params, x)` from `z0` and return it with its statistics.
+    """Find `z* = f(z*, params, x)` from `z0` and return it with its statistics (see the module docstring for the
+    convergence rule, divergence, backward failures, state types and the cast rule).
 
     Args:
-      f: the equilibrium map `f(z, params, x)`, a pure function (any callable; see `deq_jax.maps`).
-      z0: initial state (a pytree of float arrays; an array for `Direct` with `affine` maps and for LU backward).
+      f: the equilibrium map `f(z, params, x)`, a pure function (any callable; see `deq_jax.maps`); with
+        `has_aux=True` it returns `(z, aux)`.
+      z0: initial state: a pytree of floating arrays (Python numbers and integer arrays are cast, see above).
       params: parameters (pytree), differentiable.
       x: input (pytree), differentiable.
       solver: `"anderson"`, `"fixed_point"`, `"broyden"`, `"direct"` or an instance (`Anderson(history_size=...)`).
       backward: `"implicit"`, `"one_step"`, `"unrolled"` or an instance (`Implicit(linear_solver="lu")`).
-      tol: relative tolerance on `|f(z) - z| / |f(z0)|`, for stopping and for `stats.converged`.
-      maxiter: iteration cap of iterative solvers (also the unrolled length for `Unrolled`).
+      tol, atol: the convergence rule `|f(z) - z| <= tol * |f(z)| + atol`, for stopping and for `stats.converged`.
+      maxiter: iteration cap of iterative solvers (the exact number of differentiated steps for `Unrolled`).
       precision: matmul precision inside the solve (`"highest"`, `"float32"`, `"tensorfloat32"`, `"bfloat16"`,
         `"default"`), or None to leave JAX's current setting.
+      has_aux: `f` returns `(z, aux)`; `Solution.aux` is the aux of `f` at the returned value.
+      batch_axis: an axis of every state leaf that indexes independent samples: the rule then holds per sample and
+        the statistics report the worst one.
 
     Returns:
-      `Solution(value, stats)`. Works under `jit`, `vmap` and `grad` (reverse mode for `Implicit`; forward and
+      `Solution(value, stats, aux)`. Works under `jit`, `vmap` and `grad` (reverse mode for `Implicit`; forward and
       reverse for the other modes and for `Direct`).
 
     Example:
       >>> f = DELMMap(gamma=0.9)
-      >>> sol = solve(f, jnp.zeros_like(phi), {"A": A}, phi, solver="anderson", tol=1e-6)
+      >>> sol = solve(f, jnp.zeros_like(phi), {"A": A}, phi, solver="anderson", tol=1e-6, batch_axis=0)
       >>> sol.value, sol.stats.converged
     """
     solver = as_solver(solver)
     backward = as_backward(backward)
     _checks.check_positive("tol", tol)
+    if not (isinstance(atol, jax.core.Tracer) or (isinstance(atol, (int, float)) and atol >= 0)):
+        raise ValueError(f"atol must be a number >= 0; got {atol!r}")
     _checks.check_positive("maxiter", maxiter, integer=True)
     if not callable(f):
         raise TypeError(f"f must be a callable f(z, params, x); got {f!r}")
-    _checks.check_float_array("z0", z0)
-    _checks.check_float_array("params", params)
-    _checks.check_float_array("x", x)
     if precision is not None:
-        _checks.check_choice(
-            "precision", precision, ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
-        )
+        _checks.check_choice("precision", precision, PRECISIONS)
+    z0 = _checks.as_state("z0", z0)
+    params = _checks.as_arguments("params", params)
+    x = _checks.as_arguments("x", x)
+    batch_axis = _checks.check_batch_axis(batch_axis, z0)
 
     affine_f, f = f, _with_precision(f, precision)
-    with _precision(precision):
-        scale = jax.lax.stop_gradient(_norm(_f_at_start(f, affine_f, z0, params, x)))
+    _check_map(f, z0, params, x, has_aux)
+    fz = (lambda z, p, x: f(z, p, x)[0]) if has_aux else f
+    rule = _Rule(tol, atol, batch_axis, _growth(z0))
+    size = sum(leaf.size for leaf in jax.tree_util.tree_leaves(z0))
+    if isinstance(backward, Implicit) and backward.linear_solver == "lu" and size > backward.max_dense:
+        raise ValueError(f"Implicit(linear_solver='lu') materialises a {size} x {size} Jacobian, above "
+                         f"Implicit.max_dense={backward.max_dense}; use 'gmres' or raise max_dense")
+    if isinstance(solver, Direct) and not hasattr(affine_f, "affine") and size > solver.max_dense:
+        raise ValueError(f"solver 'direct' on a map without an `affine(params, x)` method materialises a "
+                         f"{size} x {size} Jacobian, above Direct.max_dense={solver.max_dense}; give the map an "
+                         f"`affine` method or use an iterative solver")
 
+    def finish(z, iterations, ref):
+        # the one extra map application: the statistics' independent residual (and the aux, differentiable)
+        out = f(z, params, x) if has_aux else f(*jax.lax.stop_gradient((z, params, x)))
+        value, aux = out if has_aux else (out, None)
+        return Solution(z, rule.stats(z, value, iterations, ref), aux)
+
+    with _implicit.precision_scope(precision):
         if isinstance(solver, Direct):
             if isinstance(backward, OneStep):
-                z_star = _direct(affine_f, z0, *jax.lax.stop_gradient((params, x)), solver.max_dense)
-                z = f(jax.lax.stop_gradient(z_star), params, x)
-            else:
-                z = _direct(affine_f, z0, params, x, solver.max_dense)
-            return Solution(z, _stats(f, z, params, x, scale, 0, tol))
+                z_star = _direct(affine_f, fz, z0, *jax.lax.stop_gradient((params, x)), solver.max_dense)
+                return _one_step(f, has_aux, rule, z_star, params, x, 0, None)
+            return finish(_direct(affine_f, fz, z0, params, x, solver.max_dense), 0, None)
 
-        def forward(z_init, params, x):
-            # the stopping threshold is derived from this function's own arguments: a tracer closed over from outside
-            # would leak through jaxopt's custom_vjp under vmap(jit(grad(...)))
-            abs_tol = tol * jax.lax.stop_gradient(_norm(_f_at_start(f, affine_f, z_init, params, x)))
-            run = _iterative(solver, f, abs_tol, maxiter, unroll=isinstance(backward, Unrolled))
-            z, state = run.run(z_init, params, x)
-            return z, state.iter_num
-
+        kind, options = _kind(solver, maxiter)
         if isinstance(backward, Implicit):
-            fp = lambda z, params, x: f(z, params, x)  # a plain signature for custom_fixed_point to bind against
-            linear_solve = _linear_solver(backward, tol, precision)
+            tol_b = tol if backward.tol is None else backward.tol
+            z, iterations, ref = _implicit.implicit(backward, kind, options, fz, rule, maxiter, tol_b, precision,
+                                              z0, params, x)
+            return finish(z, *jax.lax.stop_gradient((iterations, ref)))
+        if isinstance(backward, OneStep):
+            p, xx = jax.lax.stop_gradient((params, x))
+            z_star, iterations, ref = _jaxopt.run(kind, options, lambda z: fz(z, p, xx), z0, rule.check, maxiter)
+            return _one_step(f, has_aux, rule, z_star, params, x, iterations, ref)
+        z, iterations, ref = _jaxopt.run_unrolled(kind, options, lambda z: fz(z, params, x), z0, rule.check,
+                                                  maxiter)
+        return finish(z, *jax.lax.stop_gradient((iterations, ref)))
 
-            @custom_fixed_point(fp, has_aux=True, solve=linear_solve, reference_signature=fp)
-            def implicit_forward(z_init, params, x):
-                z, iterations = forward(z_init, params, x)
-                return z, iterations
 
-            z, iterations = implicit_forward(z0, params, x)
-        elif isinstance(backward, OneStep):
-            z_star, iterations = forward(z0, *jax.lax.stop_gradient((params, x)))
-            z = f(jax.lax.stop_gradient(z_star), params, x)
-        else:
-            z, iterations = forward(z0, params, x)
-        return Solution(z, _stats(f, z, params, x, scale, iterations, tol))
+def _one_step(f: Map, has_aux: bool, rule: _Rule, z_star: Any, params: Any, x: Any, iterations, ref) -> Solution:
+    """`f(stop_gradient(z*))`: its value is returned, and it is also the statistics' evaluation at `z*`."""
+    z_star = jax.lax.stop_gradient(z_star)
+    out = f(z_star, params, x)
+    value, aux = out if has_aux else (out, None)
+    return Solution(value, rule.stats(z_star, value, iterations, ref), aux)

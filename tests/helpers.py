@@ -50,3 +50,24 @@ def rel_err(a, b) -> float:
     num = sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(la, lb))
     den = sum(float(jnp.sum(y ** 2)) for y in lb)
     return (num / den) ** 0.5
+
+
+# ----------------------------------------------------------------------------- x64 on or off (tests/conftest.py)
+
+import pytest  # noqa: E402
+
+X64 = bool(jax.config.jax_enable_x64)
+# the dtype a test runs in when it works in both modes: float64 with x64 (the default), float32 without
+DTYPE = jnp.float64 if X64 else jnp.float32
+requires_x64 = pytest.mark.skipif(not X64, reason="needs float64 (DEQ_JAX_TEST_X64=0 runs with x64 disabled)")
+
+
+def tree_rel_err(a, b) -> float:
+    """`rel_err` for pytrees of mixed dtypes (computed in NumPy float64)."""
+    import numpy as np
+
+    la = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(a)]
+    lb = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(b)]
+    num = sum(float(np.sum((x - y) ** 2)) for x, y in zip(la, lb))
+    den = sum(float(np.sum(y ** 2)) for y in lb)
+    return (num / den) ** 0.5

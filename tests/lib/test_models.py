@@ -1,11 +1,15 @@
-"""Models: the DELM in both formulations, the linear model, deep linear networks; shapes and argument errors."""
+"""Models: the DELM in both formulations, the linear model, deep linear networks; the Model protocol and the
+registries; shapes and argument errors."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deq_jax import DELM, DeepLinear, Linear, get_sigma
+from deq_jax import (DELM, DELM_SOLVERS, MODELS, REFINE_FROM_WIDTH, SOLVERS, DeepLinear, Linear, Model, Refine,
+                     get_sigma)
+
+requires_x64 = pytest.mark.skipif(not jax.config.read("jax_enable_x64"), reason="float64 reference needs x64")
 
 
 def data(dtype, n=13, m=6, m_y=4):
@@ -13,53 +17,61 @@ def data(dtype, n=13, m=6, m_y=4):
     return phi
 
 
-@pytest.mark.parametrize("solver, sigma", [("direct", s) for s in ["column_softmax", "row_softmax", "scaled_tanh"]]
-                         + [("anderson", "row_softmax"), ("fixed_point", "scaled_tanh"), ("broyden", "column_softmax")])
-def test_delm_formulations_and_closed_form(solver, sigma):
+# the solvers themselves are tested in test_solve.py (and through the model in test_models_under_vmap_over_seeds)
+@requires_x64
+def test_delm_formulations_and_closed_form():
     phi = data(jnp.float64)
-    outs = {}
-    for formulation in ["transposed", "per_sample"]:
-        model = DELM(6, 4, gamma=0.7, sigma=sigma, formulation=formulation, solver=solver, tol=1e-12, maxiter=400)
-        params = model.init(jax.random.PRNGKey(1), jnp.float64)
-        pred, stats = jax.jit(model.apply)(params, phi)
+    sigmas = ["column_softmax", "row_softmax", "scaled_tanh"]
+    models = {(s, f): DELM(6, 4, gamma=0.7, sigma=s, formulation=f, tol=1e-12) for s in sigmas
+              for f in ["transposed", "per_sample"]}
+    params = DELM(6, 4).init(jax.random.PRNGKey(1), jnp.float64)
+    # one compiled program for all six models: compiling dominates this test
+    outs = jax.jit(lambda p: {k: (m.apply(p, phi), m.end_to_end(p)) for k, m in models.items()})(params)
+    for (sigma, _), ((pred, stats), W_model) in outs.items():
+        U = jnp.eye(6) - 0.7 * get_sigma(sigma)(params["A"])
+        W = params["B"] @ jnp.linalg.inv(U)
         assert pred.shape == (13, 4) and bool(stats.converged)
-        outs[formulation] = pred
-    U = jnp.eye(6) - 0.7 * get_sigma(sigma)(params["A"])
-    W = params["B"] @ jnp.linalg.inv(U)
-    for pred in outs.values():
         np.testing.assert_allclose(pred, phi @ W.T, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(model.end_to_end(params), W, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(W_model, W, rtol=1e-9, atol=1e-12)
 
 
 def test_delm_float32_end_to_end():
     model = DELM(6, 4)
     params = model.init(jax.random.PRNGKey(0))
     assert params["A"].dtype == jnp.float32 and params["A"].shape == (6, 6) and params["B"].shape == (4, 6)
-    pred, stats = model.apply(params, data(jnp.float32))
+    pred, stats = jax.jit(model.apply)(params, data(jnp.float32))
     assert pred.dtype == jnp.float32 and bool(stats.converged)
 
 
+@requires_x64
 def test_linear_and_deep_linear():
     phi = data(jnp.float64)
-    lin = Linear(6, 4)
-    p = lin.init(jax.random.PRNGKey(0), jnp.float64)
-    pred, stats = lin.apply(p, phi)
+    lin, deeps = Linear(6, 4), [DeepLinear(6, 4, depth=1), DeepLinear(6, 4, depth=3, hidden=2)]
+    p_lin = lin.init(jax.random.PRNGKey(0), jnp.float64)
+    p_deep = [deep.init(jax.random.PRNGKey(k), jnp.float64) for k, deep in enumerate(deeps)]
+    assert [len(p["layers"]) for p in p_deep] == [1, 3]
+
+    @jax.jit
+    def run(p_lin, p_deep):
+        out = {"linear": (lin.apply(p_lin, phi), lin.end_to_end(p_lin))}
+        for k, (deep, p) in enumerate(zip(deeps, p_deep)):  # differentiable through every layer
+            grads = jax.grad(lambda p: jnp.sum(deep.apply(p, phi)[0] ** 2))(p)
+            out[f"deep{k}"] = (deep.apply(p, phi), deep.end_to_end(p), grads)
+        return out
+
+    out = run(p_lin, p_deep)
+    (pred, stats), W = out["linear"]
     assert stats is None
-    np.testing.assert_allclose(pred, phi @ lin.end_to_end(p).T)
-    for depth, hidden in [(1, None), (2, 3), (4, None)]:
-        deep = DeepLinear(6, 4, depth=depth, hidden=hidden)
-        p = deep.init(jax.random.PRNGKey(depth), jnp.float64)
-        assert len(p["layers"]) == depth
-        pred, _ = deep.apply(p, phi)
-        np.testing.assert_allclose(pred, phi @ deep.end_to_end(p).T, rtol=1e-12)
-        # differentiable through every layer
-        grads = jax.grad(lambda p: jnp.sum(deep.apply(p, phi)[0] ** 2))(p)
+    np.testing.assert_allclose(pred, phi @ W.T)
+    for k in range(2):
+        (pred, _), W, grads = out[f"deep{k}"]
+        np.testing.assert_allclose(pred, phi @ W.T, rtol=1e-12)
         assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads["layers"])
 
 
 def test_models_under_vmap_over_seeds():
     phi = data(jnp.float32)
-    model = DELM(6, 4, solver="anderson")
+    model = DELM(6, 4)
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     params = jax.vmap(lambda k: model.init(k))(keys)
     apply = jax.jit(lambda p: model.apply(p, phi))
@@ -95,7 +107,7 @@ def test_model_argument_errors():
         DELM(3, 2, gamma=1.2)
     with pytest.raises(ValueError, match="unknown formulation 'columns'"):
         DELM(3, 2, formulation="columns")
-    with pytest.raises(ValueError, match="unknown solver 'lbfgs'"):
+    with pytest.raises(ValueError, match="unknown solver 'lbfgs'; valid choices are .*'direct', 'refine'"):
         DELM(3, 2, solver="lbfgs")
     with pytest.raises(ValueError, match="tol must be a positive number; got 0"):
         DELM(3, 2, tol=0)
@@ -103,3 +115,32 @@ def test_model_argument_errors():
         DeepLinear(3, 2, depth=0)
     with pytest.raises(ValueError, match=r"params\['W'\] must have shape \(4, 6\)"):
         Linear(6, 4).apply({"W": jnp.zeros((6, 4))}, phi)
+
+
+def test_model_protocol_and_registries():
+    """Any object with init/apply is a Model (a user's own DEQ included); configs derive choices from registries."""
+
+    class Mine:
+        def init(self, key, dtype=jnp.float32):
+            return {"W": jnp.zeros((2, 3), dtype)}
+
+        def apply(self, params, phi):
+            return phi @ params["W"].T, None
+
+    for model in (DELM(3, 2), Linear(3, 2), DeepLinear(3, 2), Mine()):
+        assert isinstance(model, Model)
+    assert not isinstance(object(), Model)
+    assert set(MODELS) == {"delm", "linear", "deep_linear"}
+    assert isinstance(MODELS["delm"](width=3, out_dim=2), DELM)
+    assert set(DELM_SOLVERS) == set(SOLVERS) | {"refine"} and DELM_SOLVERS["refine"] is Refine
+    assert DELM(3, 2, solver=Refine(max_sweeps=3)).solver == Refine(max_sweeps=3)
+    # "auto" (the default) says what it chose: direct below the measured crossover, refine from it on
+    assert DELM(REFINE_FROM_WIDTH - 1, 2).solver == "direct" and DELM(REFINE_FROM_WIDTH, 2).solver == "refine"
+
+
+@requires_x64
+def test_refine_without_carried_state_is_the_direct_solve():
+    phi = data(jnp.float64)
+    direct, refine = DELM(6, 4, solver="direct"), DELM(6, 4, solver="refine")
+    params = direct.init(jax.random.PRNGKey(1), jnp.float64)
+    np.testing.assert_array_equal(refine.apply(params, phi)[0], direct.apply(params, phi)[0])

@@ -1,6 +1,14 @@
-"""The solve entry point: forward equilibria, every gradient path against the closed form, transformations,
-non-convergence reporting, precision handling and argument errors."""
+"""The solve entry point on the DELM: the convergence rule from any start, every gradient path against the closed
+form, transformations (jit/eager via chex variants, vmap, grad of vmap), precision handling, the cast rule, has_aux,
+argument errors and the import boundary.
 
+Runs in float64 by default and in float32 with `DEQ_JAX_TEST_X64=0` (`helpers.DTYPE`); tolerances are per dtype."""
+
+import functools
+import subprocess
+import sys
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,32 +18,21 @@ from jax.test_util import check_grads
 from deq_jax import (Anderson, Broyden, Direct, DELMMap, DELMTransposedMap, FixedPoint, Implicit, OneStep, TanhMap,
                      Unrolled, solve)
 from deq_jax.maps import column_softmax
+from helpers import (DTYPE, GAMMA, X64, closed_form_equilibrium, closed_form_loss, delm_problem, rel_err,
+                     requires_x64, u_matrix)
 
-GAMMA = 0.8
 ITERATIVE = ["fixed_point", "anderson", "broyden"]
 # float32: a relative residual of 1e-6 is reachable above float32 rounding (eps 1.2e-7); the gradient error it leaves
-# is at most cond(U) * tol <= (1 + gamma) / (1 - gamma) * 1e-6 = 9e-6, well inside the required 1e-4.
-TOL = {jnp.float32: 1e-6, jnp.float64: 1e-12}
-GRAD_RTOL = {jnp.float32: 1e-4, jnp.float64: 1e-9}
+# is at most cond(U) * tol <= (1 + gamma) / (1 - gamma) * 1e-6 = 9e-6, inside the 1e-4 asked of gradients
+TOL = 1e-12 if X64 else 1e-6
+GRAD_RTOL = 1e-9 if X64 else 1e-4
+EPS = float(jnp.finfo(DTYPE).eps)
 
 
-def problem(dtype, m=7, n=11, m_y=3, seed=0, scale=1.0):
-    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(seed), 4)
-    A = scale * jax.random.normal(k1, (m, m), dtype)
-    B = jax.random.normal(k2, (m_y, m), dtype)
-    phi = jax.random.normal(k3, (n, m), dtype)
-    y = jax.random.normal(k4, (n, m_y), dtype)
-    return A, B, phi, y
-
-
-def closed_form_loss(A, B, phi, y, gamma=GAMMA):
-    """Independent reference: the closed form W = B (I - gamma sigma(A))^{-1}, differentiated by plain autodiff."""
-    U = jnp.eye(A.shape[0], dtype=A.dtype) - gamma * column_softmax(A)
-    W = jnp.linalg.solve(U.T, B.T).T
-    return 0.5 * jnp.mean(jnp.sum((phi @ W.T - y) ** 2, axis=1))
-
-
-def solved_loss(formulation, solver, backward, tol, maxiter=400, gamma=GAMMA, precision="highest"):
+@functools.lru_cache(maxsize=None)
+def solved_loss(formulation, solver, backward, tol=TOL, maxiter=400, gamma=GAMMA, precision="highest"):
+    """The DELM square loss through `solve` (one function object per configuration, so that every test that jits
+    the same configuration shares one compiled program)."""
     def loss(A, B, phi, y):
         if formulation == "transposed":
             sol = solve(DELMTransposedMap(gamma), jnp.zeros_like(B), {"A": A}, B, solver=solver, backward=backward,
@@ -43,290 +40,227 @@ def solved_loss(formulation, solver, backward, tol, maxiter=400, gamma=GAMMA, pr
             pred = phi @ sol.value.T
         else:
             sol = solve(DELMMap(gamma), jnp.zeros_like(phi), {"A": A}, phi, solver=solver, backward=backward,
-                        tol=tol, maxiter=maxiter, precision=precision)
+                        tol=tol, maxiter=maxiter, precision=precision, batch_axis=0)
             pred = sol.value @ B.T
         return 0.5 * jnp.mean(jnp.sum((pred - y) ** 2, axis=1)), sol.stats
 
     return loss
 
 
-def rel_err(a, b):
-    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+@functools.lru_cache(maxsize=None)
+def value_and_grads(*config):
+    """`(loss, stats), (dA, dB, dphi)` of `solved_loss(*config)`, one function object per configuration."""
+    return jax.value_and_grad(solved_loss(*config), argnums=(0, 1, 2), has_aux=True)
 
 
-# ----------------------------------------------------------------------------- forward
+_STARTS = jax.jit(lambda A, phi, z0, solver: solve(DELMMap(GAMMA), z0, {"A": A}, phi, solver=solver, tol=1e-5,
+                                                  maxiter=400, batch_axis=0), static_argnums=3)
+
+
+# ----------------------------------------------------------------------------- the convergence rule
 
 @pytest.mark.parametrize("solver", ITERATIVE + ["direct"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_forward_matches_closed_form_to_tolerance(solver, dtype):
-    A, _, phi, _ = problem(dtype)
-    tol = TOL[dtype]
-    sol = solve(DELMMap(GAMMA), jnp.zeros_like(phi), {"A": A}, phi, solver=solver, tol=tol, maxiter=500)
-    U = jnp.eye(A.shape[0], dtype=dtype) - GAMMA * column_softmax(A)
-    z_star = jnp.linalg.solve(U, phi.T).T
-    assert bool(sol.stats.converged)
-    assert float(sol.stats.relative_residual) <= tol
-    # z - z* = -U^{-1} (f(z) - z): the error is bounded by |U^{-1}|_2 times the residual (plus rounding)
-    bound = float(jnp.linalg.norm(jnp.linalg.inv(U), 2)) * tol * float(jnp.linalg.norm(phi))
-    assert float(jnp.linalg.norm(sol.value - z_star)) <= bound + 50 * jnp.finfo(dtype).eps * float(jnp.linalg.norm(z_star))
-    assert sol.value.dtype == dtype
+def test_converged_means_close_to_the_equilibrium_from_any_start(solver):
+    """Far (1e8), zero and warm starts are judged by one rule on the returned value: converged implies
+    |z - z*| <= |U^{-1}|_2 |f(z) - z| <= |U^{-1}|_2 tol |f(z)| (per sample), whatever the start."""
+    A, _, phi, _ = delm_problem(DTYPE)
+    z_star = closed_form_equilibrium(A, phi)
+    U_inv = float(jnp.linalg.norm(jnp.linalg.inv(u_matrix(A)), 2))
+    far, zero = 1e8 * jnp.ones_like(phi), jnp.zeros_like(phi)
+    for name, z0 in [("far", far), ("zero", zero), ("warm", z_star)]:
+        sol = _STARTS(A, phi, z0, solver)
+        assert bool(sol.stats.converged), name
+        assert not bool(sol.stats.diverged), name
+        assert float(sol.stats.relative_residual) <= 1e-5, name
+        err = jnp.linalg.norm(sol.value - z_star, axis=1) / jnp.linalg.norm(z_star, axis=1)
+        # |f(z)| / |z*| <= 1 + 1e-5 (1 + |U^{-1}|): the bound in relative terms, plus float rounding
+        assert float(jnp.max(err)) <= U_inv * 1e-5 * 1.01 + 100 * EPS, name
+        if name == "warm":  # a start at z* stops at once: Broyden checks its start (0 steps), the others after f(z0)
+            assert int(sol.stats.iterations) <= (0 if solver in ("broyden", "direct") else 1)
+    assert int(_STARTS(A, phi, far, "fixed_point").stats.iterations) > 50  # the far start really iterated
 
 
-def test_iteration_counts_are_plausible():
-    A, _, phi, _ = problem(jnp.float64)
+def test_stale_warm_start_cannot_look_converged():
+    """The previous step's equilibrium as a start (params changed since): too few steps say not converged."""
+    A, _, phi, _ = delm_problem(DTYPE)
+    stale = closed_form_equilibrium(1.3 * A, phi)  # the equilibrium of other weights
+    sol = solve(DELMMap(GAMMA), stale, {"A": A}, phi, solver="fixed_point", tol=1e-5, maxiter=1)
+    assert not bool(sol.stats.converged)
+    r = DELMMap(GAMMA)(sol.value, {"A": A}, phi) - sol.value  # the reported residual is the true one
+    np.testing.assert_allclose(sol.stats.residual, jnp.linalg.norm(r), rtol=1e-5)
+    assert float(sol.stats.relative_residual) > 1e-5
+
+
+@requires_x64
+def test_iteration_counts_and_broyden_sign():
+    A, _, phi, _ = delm_problem(jnp.float64)
     f, z0, p = DELMMap(0.9), jnp.zeros_like(phi), {"A": A}
     its = {s: int(solve(f, z0, p, phi, solver=s, tol=1e-8, maxiter=1000).stats.iterations) for s in ITERATIVE}
     # plain iteration needs about log(tol)/log(gamma) = 175 steps; the accelerated solvers far fewer
     assert 100 <= its["fixed_point"] <= 200
     assert its["anderson"] < its["fixed_point"] / 3
     assert its["broyden"] < its["fixed_point"] / 3
-
-
-def test_broyden_sign_matters():
-    """The inverse-Jacobian start -I is right for g(z) = f(z) - z; jaxopt's +I is measurably worse."""
-    A, _, phi, _ = problem(jnp.float64)
-    f, z0, p = DELMMap(0.9), jnp.zeros_like(phi), {"A": A}
-    good = solve(f, z0, p, phi, solver=Broyden(), tol=1e-8, maxiter=300).stats
+    # the inverse-Jacobian start -I is right for g(z) = f(z) - z; jaxopt's +I is measurably worse
     bad = solve(f, z0, p, phi, solver=Broyden(inverse_jacobian_init=1.0), tol=1e-8, maxiter=300).stats
-    assert bool(good.converged)
-    assert (not bool(bad.converged)) or int(bad.iterations) > 2 * int(good.iterations)
+    assert (not bool(bad.converged)) or int(bad.iterations) > 2 * its["broyden"]
 
 
 # ----------------------------------------------------------------------------- gradients vs the closed form
 
-@pytest.mark.parametrize("solver, linear_solver", [("anderson", ls) for ls in ["gmres", "bicgstab", "normal_cg", "lu"]]
-                         + [("fixed_point", "bicgstab"), ("broyden", "lu")])
-def test_implicit_gradients_float64(solver, linear_solver):
-    A, B, phi, y = problem(jnp.float64)
-    ref = jax.grad(closed_form_loss, argnums=(0, 1))(A, B, phi, y)
-    backward = Implicit(linear_solver=linear_solver)
-    loss = solved_loss("per_sample", solver, backward, TOL[jnp.float64])
-    grads, stats = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(A, B, phi, y)
+# every solver and every linear solver once, both formulations (a backward only sees z*, so pairing them is enough)
+GRADIENT_CASES = [("per_sample", "anderson", Implicit()), ("per_sample", "fixed_point", Implicit("bicgstab")),
+                  ("per_sample", "broyden", Implicit("lu")), ("transposed", "anderson", Implicit("normal_cg")),
+                  ("per_sample", "direct", Implicit()), ("transposed", "direct", Implicit())]
+
+
+@pytest.mark.float32
+@pytest.mark.parametrize("formulation, solver, backward", GRADIENT_CASES)
+def test_implicit_gradients_match_the_closed_form(formulation, solver, backward):
+    """dL/dA, dL/dB and dL/dphi through the implicit backward against autodiff of W = B U^{-1}."""
+    A, B, phi, y = delm_problem(DTYPE)
+    ref = jax.grad(closed_form_loss, argnums=(0, 1, 2))(A, B, phi, y)
+    (value, stats), grads = jax.jit(value_and_grads(formulation, solver, backward))(A, B, phi, y)
     assert bool(stats.converged)
+    np.testing.assert_allclose(value, closed_form_loss(A, B, phi, y), rtol=GRAD_RTOL)
     for g, r in zip(grads, ref):
-        assert rel_err(g, r) <= GRAD_RTOL[jnp.float64]
+        assert g.dtype == DTYPE
+        assert rel_err(g, r) <= GRAD_RTOL
 
 
-@pytest.mark.parametrize("formulation", ["transposed", "per_sample"])
-@pytest.mark.parametrize("solver", ITERATIVE + ["direct"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_implicit_gradients_both_formulations(formulation, solver, dtype):
-    A, B, phi, y = problem(dtype)
-    ref = jax.grad(closed_form_loss, argnums=(0, 1))(A, B, phi, y)
-    loss = solved_loss(formulation, solver, "implicit", TOL[dtype])
-    grads, stats = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(A, B, phi, y)
-    assert bool(stats.converged)
-    for g, r in zip(grads, ref):
-        assert g.dtype == dtype
-        assert rel_err(g, r) <= GRAD_RTOL[dtype]
-
-
-@pytest.mark.parametrize("solver", ["fixed_point", "anderson", "broyden", "direct"])
-def test_formulations_agree_to_rounding(solver):
-    """The transposed and per-sample formulations give the same loss and gradients, for every backward mode."""
-    A, B, phi, y = problem(jnp.float64)
-    for backward in ["implicit", "one_step", "unrolled"]:
-        if backward == "one_step":
-            continue  # one-step gradients are formulation-dependent approximations by design (tested below)
-        out = {}
-        for formulation in ["transposed", "per_sample"]:
-            loss = solved_loss(formulation, solver, backward, 1e-13, maxiter=600)
-            (value, _), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(A, B, phi, y)
-            out[formulation] = (value, grads)
-        assert abs(float(out["transposed"][0] - out["per_sample"][0])) <= 1e-12 * float(out["per_sample"][0])
-        for g, r in zip(out["transposed"][1], out["per_sample"][1]):
-            assert rel_err(g, r) <= 1e-9
-
-
-def test_unrolled_matches_implicit_when_converged():
-    A, B, phi, y = problem(jnp.float64)
-    ref = jax.grad(closed_form_loss, argnums=(0, 1))(A, B, phi, y)
-    for solver in ITERATIVE:
-        loss = solved_loss("per_sample", solver, "unrolled", 1e-13, maxiter=300)
-        grads, stats = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(A, B, phi, y)
-        assert bool(stats.converged)
-        for g, r in zip(grads, ref):
-            assert rel_err(g, r) <= 1e-9
-
-
-def test_one_step_gradient_is_the_jacobian_free_approximation():
-    """One-step gradient = gradient through one application of f at the frozen equilibrium: for the per-sample DELM,
-    dL/dB is exact (B acts after the solve) and dL/dA is gamma * sigma-chain of (z*^T-weighted) error, without U^{-T}."""
-    A, B, phi, y = problem(jnp.float64)
-    loss = solved_loss("per_sample", "direct", "one_step", 1e-12)
-    (gA, gB), _ = jax.grad(loss, argnums=(0, 1), has_aux=True)(A, B, phi, y)
+def test_unrolled_and_one_step_gradients():
+    """Unrolled (300 differentiated steps) is exact to the closed form; one-step is the Jacobian-free formula:
+    dL/dB exact (B acts after the solve), dL/dA = sigma-chain of gamma E^T z* without U^{-T}."""
+    A, B, phi, y = delm_problem(DTYPE)
     ref_A, ref_B = jax.grad(closed_form_loss, argnums=(0, 1))(A, B, phi, y)
-    assert rel_err(gB, ref_B) <= 1e-10
-    # explicit Jacobian-free formula: dL/dsigma = gamma * E^T z* / n with E = dL/dz = (pred - y) B
-    U = jnp.eye(A.shape[0]) - GAMMA * column_softmax(A)
-    z = jnp.linalg.solve(U, phi.T).T
+    (gA, gB), stats = jax.jit(jax.grad(solved_loss("per_sample", "fixed_point", "unrolled", maxiter=300),
+                                       argnums=(0, 1), has_aux=True))(A, B, phi, y)
+    assert bool(stats.converged)
+    assert rel_err(gA, ref_A) <= GRAD_RTOL and rel_err(gB, ref_B) <= GRAD_RTOL
+    z = closed_form_equilibrium(A, phi)
     E = (z @ B.T - y) @ B / phi.shape[0]
     _, vjp = jax.vjp(column_softmax, A)
     (jfb_A,) = vjp(GAMMA * E.T @ z)
-    assert rel_err(gA, jfb_A) <= 1e-10
-    assert rel_err(gA, ref_A) > 1e-3  # and it is an approximation, not the exact gradient
-    assert float(jnp.vdot(gA, ref_A)) > 0  # still a descent direction here
-    for solver in ITERATIVE:
-        (gA_it, _), _ = jax.grad(solved_loss("per_sample", solver, "one_step", 1e-12), argnums=(0, 1),
-                                 has_aux=True)(A, B, phi, y)
-        assert rel_err(gA_it, jfb_A) <= 1e-9
+    for solver in ["direct", "fixed_point"]:
+        (gA, gB), _ = jax.jit(jax.grad(solved_loss("per_sample", solver, "one_step"), argnums=(0, 1),
+                                       has_aux=True))(A, B, phi, y)
+        assert rel_err(gB, ref_B) <= GRAD_RTOL
+        assert rel_err(gA, jfb_A) <= GRAD_RTOL
+        assert rel_err(gA, ref_A) > 1e-3  # an approximation, not the exact gradient
+        assert float(jnp.vdot(gA, ref_A)) > 0  # still a descent direction here
 
 
+@requires_x64
 def test_finite_differences_float64():
-    A, B, phi, y = problem(jnp.float64, m=5, n=6, m_y=2)
-    check_grads(lambda A, B: closed_form_loss(A, B, phi, y), (A, B), order=2, modes=("rev",), eps=1e-5)
-    direct = lambda A, B: solved_loss("transposed", "direct", "implicit", 1e-12)(A, B, phi, y)[0]
-    check_grads(direct, (A, B), order=1, modes=("fwd", "rev"), eps=1e-5)
-    anderson = lambda A, B: solved_loss("per_sample", "anderson", Implicit("gmres", tol=1e-13), 1e-13)(A, B, phi, y)[0]
-    check_grads(anderson, (A, B), order=1, modes=("rev",), eps=1e-5)
+    A, B, phi, y = delm_problem(jnp.float64, m=3, n=4, m_y=2)
+    implicit = lambda A, B: solved_loss("per_sample", "fixed_point", Implicit("gmres", tol=1e-13), 1e-13)(A, B, phi,
+                                                                                                         y)[0]
+    check_grads(jax.jit(implicit), (A, B), order=1, modes=("rev",), eps=1e-5)
 
 
-def test_gradient_with_respect_to_the_input():
-    """Implicit gradients also flow into x (phi) and into pytree parameters of nonlinear maps."""
-    A, B, phi, y = problem(jnp.float64)
-    ref = jax.grad(closed_form_loss, argnums=2)(A, B, phi, y)
-    g = jax.grad(lambda p: solved_loss("per_sample", "anderson", "implicit", 1e-13)(A, B, p, y)[0])(phi)
-    assert rel_err(g, ref) <= 1e-9
-
-
-@pytest.mark.parametrize("solver", ITERATIVE)
-def test_nonlinear_map_implicit_matches_unrolled(solver):
+def test_nonlinear_map_implicit_matches_unrolled():
     f = TanhMap(0.9)
-    key = jax.random.PRNGKey(3)
-    params = f.init(key, width=6, in_dim=4, dtype=jnp.float64)
-    x = jax.random.normal(jax.random.PRNGKey(4), (5, 4), jnp.float64)
-    target = jax.random.normal(jax.random.PRNGKey(5), (5, 6), jnp.float64)
+    params = f.init(jax.random.PRNGKey(3), width=6, in_dim=4, dtype=DTYPE)
+    x = jax.random.normal(jax.random.PRNGKey(4), (5, 4), DTYPE)
+    target = jax.random.normal(jax.random.PRNGKey(5), (5, 6), DTYPE)
 
     def loss(params, x, backward):
-        sol = solve(f, jnp.zeros((5, 6), jnp.float64), params, x, solver=solver, backward=backward, tol=1e-13,
-                    maxiter=400)
+        sol = solve(f, jnp.zeros((5, 6), DTYPE), params, x, solver="fixed_point", backward=backward, tol=TOL,
+                    maxiter=300)
         return jnp.sum((sol.value - target) ** 2), sol.stats
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)
-    g_imp, s_imp = grad(params, x, "implicit")
+    g_imp, s_imp = grad(params, x, Implicit("lu"))
     g_unr, s_unr = grad(params, x, "unrolled")
     assert bool(s_imp.converged) and bool(s_unr.converged)
     for a, b in zip(jax.tree_util.tree_leaves(g_imp), jax.tree_util.tree_leaves(g_unr)):
-        assert rel_err(a, b) <= 1e-9
+        assert rel_err(a, b) <= 10 * GRAD_RTOL
 
 
 def test_forward_mode_support():
     """Implicit is a custom_vjp (reverse mode only); direct, one-step and unrolled also support jvp."""
-    A, B, phi, y = problem(jnp.float64)
-    for solver, backward in [("direct", "implicit"), ("anderson", "one_step"), ("fixed_point", "unrolled")]:
-        f = lambda A: solved_loss("per_sample", solver, backward, 1e-12)(A, B, phi, y)[0]
+    A, B, phi, y = delm_problem(DTYPE)
+    for solver, backward in [("direct", "implicit"), ("fixed_point", "one_step"), ("fixed_point", "unrolled")]:
+        f = lambda A: solved_loss("per_sample", solver, backward, maxiter=50)(A, B, phi, y)[0]
         _, tangent = jax.jvp(f, (A,), (jnp.ones_like(A),))
         assert np.isfinite(float(tangent))
-    f = lambda A: solved_loss("per_sample", "anderson", "implicit", 1e-12)(A, B, phi, y)[0]
+    f = lambda A: solved_loss("per_sample", "anderson", "implicit")(A, B, phi, y)[0]
     with pytest.raises(TypeError, match="custom_vjp"):
         jax.jvp(f, (A,), (jnp.ones_like(A),))
 
 
 # ----------------------------------------------------------------------------- transformations
 
-@pytest.mark.parametrize("solver", ["anderson", "direct"])
-def test_jit_equals_eager(solver):
-    A, B, phi, y = problem(jnp.float64)
-    loss = solved_loss("per_sample", solver, "implicit", 1e-12)
-    vg = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
-    (v1, s1), g1 = vg(A, B, phi, y)
-    (v2, s2), g2 = jax.jit(vg)(A, B, phi, y)
-    np.testing.assert_allclose(v1, v2, rtol=1e-13)
-    for a, b in zip(g1, g2):
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
-    assert int(s1.iterations) == int(s2.iterations)
+class JitEqualsEagerTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_value_grad_and_stats(self):
+        """The same numbers with and without jit (fixed-point forward, LU backward: cheap to run op by op)."""
+        A, B, phi, y = delm_problem(DTYPE)
+        (value, stats), grads = self.variant(value_and_grads("transposed", "fixed_point", Implicit("lu")))(A, B, phi, y)
+        (ref_value, _), ref = jax.jit(value_and_grads("transposed", "direct", Implicit()))(A, B, phi, y)
+        chex.assert_trees_all_close(value, ref_value, rtol=GRAD_RTOL)
+        for g, r in zip(grads, ref):
+            chex.assert_shape(g, r.shape)
+            assert rel_err(g, r) <= GRAD_RTOL
+        chex.assert_shape(stats.iterations, ())
+        assert bool(stats.converged) and 0 < int(stats.iterations) < 400
 
 
 def test_vmap_over_inputs_equals_loop():
-    A, _, phi, _ = problem(jnp.float64)
-    f = DELMMap(GAMMA)
-    one = jax.jit(lambda x: solve(f, jnp.zeros_like(x), {"A": A}, x, solver="anderson", tol=1e-12))
+    A, _, phi, _ = delm_problem(DTYPE)
+    one = jax.jit(lambda x: solve(DELMMap(GAMMA), jnp.zeros_like(x), {"A": A}, x, solver="fixed_point", tol=TOL,
+                                  maxiter=400))
     batched = jax.vmap(one)(phi)  # one solve per sample, each with its own statistics
-    assert batched.stats.iterations.shape == (phi.shape[0],)
-    for i in range(phi.shape[0]):
+    chex.assert_shape(batched.stats.iterations, (phi.shape[0],))
+    for i in range(0, phi.shape[0], 4):
         single = one(phi[i])
-        np.testing.assert_allclose(batched.value[i], single.value, rtol=1e-11, atol=1e-13)
-        assert bool(batched.stats.converged[i])
+        np.testing.assert_allclose(batched.value[i], single.value, rtol=100 * EPS, atol=100 * EPS)
+        assert int(batched.stats.iterations[i]) == int(single.stats.iterations)
+    assert bool(jnp.all(batched.stats.converged))
 
 
-def test_vmap_over_parameter_sets_equals_loop():
-    As = jnp.stack([problem(jnp.float64, seed=s)[0] for s in range(4)])
-    _, B, phi, y = problem(jnp.float64)
-    loss = jax.jit(lambda A: solved_loss("transposed", "broyden", "implicit", 1e-12)(A, B, phi, y))
-    grad = jax.jit(jax.grad(lambda A: loss(A)[0]))
-    values, stats = jax.vmap(loss)(As)
-    grads = jax.vmap(grad)(As)  # vmap of grad
-    for i in range(4):
-        v, _ = loss(As[i])
-        np.testing.assert_allclose(values[i], v, rtol=1e-12)
-        np.testing.assert_allclose(grads[i], grad(As[i]), rtol=1e-9, atol=1e-14)
-        ref = jax.grad(closed_form_loss)(As[i], B, phi, y)
-        assert rel_err(grads[i], ref) <= 1e-9
+def test_vmap_over_parameter_sets_and_grad_of_vmap():
+    As = jnp.stack([delm_problem(DTYPE, seed=s)[0] for s in range(3)])
+    _, B, phi, y = delm_problem(DTYPE)
+    loss = solved_loss("transposed", "fixed_point", Implicit("bicgstab"))
+    grads, stats = jax.jit(jax.vmap(jax.grad(loss, has_aux=True), in_axes=(0, None, None, None)))(As, B, phi, y)
+    for i in range(3):
+        assert rel_err(grads[i], jax.grad(closed_form_loss)(As[i], B, phi, y)) <= GRAD_RTOL
     assert bool(jnp.all(stats.converged))
 
-
-def test_grad_of_vmap():
-    A, B, phi, y = problem(jnp.float64)
-    f = DELMMap(GAMMA)
-
-    def batch_loss(A):
-        one = lambda x, t: 0.5 * jnp.sum((solve(f, jnp.zeros_like(x), {"A": A}, x, solver="fixed_point",
-                                                tol=1e-13, maxiter=500).value @ B.T - t) ** 2)
+    def batch_loss(A):  # per-sample solves vmapped inside the differentiated function
+        one = lambda x, t: 0.5 * jnp.sum((solve(DELMMap(GAMMA), jnp.zeros_like(x), {"A": A}, x, tol=TOL,
+                                                solver="fixed_point", maxiter=400).value @ B.T - t) ** 2)
         return jnp.mean(jax.vmap(one)(phi, y))
 
-    g = jax.grad(batch_loss)(A)
-    assert rel_err(g, jax.grad(closed_form_loss)(A, B, phi, y)) <= 1e-9
+    g = jax.jit(jax.grad(batch_loss))(As[0])
+    assert rel_err(g, jax.grad(closed_form_loss)(As[0], B, phi, y)) <= GRAD_RTOL
 
 
-def test_pytree_state():
-    """States may be pytrees: two coupled blocks solved jointly."""
-    def f(z, params, x):
-        return {"u": 0.5 * jnp.tanh(z["v"]) + x, "v": 0.5 * jnp.tanh(params["w"] * z["u"])}
+def test_map_closing_over_a_differentiated_array():
+    """A map that closes over a traced value (here B through x's scale) still gets the implicit gradient for it."""
+    A, B, phi, y = delm_problem(DTYPE)
 
-    x = jnp.linspace(0.2, 1.0, 4)
-    z0 = {"u": jnp.zeros(4), "v": jnp.zeros(4)}
-    params = {"w": jnp.asarray(0.7)}
-    for solver in ITERATIVE:
-        sol = jax.jit(lambda p: solve(f, z0, p, x, solver=solver, tol=1e-12, maxiter=300))(params)
-        assert bool(sol.stats.converged)
-        res = jax.tree_util.tree_map(jnp.subtract, f(sol.value, params, x), sol.value)
-        assert max(float(jnp.max(jnp.abs(r))) for r in jax.tree_util.tree_leaves(res)) < 1e-11
-    g_imp = jax.jit(jax.grad(lambda p: jnp.sum(solve(f, z0, p, x, tol=1e-13, maxiter=300).value["v"])))(params)
-    g_unr = jax.jit(jax.grad(lambda p: jnp.sum(solve(f, z0, p, x, backward="unrolled", tol=1e-13, maxiter=300)
-                                               .value["v"])))(params)
-    assert abs(float(g_imp["w"])) > 1e-3
-    np.testing.assert_allclose(g_imp["w"], g_unr["w"], rtol=1e-9)
+    def loss(A, scale):
+        f = lambda z, p, x: GAMMA * z @ column_softmax(p["A"]).T + scale * x  # `scale` is closed over
+        z = solve(f, jnp.zeros_like(phi), {"A": A}, phi, solver="fixed_point", tol=TOL, maxiter=400).value
+        return 0.5 * jnp.mean(jnp.sum((z @ B.T - y) ** 2, axis=1))
+
+    ref = jax.grad(lambda A, s: closed_form_loss(A, B, s * phi, y), argnums=(0, 1))(A, 1.5)
+    g = jax.jit(jax.grad(loss, argnums=(0, 1)))(A, 1.5)
+    assert rel_err(g[0], ref[0]) <= GRAD_RTOL and rel_err(g[1], ref[1]) <= GRAD_RTOL
 
 
 def test_direct_dense_fallback_for_maps_without_affine():
-    A, _, phi, _ = problem(jnp.float64, n=3)
+    A, _, phi, _ = delm_problem(DTYPE, n=3)
     plain = lambda z, params, x: GAMMA * z @ column_softmax(params["A"]).T + x  # affine, but says nothing
-    sol = solve(plain, jnp.zeros_like(phi), {"A": A}, phi, solver="direct", tol=1e-12)
-    ref = solve(DELMMap(GAMMA), jnp.zeros_like(phi), {"A": A}, phi, solver="direct", tol=1e-12)
-    np.testing.assert_allclose(sol.value, ref.value, rtol=1e-12)
+    sol = solve(plain, jnp.zeros_like(phi), {"A": A}, phi, solver="direct")
+    ref = solve(DELMMap(GAMMA), jnp.zeros_like(phi), {"A": A}, phi, solver="direct")
+    np.testing.assert_allclose(sol.value, ref.value, rtol=100 * EPS, atol=100 * EPS)
     with pytest.raises(ValueError, match="max_dense"):
         solve(plain, jnp.zeros_like(phi), {"A": A}, phi, solver=Direct(max_dense=4))
-
-
-# ----------------------------------------------------------------------------- failure is data
-
-@pytest.mark.parametrize("solver", ITERATIVE)
-def test_too_few_iterations_reports_not_converged(solver):
-    A, _, phi, _ = problem(jnp.float64)
-    sol = solve(DELMMap(0.95), jnp.zeros_like(phi), {"A": A}, phi, solver=solver, tol=1e-12, maxiter=3)
-    assert not bool(sol.stats.converged)
-    assert int(sol.stats.iterations) == 3
-    assert float(sol.stats.relative_residual) > 1e-12
-    # the reported residual is the true one at the returned value
-    r = DELMMap(0.95)(sol.value, {"A": A}, phi) - sol.value
-    np.testing.assert_allclose(sol.stats.residual, jnp.linalg.norm(r), rtol=1e-12)
-
-
-def test_nan_input_under_jit_is_not_converged():
-    A, _, phi, _ = problem(jnp.float64)
-    run = jax.jit(lambda phi: solve(DELMMap(GAMMA), jnp.zeros_like(phi), {"A": A}, phi, solver="anderson").stats)
-    stats = run(phi.at[0, 0].set(jnp.nan))  # values are not checked inside jit; the flag still tells
-    assert not bool(stats.converged)
+    # a map that is not affine: Direct's answer is no equilibrium, and the statistics say so
+    bent = lambda z, params, x: jnp.tanh(plain(z, params, x))
+    assert not bool(solve(bent, jnp.zeros_like(phi), {"A": A}, phi, solver="direct").stats.converged)
 
 
 # ----------------------------------------------------------------------------- precision
@@ -348,89 +282,115 @@ def _dot_precisions(jaxpr):
     return found
 
 
-@pytest.mark.parametrize("solver", ITERATIVE)
+@pytest.mark.parametrize("solver", ["anderson", "broyden"])  # fixed-point iteration's only matmuls are the map's
 def test_matmuls_inside_solves_run_at_highest_precision(solver):
     """On GPUs the default float32 matmul is TF32, with which Anderson stalled silently; every matmul of the solve,
     forward and backward (including the solver's own mixing), is traced at HIGHEST unless precision=None."""
-    A, B, phi, y = problem(jnp.float32)
-    loss = solved_loss("per_sample", solver, "implicit", 1e-5)
-    grad = jax.grad(lambda A: loss(A, B, phi, y)[0])
-    with jax.default_matmul_precision("bfloat16"):  # the surrounding program asks for low precision...
-        precisions = _dot_precisions(jax.make_jaxpr(grad)(A))
-    assert precisions
-    inside = [p for p in precisions if p is not None]
+    A, B, phi, y = delm_problem(jnp.float32)
     highest = jax.lax.Precision.HIGHEST
-    assert any(p == highest or (isinstance(p, tuple) and p[0] == highest) for p in inside)
+    is_highest = lambda p: p == highest or (isinstance(p, tuple) and p[0] == highest)
+
+    def lowered(precision):
+        loss = solved_loss("per_sample", solver, "implicit", 1e-5, precision=precision)
+        with jax.default_matmul_precision("bfloat16"):  # the surrounding program asks for low precision...
+            found = _dot_precisions(jax.make_jaxpr(jax.grad(lambda A: loss(A, B, phi, y)[0]))(A))
+        assert found
+        return [p for p in found if p is not None and not is_highest(p)]
+
     # ...and only the loss's own product outside the solve (z @ B.T and its two transposes) keeps it
-    lowered = [p for p in inside if not (p == highest or (isinstance(p, tuple) and p[0] == highest))]
-    assert len(lowered) <= 3
-    loss_none = solved_loss("per_sample", solver, "implicit", 1e-5, precision=None)
-    with jax.default_matmul_precision("bfloat16"):
-        none_precisions = _dot_precisions(jax.make_jaxpr(jax.grad(lambda A: loss_none(A, B, phi, y)[0]))(A))
+    assert len(lowered("highest")) <= 3
     # with precision=None the map's matmuls follow the surrounding setting (jax's GMRES keeps its own HIGHEST dots)
-    lowered_none = [p for p in none_precisions if p is not None
-                    and not (p == highest or (isinstance(p, tuple) and p[0] == highest))]
-    assert len(lowered_none) > len(lowered) + 3
+    assert len(lowered(None)) > len(lowered("highest")) + 3
 
 
-# ----------------------------------------------------------------------------- argument errors
+# ----------------------------------------------------------------------------- inputs: cast rule, has_aux, errors
+
+@pytest.mark.float32
+def test_python_scalars_integers_and_has_aux():
+    """An integer start is cast to the default float dtype; an integer x is data passed to the map (no gradient);
+    with has_aux the map's aux at the equilibrium is returned, and is differentiable through it."""
+    f = lambda z, p, x: 0.5 * jnp.cos(z) + p * x  # x an integer: the map promotes as JAX does
+    value, g = jax.jit(jax.value_and_grad(lambda p: solve(f, 0, p, 3, tol=TOL).value))(0.25)
+    assert value.dtype == jnp.result_type(float)
+    np.testing.assert_allclose(value, f(value, 0.25, 3), rtol=10 * TOL)
+    np.testing.assert_allclose(g, 3 / (1 + 0.5 * np.sin(float(value))), rtol=10 * GRAD_RTOL)  # x / (1 - f'(z*))
+
+    def fa(z, p, x):
+        return 0.5 * jnp.cos(z) + p, {"square": z ** 2, "p": p}
+
+    def aux_loss(p):
+        sol = solve(fa, 0.0, p, 0.0, has_aux=True, tol=TOL)
+        return sol.aux["square"], sol
+
+    (square, sol), g = jax.jit(jax.value_and_grad(aux_loss, has_aux=True))(jnp.asarray(0.25, DTYPE))
+    np.testing.assert_allclose(square, sol.value ** 2, rtol=10 * TOL)
+    assert sol.aux["p"].dtype == DTYPE and bool(sol.stats.converged)
+    # d(z*^2)/dp = 2 z* dz*/dp = 2 z* / (1 + 0.5 sin z*)
+    np.testing.assert_allclose(g, 2 * sol.value / (1 + 0.5 * np.sin(float(sol.value))), rtol=10 * GRAD_RTOL)
+
 
 def test_argument_errors():
-    A, _, phi, _ = problem(jnp.float64)
+    A, _, phi, _ = delm_problem(DTYPE)
     f, z0, p = DELMMap(GAMMA), jnp.zeros_like(phi), {"A": A}
-    with pytest.raises(ValueError, match="unknown solver 'newton'.*'anderson'"):
-        solve(f, z0, p, phi, solver="newton")
-    with pytest.raises(ValueError, match="unknown backward 'adjoint'.*'implicit'"):
-        solve(f, z0, p, phi, backward="adjoint")
-    with pytest.raises(ValueError, match="unknown linear_solver 'qr'.*'gmres'"):
-        Implicit(linear_solver="qr")
-    with pytest.raises(ValueError, match="'cg' is refused.*not symmetric"):
-        Implicit(linear_solver="cg")
-    with pytest.raises(ValueError, match="tol must be a positive number; got 0"):
-        solve(f, z0, p, phi, tol=0)
-    with pytest.raises(ValueError, match="tol must be a positive number; got -1e-05"):
-        solve(f, z0, p, phi, tol=-1e-5)
-    with pytest.raises(ValueError, match="maxiter must be a positive integer; got 0"):
-        solve(f, z0, p, phi, maxiter=0)
-    with pytest.raises(ValueError, match="maxiter must be a positive integer; got 2.5"):
-        solve(f, z0, p, phi, maxiter=2.5)
-    with pytest.raises(ValueError, match=r"x contains NaN or infinite values \(array of shape \(11, 7\)"):
-        solve(f, z0, p, phi.at[2, 3].set(jnp.inf))
-    with pytest.raises(ValueError, match=r"params\['A'\] contains NaN"):
-        solve(f, z0, {"A": A.at[0, 0].set(jnp.nan)}, phi)
-    with pytest.raises(TypeError, match="x must be a floating-point array.*got dtype int"):
-        solve(f, z0, p, jnp.ones((11, 7), jnp.int32))
-    with pytest.raises(TypeError, match="z0 must be a floating-point array.*int"):
-        solve(f, jnp.zeros((11, 7), jnp.int32), p, phi)
-    with pytest.raises(ValueError, match=r"gamma must be a number in the open interval \(0, 1\); got 1.0"):
-        DELMMap(1.0)
-    with pytest.raises(ValueError, match=r"gamma must be a number in the open interval \(0, 1\); got -0.5"):
-        DELMTransposedMap(-0.5)
-    with pytest.raises(ValueError, match="unknown sigma 'relu'"):
-        DELMMap(0.5, sigma="relu")
-    with pytest.raises(ValueError, match="history_size must be an integer >= 2; got 1"):
-        Anderson(history_size=1)
-    with pytest.raises(ValueError, match="precision 'tf32'"):
-        solve(f, z0, p, phi, precision="tf32")
-    with pytest.raises(TypeError, match="solver must be a name"):
-        solve(f, z0, p, phi, solver=3)
+    cases = [
+        (ValueError, "unknown solver 'newton'.*'anderson'", lambda: solve(f, z0, p, phi, solver="newton")),
+        (ValueError, "unknown backward 'adjoint'.*'implicit'", lambda: solve(f, z0, p, phi, backward="adjoint")),
+        (ValueError, "unknown linear_solver 'qr'.*'gmres'", lambda: Implicit(linear_solver="qr")),
+        (ValueError, "'cg' is refused.*not symmetric", lambda: Implicit(linear_solver="cg")),
+        (ValueError, "tol must be a positive number; got 0", lambda: solve(f, z0, p, phi, tol=0)),
+        (ValueError, "atol must be a number >= 0; got -1", lambda: solve(f, z0, p, phi, atol=-1)),
+        (ValueError, "maxiter must be a positive integer; got 2.5", lambda: solve(f, z0, p, phi, maxiter=2.5)),
+        (ValueError, r"x contains NaN or infinite values \(array of shape \(11, 7\)",
+         lambda: solve(f, z0, p, phi.at[2, 3].set(jnp.inf))),
+        (ValueError, r"params\['A'\] contains NaN", lambda: solve(f, z0, {"A": A.at[0, 0].set(jnp.nan)}, phi)),
+        (ValueError, r"z0 contains NaN", lambda: solve(f, z0.at[0, 0].set(jnp.nan), p, phi)),
+        (TypeError, "z0 must be a real number or a floating-point array.*boolean",
+         lambda: solve(f, jnp.zeros((11, 7), bool), p, phi)),
+        (TypeError, r"z0\[1\] must be a real number.*complex", lambda: solve(f, (z0, 1j), p, phi)),
+        (TypeError, r"params\['name'\] must be an array or a number.*str",
+         lambda: solve(f, z0, {"A": A, "name": "x"}, phi)),
+        (ValueError, "must return a state of z0's structure.*shape \\(7,\\)",
+         lambda: solve(f, z0[0], p, phi)),
+        (ValueError, "needs has_aux=True", lambda: solve(lambda z, p, x: (z, 1.0), z0, p, phi)),
+        (ValueError, "has_aux=True, f must return a pair", lambda: solve(f, z0, p, phi, has_aux=True)),
+        (ValueError, "batch_axis=2 is not an axis of z0", lambda: solve(f, z0, p, phi, batch_axis=2)),
+        (ValueError, "linear_solver='lu'.*Jacobian.*max_dense=10",
+         lambda: solve(f, z0, p, phi, backward=Implicit("lu", max_dense=10))),
+        (ValueError, r"gamma must be a number in the open interval \(0, 1\); got 1.0", lambda: DELMMap(1.0)),
+        (ValueError, "unknown sigma 'relu'", lambda: DELMMap(0.5, sigma="relu")),
+        (ValueError, "history_size must be an integer >= 2; got 1", lambda: Anderson(history_size=1)),
+        (ValueError, "precision 'tf32'", lambda: solve(f, z0, p, phi, precision="tf32")),
+        (TypeError, "solver must be a name", lambda: solve(f, z0, p, phi, solver=3)),
+        (TypeError, "Implicit.check must be True or False", lambda: Implicit(check=1)),
+    ]
+    for error, match, call in cases:
+        with pytest.raises(error, match=match):
+            call()
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_anderson_keeps_low_precision_dtypes(dtype):
     """jaxopt's own mixing step fails on bfloat16 (and on float32 under x64); deq_jax's keeps the state's dtype."""
-    A, _, phi, _ = problem(jnp.float32)
-    sol = solve(DELMMap(GAMMA), jnp.zeros_like(phi, dtype), {"A": A.astype(dtype)}, phi.astype(dtype),
-                solver="anderson", tol=5e-2, maxiter=50)
+    A, _, phi, _ = delm_problem(jnp.float32)
+    sol = jax.jit(lambda A, phi: solve(DELMMap(GAMMA), jnp.zeros_like(phi), {"A": A}, phi, solver="anderson",
+                                       tol=5e-2, maxiter=50))(A.astype(dtype), phi.astype(dtype))
     assert sol.value.dtype == dtype
     assert bool(sol.stats.converged)
     assert float(sol.stats.relative_residual) <= 5e-2
 
 
 def test_solver_instances_and_options():
-    A, _, phi, _ = problem(jnp.float64)
+    A, _, phi, _ = delm_problem(DTYPE)
     f, z0, p = DELMMap(GAMMA), jnp.zeros_like(phi), {"A": A}
-    for solver, backward in [(FixedPoint(), Implicit("bicgstab", tol=1e-12, maxiter=200)),
+    for solver, backward in [(FixedPoint(), Implicit("bicgstab", tol=1e-5, maxiter=200)),
                              (Anderson(history_size=3, beta=0.9), OneStep()), (Broyden(history_size=10), Unrolled())]:
-        sol = jax.jit(lambda p: solve(f, z0, p, phi, solver=solver, backward=backward, tol=1e-10, maxiter=300))(p)
+        sol = jax.jit(lambda p: solve(f, z0, p, phi, solver=solver, backward=backward, tol=1e-5, maxiter=300))(p)
         assert bool(sol.stats.converged)
+
+
+def test_import_deq_jax_imports_neither_yaml_scipy_nor_sklearn():
+    """jaxopt imports scipy at import time: deq_jax imports it only inside the first solve."""
+    code = ("import sys, deq_jax; bad = [m for m in ('yaml', 'scipy', 'sklearn', 'jaxopt') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -1,0 +1,111 @@
+"""Verdicts on a training history: divergence first (it is the cause when it happens), then unconverged solves.
+
+A run whose loss became NaN/inf or grew diverged: its step size is too large for the problem, and every solve
+that "did not converge" after that point only follows from non-finite or exploding parameters. Blaming the solver
+there sends the user to the wrong knob, so `check_converged` names the step size. Solver advice comes only when
+the loss behaved, and fits the solver: iterative solvers have `maxiter`, a direct solve does not.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import numpy as np
+
+from deq_jax import _checks
+
+Metrics = dict
+
+
+class NonConvergenceWarning(RuntimeWarning):
+    """An equilibrium solve inside training stopped before reaching its tolerance."""
+
+
+class NonConvergenceError(RuntimeError):
+    """Raised by `check_converged(..., policy="raise")` when a solve missed its tolerance."""
+
+
+class DivergenceWarning(RuntimeWarning):
+    """The training loss became NaN/inf or grew: the step size is too large for the problem."""
+
+
+class DivergenceError(RuntimeError):
+    """Raised by `check_converged(..., policy="raise")` when the training loss diverged."""
+
+
+#: a loss that ends more than this fraction above where it started has grown (noise of mini-batch means included)
+GROWTH = 0.1
+
+
+def divergence(history: Metrics) -> Optional[str]:
+    """What went wrong with the loss, or None: non-finite (the first step where it was), or grown from the first
+    step to the last (for a mini-batch history `(epochs, batches)`, the first and last epochs' means)."""
+    loss = np.asarray(history["loss"], dtype=float)
+    flat = loss.reshape(-1)
+    bad = np.flatnonzero(~np.isfinite(flat))
+    if bad.size:
+        first_bad = int(bad[0])
+        what = "NaN" if np.isnan(flat[first_bad]) else "infinite"
+        return f"the loss became {what} at step {first_bad} (it was {flat[0]:.4g} at step 0)"
+    start, end = (loss[0].mean(), loss[-1].mean()) if loss.ndim == 2 else (flat[0], flat[-1])
+    if flat.size > 1 and end > start + GROWTH * abs(start):
+        return f"the loss grew from {start:.4g} to {end:.4g}"
+    return None
+
+
+def _solver_advice(model: Any) -> str:
+    solver = getattr(model, "solver", None)
+    name = solver if isinstance(solver, str) else type(solver).__name__.lower()
+    if name in ("direct", "refine"):
+        return (f"the {name} solve (an LU factorisation, no maxiter) left a residual above tol: U is close to "
+                "singular for this dtype (gamma near 1?) or tol is below its precision; use float64 or loosen tol")
+    if solver is None:
+        return "raise maxiter (iterative solvers), loosen tol or use another solver"
+    return f"raise maxiter, loosen tol or use another solver than {name!r}"
+
+
+def check_converged(history: Metrics, policy: str = "warn", *, learning_rate: Any = None,
+                    model: Any = None) -> int:
+    """Judge a concrete training history (outside `jit`): `"warn"`, `"raise"` or `"ignore"`.
+
+    - Divergence (loss NaN/inf, or grown): `DivergenceWarning` / `DivergenceError`, naming the step size
+      (`learning_rate` if given) as the cause.
+    - Otherwise, solves that missed their tolerance (the forward `converged` and, where recorded,
+      `backward_failures` / `backward_nonfinite`): `NonConvergenceWarning` / `NonConvergenceError` with advice for
+      `model`'s solver.
+    Returns the number of steps with an unconverged solve.
+    """
+    _checks.check_choice("policy", policy, ("warn", "raise", "ignore"))
+    ok = np.asarray(history["converged"], bool)
+    backward_failed = np.zeros_like(ok)
+    for key in ("backward_failures", "backward_nonfinite"):
+        if key in history:
+            backward_failed = backward_failed | (np.asarray(history[key]) > 0)
+    ok = ok & ~backward_failed
+    failures = int(ok.size - np.sum(ok))
+    if policy == "ignore":
+        return failures
+    diverged = divergence(history) if "loss" in history else None
+    if diverged:
+        rate = f"learning_rate={learning_rate:g}" if isinstance(learning_rate, (int, float)) else "the learning rate"
+        message = (f"training diverged: {diverged}. The step size is too large for this problem: lower {rate} "
+                   "(e.g. 10x) and run again.")
+        if failures:
+            message += (f" {failures} of {ok.size} steps had an equilibrium solve above its tolerance, which follows "
+                        "from the divergence (exploding or non-finite parameters), not from the solver.")
+        if policy == "raise":
+            raise DivergenceError(message)
+        warnings.warn(message, DivergenceWarning, stacklevel=2)
+        return failures
+    if failures:
+        worst = float(np.nanmax(np.asarray(history["relative_residual"])))
+        message = (f"{failures} of {ok.size} steps had an equilibrium solve that did not reach its tolerance "
+                   f"(worst forward relative residual {worst:.3g}): {_solver_advice(model)}")
+        if np.any(backward_failed):
+            message += (f"; in {int(np.sum(backward_failed))} steps the backward (adjoint) solve missed its "
+                        "tolerance: see Implicit(tol=..., maxiter=...)")
+        if policy == "raise":
+            raise NonConvergenceError(message)
+        warnings.warn(message, NonConvergenceWarning, stacklevel=2)
+    return failures
