@@ -57,4 +57,5 @@ def run_identity(spec: Any, params0: Any, phi: Any, y: Any, learning_rate: float
     """The fingerprint of everything a run's numbers depend on (and nothing else)."""
     return fingerprint({"spec": spec.identity(), "learning_rate": repr(float(learning_rate)), "steps": int(steps),
                         "stop": repr(stop_id), "keep": sorted(keep), "snapshots": bool(snapshots),
-                        "data": digest(phi, y), "params0": digest(*jax.tree_util.tree_leaves(params0))})
+                        "data": digest(*jax.tree_util.tree_leaves((phi, y))),
+                        "params0": digest(*jax.tree_util.tree_leaves(params0))})

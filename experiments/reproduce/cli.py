@@ -307,7 +307,7 @@ def _run_one(cfg: ReproduceConfig, args: argparse.Namespace, argv: list[str], ru
 
 
 #: bump when the checkpoints' contents change, so that old checkpoints are refused rather than misread
-CHECKPOINT_FORMAT = 3
+CHECKPOINT_FORMAT = 4
 
 
 if __name__ == "__main__":

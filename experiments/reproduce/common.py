@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import datasets as dq_data
+from deq_jax import theory
 from deq_jax.models import DELM, DeepLinear, Linear, Model
+from deq_jax.train import GramData, square_gram
 
 from experiments.reproduce.config import DataConfig, ModelConfig
 
@@ -111,65 +113,47 @@ def _normalize_rows(x: np.ndarray, has_bias: bool) -> np.ndarray:
     return np.concatenate([body, x[:, d:]], axis=1)
 
 
-# --------------------------------------------------------------------------------------------- the square loss's Gram form
+# --------------------------------------------------------------------------------------------- the shallow square problem
 
-class GramData(NamedTuple):
-    """The square loss `L(W) = (1/2n) |phi W^T - Y|_F^2` through `C = phi^T phi / n` and `D = phi^T Y / n` only.
+class SquareProblem(NamedTuple):
+    """The shallow square-loss problem `L(W) = (1/2n) |phi W^T - Y|_F^2` of a feature set, from the library.
 
-    `L(W) = 1/2 <W C, W> - <W, D^T> + |Y|^2 / 2n`, so every quantity of the shallow problem is n-independent once
-    C and D are formed (one pass over the data). For training, the library's square loss is fed `r` synthetic rows
-    with the same gradient everywhere: with `C = V diag(lam) V^T` (the `r` eigenvalues above the rank cutoff),
-    `phi_c = sqrt(r) diag(lam)^{1/2} V^T` and `Y_c = sqrt(r) diag(lam)^{-1/2} V^T D`, the loss on `(phi_c, Y_c)` is
-    `L(W) - offset` (D lies in C's range). Does not apply to cross-entropy, whose gradient needs every sample.
+    `gram` (`deq_jax.train.square_gram`: `C = phi^T phi / n`, `D = phi^T Y / n`, `|Y|^2 / n`) is what training on
+    the square loss's Gram route consumes (`make_step` with `GramData`: `O(m_y m^2)` per step, the same trajectory
+    as the samples'); `W*`, `L*` come from `deq_jax.theory.shallow_optimum_square` (minimum norm, one refinement
+    with the true residual) and the spectrum from `theory.feature_spectrum`, all from `m x m` Gram matrices
+    (docs/theory.md section 10): nothing is `n x n`. Does not apply to cross-entropy, whose gradient needs every
+    sample at every step.
     """
 
-    C: np.ndarray
-    D: np.ndarray
-    phi: np.ndarray  # (r, m) compressed rows
-    Y: np.ndarray  # (r, m_y)
-    offset: float  # L(W) = loss(phi_c, Y_c; W) + offset
-    y_energy: float  # |Y|^2 / 2n
-    W_star: np.ndarray  # the minimum-norm minimiser D^T C^+
+    gram: GramData
+    W_star: np.ndarray
     L_star: float
     lambda_max: float
     lambda_min_plus: float
     rank: int
 
+    @property
+    def C(self) -> np.ndarray:
+        return np.asarray(self.gram.C)
 
-def gram_data(phi: np.ndarray, Y: np.ndarray) -> GramData:
-    phi = np.asarray(phi, np.float64)
-    Y = np.asarray(Y, np.float64)
-    n, m = phi.shape
-    C = phi.T @ phi / n
-    D = phi.T @ Y / n
-    lam, V = np.linalg.eigh(0.5 * (C + C.T))
-    # eigh resolves C's eigenvalues to ~eps lambda_max (a zero one of a rank-deficient phi comes out near that), so
-    # the cutoff is max(n, m) eps lambda_max: singular values of phi below ~sqrt(max(n, m) eps) s_max count as zero
-    keep = lam > max(n, m) * np.finfo(np.float64).eps * lam[-1]
-    lam_r, V_r = lam[keep], V[:, keep]
-    r = int(keep.sum())
-    coeff = V_r.T @ D  # (r, m_y)
-    phi_c = np.sqrt(r) * np.sqrt(lam_r)[:, None] * V_r.T
-    Y_c = np.sqrt(r) * coeff / np.sqrt(lam_r)[:, None]
-    base = 0.5 * float(np.sum(Y * Y)) / n
-    explained = 0.5 * float(np.sum(coeff * coeff / lam_r[:, None]))
-    W_star = ((V_r / lam_r) @ coeff).T
-    return GramData(C=C, D=D, phi=phi_c, Y=Y_c, offset=base - explained, y_energy=base, W_star=W_star,
-                    L_star=base - explained, lambda_max=float(lam[-1]),
-                    lambda_min_plus=float(lam_r[0]) if r else math.nan, rank=r)
+    @property
+    def D(self) -> np.ndarray:
+        return np.asarray(self.gram.D)
 
 
-def square_loss_value(g: GramData, W: np.ndarray) -> float:
-    """`L(W)` from the Gram form (float64 NumPy)."""
-    W = np.asarray(W, np.float64)
-    return float(0.5 * np.sum((W @ g.C) * W) - np.sum(W * g.D.T)) + g.y_energy
+def square_problem(phi: np.ndarray, Y: np.ndarray) -> SquareProblem:
+    phi, Y = jnp.asarray(phi, jnp.float64), jnp.asarray(Y, jnp.float64)
+    W_star, L_star = theory.shallow_optimum_square(phi, Y)
+    spectrum = spectrum_of(phi)
+    return SquareProblem(gram=square_gram(phi, Y), W_star=np.asarray(W_star), L_star=float(L_star), **spectrum)
 
 
-def feature_spectrum(phi: np.ndarray) -> dict:
-    """Extreme eigenvalues of `C = phi^T phi / n` from the m x m matrix (never an n x n workspace): `lambda_max`,
-    `lambda_min_plus` (the smallest above the pseudo-inverse's cutoff) and `rank`."""
-    g = gram_data(phi, np.zeros((phi.shape[0], 1)))
-    return {"lambda_max": g.lambda_max, "lambda_min_plus": g.lambda_min_plus, "rank": g.rank, "C": g.C}
+def spectrum_of(phi: Any) -> dict:
+    """`lambda_max`, `lambda_min_plus` and `rank` of `C = phi^T phi / n` (`theory.feature_spectrum`), as numbers."""
+    s = theory.feature_spectrum(jnp.asarray(phi, jnp.float64))
+    return {"lambda_max": float(s["lambda_max"]), "lambda_min_plus": float(s["lambda_min_plus"]),
+            "rank": int(s["rank"])}
 
 
 # --------------------------------------------------------------------------------------------- models

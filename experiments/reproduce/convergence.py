@@ -23,6 +23,7 @@ in `bounds.py`.)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Iterator, Optional
 
@@ -35,12 +36,15 @@ from deq_jax.models import DELM
 
 from experiments.reproduce import dynamics
 from experiments.reproduce.bounds import BoundAnalysis, bound_analysis, rate_factor
-from experiments.reproduce.common import (Claim, Context, Features, GramData, build_models, checked, dtype_of,
-                                          finite_max, fold, gram_data, heldout_metrics, slug)
+from experiments.reproduce.common import (Claim, Context, Features, SquareProblem, build_models, checked, dtype_of,
+                                          finite_max, fold, heldout_metrics, slug, spectrum_of, square_problem)
 from experiments.reproduce.config import FeatureSetConfig, ReproduceConfig, VariantConfig
-from experiments.reproduce.runs import (RunSpec, Trace, regularised_cross_entropy, run_gd, with_probe_rows)
+from experiments.reproduce.runs import RunSpec, Trace, run_gd
 
 NAME = "convergence"
+#: per-step metrics kept: the step's, the implicit backward's (variants), |U_t|_2 (the reference)
+KEEP = ("loss", "grad_norm", "relative_residual", "converged", "U_norm2", "backward_solves", "backward_failures",
+        "backward_nonfinite", "backward_relative_residual")
 LOSS_TITLES = {"square": "square loss", "cross_entropy": "cross-entropy + L2"}
 #: the linearised W-dynamics contract in every direction iff eta lambda_max(P_t H) < 2
 STABILITY_LIMIT = 2.0
@@ -67,6 +71,9 @@ class ConvergenceRun:
     relative_residual: np.ndarray
     nonconverged_solves: int
     max_solver_residual: float
+    backward_solves: int
+    backward_failures: int
+    max_backward_residual: float
     logged_steps: np.ndarray
     W_logged: np.ndarray
     final_normalised_gap: float
@@ -77,6 +84,7 @@ class ConvergenceRun:
     bound: Optional[BoundAnalysis] = None
     U_norm2: Optional[np.ndarray] = None
     stiffness: Optional[np.ndarray] = None  # eta lambda_max(P_t H) at the logged steps
+    certified_stiffness: Optional[np.ndarray] = None  # its upper bound from measured norms, where it is estimated
     path_deviation: Optional[np.ndarray] = None  # |W_t - W_t^ref| / |W_0 - W*| at the logged steps
 
     @property
@@ -145,31 +153,24 @@ def _stop_at_floor(L_star: float, stop_gap: float):
     return stop
 
 
-def _optimum(loss: str, phi: np.ndarray, feats: Features, gram: Optional[GramData], l2: float) -> tuple:
-    """`(W*, L*, info)`; a solve that fails is data (`info["gradient_ratio"]` NaN: a failed claim), not a crash."""
+def _optimum(loss: str, phi: np.ndarray, feats: Features, problem: Optional[SquareProblem], l2: float) -> tuple:
+    """`(W*, L*, info)` from `deq_jax.theory`, checked by the gradient at `W*` relative to the gradient at 0, both
+    recomputed from the samples (`square_loss_gradient`; the optimum's own independent check for cross-entropy).
+    A solve that fails is data (its status in `info`, a NaN or large ratio: a failed claim), never a crash."""
+    phi_j, Y = jnp.asarray(phi, jnp.float64), jnp.asarray(feats.Y_train, jnp.float64)
     if loss == "square":
-        G_star = gram.W_star @ gram.C - gram.D.T
-        G_zero = -gram.D.T
-        return gram.W_star, gram.L_star, {
-            "method": "minimum-norm least squares from C = phi^T phi / n, D = phi^T Y / n",
-            "gradient_ratio": float(np.linalg.norm(G_star) / np.linalg.norm(G_zero))}
-    W, L, info = theory.shallow_optimum_cross_entropy(jnp.asarray(phi), jnp.asarray(feats.labels_train),
-                                                      feats.num_classes, l2=l2, on_failure="ignore")
-    W = np.asarray(W)
-    Y = feats.Y_train
-    n = phi.shape[0]
-
-    def grad(W_):
-        z = phi @ W_.T
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        return (p - Y).T @ phi / n + l2 * W_
-
-    ratio = float(np.linalg.norm(grad(W)) / np.linalg.norm(grad(np.zeros_like(W))))
-    if not info.get("converged", False) or not np.all(np.isfinite(W)):
-        ratio = math.nan if not np.isfinite(ratio) else ratio
-    return W, float(L), {**info, "method": "Newton-CG (deq_jax.theory.shallow_optimum_cross_entropy)",
-                         "gradient_ratio": ratio}
+        zero = jnp.zeros_like(jnp.asarray(problem.W_star))
+        g_star, g_zero = (float(jnp.linalg.norm(theory.square_loss_gradient(W, phi_j, Y)))
+                          for W in (jnp.asarray(problem.W_star), zero))
+        return problem.W_star, problem.L_star, {
+            "method": "minimum-norm least squares from C = phi^T phi / n (deq_jax.theory.shallow_optimum_square)",
+            "status": "converged", "gradient_ratio": _ratio(g_star, g_zero)}
+    W, L, info = theory.shallow_optimum_cross_entropy(phi_j, jnp.asarray(feats.labels_train), feats.num_classes,
+                                                      l2=l2, on_failure="ignore")
+    g_zero = float(jnp.linalg.norm(theory.cross_entropy_gradient(jnp.zeros_like(W), phi_j, Y, l2)))
+    ratio = _ratio(info["grad_norm"], g_zero) if info["status"] != "non_finite" else math.nan
+    return np.asarray(W), float(L), {**info, "method": "Newton-CG (deq_jax.theory.shallow_optimum_cross_entropy)",
+                                     "gradient_ratio": ratio}
 
 
 # --------------------------------------------------------------------------------------------- the plan
@@ -190,7 +191,7 @@ class GroupPlan:
     features_label: str
     phi: np.ndarray  # the real training features (n, m)
     phi_test: np.ndarray
-    gram: Optional[GramData]  # square loss only
+    problem: Optional[SquareProblem]  # square loss only: its Gram data, W*, L*, spectrum
     runs: list
 
     @property
@@ -231,7 +232,11 @@ def _feature_sets(cfg: ReproduceConfig, ctx: Context) -> list[tuple[FeatureSetCo
 
 def plan(cfg: ReproduceConfig, ctx: Context) -> list[GroupPlan]:
     """Every group and run of the experiment, with its compiled program (`RunSpec`): fed to precompilation and to
-    `run` alike. Computes the features (and the square loss's Gram form); trains nothing."""
+    `run` alike. Computes the features (and the square loss's Gram data and optimum); trains nothing.
+
+    The square loss trains on its Gram route (the reference, the baselines, the transposed variant); the per-sample
+    variant solves one equilibrium per training sample, on the samples. Cross-entropy trains on the samples, with
+    the L2 term as make_step's penalty on the end-to-end matrix."""
     c = cfg.convergence
     dtype = dtype_of(cfg.dtype)
     n = ctx.features.phi_train.shape[0]
@@ -239,30 +244,29 @@ def plan(cfg: ReproduceConfig, ctx: Context) -> list[GroupPlan]:
     groups = []
     for fs, label, phi, phi_test in _feature_sets(cfg, ctx):
         width = phi.shape[1]
-        gram = gram_data(phi, ctx.features.Y_train) if "square" in fs.losses else None
+        problem = square_problem(phi, ctx.features.Y_train) if "square" in fs.losses else None
         for loss_name in fs.losses:
-            if loss_name == "square":
-                loss, rows = "square", gram.phi.shape[0]
-            else:
-                loss, rows = regularised_cross_entropy(n, c.cross_entropy_l2), n + width
+            square = loss_name == "square"
+            common = dict(loss=loss_name, chunk=c.chunk, dtype=dtype, fast_compile=cfg.fast_compile,
+                          l2=None if square else c.cross_entropy_l2)
             runs = []
             for model_label, model in build_models(fs.models, width, k, cfg.model):
                 role = "reference" if isinstance(model, DELM) else "baseline"
                 # baselines record W at every step (cheap), so that the trust-region experiment's shallow GD shares
                 # their compiled program
                 trace = Trace(u_norm=True) if role == "reference" else Trace(W_every_step=True)
-                runs.append(PlannedRun(model_label, role, RunSpec(model, loss, c.chunk, rows, dtype, trace,
-                                                               fast_compile=cfg.fast_compile),
+                runs.append(PlannedRun(model_label, role, RunSpec(model, rows=None if square else n, trace=trace,
+                                                               gram=square, **common),
                                        "direct (LU) solve, autodiff through it" if role == "reference" else ""))
                 if role == "reference":
                     for v in fs.variants:
                         vm = _variant_model(model, v)
-                        v_rows = n if (loss_name == "square" and v.formulation == "per_sample") else rows
-                        spec = RunSpec(vm, loss, c.chunk, v_rows, dtype, Trace(), mutation=cfg.mutation,
-                                       fast_compile=cfg.fast_compile)
+                        on_gram = square and v.formulation == "transposed"
+                        spec = RunSpec(vm, rows=None if on_gram else n, mutation=cfg.mutation, gram=on_gram,
+                                       **common)
                         runs.append(PlannedRun(f"DELM {v.solver} {v.formulation}", "variant", spec,
                                                _describe_variant(v), v))
-            groups.append(GroupPlan(loss_name, fs, label, phi, phi_test, gram, runs))
+            groups.append(GroupPlan(loss_name, fs, label, phi, phi_test, problem if square else None, runs))
     return groups
 
 
@@ -280,37 +284,33 @@ def run(cfg: ReproduceConfig, ctx: Context, groups: list[GroupPlan]) -> Converge
     results = []
     for gp in groups:
         loss_name, width, fs = gp.loss, gp.width, gp.fs
-        W_star, L_star, opt_info = _optimum(loss_name, gp.phi, feats, gp.gram, c.cross_entropy_l2)
-        curvature = dynamics.curvature_operator(loss_name, gp.gram.C if gp.gram is not None else
-                                                gp.phi.T @ gp.phi / n, c.cross_entropy_l2)
+        W_star, L_star, opt_info = _optimum(loss_name, gp.phi, feats, gp.problem, c.cross_entropy_l2)
+        C = gp.problem.C if gp.problem is not None else np.asarray(theory.feature_gram(jnp.asarray(gp.phi)))
+        curvature = dynamics.curvature_operator(loss_name, C, c.cross_entropy_l2)
         ref_plan = next(r for r in gp.runs if r.role == "reference")
         params0_ref = ref_plan.spec.model.init(fold(cfg.seed, 1), dtype)
         lr, stiff0 = dynamics.learning_rate(c.learning_rate, ref_plan.spec.model, params0_ref, curvature)
         if loss_name == "square":
-            pl, pl_name = gp.gram.lambda_min_plus, "lambda_min^+"
-            lam_max, lam_min, rank = gp.gram.lambda_max, gp.gram.lambda_min_plus, gp.gram.rank
+            pr_ = gp.problem
+            spectrum = {"lambda_max": pr_.lambda_max, "lambda_min_plus": pr_.lambda_min_plus, "rank": pr_.rank}
+            pl, pl_name = pr_.lambda_min_plus, "lambda_min^+"
         else:
             pl, pl_name = c.cross_entropy_l2, "l2"
-            lam_max, lam_min, rank = _spectrum(gp.phi)
+            spectrum = spectrum_of(gp.phi)
         runs: list[ConvergenceRun] = []
         for pr in gp.runs:
             model = pr.spec.model
-            if loss_name == "square" and pr.spec.rows != n:
-                phi_t, y_t, offset = gp.gram.phi, gp.gram.Y, gp.gram.offset
-            elif loss_name == "square":
-                phi_t, y_t, offset = gp.phi, feats.Y_train, 0.0
-            else:
-                (phi_t, y_t), offset = with_probe_rows(gp.phi, feats.Y_train), 0.0
+            phi_t, y_t = (gp.problem.gram, None) if pr.spec.gram else (gp.phi, feats.Y_train)
             key = f"{NAME}/{loss_name}/{slug(gp.features_label)}/m{width}/{slug(pr.label)}"
             monitor = None
             if pr.role == "reference":
-                monitor = (lambda p, m_=model: {"stiffness": lr * dynamics.stiffness(m_, p, curvature).value})
+                monitor = functools.partial(_stiffness_monitor, model, curvature, lr, stiff0.exact)
             res = run_gd(pr.spec, model.init(fold(cfg.seed, 1), dtype), phi_t, y_t, learning_rate=lr,
                          steps=fs.steps or c.steps,
                          stop=_stop_at_floor(L_star, c.stop_gap), stop_id=("gap", L_star, c.stop_gap),
-                         keep=("loss", "grad_norm", "relative_residual", "converged", "U_norm2"),
+                         keep=KEEP,
                          store=ctx.store, key=key, progress=ctx.progress, desc=f"[1] {loss_name} m={width} {pr.label}",
-                         loss_offset=offset, monitor=monitor, monitor_id="stiffness" if monitor else None)
+                         monitor=monitor, monitor_id=("stiffness", stiff0.exact) if monitor else None)
             ctx.runs_total += 1
             ctx.runs_loaded += int(res.from_checkpoint)
             h = res.history
@@ -325,6 +325,9 @@ def run(cfg: ReproduceConfig, ctx: Context, groups: list[GroupPlan]) -> Converge
                 relative_residual=h["relative_residual"],
                 nonconverged_solves=int(np.size(h["converged"]) - np.sum(h["converged"])),
                 max_solver_residual=finite_max(h["relative_residual"]),
+                backward_solves=int(np.sum(h.get("backward_solves", 0))),
+                backward_failures=int(np.sum(h.get("backward_failures", 0)) + np.sum(h.get("backward_nonfinite", 0))),
+                max_backward_residual=_backward_residual(h),
                 logged_steps=res.logged_steps, W_logged=res.W_logged,
                 final_normalised_gap=float(ng[-1]),
                 distance_to_optimum=_ratio(np.linalg.norm(W_T - W_star), np.linalg.norm(W_star)),
@@ -339,6 +342,7 @@ def run(cfg: ReproduceConfig, ctx: Context, groups: list[GroupPlan]) -> Converge
                 r.bound = bound_analysis(h["loss"], h["U_norm2"], L_star, lr, pl, c.bound_floor)
             if "stiffness" in res.monitored:
                 r.stiffness = res.monitored["stiffness"]
+                r.certified_stiffness = res.monitored.get("certified_stiffness")
             runs.append(r)
         ref = next(r for r in runs if r.role == "reference")
         scale0 = np.linalg.norm(ref.W_logged[0] - W_star)
@@ -349,10 +353,9 @@ def run(cfg: ReproduceConfig, ctx: Context, groups: list[GroupPlan]) -> Converge
                 r.path_deviation = dev / scale0 if scale0 > 0 else np.full(k_, np.nan)
         group = ConvergenceGroup(
             loss=loss_name, loss_title=LOSS_TITLES[loss_name], features=gp.features_label, width=width,
-            reaches_optimum=fs.reaches_optimum, gram_route=gp.gram is not None and loss_name == "square",
+            reaches_optimum=fs.reaches_optimum, gram_route=ref_plan.spec.gram,
             learning_rate=lr, stiffness0=lr * stiff0.value, stiffness_exact=stiff0.exact, pl_constant=pl,
-            pl_name=pl_name, L_star=L_star, optimum=opt_info, lambda_max=lam_max, lambda_min_plus=lam_min, rank=rank,
-            runs=runs)
+            pl_name=pl_name, L_star=L_star, optimum=opt_info, runs=runs, **spectrum)
         results.append(group)
     claims = [claim for g in results for claim in group_claims(cfg, g)]
     return ConvergenceResult(groups=results, claims=claims)
@@ -362,9 +365,23 @@ def _ratio(a: float, b: float) -> float:
     return float(a / b) if b > 0 and np.isfinite(b) else math.nan
 
 
-def _spectrum(phi: np.ndarray) -> tuple[float, float, int]:
-    g = gram_data(phi, np.zeros((phi.shape[0], 1)))
-    return g.lambda_max, g.lambda_min_plus, g.rank
+def _stiffness_monitor(model, curvature, lr: float, exact: bool, params) -> dict:
+    """`eta lambda_max(P_t H)` at a logged step (dense, or a power-iteration estimate from below); where it is an
+    estimate, also the library's certified upper bound (`dynamics.certified_stiffness`)."""
+    out = {"stiffness": lr * dynamics.stiffness(model, params, curvature).value}
+    if not exact:
+        out["certified_stiffness"] = lr * dynamics.certified_stiffness(model, params, curvature)
+    return out
+
+
+def _backward_residual(h: dict) -> float:
+    """The largest per-step mean relative residual of the implicit backward solves (`backward_relative_residual`
+    sums over a step's solves); 0 where the run had no implicit backward (autodiff through a direct solve)."""
+    if "backward_solves" not in h:
+        return 0.0
+    solves = np.asarray(h["backward_solves"], np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return finite_max(np.where(solves > 0, np.asarray(h["backward_relative_residual"]) / solves, 0.0))
 
 
 # --------------------------------------------------------------------------------------------- claims
@@ -412,7 +429,8 @@ def group_claims(cfg: ReproduceConfig, g: ConvergenceGroup) -> list[Claim]:
                        lambda: (finite_max(ref.stiffness),
                                 f"at {np.size(ref.stiffness)} logged steps; "
                                 + ("dense eigensolve" if g.stiffness_exact else
-                                   "power iteration (approximate, from below)")
+                                   "power iteration (approximate, from below); certified upper bound from |U_t^-1|_2, "
+                                   f"|W_t|_2 (deq_jax.theory.learning_rate_limit): {finite_max(ref.certified_stiffness):.3g}")
                                 + f"; {g.stiffness0:.3g} at the start (the step-size rule)")))
     for r in g.runs:
         if r.role != "variant":
@@ -424,11 +442,14 @@ def group_claims(cfg: ReproduceConfig, g: ConvergenceGroup) -> list[Claim]:
                                         f"{np.size(r.path_deviation)} logged steps; {r.description}"),
                            sensitive=True))
     delm = [r for r in g.runs if r.is_delm]
+    failed = sum(r.nonconverged_solves + r.backward_failures for r in delm)
     out.append(checked(NAME, f"{gk}/DELM/solves",
-                       f"[{tag}] every DELM equilibrium solve converged: max relative residual",
-                       t.solver_residual, "<=",
-                       lambda: (finite_max([r.max_solver_residual for r in delm])
-                                if not any(r.nonconverged_solves for r in delm) else math.nan,
-                                f"{sum(r.steps for r in delm)} solves, "
-                                f"{sum(r.nonconverged_solves for r in delm)} not converged")))
+                       f"[{tag}] every DELM equilibrium solve converged, forward and implicit backward: max relative "
+                       f"residual", t.solver_residual, "<=",
+                       lambda: (finite_max([max(r.max_solver_residual, r.max_backward_residual) for r in delm])
+                                if not failed else math.nan,
+                                f"{sum(r.steps for r in delm)} forward solves, "
+                                f"{sum(r.nonconverged_solves for r in delm)} not converged; "
+                                f"{sum(r.backward_solves for r in delm)} implicit backward solves, "
+                                f"{sum(r.backward_failures for r in delm)} failed")))
     return out

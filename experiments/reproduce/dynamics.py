@@ -1,38 +1,41 @@
-"""The DELM's dynamics in W-space as the main job measures them (docs/theory.md sections 4, 5 and 9).
+"""The DELM's dynamics in W-space as the main job measures them (docs/theory.md sections 5, 11 and 12).
 
 Gradient descent on the DELM's parameters `theta = (A, B)` moves the end-to-end matrix `W(theta) = B U^{-1}` by
 `W(theta - eta g) - W(theta) = -eta DW[g] + O(eta^2)`, and for the true gradient `g = DW^*[G]` (`G = dL/dW`)
-the first-order term is `-eta P(G)` with the induced preconditioner `P = DW DW^*`. Measured here:
+the first-order term is `-eta P(G)` with the induced preconditioner `P = DW DW^*`. Measured here, with
+`deq_jax.theory` doing the mathematics:
 
 - `update_checks`: for the update `d = theta_{t+1} - theta_t` that training actually applied, the directional
-  derivative `DW[d]` (forward mode through the closed form, and a central finite difference) against
-  `-eta P_t(G_t)`. Equal up to rounding iff the applied update is `-eta` times the true gradient, up to the null
-  space of `DW`: a wrong gradient (one-step, perturbed, wrong sigma) shows here at once.
+  derivative `DW[d]` (`theory.delm_w_velocity`, forward mode through the closed form, and a central finite
+  difference) against `-eta P_t(G_t)` (`theory.induced_preconditioner`); the exact GD step's prediction to second
+  order (`theory.predict_w_step`), from which the trust-region experiment integrates the W-path; and the trained
+  step against the exact GD step to all orders (`theory.w_step_check`'s `step_error`). Each is rounding iff the
+  applied update is `-eta` times the true gradient (up to the null space of `DW`): a wrong gradient (one-step,
+  perturbed, wrong sigma) shows.
 - `curvature_operator` and `stiffness`: `lambda_max(P H)` for the shallow loss's curvature H, which decides the
-  step size (`LearningRateConfig`) and the stability of the linearised W-dynamics (`eta lambda_max(P H) < 2`).
-
-The library pieces used: `deq_jax.theory.end_to_end` (closed form), `induced_preconditioner`,
-`preconditioner_matrix`. When the theory module provides its own step-size rule and W-path predictor, these
-functions are where the main job switches to them.
+  step size (`LearningRateConfig`) and the stability of the linearised W-dynamics (`eta lambda_max(P H) < 2`);
+  `certified_stiffness`: the library's upper bound on it from measured norms (`theory.learning_rate_limit`).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
-import jax.scipy.linalg
 import jax.numpy as jnp
 import numpy as np
 
 from deq_jax import theory
 from deq_jax.losses import get_loss
-from deq_jax.maps import get_sigma
+from deq_jax.train import GramData
+
+from experiments.reproduce import compiling
 
 #: above this many entries of W (m_y m), lambda_max(P H) is estimated by power iteration instead of a dense eigensolve
 DENSE_LIMIT = 512
 POWER_ITERATIONS = 100
+#: `theory.w_step_check`'s tolerance argument: only its `step_error` is used here (the claims judge it)
+STEP_CHECK_RTOL = 1e-6
 
 
 def _norm(tree: Any) -> jax.Array:
@@ -44,38 +47,46 @@ def closed_form(model: Any, params: dict) -> jax.Array:
     return theory.end_to_end(params["A"], params["B"], model.gamma, model.sigma)
 
 
-def shallow_gradient(loss: Any, W: jax.Array, phi: jax.Array, y: jax.Array) -> jax.Array:
-    """`G = dL/dW` of the shallow model's loss `L(W) = loss(phi W^T, y)` (any loss of predictions)."""
-    loss_fn = get_loss(loss)
-    return jax.grad(lambda w: loss_fn(phi @ w.T, y))(W)
+def shallow_gradient(loss: Any, W: jax.Array, phi: Any, y: Optional[jax.Array], l2: Optional[float] = None
+                     ) -> jax.Array:
+    """`G = dL/dW` of the shallow model's loss `L(W) = loss(phi W^T, y) + (l2/2) |W|_F^2` (any loss of predictions),
+    or of the square loss's Gram form `W C - D^T` when `phi` is `GramData`."""
+    if isinstance(phi, GramData):
+        G = W @ phi.C - phi.D.T
+    else:
+        loss_fn = get_loss(loss)
+        G = jax.grad(lambda w: loss_fn(phi @ w.T, y))(W)
+    return G if l2 is None else G + l2 * W
 
 
-def update_checks(model: Any, loss: Any, params: dict, new_params: dict, phi: jax.Array, y: jax.Array,
-                  learning_rate: jax.Array, fd_step: Optional[float] = None) -> dict:
-    """Compare the W-velocity of the applied update with `-eta P_t(G_t)` (traceable; one step of a scan).
+def update_checks(model: Any, loss: Any, params: dict, new_params: dict, phi: Any, y: Optional[jax.Array],
+                  learning_rate: jax.Array, fd_step: Optional[float] = None, l2: Optional[float] = None) -> dict:
+    """Compare the applied update `params -> new_params` with the induced dynamics (traceable).
 
-    Returns `predicted_step`, the change of W that one exact GD step makes to second order in eta,
-    `-eta P(G) + (eta^2 / 2) D^2W[g, g]` with `g = DW^*[G]` the true gradient (so that a path integrated from these
-    steps follows the exact one to O(eta^3) per step), `velocity_error` (`|DW[d] + eta P(G)| / |eta P(G)|`, forward
-    mode) and `fd_velocity_error` (the same with `DW[d] ~ (W(theta + h d) - W(theta - h d)) / 2h`,
-    `h = fd_step |theta| / |d|`; only with `fd_step`)."""
-    W_of = lambda p: closed_form(model, p)  # noqa: E731
-    W, vjp = jax.vjp(W_of, params)
-    G = shallow_gradient(loss, W, phi, y)
-    predicted = -learning_rate * theory.induced_preconditioner(params, G, model.gamma, model.sigma)
-    (g,) = vjp(G)  # the true gradient DW^*[G]
-    curvature = jax.jvp(lambda p: jax.jvp(W_of, (p,), (g,))[1], (params,), (g,))[1]  # D^2W[g, g]
+    Returns `predicted_step`, the change of W that one exact GD step makes to second order in eta
+    (`theory.predict_w_step(order=2) - W`, error `O(eta^3)`), `velocity_error`
+    (`|DW[d] + eta P(G)| / |eta P(G)|`, forward mode), `step_error` (`|W_{t+1} - W_gd| / |eta P(G)|`, the trained
+    step against the exact GD step to all orders) and `fd_velocity_error` (the same as `velocity_error` with
+    `DW[d] ~ (W(theta + h d) - W(theta - h d)) / 2h`, `h = fd_step |theta| / |d|`; only with `fd_step`).
+    `l2`: the loss carries `(l2/2) |W|_F^2` (cross-entropy's penalty)."""
+    gamma, sigma = model.gamma, model.sigma
+    W = closed_form(model, params)
+    G = shallow_gradient(loss, W, phi, y, l2)
+    first = -learning_rate * theory.induced_preconditioner(params, G, gamma, sigma)
+    second = theory.predict_w_step(params, G, learning_rate, gamma, sigma, order=2) - W
     d = jax.tree_util.tree_map(jnp.subtract, new_params, params)
-    velocity = jax.jvp(lambda p: closed_form(model, p), (params,), (d,))[1]
-    scale = jnp.maximum(jnp.linalg.norm(predicted), jnp.finfo(W.dtype).tiny)
-    out = {"predicted_step": predicted + 0.5 * learning_rate ** 2 * curvature,
-           "velocity_error": jnp.linalg.norm(velocity - predicted) / scale}
+    velocity = theory.delm_w_velocity(params, jax.tree_util.tree_map(jnp.negative, d), gamma, sigma)  # DW[d]
+    scale = jnp.maximum(jnp.linalg.norm(first), jnp.finfo(W.dtype).tiny)
+    step = theory.w_step_check(params, closed_form(model, new_params), G, learning_rate, gamma, sigma,
+                               rtol=STEP_CHECK_RTOL)
+    out = {"predicted_step": second, "velocity_error": jnp.linalg.norm(velocity - first) / scale,
+           "step_error": step["step_error"]}
     if fd_step is not None:
         h = fd_step * _norm(params) / jnp.maximum(_norm(d), jnp.finfo(W.dtype).tiny)
         plus = jax.tree_util.tree_map(lambda p, e: p + h * e, params, d)
         minus = jax.tree_util.tree_map(lambda p, e: p - h * e, params, d)
         fd = (closed_form(model, plus) - closed_form(model, minus)) / (2 * h)
-        out["fd_velocity_error"] = jnp.linalg.norm(fd - predicted) / scale
+        out["fd_velocity_error"] = jnp.linalg.norm(fd - first) / scale
     return out
 
 
@@ -87,8 +98,13 @@ class Curvature(NamedTuple):
     shift: float
     description: str
 
+    @property
+    def lambda_max(self) -> float:
+        """`lambda_max(H)`: `scale lambda_max(C) + shift`."""
+        return self.scale * float(np.linalg.eigvalsh(np.asarray(self.C, np.float64))[-1]) + self.shift
 
-def curvature_operator(loss_name: str, C: np.ndarray, l2: float = 0.0) -> Curvature:
+
+def curvature_operator(loss_name: str, C: Any, l2: float = 0.0) -> Curvature:
     """Square loss: `H(V) = V C`, its Hessian. Cross-entropy + `(l2/2)|W|^2`: the bound `V C / 2 + l2 V` (every
     softmax Jacobian `diag(p) - p p^T` has eigenvalues <= 1/2), so `lambda_max(P H_CE) <= lambda_max(P H)`."""
     if loss_name == "square":
@@ -102,7 +118,8 @@ class Stiffness(NamedTuple):
 
 
 def stiffness(model: Any, params: dict, curvature: Curvature) -> Stiffness:
-    """`lambda_max(P H)` at `params` (P H is similar to the symmetric `P^{1/2} H P^{1/2}`, eigenvalues >= 0)."""
+    """`lambda_max(P H)` at `params` (P H is similar to the symmetric `P^{1/2} H P^{1/2}`, eigenvalues >= 0):
+    dense from `theory.preconditioner_matrix` up to `DENSE_LIMIT` entries of W, by power iteration above."""
     m_y, m = params["B"].shape
     C = jnp.asarray(curvature.C, params["B"].dtype)
     if m_y * m <= DENSE_LIMIT:
@@ -117,29 +134,22 @@ def stiffness(model: Any, params: dict, curvature: Curvature) -> Stiffness:
 
 
 def preconditioner_operator(params: dict, gamma: float, sigma: Any):
-    """`V -> P(V)` with U's LU factors computed once (`theory.induced_preconditioner` refactorises U at every call,
-    four m x m factorisations: fine for one application, not for a power iteration at m ~ 800). Traceable."""
-    sig = get_sigma(sigma)
-    A, B = params["A"], params["B"]
-    U = jnp.eye(A.shape[0], dtype=A.dtype) - gamma * sig(A)
-    lu = jax.scipy.linalg.lu_factor(U)
-    solve_U = lambda R: jax.scipy.linalg.lu_solve(lu, R.T).T  # R U^{-T}: solves U X^T = R^T  # noqa: E731
-    solve_Ut = lambda R: jax.scipy.linalg.lu_solve(lu, R.T, trans=1).T  # R U^{-1}: U^T X^T = R^T  # noqa: E731
-    W = solve_Ut(B)
-    _, sigma_vjp = jax.vjp(sig, A)
+    """`V -> P(V) = J J^*(V)`, `J` the Jacobian of `(A, B) -> W` through the library's closed form
+    (`theory.end_to_end`): linearised once (one LU of U, kept as a residual), then applied any number of times
+    at `O(m_y m^2)` each (`theory.induced_preconditioner` factorises U at every call: fine for one application,
+    not for a power iteration at m ~ 800). Traceable."""
+    W_of = lambda p: theory.end_to_end(p["A"], p["B"], gamma, sigma)  # noqa: E731
+    W, J = jax.linearize(W_of, params)
+    J_adjoint = jax.linear_transpose(J, params)
 
-    def apply(G):
-        GUt = solve_U(G)  # G U^{-T}
-        first = solve_Ut(GUt)  # G U^{-T} U^{-1} = G (U U^T)^{-1}
-        (S,) = sigma_vjp(gamma * W.T @ GUt)  # K^*(G) = dL/dA
-        dsigma = jax.jvp(sig, (A,), (S,))[1]
-        return first + gamma * solve_Ut(W @ dsigma)  # + K(K^*(G))
+    def apply(V):
+        (g,) = J_adjoint(V)
+        return J(g)
 
     return apply
 
 
-@functools.partial(jax.jit, static_argnames=("gamma", "sigma"))
-def _power_iteration(params, C, scale, shift, gamma, sigma):
+def _power_iteration_fn(params, C, scale, shift, gamma, sigma):
     P = preconditioner_operator(params, gamma, sigma)
     V0 = jax.random.normal(jax.random.PRNGKey(0), params["B"].shape, params["B"].dtype)
 
@@ -152,11 +162,29 @@ def _power_iteration(params, C, scale, shift, gamma, sigma):
     return value
 
 
+_power_iteration = compiling.jit(_power_iteration_fn, static_argnames=("gamma", "sigma"))
+
+
+def certified_stiffness(model: Any, params: dict, curvature: Curvature) -> float:
+    """An upper bound on `lambda_max(P H)` from measured norms: `1 / theory.learning_rate_limit(...)` with
+    `lambda_max(H)`, the measured `|U^{-1}|_2` (`theory.u_inverse_norm`) and `|W|_2` (docs/theory.md section 12).
+    Valid at any width (no eigensolve of P); conservative (about 10x the exact value at a small init)."""
+    A = params["A"]
+    limit = theory.learning_rate_limit(curvature.lambda_max, theory.u_inverse_norm(A, model.gamma, model.sigma),
+                                       theory.spectral_norm(closed_form(model, params)), model.gamma,
+                                       sigma=model.sigma, m=A.shape[0])
+    return float(1.0 / limit)
+
+
 def learning_rate(rule: Any, model: Any, params0: dict, curvature: Curvature) -> tuple[float, Stiffness]:
-    """`eta` from a `LearningRateConfig` and the DELM's initial parameters: `scale / lambda_max(P_0 H)` or fixed."""
+    """`eta` from a `LearningRateConfig` and the DELM's initial parameters, and the stiffness `lambda_max(P_0 H)`:
+    `measured`: `scale / lambda_max(P_0 H)`; `bound`: `scale` times `theory.learning_rate_limit` at the init (so
+    `eta lambda_max(P_0 H) <= scale` is guaranteed, not measured); `fixed`: `value`."""
     stiff = stiffness(model, params0, curvature)
     if rule.rule == "fixed":
         return float(rule.value), stiff
+    if rule.rule == "bound":
+        return float(rule.scale / certified_stiffness(model, params0, curvature)), stiff
     return float(rule.scale / stiff.value), stiff
 
 
@@ -167,5 +195,5 @@ def integrated_path(W0: np.ndarray, predicted_steps: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(W0)[None], np.asarray(W0)[None] + np.cumsum(steps, axis=0)])
 
 
-__all__ = ["Curvature", "Stiffness", "closed_form", "curvature_operator", "integrated_path", "learning_rate",
-           "preconditioner_operator", "shallow_gradient", "stiffness", "update_checks"]
+__all__ = ["Curvature", "Stiffness", "certified_stiffness", "closed_form", "curvature_operator", "integrated_path",
+           "learning_rate", "preconditioner_operator", "shallow_gradient", "stiffness", "update_checks"]

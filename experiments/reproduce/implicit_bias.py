@@ -23,7 +23,7 @@ from deq_jax import theory
 
 from experiments.reproduce import dynamics
 from experiments.reproduce.common import (Claim, Context, Features, build_models, checked, dtype_of, finite_max, fold,
-                                          heldout_metrics, slug)
+                                          heldout_metrics, slug, spectrum_of)
 from experiments.reproduce.config import ConfigError, ReproduceConfig
 from experiments.reproduce.runs import RunSpec, Trace, run_gd
 
@@ -146,19 +146,20 @@ def run(cfg: ReproduceConfig, ctx: Context, p: BiasPlan) -> ImplicitBiasResult:
         if np.trace(null) < 0.5:
             raise ConfigError(f"implicit_bias.n_train ({ib.n_train}) gives training features of full column rank "
                               f"{m} (seed {seed}): a unique minimiser, no implicit bias to measure; use n_train < {m}")
-        C = phi.T @ phi / ib.n_train
-        eig = np.linalg.eigvalsh(C)
-        rank = int(np.sum(eig > max(phi.shape) * np.finfo(np.float64).eps * eig[-1]))
+        C = np.asarray(theory.feature_gram(jnp.asarray(phi)))
+        spectrum = spectrum_of(phi)
+        rank = spectrum["rank"]
         delm_spec = next((spec for label, spec in p.runs if label == "DELM"), None)
         inits = {label: spec.model.init(fold(cfg.seed, 4, seed), dtype) for label, spec in p.runs}
         curvature = dynamics.curvature_operator("square", C)
         if delm_spec is not None:
             lr, _ = dynamics.learning_rate(ib.learning_rate, delm_spec.model, inits["DELM"], curvature)
         else:  # no DELM: the rule with P = I
-            lr = ib.learning_rate.value if ib.learning_rate.rule == "fixed" else ib.learning_rate.scale / eig[-1]
+            lr = ib.learning_rate.value if ib.learning_rate.rule == "fixed" else \
+                ib.learning_rate.scale / spectrum["lambda_max"]
         mn_norm = np.linalg.norm(W_mn)
-        references.append(BiasReference(seed=seed, rank=rank, learning_rate=lr, lambda_max=float(eig[-1]),
-                                        lambda_min_plus=float(eig[-rank]) if rank else float("nan"),
+        references.append(BiasReference(seed=seed, rank=rank, learning_rate=lr, lambda_max=spectrum["lambda_max"],
+                                        lambda_min_plus=spectrum["lambda_min_plus"],
                                         test=heldout_metrics(W_mn, feats.phi_test, feats.labels_test, feats.Y_test),
                                         norm=float(mn_norm)))
         for label, spec in p.runs:

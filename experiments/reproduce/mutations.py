@@ -37,16 +37,27 @@ DESCRIPTIONS = {
 @dataclasses.dataclass(frozen=True)
 class WrongSigmaDELM(DELM):
     """A DELM whose forward values are right and whose gradients come from `backward_sigma` instead of `sigma`:
-    predictions `p_wrong + stop_gradient(p - p_wrong)` (the value of `p`, the derivative of `p_wrong`)."""
+    every output `x` is `x_wrong + stop_gradient(x - x_wrong)` (the value of `x`, the derivative of `x_wrong`).
+
+    Both routes a training step can take are falsified: `apply` (predictions from samples) and
+    `end_to_end_solution` (the end-to-end W, which `make_step` differentiates on the square loss's Gram route and
+    in an L2 penalty on W)."""
 
     backward_sigma: str = "row_softmax"
 
+    def _wrong(self) -> DELM:
+        return DELM(self.width, self.out_dim, self.gamma, self.backward_sigma, formulation="transposed",
+                    solver="direct", init_scale=self.init_scale)
+
     def apply(self, params, phi):
         predictions, stats = super().apply(params, phi)
-        wrong = DELM(self.width, self.out_dim, self.gamma, self.backward_sigma, formulation="transposed",
-                     solver="direct", init_scale=self.init_scale)
-        wrong_predictions, _ = wrong.apply(params, phi)
+        wrong_predictions, _ = self._wrong().apply(params, phi)
         return wrong_predictions + jax.lax.stop_gradient(predictions - wrong_predictions), stats
+
+    def end_to_end_solution(self, params):
+        sol = super().end_to_end_solution(params)
+        wrong = self._wrong().end_to_end(params)
+        return sol._replace(value=wrong + jax.lax.stop_gradient(sol.value - wrong))
 
 
 def mutate_model(model: Any, mutation: Optional[str]) -> Any:
@@ -80,6 +91,12 @@ def relative_noise(relative: float, seed: int = 0) -> optax.GradientTransformati
         return jax.tree_util.tree_unflatten(treedef, noisy), count + 1
 
     return optax.GradientTransformation(init, update)
+
+
+def learning_rate_of(opt_state: Any) -> jax.Array:
+    """The learning rate held in the state of `optimizer(...)` (plain or behind the `perturbed` noise)."""
+    sgd_state = opt_state[-1] if isinstance(opt_state, tuple) and not hasattr(opt_state, "hyperparams") else opt_state
+    return sgd_state.hyperparams["learning_rate"]
 
 
 def optimizer(learning_rate: Any, mutation: Optional[str] = None) -> optax.GradientTransformation:

@@ -26,8 +26,8 @@ import numpy as np
 from deq_jax import theory
 
 from experiments.reproduce import dynamics
-from experiments.reproduce.common import (Claim, Context, GramData, build_models, checked, dtype_of, finite_max, fold,
-                                          gram_data)
+from experiments.reproduce.common import (Claim, Context, SquareProblem, build_models, checked, dtype_of, finite_max,
+                                          fold, square_problem)
 from experiments.reproduce.config import ReproduceConfig
 from experiments.reproduce.runs import RunSpec, Trace, run_gd
 
@@ -58,6 +58,7 @@ class TrustRegionScale:
     relative_residual: np.ndarray
     velocity_error: np.ndarray  # per step
     fd_velocity_error: np.ndarray  # per step
+    step_error: np.ndarray  # per step: |W_{t+1} - W_gd| / |eta P_t(G_t)| (theory.w_step_check)
     path_error: np.ndarray  # |W_t - W_t(predicted)| / |W_0 - W*| per step
     checks: list
     distance_to_gd_path: np.ndarray
@@ -132,31 +133,31 @@ def plane_coordinates(paths: list[np.ndarray], W0: np.ndarray, W_star: np.ndarra
 
 @dataclasses.dataclass
 class TrustRegionPlan:
-    gram: GramData
+    problem: SquareProblem
     width: int
     delm: RunSpec
     linear: RunSpec
 
 
 DELM_KEEP = ("loss", "relative_residual", "converged", "U_norm2", "W", "predicted_step", "velocity_error",
-             "fd_velocity_error")
+             "fd_velocity_error", "step_error")
 
 
 def plan(cfg: ReproduceConfig, ctx: Context) -> TrustRegionPlan:
     t = cfg.trust_region
     feats = ctx.features_for(t.features, t.pca_dim, section="trust_region")
-    gram = gram_data(feats.phi_train, feats.Y_train)
+    problem = square_problem(feats.phi_train, feats.Y_train)
     m, k = feats.phi_train.shape[1], feats.num_classes
-    rows, dtype = gram.phi.shape[0], dtype_of(cfg.dtype)
+    dtype = dtype_of(cfg.dtype)
     (_, delm), = build_models(("delm",), m, k, cfg.model)
     (_, linear), = build_models(("linear",), m, k, cfg.model)
     return TrustRegionPlan(
-        gram=gram, width=m,
-        delm=RunSpec(delm, "square", t.chunk, rows, dtype, Trace(u_norm=True, W_every_step=True, checks=True,
+        problem=problem, width=m,
+        delm=RunSpec(delm, "square", t.chunk, None, dtype, Trace(u_norm=True, W_every_step=True, checks=True,
                                                                    fd_step=t.fd_step), mutation=cfg.mutation,
-                     fast_compile=cfg.fast_compile),
-        linear=RunSpec(linear, "square", t.chunk, rows, dtype, Trace(W_every_step=True),
-                       fast_compile=cfg.fast_compile))
+                     fast_compile=cfg.fast_compile, gram=True),
+        linear=RunSpec(linear, "square", t.chunk, None, dtype, Trace(W_every_step=True),
+                       fast_compile=cfg.fast_compile, gram=True))
 
 
 def programs(p: TrustRegionPlan) -> list[RunSpec]:
@@ -165,10 +166,11 @@ def programs(p: TrustRegionPlan) -> list[RunSpec]:
 
 def run(cfg: ReproduceConfig, ctx: Context, p: TrustRegionPlan) -> TrustRegionResult:
     t = cfg.trust_region
-    g = p.gram
+    g = p.problem
     dtype = dtype_of(cfg.dtype)
     delm = p.delm.model
-    phi, Y = jnp.asarray(g.phi, dtype), jnp.asarray(g.Y, dtype)
+    feats = ctx.features_for(t.features, t.pca_dim, section="trust_region")
+    phi, Y = jnp.asarray(feats.phi_train, dtype), jnp.asarray(feats.Y_train, dtype)
     W_star, L_star = g.W_star, g.L_star
     key = fold(cfg.seed, 3)
     B0 = dataclasses.replace(delm, init_scale=t.b_scale).init(key, dtype)["B"]
@@ -182,14 +184,14 @@ def run(cfg: ReproduceConfig, ctx: Context, p: TrustRegionPlan) -> TrustRegionRe
     scales = []
     for s, params0 in zip(t.a_scales, inits):
         base = f"{NAME}/A{s:g}"
-        res = run_gd(p.delm, params0, phi, Y, learning_rate=lr, steps=t.steps, keep=DELM_KEEP, snapshots=True,
-                     store=ctx.store, key=f"{base}/DELM", progress=ctx.progress, desc=f"[2] A scale {s:g} DELM",
-                     loss_offset=g.offset)
+        res = run_gd(p.delm, params0, g.gram, None, learning_rate=lr, steps=t.steps, keep=DELM_KEEP,
+                     snapshots=True, store=ctx.store, key=f"{base}/DELM", progress=ctx.progress,
+                     desc=f"[2] A scale {s:g} DELM")
         W_delm = np.concatenate([res.history["W"], res.W_final[None]])
         W0 = W_delm[0]
-        gd = run_gd(p.linear, {"W": jnp.asarray(W0, dtype)}, phi, Y, learning_rate=lr, steps=t.steps,
+        gd = run_gd(p.linear, {"W": jnp.asarray(W0, dtype)}, g.gram, None, learning_rate=lr, steps=t.steps,
                     keep=("loss", "W"), store=ctx.store, key=f"{base}/GD", progress=ctx.progress,
-                    desc=f"[2] A scale {s:g} shallow GD", loss_offset=g.offset)
+                    desc=f"[2] A scale {s:g} shallow GD")
         ctx.runs_total += 2
         ctx.runs_loaded += int(res.from_checkpoint) + int(gd.from_checkpoint)
         W_gd = np.concatenate([gd.history["W"], gd.W_final[None]])
@@ -217,7 +219,7 @@ def run(cfg: ReproduceConfig, ctx: Context, p: TrustRegionPlan) -> TrustRegionRe
             a_scale=s, key=base, mutation=p.delm.mutation, loss_delm=res.history["loss"],
             loss_gd=gd.history["loss"], normalised_gap=ng, U_norm2=res.history["U_norm2"],
             relative_residual=res.history["relative_residual"], velocity_error=res.history["velocity_error"],
-            fd_velocity_error=res.history["fd_velocity_error"],
+            fd_velocity_error=res.history["fd_velocity_error"], step_error=res.history["step_error"],
             path_error=np.linalg.norm(flat(W_delm - W_pred), axis=1) / scale0, checks=checks,
             distance_to_gd_path=geometric, distance_in_time=in_time, xy_delm=xy_delm, xy_gd=xy_gd,
             xy_predicted=xy_pred, out_of_plane=plane["out_of_plane"]))
@@ -256,6 +258,10 @@ def claims(cfg: ReproduceConfig, r: TrustRegionResult) -> list[Claim]:
         checked(NAME, f"{NAME}/finite_difference", "the same by central finite differences of the closed form",
                 t.finite_difference, "<=", lambda: (worst("fd_velocity_error")[0],
                                                     f"relative step {cfg.trust_region.fd_step:g}"), sensitive=True),
+        checked(NAME, f"{NAME}/exact_step", "every trained step lands where the exact GD step does, to all orders "
+                                            "(max_t |W_{t+1} - W(theta_t - eta g_t)| / |eta P_t(G_t)|, g_t the exact "
+                                            "gradient: deq_jax.theory.w_step_check)",
+                t.step, "<=", lambda: worst("step_error"), sensitive=True),
         checked(NAME, f"{NAME}/path", "the W-path follows the path integrated from dW = -eta P_t(G_t) (to second "
                                       "order in eta): max_t |W_t - W_t(predicted)| / |W_0 - W*|",
                 t.path, "<=", lambda: worst("path_error"), sensitive=True),

@@ -146,7 +146,7 @@ def test_shipped_configs_are_complete():
     ("convergence.feature_sets=[{variants: [{solver: newton}]}]", ["solver", "'newton' is not a valid choice"]),
     ("convergence.feature_sets=[{steps: 75}]", ["feature_sets[0].steps (75) must be a multiple of chunk (50)"]),
     ("convergence.feature_sets=[]", ["feature_sets must list at least one feature set"]),
-    ("convergence.learning_rate.rule=theory", ["'theory' is not a valid choice", "'measured', 'fixed'"]),
+    ("convergence.learning_rate.rule=theory", ["'theory' is not a valid choice", "'measured', 'bound', 'fixed'"]),
     ("mutation=one_stepp", ["mutation", "'one_step', 'perturbed', 'wrong_sigma' or null", "'one_stepp'"]),
     ("trust_region.features=standardize", []),
     ("convergence.learning_rate.rule=fixed", ["convergence.learning_rate",

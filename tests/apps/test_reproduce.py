@@ -27,7 +27,7 @@ from deq_jax import losses, models, theory, train
 from experiments.common import io as reproduce_io
 from experiments.reproduce import (bounds, checkpoints, cli as reproduce, convergence, dynamics, mutation_table,
                                    mutations, report, runs as gd_runs)
-from experiments.reproduce.common import Claim, checked, gram_data, heldout_metrics
+from experiments.reproduce.common import Claim, checked, heldout_metrics, square_problem
 from experiments.reproduce.config import load_config
 from experiments.reproduce.implicit_bias import null_projector
 from experiments.reproduce.trust_region import distance_to_polyline, plane_coordinates
@@ -37,17 +37,20 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
 def _data(n=9, m=9, k=10, seed=0):
-    """Random data of the tiny config's square-loss shapes (its Gram rows: n = m = 9), so compiled programs are
-    shared with the tiny job."""
+    """Random data of the tiny config's shapes (m = 9 features, k = 10 classes), so that compiled programs are
+    shared with the tiny job (on the Gram route they depend on m and k only)."""
     rng = np.random.default_rng(seed)
     phi = rng.normal(size=(n, m)) / 3  # lambda_max(phi^T phi / n) ~ 0.4: GD at eta = 0.05 is stable
     labels = rng.integers(0, k, n)
     return jnp.asarray(phi), jnp.asarray(np.eye(k)[labels]), labels
 
 
-def _spec(model, trace=gd_runs.Trace(u_norm=True), mutation=None, rows=9):
-    """The tiny config's programs (fast compilation), shared with the tiny job where the shapes agree."""
-    return gd_runs.RunSpec(model, "square", 50, rows, jnp.float64, trace, mutation, fast_compile=True)
+def _spec(model, trace=gd_runs.Trace(u_norm=True), mutation=None, **kwargs):
+    """The tiny config's programs (fast compilation, the square loss on its Gram route unless told otherwise),
+    shared with the tiny job where the shapes agree."""
+    kwargs = {"loss": "square", "rows": None, "gram": True, **kwargs}
+    return gd_runs.RunSpec(model, chunk=50, dtype=jnp.float64, trace=trace, mutation=mutation, fast_compile=True,
+                           **kwargs)
 
 
 DELM = models.DELM(9, 10)
@@ -55,19 +58,21 @@ DELM = models.DELM(9, 10)
 
 # --------------------------------------------------------------------------------------------- building blocks
 
-def test_chunked_runner_equals_full_batch_gd():
-    """The chunked runner is full_batch_gd cut into pieces: the same losses and parameters (to rounding: the runner's
-    program is compiled with the tiny config's fast options, full_batch_gd's with XLA's defaults)."""
-    model, trace = DELM, gd_runs.Trace(u_norm=True)
+def test_chunked_runner_equals_full_batch_gd_on_the_samples():
+    """The chunked runner on the Gram route is full_batch_gd on the samples, cut into pieces: the same losses and
+    parameters to rounding (the Gram form sums in another order; the runner's program is compiled with the tiny
+    config's fast options)."""
+    model = DELM
     phi, Y, _ = _data()
     params = model.init(jax.random.PRNGKey(0), jnp.float64)
-    ref_params, ref = train.full_batch_gd(model, "square", params, phi, Y, learning_rate=0.05, steps=100)
-    res = gd_runs.run_gd(_spec(model, trace), params, phi, Y, learning_rate=0.05, steps=100)
+    ref_params, ref = train.full_batch_gd(model, "square", params, phi, Y, learning_rate=0.05, steps=100,
+                                          warm_start=False)
+    res = gd_runs.run_gd(_spec(model), params, train.square_gram(phi, Y), None, learning_rate=0.05, steps=100)
     assert res.history["loss"][-1] < 0.5 * res.history["loss"][0]  # a converging run: rounding cannot grow
-    np.testing.assert_allclose(res.history["loss"], np.asarray(ref["loss"]), rtol=1e-13)
+    np.testing.assert_allclose(res.history["loss"], np.asarray(ref["loss"]), rtol=1e-12)
     for a, b in zip(jax.tree_util.tree_leaves(res.params), jax.tree_util.tree_leaves(ref_params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(res.W_final, np.asarray(model.end_to_end(ref_params)), rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-11, atol=1e-14)
+    np.testing.assert_allclose(res.W_final, np.asarray(model.end_to_end(ref_params)), rtol=1e-11, atol=1e-14)
     np.testing.assert_allclose(res.W0, np.asarray(model.end_to_end(params)), rtol=1e-12, atol=1e-15)
     assert list(res.logged_steps) == [0, 50, 100] and res.W_logged.shape == (3, 10, 9)
 
@@ -76,6 +81,7 @@ def test_runner_resumes_from_its_checkpoint_and_keys_it_by_its_inputs(tmp_path):
     """Stopping after 50 steps and continuing to 150 gives the numbers of an uninterrupted 150-step run; another
     learning rate or other data is another checkpoint, never a stale one."""
     phi, Y, _ = _data()
+    gram = train.square_gram(phi, Y)
     params = DELM.init(jax.random.PRNGKey(1), jnp.float64)
     store = reproduce_io.CheckpointStore(tmp_path / "ck")
     store.open("fp", fresh=True)
@@ -95,73 +101,74 @@ def test_runner_resumes_from_its_checkpoint_and_keys_it_by_its_inputs(tmp_path):
         mp.setattr(gd_runs, "CHECKPOINT_EVERY_S", 0.0)
         mp.setattr(reproduce_io.CheckpointStore, "save", save_then_stop)
         with pytest.raises(KeyboardInterrupt):
-            gd_runs.run_gd(_spec(DELM), params, phi, Y, steps=150, **kwargs)
+            gd_runs.run_gd(_spec(DELM), params, gram, None, steps=150, **kwargs)
     assert calls == [50]
-    resumed = gd_runs.run_gd(_spec(DELM), params, phi, Y, steps=150, **kwargs)
-    whole = gd_runs.run_gd(_spec(DELM), params, phi, Y, steps=150, **{**kwargs, "store": None})
+    resumed = gd_runs.run_gd(_spec(DELM), params, gram, None, steps=150, **kwargs)
+    whole = gd_runs.run_gd(_spec(DELM), params, gram, None, steps=150, **{**kwargs, "store": None})
     for k in ("loss", "U_norm2", "grad_norm"):
         np.testing.assert_array_equal(resumed.history[k], whole.history[k])
     np.testing.assert_array_equal(resumed.W_logged, whole.W_logged)
     np.testing.assert_array_equal(resumed.monitored["norm_A"], whole.monitored["norm_A"])
     assert not resumed.from_checkpoint
-    again = gd_runs.run_gd(_spec(DELM), params, phi, Y, steps=150, **kwargs)  # finished: loaded, not rerun
+    again = gd_runs.run_gd(_spec(DELM), params, gram, None, steps=150, **kwargs)  # finished: loaded, not rerun
     assert again.from_checkpoint and np.array_equal(again.history["loss"], whole.history["loss"])
-    other = gd_runs.run_gd(_spec(DELM), params, phi, Y, steps=150, **{**kwargs, "learning_rate": 0.04})
+    other = gd_runs.run_gd(_spec(DELM), params, gram, None, steps=150, **{**kwargs, "learning_rate": 0.04})
     assert not other.from_checkpoint and not np.array_equal(other.history["loss"], whole.history["loss"])
-    assert len(list((tmp_path / "ck").glob("*.npz"))) == 2
+    other_data = train.square_gram(phi, 0.5 * Y)
+    moved = gd_runs.run_gd(_spec(DELM), params, other_data, None, steps=150, **kwargs)
+    assert not moved.from_checkpoint
+    assert len(list((tmp_path / "ck").glob("*.npz"))) == 3
 
 
 def test_runner_stop_and_capture():
     model = models.Linear(9, 10)
     phi, Y, _ = _data()
+    gram = train.square_gram(phi, Y)
     params = model.init(jax.random.PRNGKey(2), jnp.float64)
     spec = _spec(model, gd_runs.Trace(W_every_step=True))
-    ref = gd_runs.run_gd(spec, params, phi, Y, learning_rate=0.05, steps=200, keep=("loss", "W"))
+    ref = gd_runs.run_gd(spec, params, gram, None, learning_rate=0.05, steps=200, keep=("loss", "W"))
     level = 0.5 * float(ref.history["loss"][136] + ref.history["loss"][137])  # first crossed at step 137
 
     def stop(history, chunk, start):
         below = np.flatnonzero(chunk["loss"] < level)
         return None if below.size == 0 else {"step": np.asarray(start + below[0]), "W": chunk["W"][below[0]]}
 
-    res = gd_runs.run_gd(spec, params, phi, Y, learning_rate=0.05, steps=1000, stop=stop)
+    res = gd_runs.run_gd(spec, params, gram, None, learning_rate=0.05, steps=1000, stop=stop)
     assert res.stopped_early and res.steps == 150 and int(res.captured["step"]) == 137
     np.testing.assert_array_equal(res.captured["W"], ref.history["W"][137])
 
 
-def test_regularised_cross_entropy_is_ce_plus_l2_on_the_end_to_end_matrix():
-    phi, Y, labels = _data(n=30, m=6, k=4)
-    n = phi.shape[0]
-    phi_aug, Y_aug = gd_runs.with_probe_rows(np.asarray(phi), np.asarray(Y))
-    loss = gd_runs.regularised_cross_entropy(n, 0.3)
-    assert loss is gd_runs.regularised_cross_entropy(n, 0.3)  # cached: one compiled program per (n, l2)
-    model = models.DeepLinear(6, 4, depth=2)  # any model: the probe rows read its end-to-end matrix
+def test_cross_entropy_runs_carry_l2_through_the_penalty():
+    """Cross-entropy + (l2/2)|W|_F^2 on the end-to-end matrix (make_step's penalty hook): the runner's losses are
+    the regularised objective of `theory.shallow_optimum_cross_entropy`, computed independently, and equal
+    full_batch_gd's with the same penalty (the tiny job's program: 150 samples, l2 = 0.3)."""
+    phi, Y, labels = _data(n=150)
+    params = DELM.init(jax.random.PRNGKey(3), jnp.float64)
+    spec = _spec(DELM, loss="cross_entropy", rows=150, gram=False, l2=0.3)
+    res = gd_runs.run_gd(spec, params, phi, Y, learning_rate=0.05, steps=50)
+    W0 = theory.end_to_end(params["A"], params["B"], 0.8)
+    want = float(losses.cross_entropy(phi @ W0.T, jnp.asarray(labels))) + 0.15 * float(jnp.sum(W0 * W0))
+    assert res.history["loss"][0] == pytest.approx(want, rel=1e-13)
+    penalty = lambda p: 0.15 * jnp.sum(DELM.end_to_end(p) ** 2)  # noqa: E731
+    _, ref = train.full_batch_gd(DELM, "cross_entropy", params, phi, Y, learning_rate=0.05, steps=50, penalty=penalty,
+                                 warm_start=False)
+    np.testing.assert_allclose(res.history["loss"], np.asarray(ref["loss"]), rtol=1e-12)
+    assert res.history["loss"][-1] < 0.9 * res.history["loss"][0]  # a converging run
 
-    @jax.jit
-    def both(params):
-        W = model.end_to_end(params)
-        return (train.objective(model, loss)(params, jnp.asarray(phi_aug), jnp.asarray(Y_aug))[0],
-                losses.cross_entropy(phi @ W.T, jnp.asarray(labels)) + 0.15 * jnp.sum(W * W))
 
-    got, want = both(model.init(jax.random.PRNGKey(3), jnp.float64))
-    np.testing.assert_allclose(float(got), float(want), rtol=1e-13)
-
-
-@pytest.mark.parametrize("n, m", [(50, 7), (5, 9)], ids=["n>m", "n<m"])
-def test_gram_form_of_the_square_loss(n, m):
-    """The compressed rows give the loss (up to the recorded offset) and the gradient of the real samples, and the
-    optimum of `deq_jax.theory` (n-independent, never an n x n workspace)."""
+def test_square_problem_is_the_library_s():
+    """The shallow square problem of a feature set comes from the library (Gram data, optimum, spectrum), with
+    nothing n x n: n >> m and n < m alike."""
     rng = np.random.default_rng(0)
-    phi, Y = rng.normal(size=(n, m)), rng.normal(size=(n, 3))
-    g = gram_data(phi, Y)
-    assert g.phi.shape == (min(n, m), m) and g.rank == min(n, m)
-    W = jnp.asarray(rng.normal(size=(3, m)))
-    value_and_grad = jax.jit(jax.value_and_grad(lambda w, p, y: losses.square(p @ w.T, y)))
-    (L_c, G_c), (L, G) = value_and_grad(W, g.phi, g.Y), value_and_grad(W, phi, Y)
-    assert float(L_c) + g.offset == pytest.approx(float(L), rel=1e-13)
-    np.testing.assert_allclose(G_c, G, rtol=1e-12, atol=1e-14)
-    W_star, L_star = theory.shallow_optimum_square(jnp.asarray(phi), jnp.asarray(Y))
-    np.testing.assert_allclose(g.W_star, W_star, rtol=1e-10, atol=1e-12)
-    assert g.L_star == pytest.approx(float(L_star), rel=1e-12, abs=1e-15)
+    for n, m in ((50, 7), (5, 9)):
+        phi, Y = rng.normal(size=(n, m)), rng.normal(size=(n, 3))
+        prob = square_problem(phi, Y)
+        W_star, L_star = theory.shallow_optimum_square(jnp.asarray(phi), jnp.asarray(Y))
+        np.testing.assert_array_equal(prob.W_star, np.asarray(W_star))
+        assert prob.L_star == float(L_star) and prob.rank == min(n, m)
+        np.testing.assert_allclose(prob.C, phi.T @ phi / n, rtol=1e-13)
+        np.testing.assert_allclose(prob.D, phi.T @ Y / n, rtol=1e-13, atol=1e-15)
+        assert prob.lambda_max == pytest.approx(float(np.linalg.eigvalsh(phi.T @ phi / n)[-1]), rel=1e-12)
 
 
 def test_preconditioner_and_stiffness():
@@ -186,9 +193,11 @@ def test_preconditioner_and_stiffness():
 
 
 def test_mutations_falsify_the_gradient_and_the_update_checks_see_it():
-    """Each mutation keeps the loss and falsifies the gradient; the W-velocity of an exact GD step is -eta P(G) to
-    rounding, of a mutated step it is not (one compiled program for all of it)."""
+    """Each mutation keeps the loss and falsifies the gradient of a training step (make_step, on the samples and on
+    the Gram route alike); the applied update of an exact step moves W by -eta P(G) and lands on the exact GD step to
+    rounding, a mutated one does not (one compiled program for all of it)."""
     phi, Y, _ = _data()
+    gram = train.square_gram(phi, Y)
     lr = 0.05
     wrong = mutations.mutate_model(DELM, "wrong_sigma")
     assert isinstance(wrong, mutations.WrongSigmaDELM) and wrong.backward_sigma == "row_softmax"
@@ -203,25 +212,26 @@ def test_mutations_falsify_the_gradient_and_the_update_checks_see_it():
         value, g_true = jax.value_and_grad(lambda p: train.objective(DELM, "square")(p, phi, Y)[0])(params)
         for name in ("honest", "one_step", "wrong_sigma", "perturbed"):
             mutation = None if name == "honest" else name
-            model = mutations.mutate_model(DELM, mutation)
-            v, g = jax.value_and_grad(lambda p: train.objective(model, "square")(p, phi, Y)[0])(params)
-            opt = mutations.optimizer(lr, mutation)
-            updates, _ = opt.update(g, opt.init(params), params)
-            new = jax.tree_util.tree_map(jnp.add, params, updates)
-            checks = dynamics.update_checks(DELM, "square", params, new, phi, Y, jnp.asarray(lr),
-                                            1e-5 if name in ("honest", "one_step") else None)
-            step_error = norm(jax.tree_util.tree_map(lambda u, t: u + lr * t, updates, g_true)) / norm(g_true) / lr
-            out[name] = (v / value - 1, step_error, checks["velocity_error"],
-                         checks.get("fd_velocity_error", jnp.nan))
+            opt = mutations.optimizer(jnp.asarray(lr), mutation)
+            step = train.make_step(mutations.mutate_model(DELM, mutation), "square", opt, warm_start=False, jit=False)
+            for route, (data, targets) in (("samples", (phi, Y)), ("gram", (gram, None))):
+                new, _, metrics = step(params, opt.init(params), data, targets)
+                checks = dynamics.update_checks(DELM, "square", params, new, data, targets, jnp.asarray(lr),
+                                                1e-5 if name in ("honest", "one_step") else None)
+                error = norm(jax.tree_util.tree_map(lambda a, b, t: a - b + lr * t, new, params, g_true))
+                out[name, route] = (metrics["loss"] / value - 1, error / norm(g_true) / lr, checks["velocity_error"],
+                                    checks["step_error"], checks.get("fd_velocity_error", jnp.nan))
         return out
 
     e = {k: [float(x) for x in v] for k, v in measure(DELM.init(jax.random.PRNGKey(4), jnp.float64)).items()}
-    assert all(abs(v[0]) < 1e-14 for v in e.values())  # the loss is right under every mutation
-    assert e["honest"][1] < 1e-15 and e["honest"][2] < 1e-12 and e["honest"][3] < 1e-8
-    assert e["perturbed"][1] == pytest.approx(mutations.PERTURBATION, rel=1e-10)
-    for name in ("one_step", "wrong_sigma", "perturbed"):
-        assert e[name][1] > 1e-3 and e[name][2] > 1e-3, (name, e[name])
-    assert e["one_step"][3] > 1e-3  # the finite-difference form sees it too
+    assert all(abs(v[0]) < 1e-14 for v in e.values())  # the loss is right under every mutation, on both routes
+    for route in ("samples", "gram"):
+        honest = e["honest", route]
+        assert honest[1] < 1e-13 and honest[2] < 1e-12 and honest[3] < 1e-12 and honest[4] < 1e-8, honest
+        assert e["perturbed", route][1] == pytest.approx(mutations.PERTURBATION, rel=1e-9)
+        for name in ("one_step", "wrong_sigma", "perturbed"):
+            assert e[name, route][1] > 1e-3 and e[name, route][2] > 1e-3 and e[name, route][3] > 1e-3, (name, route)
+        assert e["one_step", route][4] > 1e-3  # the finite-difference form sees it too
 
 
 # --------------------------------------------------------------------------------------------- the claims can fail
@@ -245,7 +255,8 @@ def _group(offset=0.0, pl_scale=1.0, length=400):
     run = convergence.ConvergenceRun(
         label="DELM", role="reference", key="k", description="", learning_rate=eta, steps=length,
         stopped_early=False, mutation=None, loss_history=loss, normalised_gap=ng, grad_norm=np.ones(length),
-        relative_residual=np.zeros(length), nonconverged_solves=0, max_solver_residual=0.0,
+        relative_residual=np.zeros(length), nonconverged_solves=0, max_solver_residual=0.0, backward_solves=0,
+        backward_failures=0, max_backward_residual=0.0,
         logged_steps=np.arange(0, length + 1, 50), W_logged=W, final_normalised_gap=float(ng[-1]),
         distance_to_optimum=0.0, train={}, test={}, fit=fit,
         bound=bounds.bound_analysis(loss, U, L_star, eta, lam * pl_scale, 1e-7), U_norm2=U,
