@@ -15,6 +15,7 @@ from deq_jax import theory
 from deq_jax.models import DELM, DeepLinear, Linear, Model
 from deq_jax.train import GramData, square_gram
 
+from experiments.reproduce import compiling
 from experiments.reproduce.config import DataConfig, ModelConfig
 
 
@@ -45,6 +46,13 @@ class Context:
     runs_total: int = 0
     data_config: Optional[DataConfig] = None
     _cache: dict = dataclasses.field(default_factory=dict)
+
+    def square_problem(self, phi: np.ndarray, Y: np.ndarray) -> "SquareProblem":
+        """`square_problem(phi, Y)`, computed once per pair of arrays (experiments that share features share it)."""
+        key = ("square_problem", id(phi), id(Y))
+        if key not in self._cache:
+            self._cache[key] = (phi, Y, square_problem(phi, Y))  # the arrays are kept, so their ids stay theirs
+        return self._cache[key][2]
 
     def features_for(self, features: Optional[str], pca_dim: Optional[int] = None,
                      normalize_rows: bool = False, *, section: str = "data", pca_key: str = "pca_dim") -> Features:
@@ -113,7 +121,7 @@ def _normalize_rows(x: np.ndarray, has_bias: bool) -> np.ndarray:
     return np.concatenate([body, x[:, d:]], axis=1)
 
 
-# --------------------------------------------------------------------------------------------- the shallow square problem
+# ------------------------------------------------------------------------------------------ the shallow square problem
 
 class SquareProblem(NamedTuple):
     """The shallow square-loss problem `L(W) = (1/2n) |phi W^T - Y|_F^2` of a feature set, from the library.
@@ -146,7 +154,10 @@ def square_problem(phi: np.ndarray, Y: np.ndarray) -> SquareProblem:
     phi, Y = jnp.asarray(phi, jnp.float64), jnp.asarray(Y, jnp.float64)
     W_star, L_star = theory.shallow_optimum_square(phi, Y)
     spectrum = spectrum_of(phi)
-    return SquareProblem(gram=square_gram(phi, Y), W_star=np.asarray(W_star), L_star=float(L_star), **spectrum)
+    return SquareProblem(gram=_square_gram(phi, Y), W_star=np.asarray(W_star), L_star=float(L_star), **spectrum)
+
+
+_square_gram = compiling.jit(square_gram)  # compiled with the job's safe options (experiments.reproduce.compiling)
 
 
 def spectrum_of(phi: Any) -> dict:

@@ -37,7 +37,7 @@ from deq_jax.models import DELM
 from experiments.reproduce import dynamics
 from experiments.reproduce.bounds import BoundAnalysis, bound_analysis, rate_factor
 from experiments.reproduce.common import (Claim, Context, Features, SquareProblem, build_models, checked, dtype_of,
-                                          finite_max, fold, heldout_metrics, slug, spectrum_of, square_problem)
+                                          finite_max, fold, heldout_metrics, slug, spectrum_of)
 from experiments.reproduce.config import FeatureSetConfig, ReproduceConfig, VariantConfig
 from experiments.reproduce.runs import RunSpec, Trace, run_gd
 
@@ -244,7 +244,7 @@ def plan(cfg: ReproduceConfig, ctx: Context) -> list[GroupPlan]:
     groups = []
     for fs, label, phi, phi_test in _feature_sets(cfg, ctx):
         width = phi.shape[1]
-        problem = square_problem(phi, ctx.features.Y_train) if "square" in fs.losses else None
+        problem = ctx.square_problem(phi, ctx.features.Y_train) if "square" in fs.losses else None
         for loss_name in fs.losses:
             square = loss_name == "square"
             common = dict(loss=loss_name, chunk=c.chunk, dtype=dtype, fast_compile=cfg.fast_compile,
@@ -280,7 +280,6 @@ def run(cfg: ReproduceConfig, ctx: Context, groups: list[GroupPlan]) -> Converge
     c = cfg.convergence
     feats = ctx.features
     dtype = dtype_of(cfg.dtype)
-    n = feats.phi_train.shape[0]
     results = []
     for gp in groups:
         loss_name, width, fs = gp.loss, gp.width, gp.fs
@@ -430,7 +429,8 @@ def group_claims(cfg: ReproduceConfig, g: ConvergenceGroup) -> list[Claim]:
                                 f"at {np.size(ref.stiffness)} logged steps; "
                                 + ("dense eigensolve" if g.stiffness_exact else
                                    "power iteration (approximate, from below); certified upper bound from |U_t^-1|_2, "
-                                   f"|W_t|_2 (deq_jax.theory.learning_rate_limit): {finite_max(ref.certified_stiffness):.3g}")
+                                   f"|W_t|_2 (deq_jax.theory.learning_rate_limit): "
+                                   f"{finite_max(ref.certified_stiffness):.3g}")
                                 + f"; {g.stiffness0:.3g} at the start (the step-size rule)")))
     for r in g.runs:
         if r.role != "variant":

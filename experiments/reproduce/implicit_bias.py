@@ -123,7 +123,7 @@ def plan(cfg: ReproduceConfig, ctx: Context) -> BiasPlan:
     for label, model in build_models(ib.models, m, feats.num_classes, _model_config(cfg)):
         is_delm = label == "DELM"
         runs.append((label, RunSpec(model, "square", ib.chunk, ib.n_train, dtype,
-                                    Trace(W_every_step=True, checks=is_delm),
+                                    Trace(W_every_step=True, checks="velocity" if is_delm else None),
                                     mutation=cfg.mutation if is_delm else None, fast_compile=cfg.fast_compile)))
     return BiasPlan(feats, runs)
 

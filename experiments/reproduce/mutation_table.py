@@ -58,7 +58,8 @@ def markdown(summaries: dict[Optional[str], dict]) -> str:
              "Each column is the whole main job with the DELMs under test trained as named (the exact reference of "
              "the convergence experiment is never mutated):", ""]
     lines += [f"- `{m}`: {mutations.DESCRIPTIONS[m]}" for m in names if m != "honest"]
-    lines += ["", "Commands: " + "; ".join(f"`{s['command']}`" for s in summaries.values() if s), ""]
+    commands = dict.fromkeys(s["command"] for s in summaries.values() if s)
+    lines += ["", "Command" + ("s: " if len(commands) > 1 else ": ") + "; ".join(f"`{c}`" for c in commands), ""]
     body = []
     for r in rows(summaries):
         cells = []

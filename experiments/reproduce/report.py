@@ -16,41 +16,59 @@ import numpy as np
 
 from experiments.reproduce import figures as figs
 
-THRESHOLD_NOTES = """\
+
+def threshold_notes(cfg: dict) -> str:
+    """Why each threshold is what it is, with the thresholds this run judged by (the config's, as the claims table
+    prints them: a changed threshold never leaves the notes saying another number)."""
+    c, tr, ib = cfg["convergence"], cfg["trust_region"], cfg["implicit_bias"]
+    t, tt, bt = c["thresholds"], tr["thresholds"], ib["thresholds"]
+    return f"""\
 Thresholds judge finished numbers: changing one never recomputes a run (checkpoints are keyed by what the numbers
-depend on), only the verdicts.
-- **Reaches L*, |normalised gap| <= 1e-6, either sign** (experiment 1): float64 resolves `L - L*` down to ~1e-15 of
-  `L_0 - L*`, so 1e-6 is far above rounding and far below any visible plateau. Two-sided: a gap below `-1e-6` means
-  `L*` is overestimated (the model went below the "optimum") and fails as well. `L*` comes from an independent
-  solver (least squares from `C`, `D`; Newton-CG), checked by its own gradient (`<= 1e-8` of the gradient at 0) and by
-  the linear model reaching it too.
-- **R^2 >= 0.99 over an explicit band of gaps** (`fit_lo < gap < fit_hi`): the band starts after the initial
-  transient, which decays faster than the asymptotic rate, and stops above rounding level.
-- **Bound excess <= 1e-6**: the observed per-step ratio `gap_{t+1}/gap_t` may exceed `(1 - eta lambda/|U_t|_2^2)^2`
-  only by rounding. (The gradient-flow bound gives `1 - 2 x_t`, `x_t = eta lambda / |U_t|_2^2`, first order in eta;
-  one gradient step contracts the slowest direction by exactly `(1 - x_t)^2`.) Ratios are compared only while the
-  gap is above `bound_floor` (1e-7 of `gap_0`): a float64 loss is accurate to ~1e-15 absolute, so a ratio of two gaps
-  above that floor is accurate to ~1e-7, and 1e-6 sits between that noise and the bound's margin.
-- **Rate within a factor 2 of the bound**: the other side of the bound. The fitted log-rate over the mean log of the
-  per-step bound in the same window is >= 1 when the bound holds; at most 2 says the bound predicts the rate, not
-  merely limits it (a wrong PL constant, e.g. lambda_max for lambda_min^+, fails it).
-- **Stability: eta lambda_max(P_t H) < 2**: to first order the DELM's W moves by `-eta P_t(G_t)`, preconditioned
-  gradient descent on the convex shallow problem, which contracts in every direction iff this holds. The step-size
-  rule puts it at 1 at the start (the trust-region experiment at 0.5, since M is positive definite iff it is < 1).
-- **Follows the exact path, <= 1e-7 of |W_0 - W*|** (iterative variants): forward and backward solves to a relative
-  1e-12 give gradients accurate to ~1e-11; over a few hundred contracting steps the paths may drift apart by a few
-  1e-10. A wrong gradient of relative size 1e-6 already moves the path by more than 1e-7.
-- **Velocity of every update = -eta P_t(G_t), <= 1e-8** (forward mode; experiments 2, 3) **and <= 1e-6** (central
-  finite difference, relative step 1e-5, truncation ~1e-10, rounding ~1e-11 / 1e-5): in float64 the closed form and
-  the preconditioner agree to ~1e-13; any gradient error of relative size above ~1e-8 shows.
-- **W-path within 1e-4 of |W_0 - W*| of the path integrated from -eta P_t(G_t)**, to second order in eta (each
-  predicted step is `-eta P_t(G_t) + (eta^2/2) D^2W[g_t, g_t]`, `g_t` the true gradient): what is left are the
-  third-order terms of the steps, `O(eta^3 |g|^3)` each (measured ~1e-6 on the tiny config); a gradient perturbed by
-  1% at random moves the path by ~1e-3. (The first-order path alone differs by ~1e-4..1e-3 of |W_0 - W*|, which a
-  small random perturbation would hide in.)
-- **Null-space change <= 1e-10** (experiment 3): linear GD's updates lie in phi's row space exactly; what is left is
-  float64 rounding accumulated over the run.
+depend on), only the verdicts. Sections are those of docs/theory.md.
+- **Reaches L*, |normalised gap| <= {fmt(t['normalised_gap'])}, either sign** (experiment 1, section 4): float64
+  resolves `L - L*` down to ~1e-15 of `L_0 - L*`, far below this threshold, which is itself far below any visible
+  plateau. Two-sided: a gap below `-{fmt(t['normalised_gap'])}` means `L*` is overestimated (the model went below
+  the "optimum") and fails as well. `L*` comes from an independent solver (deq_jax.theory: least squares from `C`;
+  Newton-CG), checked by its own gradient (`<= {fmt(t['optimum_gradient'])}` of the gradient at 0, recomputed from
+  the samples) and by the linear model reaching it too.
+- **R^2 >= {fmt(t['r2'])} over an explicit band of gaps** (`{fmt(c['fit_lo'])} < gap < {fmt(c['fit_hi'])}`): the
+  band starts after the initial transient, which decays faster than the asymptotic rate, and stops above rounding
+  level.
+- **Bound excess <= {fmt(t['bound_excess'])}** (section 4): the observed per-step ratio `gap_{{t+1}}/gap_t` may
+  exceed `(1 - eta lambda/|U_t|_2^2)^2` only by rounding. (The gradient-flow bound gives `1 - 2 x_t`,
+  `x_t = eta lambda / |U_t|_2^2`, first order in eta; one gradient step contracts the slowest direction by exactly
+  `(1 - x_t)^2`.) Ratios are compared only while the gap is above `bound_floor` ({fmt(c['bound_floor'])} of
+  `gap_0`): a float64 loss is accurate to ~1e-15 absolute, so a ratio of two gaps above that floor is accurate to
+  ~1e-15 / floor, below the threshold and far below the bound's margin.
+- **Rate within a factor {fmt(t['rate_factor'])} of the bound**: the other side of the bound. The fitted log-rate
+  over the mean log of the per-step bound in the same window is >= 1 when the bound holds; at most
+  {fmt(t['rate_factor'])} says the bound predicts the rate, not merely limits it (a wrong PL constant, e.g.
+  lambda_max for lambda_min^+, fails it).
+- **Stability: eta lambda_max(P_t H) < 2** (section 12): to first order the DELM's W moves by `-eta P_t(G_t)`,
+  preconditioned gradient descent on the convex shallow problem, which contracts in every direction iff this holds.
+  The step-size rule puts it at `learning_rate.scale` at the start (the trust-region experiment at 0.5, since M is
+  positive definite iff it is < 1).
+- **Follows the exact path, <= {fmt(t['path'])} of |W_0 - W*|** (iterative variants): forward and backward solves
+  to a relative 1e-12 give gradients accurate to ~1e-11; over a few hundred contracting steps the paths may drift
+  apart by a few 1e-10. A wrong gradient of relative size 1e-6 already moves the path by more than 1e-7.
+- **Every solve converged, max relative residual <= {fmt(t['solver_residual'])}**: the forward solves' residuals and
+  the implicit backward's (per solve); any solve the library flags as failed fails the claim.
+- **Velocity of every update = -eta P_t(G_t), <= {fmt(tt['velocity'])}** (forward mode; experiments 2, 3; section
+  5; {fmt(bt['velocity'])} in experiment 3) **and <= {fmt(tt['finite_difference'])}** (central finite difference,
+  relative step {fmt(tr['fd_step'])}, truncation ~1e-10, rounding ~1e-16 / step): in float64 the closed form and the
+  preconditioner agree to ~1e-13; any gradient error of relative size above ~1e-8 shows.
+- **Every trained step lands on the exact GD step, <= {fmt(tt['step'])} of |eta P_t(G_t)|** (section 11): the
+  trained `W_{{t+1}}` against `W(theta_t - eta g_t)`, `g_t` the exact gradient, to all orders in eta: rounding
+  (~1e-13) for the true gradient, the gradient's relative error otherwise.
+- **W-path within {fmt(tt['path'])} of |W_0 - W*| of the path integrated from -eta P_t(G_t)**, to second order in
+  eta (section 11; each predicted step is `deq_jax.theory.predict_w_step(order=2)`): what is left are the
+  third-order terms of the steps, `O(eta^3 |g|^3)` each (measured ~1e-6 on the tiny config); a gradient perturbed
+  by 1% at random moves the path by ~1e-3. (The first-order path alone differs by ~1e-4..1e-3 of |W_0 - W*|, which
+  a small random perturbation would hide in.)
+- **Null-space change <= {fmt(bt['null_space'])}** (experiment 3, section 6): linear GD's updates lie in phi's row
+  space exactly; what is left is float64 rounding accumulated over the run.
 """
+
 
 
 # --------------------------------------------------------------------------------------------- formatting
@@ -246,7 +264,7 @@ def report_markdown(summary: dict, results: dict, figures: dict, config_yaml: st
     parts += [
         "## How the thresholds were chosen",
         "",
-        THRESHOLD_NOTES,
+        threshold_notes(cfg),
         "## Environment",
         "",
         table(["", ""], [["device", env["devices"]["description"]],

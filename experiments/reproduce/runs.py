@@ -56,7 +56,7 @@ class Trace:
 
     u_norm: bool = False
     W_every_step: bool = False
-    checks: bool = False
+    checks: Optional[str] = None  # "all" or "velocity" (`dynamics.update_checks(velocity_only=True)`)
     fd_step: Optional[float] = None  # with `checks`: also the finite-difference check, at this relative step
 
 
@@ -170,7 +170,7 @@ def _chunk_program(model: Model, loss: str, chunk: int, trace: Trace, mutation: 
             lr = mutations.learning_rate_of(state.opt_state)
             history.update(jax.lax.map(
                 lambda pair: dynamics.update_checks(model, loss, pair[0], pair[1], data, targets, lr, trace.fd_step,
-                                                    l2),
+                                                    l2, velocity_only=trace.checks == "velocity"),
                 (before, after)))
         W_end = closed_form_W(model, new_state.params)
         return new_state, {**history, "W_start": W_start[None], "W_end": W_end[None]}
@@ -344,8 +344,8 @@ def run_gd(spec: RunSpec, params: Any, phi: Any, y: Any, *, learning_rate: float
         state = out.state
     history = {k: np.concatenate(v) for k, v in r.history.items()}
     if desc:
-        how = ("from checkpoint" if r.done == resumed_at else
-               f"{r.done - resumed_at} in {time.perf_counter() - t0:.1f} s, first chunk {compiled.get('first', 0):.1f} s")
+        how = ("from checkpoint" if r.done == resumed_at else f"{r.done - resumed_at} in {time.perf_counter() - t0:.1f} "
+               f"s, first chunk {compiled.get('first', 0):.1f} s")
         print(f"  {desc}: {r.done} steps ({how}), final loss {float(history['loss'][-1]):.10g}", file=sys.stderr,
               flush=True)
     return GDResult(params=state.params, history=history, steps=r.done, captured=r.captured,

@@ -27,7 +27,7 @@ from deq_jax import theory
 
 from experiments.reproduce import dynamics
 from experiments.reproduce.common import (Claim, Context, SquareProblem, build_models, checked, dtype_of, finite_max,
-                                          fold, square_problem)
+                                          fold)
 from experiments.reproduce.config import ReproduceConfig
 from experiments.reproduce.runs import RunSpec, Trace, run_gd
 
@@ -146,14 +146,14 @@ DELM_KEEP = ("loss", "relative_residual", "converged", "U_norm2", "W", "predicte
 def plan(cfg: ReproduceConfig, ctx: Context) -> TrustRegionPlan:
     t = cfg.trust_region
     feats = ctx.features_for(t.features, t.pca_dim, section="trust_region")
-    problem = square_problem(feats.phi_train, feats.Y_train)
+    problem = ctx.square_problem(feats.phi_train, feats.Y_train)
     m, k = feats.phi_train.shape[1], feats.num_classes
     dtype = dtype_of(cfg.dtype)
     (_, delm), = build_models(("delm",), m, k, cfg.model)
     (_, linear), = build_models(("linear",), m, k, cfg.model)
     return TrustRegionPlan(
         problem=problem, width=m,
-        delm=RunSpec(delm, "square", t.chunk, None, dtype, Trace(u_norm=True, W_every_step=True, checks=True,
+        delm=RunSpec(delm, "square", t.chunk, None, dtype, Trace(u_norm=True, W_every_step=True, checks="all",
                                                                    fd_step=t.fd_step), mutation=cfg.mutation,
                      fast_compile=cfg.fast_compile, gram=True),
         linear=RunSpec(linear, "square", t.chunk, None, dtype, Trace(W_every_step=True),

@@ -380,11 +380,13 @@ def _summary(out, name="tiny"):
     return json.loads((out / name / "summary.json").read_text())
 
 
-def test_tiny_job_end_to_end(tmp_path, capsys, monkeypatch):
+def test_tiny_job_end_to_end(tmp_path, capsys, monkeypatch, request):
     """One test (so that parallel workers never run the tiny job twice): the honest run, interrupted after a
     checkpoint and resumed, passes every claim and writes every output; a changed threshold re-judges without
     recomputing; every gradient-sensitive claim fails under the one-step gradient, in every experiment."""
     out = tmp_path / "results"
+    previous_umask = os.umask(0o022)  # a user's usual umask: every result must come out readable (0644)
+    request.addfinalizer(lambda: os.umask(previous_umask))
     # 1. the honest run, interrupted (as Ctrl-C or kill deliver it: KeyboardInterrupt) right after a checkpoint
     every = gd_runs.CHECKPOINT_EVERY_S
     monkeypatch.setattr(gd_runs, "CHECKPOINT_EVERY_S", 0.0)  # a checkpoint after every chunk
@@ -428,6 +430,8 @@ def test_tiny_job_end_to_end(tmp_path, capsys, monkeypatch):
     assert len(links) == 4 and all((run_dir / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for link in links)
     assert "gradient-sensitive" in text and "PASS" in text and "FAIL" not in text
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*.tmp"))
+    written = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert len(written) > 10 and {oct(p.stat().st_mode & 0o777) for p in written} == {"0o644"}
     assert "[gradient-sensitive]" in capsys.readouterr().out
     monkeypatch.setattr(report, "make_figures", lambda results, fig_dir: {})  # drawn and checked once is enough
 
@@ -439,6 +443,8 @@ def test_tiny_job_end_to_end(tmp_path, capsys, monkeypatch):
     assert failed and all(k.endswith("follows_exact_path") for k in failed)
     assert [c["measured"] for c in rejudged["claims"]] == [c["measured"] for c in claims]
     assert rejudged["experiments"] == summary["experiments"]
+    notes = (run_dir / "REPORT.md").read_text()  # the notes name the threshold that judged, not the default
+    assert "<= 1.00e-30 of |W_0 - W*|" in notes and "<= 1.00e-07 of |W_0 - W*|" not in notes
 
     # 3. the mutation test: the one-step gradient fails every gradient-sensitive claim, in every experiment
     capsys.readouterr()
