@@ -41,7 +41,7 @@ PROG = "python -m experiments reproduce"
 EXAMPLES = (
     ("", "configs/digits.yaml, as `make run`: about a minute on 2 CPU cores"),
     ("--set convergence.steps=1000 --set implicit_bias.seeds=[0,1] --run-name digits_short", "override keys"),
-    ("--config configs/tiny.yaml --fresh", "every experiment at tiny sizes, from scratch: seconds"),
+    ("--config configs/tiny.yaml --fresh", "every experiment at tiny sizes, from scratch: under a minute"),
     ("--mutation one_step", "train the DELMs with the one-step gradient: the gradient-sensitive claims must fail"),
     ("--mutation-table", "the honest run and every mutation: which claims fail under which (MUTATIONS.md)"),
     ("--config configs/fashion_mnist_full.yaml", "all 60000 Fashion-MNIST training images (offline from the "
@@ -49,8 +49,18 @@ EXAMPLES = (
 )
 
 
+#: what each exit status means (shown by --help; the tests check each one)
+EXIT_STATUSES = (
+    (0, "every claim passed (--mutation: every gradient-sensitive claim failed, the wrong gradient was caught)"),
+    (1, "a claim failed (--mutation: a gradient-sensitive claim passed with the wrong gradient)"),
+    (2, "usage, configuration or data error (one line on stderr; nothing written)"),
+    (130, "interrupted (Ctrl-C, SIGTERM): checkpoints kept, the same command resumes"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    epilog = "examples:\n" + "\n".join(f"  {PROG} {args}".rstrip() + f"\n      {what}" for args, what in EXAMPLES)
+    epilog = ("examples:\n" + "\n".join(f"  {PROG} {args}".rstrip() + f"\n      {what}" for args, what in EXAMPLES)
+              + "\n\nexit status:\n" + "\n".join(f"  {code:<4} {what}" for code, what in EXIT_STATUSES))
     p = argparse.ArgumentParser(prog=PROG, description="Reproduce the paper's claims: convergence, trust-region "
                                                        "relation, implicit bias.", epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -32,6 +32,17 @@ def _plt():
     return plt
 
 
+def _log_y(ax) -> None:
+    """A log y axis labelled in plain text ("1e-06", "0.02"): matplotlib's default mathtext labels ("10^{-6}") are
+    parsed by pyparsing at every draw, most of the figures' drawing time. Minor ticks are labelled where the axis
+    spans few decades (as by default)."""
+    from matplotlib import ticker
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ticker.LogFormatter())
+    ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False))
+
+
 def _positive(x: Any) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     return np.where(x > 0, x, np.nan)
@@ -57,29 +68,31 @@ def convergence(groups: list, loss: str, path: pathlib.Path) -> None:
             if r.role == "variant":  # iterative: markers at the logged steps over the exact line (distinct shapes)
                 ls = r.logged_steps[r.logged_steps < len(r.normalised_gap)]
                 marker, size = next(markers)
-                ax.semilogy(ls, _positive(r.normalised_gap[ls]), marker, color=color, ms=size, mfc="none",
+                ax.plot(ls, _positive(r.normalised_gap[ls]), marker, color=color, ms=size, mfc="none",
                             mew=1.4, label=f"{r.label} (iterative, tol-limited; at logged steps)")
                 continue
-            ax.semilogy(steps, _positive(r.normalised_gap), color=color, lw=1.8 if r.is_delm else 1.2,
+            ax.plot(steps, _positive(r.normalised_gap), color=color, lw=1.8 if r.is_delm else 1.2,
                         zorder=4 if r.is_delm else 2,  # the DELM on top where a baseline's line coincides with it
                         label=f"{r.label} (exact solve)" if r.role == "reference" else r.label)
             if r.role == "reference" and r.bound is not None:
-                ax.semilogy(steps, _positive(r.bound.cumulative_bound), color=color, ls="--", lw=1.0,
+                ax.plot(steps, _positive(r.bound.cumulative_bound), color=color, ls="--", lw=1.0,
                             label="DELM bound from its own |U_t|_2")
                 if r.fit is not None:
                     i0, i1 = r.fit["window"]
                     t = np.arange(i0, i1)
-                    ax.semilogy(t, np.exp(r.fit["intercept"] + r.fit["slope"] * t), color="k", ls=":", lw=1.4,
+                    ax.plot(t, np.exp(r.fit["intercept"] + r.fit["slope"] * t), color="k", ls=":", lw=1.4,
                                 label=f"DELM fit: rate {r.fit['rate']:.4f}/step, R² = {r.fit['r2']:.4f}")
                 b = r.bound
                 t = np.flatnonzero(b.checked)
-                bx.semilogy(t, _positive(1 - b.bound_ratio[t]), color="k", ls="--", lw=1.4, zorder=2,
+                bx.plot(t, _positive(1 - b.bound_ratio[t]), color="k", ls="--", lw=1.4, zorder=2,
                             label="bound 1 - (1 - eta lambda / |U_t|_2^2)^2")
-                bx.semilogy(t, _positive(1 - b.flow_ratio[t]), color="0.45", ls="-.", lw=1.4, zorder=3,
+                bx.plot(t, _positive(1 - b.flow_ratio[t]), color="0.45", ls="-.", lw=1.4, zorder=3,
                             label="first-order (flow) form 2 eta lambda / |U_t|_2^2")
-                bx.semilogy(t, _positive(1 - b.ratio[t]), color=color, lw=1.2, zorder=4,
+                bx.plot(t, _positive(1 - b.ratio[t]), color=color, lw=1.2, zorder=4,
                             label="observed 1 - gap(t+1) / gap(t)")
         ax.set_title(g.title, y=TITLE_Y)
+        _log_y(ax)
+        _log_y(bx)
         ax.set_xlabel("gradient step t")
         ax.set_ylabel("(L_t - L*) / (L_0 - L*)")
         ax.grid(True, which="major", alpha=0.3)
@@ -115,10 +128,11 @@ def trust_region(result: Any, path: pathlib.Path) -> None:
         if j == 0:  # every panel draws the same series: one legend per row
             _legend_below(ax, ncol=2)
         steps = np.arange(len(s.distance_to_gd_path))
-        bx.semilogy(steps, _positive(s.distance_to_gd_path), color="C0", label="DELM's distance to the GD path")
-        bx.semilogy(steps, _positive(s.distance_in_time), color="C2", ls="--", label="|W_t(DELM) - W_t(GD)|")
-        bx.semilogy(steps, _positive(s.path_error), color="C3", ls=":",
+        bx.plot(steps, _positive(s.distance_to_gd_path), color="C0", label="DELM's distance to the GD path")
+        bx.plot(steps, _positive(s.distance_in_time), color="C2", ls="--", label="|W_t(DELM) - W_t(GD)|")
+        bx.plot(steps, _positive(s.path_error), color="C3", ls=":",
                     label="|W_t(DELM) - W_t(integrated -eta P G)|")
+        _log_y(bx)
         bx.set_xlabel("gradient step t")
         bx.set_ylabel("distance / |W_0 - W*|")
         bx.set_title(f"max distance to the GD path {s.max_distance_to_gd_path:.3g}", y=TITLE_Y)

@@ -337,26 +337,29 @@ def _section_trust_region(o: Any, figures: list[str]) -> list[str]:
     for s in o.scales:
         ch = s.checks
         rows.append([f"{s.a_scale:g}", len(ch), ", ".join(str(c.step) for c in ch),
-                     fmt(np.max(s.velocity_error)), fmt(np.max(s.fd_velocity_error)), fmt(np.max(s.path_error)),
+                     fmt(np.max(s.velocity_error)), fmt(np.max(s.fd_velocity_error)), fmt(np.max(s.step_error)),
+                     fmt(np.max(s.path_error)),
                      fmt(min((c.P_min_eig for c in ch), default=None)), fmt(max((c.P_max_eig for c in ch), default=None)),
                      fmt(min((c.M_min_eig for c in ch), default=None)),
                      f"{min((c.cosine_vs_gd for c in ch), default=float('nan')):.6f}",
                      fmt(s.max_distance_to_gd_path), fmt(float(np.max(s.distance_in_time)))])
     return [
-        f"## 2. {o.title} (docs/theory.md section 5)",
+        f"## 2. {o.title} (docs/theory.md sections 5 and 11)",
         "",
         f"The DELM (A ~ s N(0,1) for each scale s, B ~ {o.b_scale:g} N(0,1), same draws) and plain gradient "
         f"descent on the shallow model from the same `W_0 = B_0 U_0^-1`, both with eta = {fmt(o.learning_rate)} "
         f"(eta lambda_max(P_0 H) = {fmt(o.stiffness0)} at the stiffest start) on the square loss, width m = "
         f"{o.width}. At every step the change of `W = B U^-1` along the update training applied is compared with "
-        f"`-eta P_t(G_t)` (forward mode and central differences through the closed form), and the W-path with the "
-        f"path integrated from those predictions. Every {o.check_every} steps (while the gap is above rounding "
+        f"`-eta P_t(G_t)` (forward mode and central differences through the closed form), the trained step with the "
+        f"exact GD step `W(theta_t - eta g_t)` to all orders (`deq_jax.theory.w_step_check`), and the W-path with "
+        f"the path integrated from the second-order predictions (`deq_jax.theory.predict_w_step`). Every {o.check_every} steps (while the gap is above rounding "
         f"level) `deq_jax.theory.trust_region_check` builds the trust-region norm `M = ((eta P)^-1 - H) / lambda` "
         f"densely ((m_y m)^2 matrices: feasible widths only). Top: the paths projected on the plane through `W*` "
         f"spanned by `W_0 - W*` and the DELM path's largest deviation from that line.",
         "",
         *_figs(figures, "DELM and GD paths in W-space"),
-        table(["A scale", "checks", "at steps", "max velocity err.", "max FD err.", "max path err.", "min eig P",
+        table(["A scale", "checks", "at steps", "max velocity err.", "max FD err.", "max step err.", "max path err.",
+               "min eig P",
                "max eig P", "min eig M", "min cos(P(G), G)", "max dist. to GD path", "max |W_t - W_t^GD|"], rows),
         "",
     ]

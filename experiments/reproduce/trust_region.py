@@ -1,11 +1,14 @@
 """Experiment 2: the DELM's gradient descent, seen through `W = B U^{-1}`, is a trust-region Newton method of the
-shallow model (docs/theory.md section 5).
+shallow model (docs/theory.md sections 5 and 11).
 
 For each scale s of A (`A ~ s N(0, 1)`, `B ~ b_scale N(0, 1)`, the same draws scaled), the DELM trains on the
 square loss by full-batch GD. Measured at every step, on the update that training applied:
 - the change of W along it (forward mode through the closed form, and a central finite difference) against the
   first-order prediction `-eta P_t(G_t)` of the induced dynamics `dW/dt = -P_t(G_t)`;
-- the W-path against the path integrated from those predictions, `W_0 - eta sum_{s<t} P_s(G_s)`;
+- the trained step against the exact GD step `W(theta_t - eta g_t)` (g the exact gradient) to all orders
+  (`deq_jax.theory.w_step_check`);
+- the W-path against the path integrated from those predictions to second order in eta
+  (`deq_jax.theory.predict_w_step`);
 and at the checkpoints (every `check_every` steps while the gap is well above rounding level) the trust-region
 norm `M = ((eta P)^{-1} - H) / lambda` densely (`deq_jax.theory.trust_region_check`): the step `-eta P(G)` solves
 the trust-region subproblem in the norm M iff M is positive definite, i.e. iff `eta lambda_max(P H) < 1`.

@@ -527,6 +527,9 @@ def test_every_help_example_is_valid(tmp_path, capsys):
     """Every example `--help` shows is valid for the shipped configs: it runs (as a dry run: config, data, plan)."""
     assert reproduce.main(["--help"]) == 0
     text = capsys.readouterr().out
+    for code, _ in reproduce.EXIT_STATUSES:  # the documented exit statuses are the ones the job uses
+        assert f"\n  {code:<4} " in text
+    assert [code for code, _ in reproduce.EXIT_STATUSES] == [0, 1, 2, 130]
     for args, _ in reproduce.EXAMPLES:
         assert f"{reproduce.PROG} {args}".rstrip() in text
         if "fashion_mnist_full" in args:
