@@ -191,7 +191,7 @@ class GroupPlan:
     features_label: str
     phi: np.ndarray  # the real training features (n, m)
     phi_test: np.ndarray
-    problem: Optional[SquareProblem]  # square loss only: its Gram data, W*, L*, spectrum
+    square: bool  # the square loss (its problem is computed by `run`: plans stay cheap, so compiling starts early)
     runs: list
 
     @property
@@ -232,7 +232,8 @@ def _feature_sets(cfg: ReproduceConfig, ctx: Context) -> list[tuple[FeatureSetCo
 
 def plan(cfg: ReproduceConfig, ctx: Context) -> list[GroupPlan]:
     """Every group and run of the experiment, with its compiled program (`RunSpec`): fed to precompilation and to
-    `run` alike. Computes the features (and the square loss's Gram data and optimum); trains nothing.
+    `run` alike. Computes the features only (the square problems, optima and spectra are `run`'s, so that the
+    programs start compiling while they are computed); trains nothing.
 
     The square loss trains on its Gram route (the reference, the baselines, the transposed variant); the per-sample
     variant solves one equilibrium per training sample, on the samples. Cross-entropy trains on the samples, with
@@ -244,7 +245,6 @@ def plan(cfg: ReproduceConfig, ctx: Context) -> list[GroupPlan]:
     groups = []
     for fs, label, phi, phi_test in _feature_sets(cfg, ctx):
         width = phi.shape[1]
-        problem = ctx.square_problem(phi, ctx.features.Y_train) if "square" in fs.losses else None
         for loss_name in fs.losses:
             square = loss_name == "square"
             common = dict(loss=loss_name, chunk=c.chunk, dtype=dtype, fast_compile=cfg.fast_compile,
@@ -266,7 +266,7 @@ def plan(cfg: ReproduceConfig, ctx: Context) -> list[GroupPlan]:
                                        **common)
                         runs.append(PlannedRun(f"DELM {v.solver} {v.formulation}", "variant", spec,
                                                _describe_variant(v), v))
-            groups.append(GroupPlan(loss_name, fs, label, phi, phi_test, problem if square else None, runs))
+            groups.append(GroupPlan(loss_name, fs, label, phi, phi_test, square, runs))
     return groups
 
 
@@ -283,14 +283,15 @@ def run(cfg: ReproduceConfig, ctx: Context, groups: list[GroupPlan]) -> Converge
     results = []
     for gp in groups:
         loss_name, width, fs = gp.loss, gp.width, gp.fs
-        W_star, L_star, opt_info = _optimum(loss_name, gp.phi, feats, gp.problem, c.cross_entropy_l2)
-        C = gp.problem.C if gp.problem is not None else np.asarray(theory.feature_gram(jnp.asarray(gp.phi)))
+        problem = ctx.square_problem(gp.phi, feats.Y_train) if gp.square else None
+        W_star, L_star, opt_info = _optimum(loss_name, gp.phi, feats, problem, c.cross_entropy_l2)
+        C = problem.C if problem is not None else np.asarray(theory.feature_gram(jnp.asarray(gp.phi)))
         curvature = dynamics.curvature_operator(loss_name, C, c.cross_entropy_l2)
         ref_plan = next(r for r in gp.runs if r.role == "reference")
         params0_ref = ref_plan.spec.model.init(fold(cfg.seed, 1), dtype)
         lr, stiff0 = dynamics.learning_rate(c.learning_rate, ref_plan.spec.model, params0_ref, curvature)
         if loss_name == "square":
-            pr_ = gp.problem
+            pr_ = problem
             spectrum = {"lambda_max": pr_.lambda_max, "lambda_min_plus": pr_.lambda_min_plus, "rank": pr_.rank}
             pl, pl_name = pr_.lambda_min_plus, "lambda_min^+"
         else:
@@ -299,7 +300,7 @@ def run(cfg: ReproduceConfig, ctx: Context, groups: list[GroupPlan]) -> Converge
         runs: list[ConvergenceRun] = []
         for pr in gp.runs:
             model = pr.spec.model
-            phi_t, y_t = (gp.problem.gram, None) if pr.spec.gram else (gp.phi, feats.Y_train)
+            phi_t, y_t = (problem.gram, None) if pr.spec.gram else (gp.phi, feats.Y_train)
             key = f"{NAME}/{loss_name}/{slug(gp.features_label)}/m{width}/{slug(pr.label)}"
             monitor = None
             if pr.role == "reference":

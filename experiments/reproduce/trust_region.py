@@ -29,7 +29,7 @@ import numpy as np
 from deq_jax import theory
 
 from experiments.reproduce import dynamics
-from experiments.reproduce.common import (Claim, Context, SquareProblem, build_models, checked, dtype_of, finite_max,
+from experiments.reproduce.common import (Claim, Context, Features, build_models, checked, dtype_of, finite_max,
                                           fold)
 from experiments.reproduce.config import ReproduceConfig
 from experiments.reproduce.runs import RunSpec, Trace, run_gd
@@ -136,7 +136,7 @@ def plane_coordinates(paths: list[np.ndarray], W0: np.ndarray, W_star: np.ndarra
 
 @dataclasses.dataclass
 class TrustRegionPlan:
-    problem: SquareProblem
+    features: Features
     width: int
     delm: RunSpec
     linear: RunSpec
@@ -149,13 +149,12 @@ DELM_KEEP = ("loss", "relative_residual", "converged", "U_norm2", "W", "predicte
 def plan(cfg: ReproduceConfig, ctx: Context) -> TrustRegionPlan:
     t = cfg.trust_region
     feats = ctx.features_for(t.features, t.pca_dim, section="trust_region")
-    problem = ctx.square_problem(feats.phi_train, feats.Y_train)
     m, k = feats.phi_train.shape[1], feats.num_classes
     dtype = dtype_of(cfg.dtype)
     (_, delm), = build_models(("delm",), m, k, cfg.model)
     (_, linear), = build_models(("linear",), m, k, cfg.model)
     return TrustRegionPlan(
-        problem=problem, width=m,
+        features=feats, width=m,
         delm=RunSpec(delm, "square", t.chunk, None, dtype, Trace(u_norm=True, W_every_step=True, checks="all",
                                                                    fd_step=t.fd_step), mutation=cfg.mutation,
                      fast_compile=cfg.fast_compile, gram=True),
@@ -169,10 +168,10 @@ def programs(p: TrustRegionPlan) -> list[RunSpec]:
 
 def run(cfg: ReproduceConfig, ctx: Context, p: TrustRegionPlan) -> TrustRegionResult:
     t = cfg.trust_region
-    g = p.problem
+    g = ctx.square_problem(p.features.phi_train, p.features.Y_train)
     dtype = dtype_of(cfg.dtype)
     delm = p.delm.model
-    feats = ctx.features_for(t.features, t.pca_dim, section="trust_region")
+    feats = p.features
     phi, Y = jnp.asarray(feats.phi_train, dtype), jnp.asarray(feats.Y_train, dtype)
     W_star, L_star = g.W_star, g.L_star
     key = fold(cfg.seed, 3)
