@@ -27,7 +27,7 @@ import pathlib
 import shlex
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from experiments.common import cli as common_cli
 from experiments.common.cli import UserError
@@ -196,14 +196,16 @@ def plan_experiments(cfg: ReproduceConfig, ctx: Any) -> dict:
     return {name: _module(name).plan(cfg, ctx) for name in EXPERIMENTS if getattr(cfg, name).enabled}
 
 
-def run_experiments(cfg: ReproduceConfig, ctx: Any, plans: dict, *, log: Any) -> dict:
-    """Precompile the plans' programs in a background thread and run the experiments in order (all numerics run
-    here). Returns the typed results by experiment name."""
+def run_experiments(cfg: ReproduceConfig, ctx: Any, plans: dict, *, log: Any,
+                    precompile: Callable[[Any], bool] = lambda spec: True) -> dict:
+    """Precompile the plans' programs that `precompile(spec)` selects in a background thread and run the
+    experiments in order (all numerics run here; a program not precompiled is compiled when a run needs it).
+    Returns the typed results by experiment name."""
     from experiments.reproduce import runs as gd_runs
 
     from experiments.reproduce import interrupts
 
-    gd_runs.precompile([spec for name, p in plans.items() for spec in _module(name).programs(p)])
+    gd_runs.precompile([spec for name, p in plans.items() for spec in _module(name).programs(p) if precompile(spec)])
     results: dict[str, Any] = {}
     try:
         for name, p in plans.items():
@@ -230,6 +232,7 @@ def _run_one(cfg: ReproduceConfig, args: argparse.Namespace, argv: list[str], ru
     from experiments.common.io import CheckpointMismatch, CheckpointStore, NullStore, fingerprint, write_json, \
         write_text
     from experiments.reproduce import interrupts, mutations, report
+    from experiments.reproduce.checkpoints import FallbackStore
     from experiments.reproduce.common import Context
 
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -254,8 +257,6 @@ def _run_one(cfg: ReproduceConfig, args: argparse.Namespace, argv: list[str], ru
     honest = pathlib.Path(args.out) / where.get("honest", cfg.name) / "checkpoints"
     if cfg.mutation and (honest / "fingerprint.txt").is_file() and \
             (honest / "fingerprint.txt").read_text().strip() == fp:  # reuse the honest run's unmutated runs
-        from experiments.reproduce.checkpoints import FallbackStore
-
         store = FallbackStore(out / "checkpoints", CheckpointStore(honest))
     try:
         found = store.open(fp, fresh=args.fresh)
@@ -269,7 +270,13 @@ def _run_one(cfg: ReproduceConfig, args: argparse.Namespace, argv: list[str], ru
         + (f"; MUTATION: {mutations.DESCRIPTIONS[cfg.mutation]}" if cfg.mutation else ""))
 
     ctx.store = store
-    results = run_experiments(cfg, ctx, plans, log=log)
+    if found:  # resuming: most runs come from checkpoints, so compile only what a run needs, when it needs it
+        wanted = lambda spec: False  # noqa: E731
+    elif isinstance(store, FallbackStore):  # a mutation run: the unmutated runs come from the honest run's store
+        wanted = lambda spec: spec.mutation is not None  # noqa: E731
+    else:
+        wanted = lambda spec: True  # noqa: E731
+    results = run_experiments(cfg, ctx, plans, log=log, precompile=wanted)
     interrupts.check()  # not a half-finished report: interrupted is interrupted
     t_out = time.perf_counter()
 
