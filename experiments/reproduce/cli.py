@@ -206,6 +206,8 @@ def run_experiments(cfg: ReproduceConfig, ctx: Any, plans: dict, *, log: Any,
     from experiments.reproduce import interrupts
 
     gd_runs.precompile([spec for name, p in plans.items() for spec in _module(name).programs(p) if precompile(spec)])
+    for name, p in plans.items():  # measurements that need no training run, in a background thread
+        _module(name).prepare(cfg, ctx, p)
     results: dict[str, Any] = {}
     try:
         for name, p in plans.items():

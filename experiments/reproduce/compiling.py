@@ -38,6 +38,7 @@ WORKERS = 1
 _COMPILED: dict = {}  # signature -> Future (being compiled in the background) or a compiled program
 _COMPILED_LOCK = threading.Lock()
 _EXECUTOR: Optional[concurrent.futures.ThreadPoolExecutor] = None
+_MEASURE: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
 
 def options(extra: Optional[dict] = None) -> dict:
@@ -75,13 +76,45 @@ def precompile(jobs: Sequence[tuple[Callable, tuple, Optional[dict]]]) -> None:
                     lambda p=program, a=args, o=opts: p.lower(*a).compile(compiler_options=o))
 
 
+class Job:
+    """A `background` computation: `fn` and its future."""
+
+    def __init__(self, fn: Callable[[], Any], future: concurrent.futures.Future):
+        self.fn, self.future = fn, future
+
+
+def background(fn: Callable[[], Any]) -> Job:
+    """Run `fn()` in the measurement thread (one, in submission order): an experiment's measurements that need no
+    training run (optima, spectra, step sizes: mostly the compilation of the library's programs) are computed there
+    while the main thread trains. `wait` collects the result."""
+    global _MEASURE
+    with _COMPILED_LOCK:
+        if _MEASURE is None:
+            _MEASURE = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="measure")
+        return Job(fn, _MEASURE.submit(fn))
+
+
+def wait(job: Job) -> Any:
+    """The result of a `background` job (its exception re-raised here): computed here if it has not started,
+    else waited for at a safe point for Ctrl-C."""
+    if job.future.cancel():
+        return job.fn()
+    while not job.future.done():
+        concurrent.futures.wait([job.future], timeout=0.2)
+        interrupts.check()
+    return job.future.result()
+
+
 def stop_precompiling() -> None:
-    """Cancel the compilations not yet started (the one in progress finishes)."""
-    global _EXECUTOR
+    """Cancel the compilations and measurements not yet started (the ones in progress finish)."""
+    global _EXECUTOR, _MEASURE
     with _COMPILED_LOCK:
         if _EXECUTOR is not None:
             _EXECUTOR.shutdown(wait=False, cancel_futures=True)
             _EXECUTOR = None
+        if _MEASURE is not None:
+            _MEASURE.shutdown(wait=False, cancel_futures=True)
+            _MEASURE = None
         for sig in [s for s, v in _COMPILED.items() if isinstance(v, concurrent.futures.Future) and v.cancelled()]:
             del _COMPILED[sig]
 

@@ -34,7 +34,7 @@ from deq_jax import theory
 from deq_jax.maps import random_projection
 from deq_jax.models import DELM
 
-from experiments.reproduce import dynamics
+from experiments.reproduce import compiling, dynamics
 from experiments.reproduce.bounds import BoundAnalysis, bound_analysis, rate_factor
 from experiments.reproduce.common import (Claim, Context, Features, SquareProblem, build_models, checked, dtype_of,
                                           finite_max, fold, heldout_metrics, slug, spectrum_of)
@@ -193,6 +193,7 @@ class GroupPlan:
     phi_test: np.ndarray
     square: bool  # the square loss (its problem is computed by `run`: plans stay cheap, so compiling starts early)
     runs: list
+    measured: Optional[compiling.Job] = None  # `_measure`, started by `prepare`
 
     @property
     def width(self) -> int:
@@ -276,6 +277,34 @@ def programs(groups: list[GroupPlan]) -> list[RunSpec]:
 
 # --------------------------------------------------------------------------------------------- the run
 
+def _measure(cfg: ReproduceConfig, ctx: Context, gp: GroupPlan) -> dict:
+    """What a group's runs are measured against and trained with, computed before any run: the shallow problem,
+    its optimum, spectrum and curvature, and the step size from the reference's initial parameters."""
+    c, feats = cfg.convergence, ctx.features
+    problem = ctx.square_problem(gp.phi, feats.Y_train) if gp.square else None
+    W_star, L_star, opt_info = _optimum(gp.loss, gp.phi, feats, problem, c.cross_entropy_l2)
+    C = problem.C if problem is not None else np.asarray(theory.feature_gram(jnp.asarray(gp.phi)))
+    curvature = dynamics.curvature_operator(gp.loss, C, c.cross_entropy_l2)
+    ref_model = next(r for r in gp.runs if r.role == "reference").spec.model
+    lr, stiff0 = dynamics.learning_rate(c.learning_rate, ref_model, ref_model.init(fold(cfg.seed, 1),
+                                                                                   dtype_of(cfg.dtype)), curvature)
+    if problem is not None:
+        spectrum = {"lambda_max": problem.lambda_max, "lambda_min_plus": problem.lambda_min_plus,
+                    "rank": problem.rank}
+        pl, pl_name = problem.lambda_min_plus, "lambda_min^+"
+    else:
+        pl, pl_name = c.cross_entropy_l2, "l2"
+        spectrum = spectrum_of(gp.phi)
+    return dict(problem=problem, W_star=W_star, L_star=L_star, opt_info=opt_info, curvature=curvature, lr=lr,
+                stiff0=stiff0, spectrum=spectrum, pl=pl, pl_name=pl_name)
+
+
+def prepare(cfg: ReproduceConfig, ctx: Context, groups: list[GroupPlan]) -> None:
+    """Start every group's measurements (`_measure`) in the background, so that they overlap the training runs."""
+    for gp in groups:
+        gp.measured = compiling.background(functools.partial(_measure, cfg, ctx, gp))
+
+
 def run(cfg: ReproduceConfig, ctx: Context, groups: list[GroupPlan]) -> ConvergenceResult:
     c = cfg.convergence
     feats = ctx.features
@@ -283,20 +312,11 @@ def run(cfg: ReproduceConfig, ctx: Context, groups: list[GroupPlan]) -> Converge
     results = []
     for gp in groups:
         loss_name, width, fs = gp.loss, gp.width, gp.fs
-        problem = ctx.square_problem(gp.phi, feats.Y_train) if gp.square else None
-        W_star, L_star, opt_info = _optimum(loss_name, gp.phi, feats, problem, c.cross_entropy_l2)
-        C = problem.C if problem is not None else np.asarray(theory.feature_gram(jnp.asarray(gp.phi)))
-        curvature = dynamics.curvature_operator(loss_name, C, c.cross_entropy_l2)
+        m_ = compiling.wait(gp.measured) if gp.measured is not None else _measure(cfg, ctx, gp)
+        problem, W_star, L_star, opt_info = m_["problem"], m_["W_star"], m_["L_star"], m_["opt_info"]
+        curvature, lr, stiff0, spectrum = m_["curvature"], m_["lr"], m_["stiff0"], m_["spectrum"]
+        pl, pl_name = m_["pl"], m_["pl_name"]
         ref_plan = next(r for r in gp.runs if r.role == "reference")
-        params0_ref = ref_plan.spec.model.init(fold(cfg.seed, 1), dtype)
-        lr, stiff0 = dynamics.learning_rate(c.learning_rate, ref_plan.spec.model, params0_ref, curvature)
-        if loss_name == "square":
-            pr_ = problem
-            spectrum = {"lambda_max": pr_.lambda_max, "lambda_min_plus": pr_.lambda_min_plus, "rank": pr_.rank}
-            pl, pl_name = pr_.lambda_min_plus, "lambda_min^+"
-        else:
-            pl, pl_name = c.cross_entropy_l2, "l2"
-            spectrum = spectrum_of(gp.phi)
         runs: list[ConvergenceRun] = []
         for pr in gp.runs:
             model = pr.spec.model

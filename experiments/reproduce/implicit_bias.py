@@ -14,6 +14,7 @@ null space: that is where its different minimiser comes from.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Iterator, Optional
 
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ import numpy as np
 
 from deq_jax import theory
 
-from experiments.reproduce import dynamics
+from experiments.reproduce import compiling, dynamics
 from experiments.reproduce.common import (Claim, Context, Features, build_models, checked, dtype_of, finite_max, fold,
                                           heldout_metrics, slug, spectrum_of)
 from experiments.reproduce.config import ConfigError, ReproduceConfig
@@ -109,6 +110,7 @@ def _model_config(cfg: ReproduceConfig):
 class BiasPlan:
     feats: Features
     runs: list  # [(label, RunSpec)]
+    measured: Optional[list] = None  # per seed, `_measure` started by `prepare`
 
 
 def plan(cfg: ReproduceConfig, ctx: Context) -> BiasPlan:
@@ -132,31 +134,44 @@ def programs(p: BiasPlan) -> list[RunSpec]:
     return [spec for _, spec in p.runs]
 
 
+def _measure(cfg: ReproduceConfig, p: BiasPlan, seed: int) -> tuple:
+    """One seed's training subset and what its runs need before they start: the minimum-norm interpolant, the
+    null-space projector, the spectrum, the initial parameters and the step size."""
+    ib, feats, dtype = cfg.implicit_bias, p.feats, dtype_of(cfg.dtype)
+    N, m = feats.phi_train.shape
+    idx = np.sort(np.random.default_rng([cfg.seed, 4, seed]).choice(N, ib.n_train, replace=False))
+    phi, Y = feats.phi_train[idx], feats.Y_train[idx]
+    W_mn = np.asarray(theory.min_norm_solution(jnp.asarray(phi), jnp.asarray(Y)))
+    null = null_projector(phi)
+    if np.trace(null) < 0.5:
+        raise ConfigError(f"implicit_bias.n_train ({ib.n_train}) gives training features of full column rank "
+                          f"{m} (seed {seed}): a unique minimiser, no implicit bias to measure; use n_train < {m}")
+    spectrum = spectrum_of(phi)
+    delm_spec = next((spec for label, spec in p.runs if label == "DELM"), None)
+    inits = {label: spec.model.init(fold(cfg.seed, 4, seed), dtype) for label, spec in p.runs}
+    if delm_spec is not None:
+        curvature = dynamics.curvature_operator("square", np.asarray(theory.feature_gram(jnp.asarray(phi))))
+        lr, _ = dynamics.learning_rate(ib.learning_rate, delm_spec.model, inits["DELM"], curvature)
+    else:  # no DELM: the rule with P = I
+        lr = ib.learning_rate.value if ib.learning_rate.rule == "fixed" else \
+            ib.learning_rate.scale / spectrum["lambda_max"]
+    return idx, W_mn, null, spectrum, inits, lr
+
+
+def prepare(cfg: ReproduceConfig, ctx: Context, p: BiasPlan) -> None:
+    """Start every seed's `_measure` in the background, so that they overlap the training runs before them."""
+    p.measured = [compiling.background(functools.partial(_measure, cfg, p, seed)) for seed in cfg.implicit_bias.seeds]
+
+
 def run(cfg: ReproduceConfig, ctx: Context, p: BiasPlan) -> ImplicitBiasResult:
     ib = cfg.implicit_bias
     feats = p.feats
-    dtype = dtype_of(cfg.dtype)
-    N, m = feats.phi_train.shape
+    m = feats.phi_train.shape[1]
     runs, references = [], []
-    for seed in ib.seeds:
-        idx = np.sort(np.random.default_rng([cfg.seed, 4, seed]).choice(N, ib.n_train, replace=False))
+    for seed, job in zip(ib.seeds, p.measured or [None] * len(ib.seeds)):
+        idx, W_mn, null, spectrum, inits, lr = compiling.wait(job) if job is not None else _measure(cfg, p, seed)
         phi, Y = feats.phi_train[idx], feats.Y_train[idx]
-        W_mn = np.asarray(theory.min_norm_solution(jnp.asarray(phi), jnp.asarray(Y)))
-        null = null_projector(phi)
-        if np.trace(null) < 0.5:
-            raise ConfigError(f"implicit_bias.n_train ({ib.n_train}) gives training features of full column rank "
-                              f"{m} (seed {seed}): a unique minimiser, no implicit bias to measure; use n_train < {m}")
-        C = np.asarray(theory.feature_gram(jnp.asarray(phi)))
-        spectrum = spectrum_of(phi)
         rank = spectrum["rank"]
-        delm_spec = next((spec for label, spec in p.runs if label == "DELM"), None)
-        inits = {label: spec.model.init(fold(cfg.seed, 4, seed), dtype) for label, spec in p.runs}
-        curvature = dynamics.curvature_operator("square", C)
-        if delm_spec is not None:
-            lr, _ = dynamics.learning_rate(ib.learning_rate, delm_spec.model, inits["DELM"], curvature)
-        else:  # no DELM: the rule with P = I
-            lr = ib.learning_rate.value if ib.learning_rate.rule == "fixed" else \
-                ib.learning_rate.scale / spectrum["lambda_max"]
         mn_norm = np.linalg.norm(W_mn)
         references.append(BiasReference(seed=seed, rank=rank, learning_rate=lr, lambda_max=spectrum["lambda_max"],
                                         lambda_min_plus=spectrum["lambda_min_plus"],

@@ -20,6 +20,7 @@ measurements, not claims.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Iterator, Optional
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from deq_jax import theory
 
-from experiments.reproduce import dynamics
+from experiments.reproduce import compiling, dynamics
 from experiments.reproduce.common import (Claim, Context, Features, build_models, checked, dtype_of, finite_max,
                                           fold)
 from experiments.reproduce.config import ReproduceConfig
@@ -140,6 +141,7 @@ class TrustRegionPlan:
     width: int
     delm: RunSpec
     linear: RunSpec
+    measured: Optional[compiling.Job] = None  # `_measure`, started by `prepare`
 
 
 DELM_KEEP = ("loss", "relative_residual", "converged", "U_norm2", "W", "predicted_step", "velocity_error",
@@ -166,22 +168,33 @@ def programs(p: TrustRegionPlan) -> list[RunSpec]:
     return [p.delm, p.linear]
 
 
+def _measure(cfg: ReproduceConfig, ctx: Context, p: TrustRegionPlan) -> tuple:
+    """The shallow problem, the initial parameters of every A scale and one step size for all of them (the rule
+    applied to the stiffest start), computed before any run."""
+    t, delm, dtype = cfg.trust_region, p.delm.model, dtype_of(cfg.dtype)
+    g = ctx.square_problem(p.features.phi_train, p.features.Y_train)
+    key = fold(cfg.seed, 3)
+    B0 = dataclasses.replace(delm, init_scale=t.b_scale).init(key, dtype)["B"]
+    inits = [{"A": dataclasses.replace(delm, init_scale=s).init(key, dtype)["A"], "B": B0} for s in t.a_scales]
+    curvature = dynamics.curvature_operator("square", g.C)
+    rates = [dynamics.learning_rate(t.learning_rate, delm, p0, curvature) for p0 in inits]
+    lr = min(r[0] for r in rates)
+    return g, inits, lr, max(r[1].value for r in rates) * lr
+
+
+def prepare(cfg: ReproduceConfig, ctx: Context, p: TrustRegionPlan) -> None:
+    """Start `_measure` in the background, so that it overlaps the training runs of the experiments before."""
+    p.measured = compiling.background(functools.partial(_measure, cfg, ctx, p))
+
+
 def run(cfg: ReproduceConfig, ctx: Context, p: TrustRegionPlan) -> TrustRegionResult:
     t = cfg.trust_region
-    g = ctx.square_problem(p.features.phi_train, p.features.Y_train)
+    g, inits, lr, stiff0 = compiling.wait(p.measured) if p.measured is not None else _measure(cfg, ctx, p)
     dtype = dtype_of(cfg.dtype)
     delm = p.delm.model
     feats = p.features
     phi, Y = jnp.asarray(feats.phi_train, dtype), jnp.asarray(feats.Y_train, dtype)
     W_star, L_star = g.W_star, g.L_star
-    key = fold(cfg.seed, 3)
-    B0 = dataclasses.replace(delm, init_scale=t.b_scale).init(key, dtype)["B"]
-    inits = [{"A": dataclasses.replace(delm, init_scale=s).init(key, dtype)["A"], "B": B0} for s in t.a_scales]
-    curvature = dynamics.curvature_operator("square", g.C)
-    # one learning rate for every scale: the rule applied to the stiffest start
-    rates = [dynamics.learning_rate(t.learning_rate, delm, p0, curvature) for p0 in inits]
-    lr = min(r[0] for r in rates)
-    stiff0 = max(r[1].value for r in rates) * lr
 
     scales = []
     for s, params0 in zip(t.a_scales, inits):
