@@ -599,6 +599,28 @@ def test_pca_prefix_features_equal_a_fresh_preprocessing():
     assert ctx.features_for("pca_whiten", 8) is sliced  # computed once
 
 
+def test_background_measurements_are_waited_for_or_computed_here():
+    """A measurement job that has not started when the run needs it is computed in the main thread; one that fails
+    raises its error where it is waited for (never a silently missing number)."""
+    import threading
+
+    from experiments.reproduce import compiling
+
+    gate = threading.Event()
+    try:
+        blocking = compiling.background(lambda: gate.wait(30))  # holds the measurement thread
+        queued = compiling.background(lambda: 42)
+        assert compiling.wait(queued) == 42 and queued.future.cancelled()  # computed here, not run twice
+        failing = compiling.background(lambda: 1 / 0)
+        gate.set()
+        assert compiling.wait(blocking) is True
+        with pytest.raises(ZeroDivisionError):
+            compiling.wait(failing)
+    finally:
+        gate.set()
+        compiling.stop_precompiling()
+
+
 def test_fallback_store_reads_but_never_writes_the_other(tmp_path):
     other = reproduce_io.CheckpointStore(tmp_path / "a")
     other.open("fp", fresh=True)
