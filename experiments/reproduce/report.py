@@ -50,7 +50,8 @@ depend on), only the verdicts. Sections are those of docs/theory.md.
   positive definite iff it is < 1).
 - **Follows the exact path, <= {fmt(t['path'])} of |W_0 - W*|** (iterative variants): forward and backward solves
   to a relative 1e-12 give gradients accurate to ~1e-11; over a few hundred contracting steps the paths may drift
-  apart by a few 1e-10. A wrong gradient of relative size 1e-6 already moves the path by more than 1e-7.
+  apart by a few 1e-10. A gradient perturbed at random by 1% moves the path by ~2e-4 (the mutation test), and the
+  one-step gradient by ~1e-6 to 3e-3.
 - **Every solve converged, max relative residual <= {fmt(t['solver_residual'])}**: the forward solves' residuals and
   the implicit backward's (per solve); any solve the library flags as failed fails the claim.
 - **Velocity of every update = -eta P_t(G_t), <= {fmt(tt['velocity'])}** (forward mode; experiments 2, 3; section
