@@ -28,7 +28,18 @@ EXIT_INTERRUPTED = 130
 class UserError(Exception):
     """Something the user can fix (a config key, a path, a missing data file): reported as one line, exit 2.
 
-    The message should name what is wrong in the user's terms (the flag or config key, not a function argument)."""
+    The message should name what is wrong in the user's terms (the flag or config key, not a function argument).
+    `kind` is the word the one line starts with (`prog: error: ...`; a configuration error says so)."""
+
+    kind = "error"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are a `UserError` (one line naming the flag, exit status 2, with a pointer to
+    --help) instead of argparse's usage block plus message."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see --help)")
 
 
 def _raise_interrupt(signum, frame):  # SIGTERM (kill, a scheduler's timeout) leaves like Ctrl-C
@@ -48,7 +59,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> Union[argparse.Namespace, int]:
-    """`parser.parse_args`, returning argparse's exit status (0 for --help, 2 for a usage error) instead of exiting."""
+    """`parser.parse_args`, returning argparse's exit status (0 for --help, 2 for a usage error) instead of exiting
+    (with `ArgumentParser` a usage error is a `UserError` instead, for `run` to report in one line)."""
     try:
         return parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exit_:
@@ -59,14 +71,16 @@ def run(prog: str, body: Callable[[], Optional[int]], *,
         interrupted: Union[str, Callable[[], str], None] = None) -> int:
     """Run `body()` and turn its outcome into an exit status (see the table above).
 
-    `UserError` (and `ConfigError`, a subclass) prints `prog: error: <message>`; `KeyboardInterrupt` (Ctrl-C, or
-    SIGTERM, which is turned into one) prints `prog: interrupted` and the `interrupted` hint (e.g. how to resume).
+    `UserError` prints `prog: error: <message>` on one line (`ConfigError`, a subclass: `prog: configuration error:
+    ...`); `KeyboardInterrupt` (Ctrl-C, or SIGTERM, which is turned into one) prints `prog: interrupted` and the
+    `interrupted` hint (e.g. how to resume).
     Any other exception is a bug and propagates with its traceback."""
     with _sigterm_as_interrupt():
         try:
             return int(body() or 0)
         except UserError as err:
-            print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+            message = " ".join(str(err).split())  # one line, whatever the message's author wrote
+            print(f"{prog}: {err.kind}: {message}", file=sys.stderr, flush=True)
             return EXIT_USAGE
         except KeyboardInterrupt:
             hint = interrupted() if callable(interrupted) else interrupted
