@@ -2,8 +2,8 @@
 
 Drawn for a reader: every setting of the grid appears in both panels (a diverged one as a red cross and the word
 "diverged", never as a missing line or an empty bar); accuracies are percentages on an axis zoomed to the data
-(dots with error bars, not bars that would need a zero baseline); the legend lists only drawn lines; no text
-below 8 pt.
+(dots with error bars, not bars that would need a zero baseline); the legend lists only drawn lines and sits
+below the curves, not over them; no text below 9 pt.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import numpy as np
 from experiments.common import io
 from experiments.sweep import tables
 
-MIN_FONT_PT = 8
+MIN_FONT_PT = 9
 DIVERGED_COLOR = "tab:red"
-_STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "xtick.labelsize": 8, "ytick.labelsize": 8,
-          "legend.fontsize": 8, "figure.titlesize": 10}
+_STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9,
+          "legend.fontsize": 9, "figure.titlesize": 11}
 
 
 def setting_label(setting: Mapping) -> str:
@@ -55,7 +55,8 @@ def make_figure(rows: Sequence[Mapping]) -> Any:
     finals = tables.aggregate(rows)
     n = len(finals)
     with plt.rc_context(_STYLE):
-        fig, (ax_curve, ax_final) = plt.subplots(1, 2, figsize=(13, max(4.8, 1.2 + 0.32 * n)),
+        legend_rows = -(-n // 2)  # the legend below the curves, two columns
+        fig, (ax_curve, ax_final) = plt.subplots(1, 2, figsize=(14, max(5.0, 1.5 + 0.34 * n, 4.2 + 0.24 * legend_rows)),
                                                  gridspec_kw={"width_ratios": [3, 2]})
         colors = plt.cm.tab10(np.arange(10)) if n <= 10 else plt.cm.tab20(np.linspace(0, 1, 20))
         tops = []
@@ -70,14 +71,16 @@ def make_figure(rows: Sequence[Mapping]) -> Any:
             color = colors[i % len(colors)]
             style = ("-", "--", ":")[(i // len(colors)) % 3]
             if finite.size:
-                ax_curve.plot(c["step"], mean, label=label, lw=1.4, color=color, linestyle=style)
+                # a diverged setting's line ends in a red cross where its last seed still had a finite loss; the
+                # cross is part of the line, so its legend entry shows it too (a line that diverged after one
+                # logged step is a single point: the cross is what the reader sees)
+                marks = dict(marker="x", markevery=[int(finite[-1])], ms=9, mew=2, mec=DIVERGED_COLOR) \
+                    if agg["diverged_runs"] else {}
+                ax_curve.plot(c["step"], mean, label=label, lw=1.4, color=color, linestyle=style, **marks)
                 low = np.where(c["min"] > 0, c["min"], np.nan)
                 ax_curve.fill_between(c["step"], low, np.where(c["max"] > 0, c["max"], np.nan), color=color,
                                       alpha=0.15, lw=0)
                 tops.append(np.nanmax(mean))
-                if agg["diverged_runs"]:  # where the last seed still had a finite loss
-                    j = finite[-1]
-                    ax_curve.plot(c["step"][j], mean[j], "x", color=DIVERGED_COLOR, ms=9, mew=2)
         diverged_at_once = [a for a in finals if a["diverged_runs"] == a["n_seeds"]
                             and not np.isfinite(np.where(curves[tables.setting(a)]["mean"] > 0,
                                                          curves[tables.setting(a)]["mean"], np.nan)).any()]
@@ -86,8 +89,8 @@ def make_figure(rows: Sequence[Mapping]) -> Any:
         ax_curve.set_ylabel("L - L* (train)" if metric == "gap" else "train loss")
         ax_curve.set_title(f"{first['dataset']}, m={first['width']}{' (projected)' if first['projected'] else ''}, "
                            f"{first['loss']} loss: mean over seeds, band min..max")
-        if ax_curve.get_lines():
-            ax_curve.legend(loc="best", framealpha=0.85)
+        if any(not line.get_label().startswith("_") for line in ax_curve.get_lines()):
+            ax_curve.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
         if diverged_at_once:
             names = "; ".join(setting_label(a) for a in diverged_at_once)
             ax_curve.text(0.01, 0.01, f"diverged before the first logged step: {names}", transform=ax_curve.transAxes,
