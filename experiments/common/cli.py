@@ -42,20 +42,50 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
-def _raise_interrupt(signum, frame):  # SIGTERM (kill, a scheduler's timeout) leaves like Ctrl-C
+_requested = threading.Event()
+
+
+def _interrupt(signum, frame):
+    """Ctrl-C or SIGTERM (kill, a scheduler's timeout): remember it, then raise KeyboardInterrupt where the
+    program is, so that it stops at once. Where that exception is swallowed (raised inside a garbage-collection
+    callback, as jax registers one, or a `__del__`: Python prints "Exception ignored" and runs on), the request
+    stays recorded and `check_interrupt` raises it again at the next safe point."""
+    _requested.set()
     raise KeyboardInterrupt
 
 
+def check_interrupt() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C or SIGTERM arrived and was swallowed on its way (see `_interrupt`); a
+    no-op outside `run`. Call it at safe points of long work (e.g. after each chunk of a sweep)."""
+    if _requested.is_set():
+        raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def _interrupts() -> Iterator[None]:
+    """Within `run`: SIGINT (unless the process ignores it, as a background job does) and SIGTERM raise through
+    `_interrupt`; a swallowed KeyboardInterrupt is not printed as an ignored exception's traceback."""
+    _requested.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)
+    hook = sys.unraisablehook
+
+    def unraisable(info):
+        if not (isinstance(info.exc_value, KeyboardInterrupt) and _requested.is_set()):
+            hook(info)
+
+    sys.unraisablehook = unraisable
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = hook
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _requested.clear()
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> Union[argparse.Namespace, int]:
@@ -72,10 +102,10 @@ def run(prog: str, body: Callable[[], Optional[int]], *,
     """Run `body()` and turn its outcome into an exit status (see the table above).
 
     `UserError` prints `prog: error: <message>` on one line (`ConfigError`, a subclass: `prog: configuration error:
-    ...`); `KeyboardInterrupt` (Ctrl-C, or SIGTERM, which is turned into one) prints `prog: interrupted` and the
-    `interrupted` hint (e.g. how to resume).
+    ...`); `KeyboardInterrupt` (Ctrl-C, or SIGTERM, which is turned into one; never lost, see `check_interrupt`)
+    prints `prog: interrupted` and the `interrupted` hint (e.g. how to resume).
     Any other exception is a bug and propagates with its traceback."""
-    with _sigterm_as_interrupt():
+    with _interrupts():
         try:
             return int(body() or 0)
         except UserError as err:

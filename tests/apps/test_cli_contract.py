@@ -262,3 +262,32 @@ def test_nothing_half_written_and_no_empty_folder(case, outcomes):
     assert not outcome["leftovers"], outcome["leftovers"]
     if case.returncode == 2:  # a user error is found before anything is written
         assert not outcome["changed"], f"{outcome['output']} changed:\n" + _describe(outcome)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_swallowed_on_its_way_is_not_lost(signum, capsys):
+    """Ctrl-C landing in a garbage-collection callback (jax registers one) or a `__del__` is swallowed by Python
+    ("Exception ignored ... KeyboardInterrupt", and the program runs on): the runner prints no such traceback and
+    the next safe point (`check_interrupt`) stops the command with one line and exit status 130."""
+    from experiments.common import cli
+
+    class Dropped:
+        def __del__(self):
+            signal.raise_signal(signum)  # the handler runs here, inside __del__
+
+    ran_on = []
+
+    def body() -> int:
+        Dropped()
+        ran_on.append(True)
+        cli.check_interrupt()
+        return 0
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a runner may ignore it)
+    try:
+        assert cli.run("prog", body, interrupted="what was kept") == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    err = capsys.readouterr().err
+    assert ran_on == [True] and err.strip() == "prog: interrupted; what was kept", err
+    cli.check_interrupt()  # the request ends with the command
