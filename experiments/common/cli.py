@@ -45,11 +45,14 @@ class ArgumentParser(argparse.ArgumentParser):
 _requested = threading.Event()
 
 
+RERAISE_S = 0.05  # after a swallowed interrupt: long enough to leave the callback that swallowed it
+
+
 def _interrupt(signum, frame):
     """Ctrl-C or SIGTERM (kill, a scheduler's timeout): remember it, then raise KeyboardInterrupt where the
     program is, so that it stops at once. Where that exception is swallowed (raised inside a garbage-collection
-    callback, as jax registers one, or a `__del__`: Python prints "Exception ignored" and runs on), the request
-    stays recorded and `check_interrupt` raises it again at the next safe point."""
+    callback, as jax registers one, or a `__del__`: Python would print "Exception ignored" and run on), it is
+    raised again `RERAISE_S` later (a SIGALRM to this handler), and `check_interrupt` raises it at safe points."""
     _requested.set()
     raise KeyboardInterrupt
 
@@ -64,24 +67,29 @@ def check_interrupt() -> None:
 @contextlib.contextmanager
 def _interrupts() -> Iterator[None]:
     """Within `run`: SIGINT (unless the process ignores it, as a background job does) and SIGTERM raise through
-    `_interrupt`; a swallowed KeyboardInterrupt is not printed as an ignored exception's traceback."""
+    `_interrupt`; a swallowed KeyboardInterrupt is not printed as an ignored exception's traceback but raised
+    again shortly after (SIGALRM)."""
     _requested.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt)}
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt),
+                signal.SIGALRM: signal.signal(signal.SIGALRM, _interrupt)}
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)
     hook = sys.unraisablehook
 
     def unraisable(info):
-        if not (isinstance(info.exc_value, KeyboardInterrupt) and _requested.is_set()):
+        if isinstance(info.exc_value, KeyboardInterrupt) and _requested.is_set():
+            signal.setitimer(signal.ITIMER_REAL, RERAISE_S)
+        else:
             hook(info)
 
     sys.unraisablehook = unraisable
     try:
         yield
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         sys.unraisablehook = hook
         for signum, handler in previous.items():
             signal.signal(signum, handler)
