@@ -50,6 +50,10 @@ class SweepMemoryError(SweepError):
     """Even one configuration per device does not fit the memory budget."""
 
 
+_MEMORY_ADVICE = ("raise memory_budget_mb (--set memory_budget_mb=MIB), use fewer samples (datasets[i].n_train) or "
+                  "a smaller width (grid.widths, datasets[i].pca_dim)")
+
+
 @dataclasses.dataclass
 class GroupReport:
     """What happened to one group of configurations (chunking, memory, timing)."""
@@ -266,8 +270,7 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
                     len(members), report.estimated_bytes_per_config, report.data_bytes, budget, n_dev,
                     max_chunk_size=config.max_chunk_size, what=f"group {key.label}")
             except parallel.MemoryBudgetError as err:
-                raise SweepMemoryError(f"{err}; raise memory_budget_mb, use fewer samples (n_train) or a smaller "
-                                       f"width") from None
+                raise SweepMemoryError(f"{err}; {_MEMORY_ADVICE}") from None
         reports[key] = report
 
     # features (a random projection where a width is given) and L* per (data set, width)
@@ -328,8 +331,7 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
                                    max_chunk_size=config.max_chunk_size, max_recompiles=max_recompiles,
                                    what=f"group {key.label}")
             except parallel.MemoryBudgetError as err:
-                raise SweepMemoryError(f"{err}; raise memory_budget_mb, use fewer samples (n_train) or a smaller "
-                                       f"width") from None
+                raise SweepMemoryError(f"{err}; {_MEMORY_ADVICE}") from None
             guess = report.chunk_size
             report.programs_compiled = engine.compiles - compiles
             report.compile_s = plan.compile_s

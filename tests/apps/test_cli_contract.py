@@ -1,5 +1,5 @@
-"""The command line's contract, for every subcommand of `python -m experiments` (reproduce, sweep, bench), run as a
-user runs it (a child process from the repository root):
+"""The command line's contract, for every subcommand of `python -m experiments` (reproduce, sweep, bench, and the
+entry point itself), run as a user runs it (a child process from the repository root):
 
 - a malformed YAML config, a config file that does not exist, a data directory or data set that is not there, and
   a usage error are each ONE line on stderr (no traceback) and exit status 2, and write nothing;
@@ -85,6 +85,11 @@ class Case:
 TINY_REPRODUCE = ("--config", "configs/tiny.yaml", "--out", "{out}", "--no-progress")
 BENCH_TINY = ("--suite", "step", "--rows", "direct", "--n", "16", "--width", "8", "--out", "{out}/step.json")
 CASES = [
+    Case("experiments", "no_command", (), 2, r"^python -m experiments: error: a command is required; commands: "
+                                            r"reproduce, sweep, bench"),
+    Case("experiments", "unknown_command", ("swep", "--config", "x.yaml"), 2,
+         r"^python -m experiments: error: unknown command 'swep' \(did you mean 'sweep'\?\)"),
+
     Case("reproduce", "malformed_yaml", ("--config", "{root}/bad.yaml", "--out", "{out}"), 2,
          r"^reproduce: configuration error: config file \S*bad\.yaml:3:6 is not valid YAML: expected"),
     Case("reproduce", "missing_config", ("--config", "{root}/nowhere.yaml", "--out", "{out}"), 2,
@@ -176,7 +181,8 @@ def _run(case: Case, root: pathlib.Path) -> dict:
     env = subprocess_env()
     env.update(DEQ_JAX_DATA_DIR=str(root / "cache"), DEQ_JAX_DATA_BASE_URL="http://127.0.0.1:9/", MPLBACKEND="Agg")
     env.update(case.env)
-    proc = subprocess.Popen([PYTHON, "-c", LAUNCH, case.command, *map(fill, case.args)], cwd=ROOT, env=env,
+    command = [] if case.command == "experiments" else [case.command]  # "experiments": no subcommand
+    proc = subprocess.Popen([PYTHON, "-c", LAUNCH, *command, *map(fill, case.args)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: dict[str, list[str]] = {"stdout": [], "stderr": []}
     first = threading.Event()
