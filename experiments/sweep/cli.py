@@ -35,8 +35,8 @@ TRUTHY = ("1", "true", "yes", "on")
 
 
 EXAMPLES = """examples (each runs as written from the repository root; a test runs them):
-  .venv/bin/python -m experiments sweep --config configs/sweep_digits.yaml     # make sweep: 192 runs, ~2 minutes
-  .venv/bin/python -m experiments sweep --config configs/sweep_smoke.yaml      # 36 runs, ~40 s
+  .venv/bin/python -m experiments sweep --config configs/sweep_digits.yaml     # make sweep: 192 runs, ~1.5 minutes
+  .venv/bin/python -m experiments sweep --config configs/sweep_smoke.yaml      # 36 runs, ~1 minute
   .venv/bin/python -m experiments sweep --config configs/sweep_digits.yaml --set steps=100 --set grid.seeds=[0,1]
   .venv/bin/python -m experiments sweep --config configs/sweep_smoke.yaml --set 'grid.models=[delm, deep_linear]' \\
       --set grid.losses=[cross_entropy] --output-dir /tmp/sweep_ce --no-figures
