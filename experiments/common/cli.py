@@ -28,10 +28,7 @@ EXIT_INTERRUPTED = 130
 class UserError(Exception):
     """Something the user can fix (a config key, a path, a missing data file): reported as one line, exit 2.
 
-    The message should name what is wrong in the user's terms (the flag or config key, not a function argument).
-    `kind` is the word the one line starts with (`prog: error: ...`; a configuration error says so)."""
-
-    kind = "error"
+    The message should name what is wrong in the user's terms (the flag or config key, not a function argument)."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -109,8 +106,8 @@ def run(prog: str, body: Callable[[], Optional[int]], *,
         interrupted: Union[str, Callable[[], str], None] = None) -> int:
     """Run `body()` and turn its outcome into an exit status (see the table above).
 
-    `UserError` prints `prog: error: <message>` on one line (`ConfigError`, a subclass: `prog: configuration error:
-    ...`); `KeyboardInterrupt` (Ctrl-C, or SIGTERM, which is turned into one; never lost, see `check_interrupt`)
+    `UserError` (and its subclasses, e.g. `ConfigError`) prints `prog: error: <message>` on one line;
+    `KeyboardInterrupt` (Ctrl-C, or SIGTERM, which is turned into one; never lost, see `check_interrupt`)
     prints `prog: interrupted` and the `interrupted` hint (e.g. how to resume).
     Any other exception is a bug and propagates with its traceback."""
     with _interrupts():
@@ -118,7 +115,7 @@ def run(prog: str, body: Callable[[], Optional[int]], *,
             return int(body() or 0)
         except UserError as err:
             message = " ".join(str(err).split())  # one line, whatever the message's author wrote
-            print(f"{prog}: {err.kind}: {message}", file=sys.stderr, flush=True)
+            print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
             return EXIT_USAGE
         except KeyboardInterrupt:
             hint = interrupted() if callable(interrupted) else interrupted

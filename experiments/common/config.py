@@ -30,8 +30,6 @@ from experiments.common.cli import UserError
 class ConfigError(UserError, ValueError):
     """A configuration that does not validate; the message names the key."""
 
-    kind = "configuration error"
-
 
 def load_yaml(path: Union[str, pathlib.Path]) -> dict:
     """The mapping in a YAML file; a missing, unreadable or malformed file is a one-line `ConfigError`."""

@@ -91,9 +91,9 @@ CASES = [
          r"^python -m experiments: error: unknown command 'swep' \(did you mean 'sweep'\?\)"),
 
     Case("reproduce", "malformed_yaml", ("--config", "{root}/bad.yaml", "--out", "{out}"), 2,
-         r"^reproduce: configuration error: config file \S*bad\.yaml:3:6 is not valid YAML: expected"),
+         r"^reproduce: (configuration )?error: config file \S*bad\.yaml:3:6 is not valid YAML: expected"),
     Case("reproduce", "missing_config", ("--config", "{root}/nowhere.yaml", "--out", "{out}"), 2,
-         r"^reproduce: configuration error: config file '\S*nowhere\.yaml' does not exist"),
+         r"^reproduce: (configuration )?error: config file '\S*nowhere\.yaml' does not exist"),
     Case("reproduce", "missing_data_dir", TINY_REPRODUCE + ("--data-dir", "{root}/no_such_folder"), 2,
          r"^reproduce: .*no_such_folder.* does not exist .*--data-dir",
          xfail_line=REPRODUCE_DATA_ERROR, xfail_files=REPRODUCE_WRITES_BEFORE_DATA),
@@ -103,9 +103,9 @@ CASES = [
          xfail_line=REPRODUCE_LOGS_TO_STDERR),
 
     Case("sweep", "malformed_yaml", ("--config", "{root}/bad.yaml", "--output-dir", "{out}"), 2,
-         r"^sweep: configuration error: config file \S*bad\.yaml:3:6 is not valid YAML: expected"),
+         r"^sweep: error: config file \S*bad\.yaml:3:6 is not valid YAML: expected"),
     Case("sweep", "missing_config", ("--config", "{root}/nowhere.yaml", "--output-dir", "{out}"), 2,
-         r"^sweep: configuration error: config file '\S*nowhere\.yaml' does not exist"),
+         r"^sweep: error: config file '\S*nowhere\.yaml' does not exist"),
     Case("sweep", "missing_data", ("--config", "{root}/sweep.yaml", "--output-dir", "{out}", "--data-dir",
                                    "{root}/empty", "--set", "datasets=[{name: mnist, download: false}]"), 2,
          r"^sweep: error: datasets\[0\] \(mnist\): data set 'mnist' not found: downloading is off \(config key "

@@ -22,20 +22,20 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(case, tmp_path, capsy
     config.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "out")}))
     args, expect = {
         "malformed yaml": (["--config", "bad.yaml"],
-                           r"sweep: configuration error: config file bad.yaml:3:6 is not valid YAML: expected "),
+                           r"sweep: error: config file bad.yaml:3:6 is not valid YAML: expected "),
         "missing file": (["--config", "nowhere.yaml"],
-                         "sweep: configuration error: config file 'nowhere.yaml' does not exist"),
+                         "sweep: error: config file 'nowhere.yaml' does not exist"),
         "missing data": (["--config", "sweep.yaml", "--data-dir", str(tmp_path),
                           "--set", "datasets=[{name: mnist, download: false}]"],
                          r"sweep: error: datasets\[0\] \(mnist\): .* pass --data-dir FOLDER"),
         "sigma typo": (["--config", "sweep.yaml", "--set", "grid.sigmas=[colum_softmax]"],
-                       r"sweep: configuration error: grid\.sigmas\[0\]: 'colum_softmax' is not a valid choice "
+                       r"sweep: error: grid\.sigmas\[0\]: 'colum_softmax' is not a valid choice "
                        r"\(did you mean 'column_softmax'\?\)"),
         "dataset typo": (["--config", "sweep.yaml", "--set", "datasets=[{name: fashion_minst}]"],
-                         r"sweep: configuration error: datasets\[0\]\.name: 'fashion_minst' is not a valid choice "
+                         r"sweep: error: datasets\[0\]\.name: 'fashion_minst' is not a valid choice "
                          r"\(did you mean 'fashion_mnist'\?\)"),
         "bad override": (["--config", "sweep.yaml", "--set", "steps"],
-                         "sweep: configuration error: override 'steps' must look like"),
+                         "sweep: error: override 'steps' must look like"),
         "unknown flag": (["--config", "sweep.yaml", "--outptu-dir", "x"],
                          r"sweep: error: unrecognized arguments: --outptu-dir x \(see --help\)$"),
         "bad flag value": (["--config", "sweep.yaml", "--distributed", "--num-processes", "0"],
