@@ -15,6 +15,8 @@ from deq_jax import (DELM, DeepLinear, DivergenceError, DivergenceWarning, Impli
                      implicit_value_and_grad, logistic, make_chunk, make_step, minibatch_train, solve, square, square_gram)
 from helpers import rel_err
 
+pytestmark = pytest.mark.float32  # the whole file also runs with x64 off (float32), as users run JAX
+
 requires_x64 = pytest.mark.skipif(not jax.config.read("jax_enable_x64"), reason="float64 reference needs x64")
 
 
