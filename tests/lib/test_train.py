@@ -228,6 +228,11 @@ def test_training_argument_errors():
     params = model.init(jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="learning_rate must be a positive number; got 0"):
         full_batch_gd(model, "square", params, phi, y, learning_rate=0, steps=3)
+    with pytest.raises(ValueError, match="learning_rate must be a positive number; got -0.1"):
+        full_batch_gd(model, "square", params, phi, y, learning_rate=jnp.asarray(-0.1), steps=3)
+    # a step size computed with jax.numpy (a concrete 0-d array) is a number like any other
+    _, history = full_batch_gd(model, "square", params, phi, y, learning_rate=0.5 * jnp.ones((), jnp.float32), steps=3)
+    assert history["loss"].shape == (3,)
     with pytest.raises(ValueError, match="pass either optimizer=... or learning_rate=... .*not both"):
         full_batch_gd(model, "square", params, phi, y, learning_rate=0.1, optimizer=optax.sgd(0.1), steps=3)
     with pytest.raises(ValueError, match="pass optimizer=... .* or learning_rate=..."):
