@@ -9,6 +9,8 @@ import pytest
 from deq_jax import (DELM, DELM_SOLVERS, MODELS, REFINE_FROM_WIDTH, SOLVERS, DeepLinear, Linear, Model, Refine,
                      get_sigma)
 
+pytestmark = pytest.mark.float32  # the whole file also runs with x64 off (float32), as users run JAX
+
 requires_x64 = pytest.mark.skipif(not jax.config.read("jax_enable_x64"), reason="float64 reference needs x64")
 
 

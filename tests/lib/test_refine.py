@@ -9,6 +9,8 @@ from deq_jax import Refine
 from deq_jax import refine as R
 from helpers import delm_problem, u_matrix
 
+pytestmark = pytest.mark.float32  # the whole file also runs with x64 off (float32), as users run JAX
+
 X64 = jax.config.read("jax_enable_x64")
 # solves of a matrix with condition number ~10: rounding only
 DTYPE, EPS = (jnp.float64, 1e-13) if X64 else (jnp.float32, 1e-5)
