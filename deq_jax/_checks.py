@@ -76,7 +76,9 @@ def check_float_array(name: str, x: Any) -> None:
 
 
 def _all_finite(leaf: Any) -> bool:
-    try:
+    if not isinstance(leaf, jax.Array):  # host data (numpy, Python numbers): numpy, no compiled program per shape
+        return bool(np.all(np.isfinite(leaf)))
+    try:  # on the device: only a boolean comes back to the host
         return bool(jnp.all(jnp.isfinite(leaf)))
     except jax.errors.ConcretizationTypeError:  # a constant captured inside a trace: only traced checks apply
         return True
