@@ -39,6 +39,7 @@ import optax
 
 from experiments.bench.checks import delm_reference, relative_errors
 from experiments.bench.problem import Problem
+from experiments.bench.stop import checkpoint
 
 
 def _count_primitive(jaxpr, name: str) -> int:
@@ -209,6 +210,7 @@ def run_profile(p: Problem, chosen: list[Entry], *, device: Any, precision, repe
     times: dict[str, list] = {name: [] for name in compiled}
     for _ in range(repeats):
         for name, (c, args, _, _) in compiled.items():
+            checkpoint()
             start = time.perf_counter()
             jax.block_until_ready(c(*args))
             times[name].append(time.perf_counter() - start)
@@ -229,7 +231,7 @@ def backward_solvers(p: Problem, names: tuple[str, ...] = BACKWARD_SOLVERS, *, d
     """Time and count the matrix-vector products of each linear solver on the per-sample backward system."""
     import jax.scipy.sparse.linalg as jssl
 
-    from deq_jax.solve import _linear_solve  # jaxopt.linear_solve, as the library imports it
+    from experiments.bench.jax_cases import linear_solve as jaxopt_linear_solve  # as deq_jax._jaxopt uses it
 
     if not names:
         return []
@@ -257,9 +259,10 @@ def backward_solvers(p: Problem, names: tuple[str, ...] = BACKWARD_SOLVERS, *, d
         functools.partial(jssl.gmres, matvec, tol=tol, atol=0.0, solve_method="batched"),
         functools.partial(jssl.gmres, matvec, tol=tol, atol=0.0, solve_method="incremental"),
         functools.partial(jssl.bicgstab, matvec, tol=tol, atol=0.0),
-        lambda b: (_linear_solve.solve_normal_cg(matvec, b, tol=tol, atol=0.0), None))))
+        lambda b: (jaxopt_linear_solve.solve_normal_cg(matvec, b, tol=tol, atol=0.0), None))))
     out = []
     for name in names:
+        checkpoint()
         solve = solvers[name]
         with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
             run = jax.jit(lambda b: solve(b)[0]).lower(v).compile()
