@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--settle", type=float, default=0.25,
         help="seconds to pause (untimed) before each timed step, so that the previous row's idle threads (PyTorch's "
              "OpenMP threads spin after each parallel region) have stopped (default 0.25)")
+    add("--note", action="append", default=[], metavar="TEXT",
+        help="a remark recorded with the result and shown in the docs (repeatable), e.g. how busy the machine was")
     add("--max-temp-gb", type=float, default=None,
         help="do not run rows whose XLA temporary memory exceeds this many GiB (default: 4 on a CPU, half the "
              "GPU's memory on a GPU)")

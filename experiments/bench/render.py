@@ -63,7 +63,11 @@ def _summary(name: str, data: dict) -> str:
             + f"; OPENBLAS_NUM_THREADS={variables.get('OPENBLAS_NUM_THREADS')}; load average {load}"
             + ("" if wall is None else f"; wall time {wall / 60:.1f} min")
             + f". Problem: n={pr['n']}, m={pr['m']}, m_y={pr.get('m_y')}, gamma={pr.get('gamma')}, "
-              f"tol={pr.get('tol')}, float32, data: {pr.get('data')}.")
+              f"tol={pr.get('tol')}, float32, data: {pr.get('data')}"
+            + ("" if pr.get("learning_rate") is None else f"; SGD step {pr['learning_rate']:.3g}"
+               + (f" (1 / lambda_max of the Gauss-Newton matrix, {pr['gauss_newton_lambda_max']:.4g})"
+                  if pr.get("gauss_newton_lambda_max") else ""))
+            + "." + "".join(f"\n\nNote: {note.rstrip('.')}." for note in data.get("notes", [])))
 
 
 def block(name: str, part: str, data: Optional[dict]) -> str:

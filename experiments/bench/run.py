@@ -179,6 +179,18 @@ def _measure_rows(args: argparse.Namespace, p: Problem, device: Any, selection: 
                 goals=verdicts, rows=rows)
 
 
+def _load_note(payload: dict) -> list[str]:
+    """A note when the machine was busier than its cores at the start or the end of the run."""
+    cores = payload["environment"]["machine"].get("cpu_cores") or 1
+    before = payload["environment"]["machine"].get("load_average_1_5_15")
+    after = payload["device"].get("load_average_after")
+    if not before or not after or max(before[0], after[0]) <= cores:
+        return []
+    return [f"the machine was shared and loaded: 1-minute load average {before[0]:.1f} at the start and "
+            f"{after[0]:.1f} at the end, on {cores} cores; times (compile times most) are inflated, the paired ratios "
+            f"between rows of this run less so"]
+
+
 def run(args: argparse.Namespace, argv: list[str], *, started: float) -> int:
     """Run the suite; print its tables and goals; write its files. Returns the exit status."""
     from experiments.bench import devices
@@ -212,6 +224,7 @@ def run(args: argparse.Namespace, argv: list[str], *, started: float) -> int:
                              **measure(args, p, device, selection, size))
     if outputs.figure_name:
         payload["figure"] = outputs.figure_name
+    payload["notes"] = payload["notes"] + args.note + _load_note(payload)
     print()
     print(report.tables(payload))
     if payload.get("facts"):
