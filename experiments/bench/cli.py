@@ -5,7 +5,9 @@ of a shared machine hits every row alike; rows: experiments/bench/cases.py, goal
 
   step     (`make bench`) one DELM training step at m = 784, batch 1024, float32: deq_jax next to the same step
            written inline with plain JAX + jaxopt, for each solver and formulation; the bare LU factorisation;
-           the implicit vs unrolled backward's XLA temporary memory at 100 fixed-point iterations
+           warm-started training runs (consecutive steps of TrainStep.update, --warm-steps untimed first) next to
+           the same runs started from zero at every step; the implicit vs unrolled backward's XLA temporary memory
+           at 100 fixed-point iterations
   peer     every deq_jax solver x backward mode, the inline baseline, torchdeq and plain PyTorch (the optional
            `peer` extra: pip install -e '.[peer]'; without it those rows are left out with a note)
   gpu      the peer rows at full batch n = 60000 on a GPU (--device cpu --n 256 --width 64: same code on a CPU)
@@ -13,14 +15,15 @@ of a shared machine hits every row alike; rows: experiments/bench/cases.py, goal
   sweep    64 seeds as one vmapped program vs a Python loop (experiments/bench/sweep_bench.py; its own options)
 
 Every row records min and median step time, compile time, iterations, the implementation's own convergence
-verdict and an independent one (the float64 relative residual of the returned equilibrium <= tol), gradient errors
-against float64 references and memory. The table and goals are printed; the JSON (with the environment record)
+verdict and an independent one (the float64 relative residual |f(z) - z| / |f(z)| of the returned equilibrium
+<= tol), gradient errors against float64 references and memory; a training run also every step's iterations. The table and goals are printed; the JSON (with the environment record)
 is written atomically to --out, or with --publish to docs/results/bench-NAME.json, with the figure, and
 docs/benchmarks.md's generated blocks are re-rendered from it.
 
 Exit status: 0 done, every row ran and every correctness goal held (speed and memory goals are reported, met or
-not); 1 done, but a row failed or a correctness goal did not hold; 2 not run: a flag, device or file error (one
-line on stderr); 130 interrupted (Ctrl-C or SIGTERM): nothing is written.
+not); 1 done, but a row failed or a correctness goal did not hold; 2 not run: a flag, device or file error (a
+malformed result JSON for --render, a missing or corrupt --data-dir; one line on stderr); 130 interrupted (Ctrl-C
+or SIGTERM; the run stops at its next step): nothing is written.
 """
 # This module holds the arguments and the dispatch only; a run is experiments/bench/run.py.
 
