@@ -285,35 +285,38 @@ def backward_solvers(p: Problem, names: tuple[str, ...] = BACKWARD_SOLVERS, *, d
         return S, (Z @ B.T - y) @ B / p.n  # sigma(A), and dL/dz of the square loss
 
     S, v = system(put(p.delm["A"]), put(p.delm["B"]), put(p.phi), put(p.y))
-    relative_residual = jax.jit(lambda u: jnp.linalg.norm(u - p.gamma * u @ S - v) / jnp.linalg.norm(v))
+    relative_residual = jax.jit(lambda u, S, v: jnp.linalg.norm(u - p.gamma * u @ S - v) / jnp.linalg.norm(v))
     count = {"products": 0}
 
     def bump(_):
         count["products"] += 1
 
-    def matvec(u):
-        jax.debug.callback(bump, u[0, 0])
-        return u - p.gamma * u @ S
+    def matvec_of(S):  # S is an argument of the compiled program, not a constant: XLA would constant-fold
+        def matvec(u):  # products with it (measured: 78 s of compile for the normal-CG program)
+            jax.debug.callback(bump, u[0, 0])
+            return u - p.gamma * u @ S
+
+        return matvec
 
     tol = p.tol
     solvers = dict(zip(BACKWARD_SOLVERS, (
-        functools.partial(jssl.gmres, matvec, tol=tol, atol=0.0, solve_method="batched"),
-        functools.partial(jssl.gmres, matvec, tol=tol, atol=0.0, solve_method="incremental"),
-        functools.partial(jssl.bicgstab, matvec, tol=tol, atol=0.0),
-        lambda b: (jaxopt_linear_solve.solve_normal_cg(matvec, b, tol=tol, atol=0.0), None))))
+        lambda b, S: jssl.gmres(matvec_of(S), b, tol=tol, atol=0.0, solve_method="batched"),
+        lambda b, S: jssl.gmres(matvec_of(S), b, tol=tol, atol=0.0, solve_method="incremental"),
+        lambda b, S: jssl.bicgstab(matvec_of(S), b, tol=tol, atol=0.0),
+        lambda b, S: (jaxopt_linear_solve.solve_normal_cg(matvec_of(S), b, tol=tol, atol=0.0), None))))
     out = []
     for name in names:
         checkpoint()
         solve = solvers[name]
         with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
-            run = jax.jit(lambda b: solve(b)[0]).lower(v).compile()
-        jax.block_until_ready(run(v))
+            run = jax.jit(lambda b, S: solve(b, S)[0]).lower(v, S).compile()
+        jax.block_until_ready(run(v, S))
         times = []
         for _ in range(repeats):
             count["products"] = 0
             start = time.perf_counter()
-            u = jax.block_until_ready(run(v))
+            u = jax.block_until_ready(run(v, S))
             times.append(time.perf_counter() - start)
-        residual = float(relative_residual(u))
+        residual = float(relative_residual(u, S, v))
         out.append({"name": name, "min_s": min(times), "products": count["products"], "relative_residual": residual})
     return out
