@@ -201,7 +201,7 @@ def make_step(model: Model, loss: Union[str, Loss], optimizer: Optional[optax.Gr
                              f"{type(model).__name__} has none: pass the features and targets instead")
         obj = lambda p, W: gram_square_loss(W, gram) + pen(p)
         if warm is not None and hasattr(model, "end_to_end_value_and_grad"):
-            return model.end_to_end_value_and_grad(params, obj, warm)
+            return (*model.end_to_end_value_and_grad(params, obj, warm), None)
 
         def fn(p):
             if hasattr(model, "end_to_end_solution"):  # the DELM: keep the solve's statistics
@@ -209,8 +209,9 @@ def make_step(model: Model, loss: Union[str, Loss], optimizer: Optional[optax.Gr
                 return obj(p, sol.value), sol.stats
             return obj(p, model.end_to_end(p)), None
 
-        (value, stats), grads = jax.value_and_grad(fn, has_aux=True)(params)
-        return value, grads, warm, stats
+        # as on the samples route: implicit backward solves report their statistics (a failure is data)
+        (value, stats), grads, backward = value_and_grad_with_backward_stats(fn, has_aux=True)(params)
+        return value, grads, warm, stats, backward.metrics()
 
     def init(params, phi):
         opt_state = optimizer.init(params)
@@ -222,7 +223,7 @@ def make_step(model: Model, loss: Union[str, Loss], optimizer: Optional[optax.Gr
         params, opt_state, warm = state
         extra = None
         if isinstance(phi, GramData):
-            value, grads, warm, stats = gram_value_and_grad(params, phi, warm)
+            value, grads, warm, stats, extra = gram_value_and_grad(params, phi, warm)
         elif warm is not None:
             value, grads, warm, stats = model.warm_value_and_grad(
                 params, phi, lambda p, predictions: loss_fn(predictions, y) + pen(p), warm)

@@ -1,24 +1,33 @@
 """The main job's configuration: frozen dataclasses validated by `experiments.common.config.from_dict`.
 
+(One dataclass per config section, every key documented where it is declared: ~440 lines, all declarations.)
+
 Every field has a default, so a YAML file names only what it changes; an unknown or misspelt key, a wrong type or an
 out-of-range value is a `experiments.common.config.ConfigError` naming the key (range checks live in `__post_init__`).
 
     cfg = load_config("configs/digits.yaml", overrides=["convergence.steps=2000"])
+
+What is computed and what is judged are kept apart: the `thresholds` sections (and the fit band of experiment 1)
+only judge finished numbers, so changing them never recomputes a run (checkpoints are keyed by what each run's
+numbers depend on, see `runs.run_identity`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import pathlib
 from typing import Literal, Optional, Sequence, Union
 
-from experiments.common.config import ConfigError, from_dict, load_yaml, to_dict
+from experiments.common.config import ConfigError, from_dict, load_yaml
 
 DatasetName = Literal["digits", "fashion_mnist", "mnist", "kmnist", "cifar10", "cifar100", "svhn"]
 ModelName = Literal["delm", "linear", "deep_linear"]
 LossName = Literal["square", "cross_entropy"]
+FeatureKind = Literal["pca_whiten", "standardize", "raw"]
+#: deliberately wrong gradients for the mutation test of the claims (experiments/reproduce/mutations.py)
+MutationName = Literal["one_step", "perturbed", "wrong_sigma"]
+MUTATIONS: tuple[str, ...] = ("one_step", "perturbed", "wrong_sigma")
 
 
 def _positive(name: str, value: float, *, integer: bool = False) -> None:
@@ -46,6 +55,15 @@ def _multiple(name: str, steps: int, chunk: int) -> None:
                          f"length")
 
 
+def _pca(features: Optional[str], pca_dim: Optional[int]) -> None:
+    if features == "pca_whiten":
+        if pca_dim is None or pca_dim < 1:
+            raise ValueError(f"pca_dim must be a positive integer when features is 'pca_whiten'; got {pca_dim!r}")
+    elif pca_dim is not None:
+        raise ValueError(f"pca_dim applies only to features 'pca_whiten'; set it to null for features "
+                         f"{features!r} (got pca_dim={pca_dim!r})")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Which data set and how it becomes features (`experiments.common.datasets.load_dataset` + `preprocess`).
@@ -53,13 +71,14 @@ class DataConfig:
     `features`: "pca_whiten" (standardise, project on the top `pca_dim` principal components, unit variance),
     "standardize" or "raw". `n_train`/`n_test`: seeded random subsets (null: the whole split). `add_bias` appends a
     constant-1 feature. `data_dir`/`cache_dir`: where files are looked for / downloaded to (null: the defaults of
-    `experiments.common.datasets`, i.e. `$DEQ_JAX_DATA_DIR` or `~/.cache/deq_jax/datasets`). `download`: fetch missing files.
+    `experiments.common.datasets`, i.e. `$DEQ_JAX_DATA_DIR` or `~/.cache/deq_jax/datasets`). `download`: fetch
+    missing files.
     """
 
     dataset: DatasetName = "digits"
     n_train: Optional[int] = None
     n_test: Optional[int] = None
-    features: Literal["pca_whiten", "standardize", "raw"] = "pca_whiten"
+    features: FeatureKind = "pca_whiten"
     pca_dim: Optional[int] = 32
     add_bias: bool = True
     seed: int = 0
@@ -72,13 +91,7 @@ class DataConfig:
             value = getattr(self, key)
             if value is not None and value < 2:
                 raise ValueError(f"{key} must be an integer >= 2 or null (the whole split); got {value!r}")
-        if self.features == "pca_whiten":
-            if self.pca_dim is None or self.pca_dim < 1:
-                raise ValueError(f"pca_dim must be a positive integer when features is 'pca_whiten'; got "
-                                 f"{self.pca_dim!r}")
-        elif self.pca_dim is not None:
-            raise ValueError(f"pca_dim applies only to features 'pca_whiten'; set it to null for features "
-                             f"{self.features!r} (got pca_dim={self.pca_dim!r})")
+        _pca(self.features, self.pca_dim)
         if self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer; got {self.seed!r}")
 
@@ -87,10 +100,10 @@ class DataConfig:
 class ModelConfig:
     """Settings shared by all experiments.
 
-    DELM: `gamma` in (0, 1), `sigma` the weight nonlinearity, `A, B ~ init_scale N(0, 1)`; the equilibrium is
-    solved exactly (the library's direct solve, differentiated by autodiff through it). Linear: `W ~ init_scale
-    N(0, 1)`. Deep linear nets: one per entry of `depths`, hidden width `deep_hidden` (null: the feature width m),
-    layers `~ N(0, deep_init_gain^2 / fan_in)`.
+    DELM: `gamma` in (0, 1), `sigma` the weight nonlinearity, `A, B ~ init_scale N(0, 1)`; its reference runs solve
+    the equilibrium exactly (the library's direct solve, differentiated by autodiff through the LU solve).
+    Linear: `W ~ init_scale N(0, 1)`. Deep linear nets: one per entry of `depths`, hidden width `deep_hidden`
+    (null: the feature width m), layers `~ N(0, deep_init_gain^2 / fan_in)`.
     """
 
     gamma: float = 0.8
@@ -113,11 +126,26 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LearningRateConfig:
-    """`rule: theory`: `eta = scale (1 - gamma)^2 / lambda_max(phi^T phi / n)` for every model, on each feature
-    matrix (stable for the DELM since `|U^{-1}|_2 <= 1 / (1 - gamma)`, docs/theory.md section 9).
-    `rule: fixed`: `eta = value`."""
+    """The step size, shared by every model of a group so that their runs are comparable (docs/theory.md
+    section 12).
 
-    rule: Literal["theory", "fixed"] = "theory"
+    `rule: measured` (default): `eta = scale / lambda_max(P_0 H)`, with `P_0` the DELM's induced preconditioner at
+    its initial parameters and `H` the shallow loss's curvature (the square loss's `I (x) phi^T phi / n`; for
+    cross-entropy its bound `I (x) phi^T phi / (2n) + l2 I`). To first order in eta the DELM's W moves by
+    `-eta P_t(G_t)`, i.e. preconditioned gradient descent on the convex shallow problem, which contracts in every
+    direction iff `eta lambda_max(P_t H) < 2` (and makes the trust-region norm M positive definite iff `< 1`).
+    `scale = 1` puts the stiffest direction at the start exactly at `1`, half-way to the edge; the claims check
+    that the run stayed within `2` (`1` for the trust-region experiment). `lambda_max(P_0 H)` is exact (dense) for
+    `m_y m <= 512` and a power-iteration estimate above (stated as approximate in the report).
+    `rule: bound`: `eta = scale * deq_jax.theory.learning_rate_limit(...)` at the init, the reciprocal of an upper
+    bound on `lambda_max(P_0 H)` from measured norms (`|U_0^{-1}|_2`, `|W_0|_2`, `lambda_max(H)`): guaranteed
+    `eta lambda_max(P_0 H) <= scale` at any width, but about 10x smaller than `measured` (so 10x more steps).
+    (The old rule `(1 - gamma)^2 / lambda_max(phi^T phi / n)` rested on `|U^{-1}|_2 <= 1/(1 - gamma)`, which
+    holds in the 1-norm only: in the 2-norm the bound is `sqrt(m)/(1 - gamma)`, `deq_jax.theory.u_inverse_norm_bound`.)
+    `rule: fixed`: `eta = value`.
+    """
+
+    rule: Literal["measured", "bound", "fixed"] = "measured"
     scale: float = 1.0
     value: Optional[float] = None
 
@@ -128,48 +156,107 @@ class LearningRateConfig:
                 raise ValueError("value must be set (a positive number) when rule is 'fixed'; got null")
             _positive("value", self.value)
         elif self.value is not None:
-            raise ValueError(f"value applies only to rule 'fixed' (rule is 'theory', eta = scale (1-gamma)^2 / "
-                             f"lambda_max); got value={self.value!r}")
+            raise ValueError(f"value applies only to rule 'fixed' (rule is {self.rule!r}, eta = scale / "
+                             f"lambda_max(P_0 H) or its bound); got value={self.value!r}")
 
-    def resolve(self, gamma: float, lambda_max: float) -> float:
-        if self.rule == "fixed":
-            return float(self.value)
-        return float(self.scale * (1.0 - gamma) ** 2 / lambda_max)
+
+@dataclasses.dataclass(frozen=True)
+class VariantConfig:
+    """A DELM trained through the library's core: an iterative forward solver and the implicit backward.
+
+    `formulation`: "transposed" (the end-to-end equilibrium `W = B + gamma W sigma(A)`) or "per_sample" (one
+    equilibrium per training sample). `linear_solver`: the implicit backward's solver of `(I - J^T) u = v`.
+    `tol`: the forward and backward relative tolerance (tight, so that the run can follow the exact path)."""
+
+    formulation: Literal["transposed", "per_sample"] = "transposed"
+    solver: Literal["anderson", "fixed_point", "broyden"] = "anderson"
+    linear_solver: Literal["gmres", "bicgstab", "normal_cg"] = "gmres"
+    tol: float = 1e-12
+    maxiter: int = 200
+
+    def __post_init__(self):
+        _unit("tol", self.tol)
+        _positive("maxiter", self.maxiter, integer=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSetConfig:
+    """One group of runs of experiment 1 (for each of its losses): which features, which models.
+
+    `features`: "data" (the data section's features), "projection" (a fixed random projection of them to `width`,
+    e.g. below the number of classes), or "pca_whiten" / "standardize" (the data set preprocessed again that way;
+    `width` is pca_dim for pca_whiten, null otherwise). `variants`: DELMs trained through an iterative solver with
+    the implicit backward, each checked against the exact (direct) DELM's path. `reaches_optimum`: claim that the
+    runs reach L* and that the DELM's rate is within `rate_factor` of its bound (false for ill-conditioned features,
+    where L* is out of reach in `steps`: the gap and the rate are then reported, and the per-step bound is claimed).
+    `steps`: this set's step budget (null: `convergence.steps`; a multiple of `convergence.chunk`).
+    """
+
+    features: Literal["data", "projection", "pca_whiten", "standardize"] = "data"
+    width: Optional[int] = None
+    losses: tuple[LossName, ...] = ("square", "cross_entropy")
+    models: tuple[ModelName, ...] = ("delm", "linear", "deep_linear")
+    variants: tuple[VariantConfig, ...] = ()
+    reaches_optimum: bool = True
+    steps: Optional[int] = None
+
+    def __post_init__(self):
+        if self.features in ("projection", "pca_whiten"):
+            if self.width is None:
+                raise ValueError(f"width must be a positive integer for features {self.features!r}; got null")
+            _positive("width", self.width, integer=True)
+        elif self.width is not None:
+            raise ValueError(f"width applies only to features 'projection' and 'pca_whiten'; set it to null for "
+                             f"features {self.features!r} (got width={self.width!r})")
+        _nonempty_unique("losses", self.losses, ("square", "cross_entropy"))
+        _nonempty_unique("models", self.models, ("delm", "linear", "deep_linear"))
+        if "delm" not in self.models:
+            raise ValueError(f"models must include 'delm' (the claims are about it); got {list(self.models)}")
+        forms = [v.formulation for v in self.variants]
+        if len(set(forms)) != len(forms):
+            raise ValueError(f"variants must not repeat a formulation; got {forms}")
+        if self.steps is not None:
+            _positive("steps", self.steps, integer=True)
 
 
 @dataclasses.dataclass(frozen=True)
 class ConvergenceThresholds:
-    """Pass/fail thresholds of experiment 1's claims (see REPORT.md for their justification)."""
+    """Pass/fail thresholds of experiment 1's claims (REPORT.md justifies each)."""
 
+    optimum_gradient: float = 1e-8
     normalised_gap: float = 1e-6
     r2: float = 0.99
     bound_excess: float = 1e-6
+    rate_factor: float = 2.0
+    path: float = 1e-7
     solver_residual: float = 1e-10
 
     def __post_init__(self):
-        _positive("normalised_gap", self.normalised_gap)
+        for key in ("optimum_gradient", "normalised_gap", "bound_excess", "path", "solver_residual"):
+            _positive(key, getattr(self, key))
         _unit("r2", self.r2)
-        _positive("bound_excess", self.bound_excess)
-        _positive("solver_residual", self.solver_residual)
+        if not self.rate_factor > 1:
+            raise ValueError(f"rate_factor must be a number > 1; got {self.rate_factor!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class ConvergenceConfig:
     """Experiment 1: global linear convergence of full-batch gradient descent to the shallow optimum `L*`.
 
-    Runs every model of `models` on the data's features (width m = their dimension) and every model of
-    `small_width_models` on a fixed random projection of them to `small_width` (null: skip), for each loss.
-    Cross-entropy carries an L2 penalty `(cross_entropy_l2 / 2) |W|_F^2` on the end-to-end matrix, so that the
-    shallow problem has a unique minimiser even on separable data. A run stops early once its normalised gap
+    For each feature set and each of its losses, every model of the set trains from its seeded init. Cross-entropy
+    carries an L2 penalty `(cross_entropy_l2 / 2) |W|_F^2` on the end-to-end matrix, so that the shallow problem
+    has a unique minimiser even on separable data. A run stops early once its normalised gap
     `(L_t - L*) / (L_0 - L*)` stayed below `stop_gap` for a whole chunk (rounding level).
-    The rate fit and the bound check use the band `fit_lo < gap < fit_hi` / the steps with gap above `bound_floor`.
+    Analysis only (never recomputes a run): the rate fit uses the band `fit_lo < gap < fit_hi`, the bound check
+    the steps with gap above `bound_floor`.
     """
 
     enabled: bool = True
-    losses: tuple[LossName, ...] = ("square", "cross_entropy")
-    models: tuple[ModelName, ...] = ("delm", "linear", "deep_linear")
-    small_width: Optional[int] = 5
-    small_width_models: tuple[ModelName, ...] = ("delm", "linear")
+    feature_sets: tuple[FeatureSetConfig, ...] = (
+        FeatureSetConfig(variants=(VariantConfig("transposed"),)),
+        FeatureSetConfig(features="projection", width=5, models=("delm", "linear"),
+                         variants=(VariantConfig("per_sample", linear_solver="bicgstab"),)),
+    )
     steps: int = 3000
     chunk: int = 50
     learning_rate: LearningRateConfig = LearningRateConfig()
@@ -181,15 +268,8 @@ class ConvergenceConfig:
     thresholds: ConvergenceThresholds = ConvergenceThresholds()
 
     def __post_init__(self):
-        _nonempty_unique("losses", self.losses, ("square", "cross_entropy"))
-        _nonempty_unique("models", self.models, ("delm", "linear", "deep_linear"))
-        if "delm" not in self.models:
-            raise ValueError(f"models must include 'delm' (the claims are about it); got {list(self.models)}")
-        if self.small_width is not None:
-            _positive("small_width", self.small_width, integer=True)
-            _nonempty_unique("small_width_models", self.small_width_models, ("delm", "linear", "deep_linear"))
-            if "delm" not in self.small_width_models:
-                raise ValueError(f"small_width_models must include 'delm'; got {list(self.small_width_models)}")
+        if not self.feature_sets:
+            raise ValueError("feature_sets must list at least one feature set; got an empty list")
         _positive("steps", self.steps, integer=True)
         _positive("chunk", self.chunk, integer=True)
         _multiple("steps", self.steps, self.chunk)
@@ -200,17 +280,20 @@ class ConvergenceConfig:
         _unit("bound_floor", self.bound_floor)
         if not self.fit_lo < self.fit_hi:
             raise ValueError(f"fit_lo must be below fit_hi; got fit_lo={self.fit_lo!r}, fit_hi={self.fit_hi!r}")
+        for i, fs in enumerate(self.feature_sets):
+            if fs.steps is not None and fs.steps % self.chunk:
+                raise ValueError(f"feature_sets[{i}].steps ({fs.steps}) must be a multiple of chunk ({self.chunk})")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrustRegionThresholds:
-    velocity: float = 1e-6
+    velocity: float = 1e-8
     finite_difference: float = 1e-6
-    kkt: float = 1e-6
-    path_difference: float = 1e-3
+    step: float = 1e-8
+    path: float = 1e-4
 
     def __post_init__(self):
-        for key in ("velocity", "finite_difference", "kkt", "path_difference"):
+        for key in ("velocity", "finite_difference", "step", "path"):
             _positive(key, getattr(self, key))
 
 
@@ -219,15 +302,21 @@ class TrustRegionConfig:
     """Experiment 2: the DELM's gradient descent seen in W-space is a trust-region Newton method of the shallow model.
 
     For each `a_scales` entry s: a DELM with `A ~ s N(0, 1)`, `B ~ b_scale N(0, 1)` runs `steps` GD steps on the
-    square loss; every `check_every` steps (a multiple of `chunk`) while the normalised gap is above `check_floor`,
-    the velocity of W, the induced preconditioner and the trust-region subproblem are checked
-    (`deq_jax.theory.trust_region_check`, plus a central finite difference with relative step `fd_step`). Plain GD
-    on the shallow model runs from the same W_0.
-    The learning rate needs `eta * max eig(P) * lambda_max < 1` for the trust-region norm M to be positive definite,
-    and `max eig(P) >= 1/(1-gamma)^2`: hence a smaller `learning_rate.scale` than experiment 1's.
+    square loss. At every step, the change of `W = B U^{-1}` along the parameter update that training applied is
+    compared with `-eta P_t(G_t)` (forward mode through the closed form, and a central finite difference with
+    relative step `fd_step`), and the W-path with the path integrated from `-eta P_t(G_t)` (to second order in
+    eta). Every `check_every`
+    steps (a multiple of `chunk`) while the normalised gap is above `check_floor`, the trust-region norm M is built
+    densely (`(m_y m)^2` matrices: feasible widths only) and its smallest eigenvalue measured. Plain GD on the
+    shallow model runs from the same W_0 (for comparison, not a claim).
+    `learning_rate.scale` 0.5 keeps `eta lambda_max(P_t H) < 1`, the condition for M to be positive definite.
+    `features` / `pca_dim`: this experiment's features (null: the data section's), e.g. a PCA width at which the
+    dense `(m_y m)^2` checks are feasible.
     """
 
     enabled: bool = True
+    features: Optional[FeatureKind] = None
+    pca_dim: Optional[int] = None
     a_scales: tuple[float, ...] = (0.1, 1.0, 3.0)
     b_scale: float = 0.1
     steps: int = 400
@@ -239,6 +328,7 @@ class TrustRegionConfig:
     thresholds: TrustRegionThresholds = TrustRegionThresholds()
 
     def __post_init__(self):
+        _pca(self.features, self.pca_dim)
         _nonempty_unique("a_scales", self.a_scales)
         for s in self.a_scales:
             _positive("a_scales[...]", s)
@@ -253,6 +343,16 @@ class TrustRegionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ImplicitBiasThresholds:
+    velocity: float = 1e-8
+    null_space: float = 1e-10
+
+    def __post_init__(self):
+        for key in ("velocity", "null_space"):
+            _positive(key, getattr(self, key))
+
+
+@dataclasses.dataclass(frozen=True)
 class ImplicitBiasConfig:
     """Experiment 3: which of the many minimisers each model reaches when n < m.
 
@@ -262,13 +362,14 @@ class ImplicitBiasConfig:
     that the square loss has a whole affine set of minimisers with L* = 0; every model of `models` (plus each depth of
     `model.depths` for deep_linear) trains by full-batch GD from its seeded init until its training loss first falls
     below `target_loss` (matched training loss), at most `max_steps`. Measured at that step: test loss and accuracy on
-    the whole test split, the distance of W from the minimum-norm interpolant.
+    the whole test split, the distance of W from the minimum-norm interpolant; for the DELM, at every step, the change
+    of W along the applied update against `-eta P_t(G_t)`.
     `init_scale` / `deep_init_gain` replace `model.init_scale` / `model.deep_init_gain` here (null: keep them): a
     small init keeps the part of W that the data do not determine from being decided by the init's noise.
     """
 
     enabled: bool = True
-    features: Optional[Literal["pca_whiten", "standardize", "raw"]] = "pca_whiten"
+    features: Optional[FeatureKind] = "pca_whiten"
     pca_dim: Optional[int] = 60
     normalize_rows: bool = True
     n_train: int = 20
@@ -280,18 +381,13 @@ class ImplicitBiasConfig:
     learning_rate: LearningRateConfig = LearningRateConfig()
     init_scale: Optional[float] = 0.001
     deep_init_gain: Optional[float] = 0.5
+    thresholds: ImplicitBiasThresholds = ImplicitBiasThresholds()
 
     def __post_init__(self):
         for key in ("init_scale", "deep_init_gain"):
             if getattr(self, key) is not None:
                 _positive(key, getattr(self, key))
-        if self.features == "pca_whiten":
-            if self.pca_dim is None or self.pca_dim < 1:
-                raise ValueError(f"pca_dim must be a positive integer when features is 'pca_whiten'; got "
-                                 f"{self.pca_dim!r}")
-        elif self.pca_dim is not None:
-            raise ValueError(f"pca_dim applies only to features 'pca_whiten'; set it to null for features "
-                             f"{self.features!r} (got pca_dim={self.pca_dim!r})")
+        _pca(self.features, self.pca_dim)
         if self.n_train < 2:
             raise ValueError(f"n_train must be an integer >= 2; got {self.n_train!r}")
         _nonempty_unique("seeds", self.seeds)
@@ -310,11 +406,18 @@ class ReproduceConfig:
 
     `name` is the default run name (results go to `<out>/<name>/`), `seed` seeds model inits and the random
     projection, `dtype` is the floating type of every array (the claims' thresholds assume float64).
+    `mutation` (normally null; set by `--mutation`): train the DELMs under test with a deliberately wrong gradient,
+    to show which claims notice (the mutation test of the claims). `fast_compile`: compile the training programs
+    with XLA's LLVM optimisation off (~2x faster compilation, 2-4x slower execution: for configurations whose time
+    is compilation, such as the test suite's tiny one; the numbers agree to rounding, and runs are checkpointed
+    apart).
     """
 
     name: str = "digits"
     seed: int = 0
     dtype: Literal["float64", "float32"] = "float64"
+    mutation: Optional[MutationName] = None
+    fast_compile: bool = False
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     convergence: ConvergenceConfig = ConvergenceConfig()
@@ -337,31 +440,6 @@ def load_config(path: Union[str, pathlib.Path, None], overrides: Sequence[str] =
     return from_dict(ReproduceConfig, data, overrides=list(overrides))
 
 
-# what the numbers do not depend on: where files live and whether they may be downloaded
-_LOCATION_KEYS = ("data_dir", "cache_dir", "download")
-
-
-#: bump when the checkpoints' contents change, so that old checkpoints are refused rather than misread
-CHECKPOINT_FORMAT = 1
-
-
-def fingerprint(cfg: ReproduceConfig) -> str:
-    """A hash of everything the results depend on (not the run name or the data's location)."""
-    d = to_dict(cfg)
-    d.pop("name")
-    d["checkpoint_format"] = CHECKPOINT_FORMAT
-    for key in _LOCATION_KEYS:
-        d["data"].pop(key)
-    return hashlib.sha256(repr(sorted(_flatten(d))).encode()).hexdigest()[:16]
-
-
-def _flatten(d, prefix=""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _flatten(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", repr(v)
-
-
-__all__ = ["ConfigError", "ConvergenceConfig", "DataConfig", "ImplicitBiasConfig", "LearningRateConfig",
-           "ModelConfig", "ReproduceConfig", "TrustRegionConfig", "fingerprint", "load_config"]
+__all__ = ["ConfigError", "ConvergenceConfig", "DataConfig", "FeatureSetConfig", "ImplicitBiasConfig",
+           "LearningRateConfig", "ModelConfig", "MUTATIONS", "ReproduceConfig", "TrustRegionConfig", "VariantConfig",
+           "load_config"]

@@ -5,26 +5,80 @@ null space and every `W = W_mn + V (I - P_row)` interpolates (`W_mn` = the minim
 `deq_jax.theory.min_norm_solution`; `P_row` = the projector on phi's row space). Every model trains by full-batch GD
 from its seeded init until its training loss first falls to `target_loss` (matched training loss); at that step:
 test loss and accuracy on the whole test split, the distance of W from `W_mn`, and W's null-space component
-`|W (I - P_row)|`, which the data do not determine and which is exactly where the models differ. For the linear
-model GD never changes that component (its gradient's rows lie in phi's row space): checked as a claim.
+`|W (I - P_row)|`, which the data do not determine and which is exactly where the models differ. Two mechanisms are
+checked: linear GD never changes that component (its gradient's rows lie in phi's row space), while the DELM moves W
+by `-eta P_t(G_t)` (checked at every step on the update training applied), whose preconditioner P reaches into the
+null space: that is where its different minimiser comes from.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Any, Iterator, Optional
 
 import jax.numpy as jnp
 import numpy as np
 
 from deq_jax import theory
 
-from experiments.reproduce.runs import ProgramSpec, run_gd
-from experiments.reproduce.common import (Claim, Context, build_models, dtype_of, fold, heldout_metrics, make_features,
-                                          slug)
+from experiments.reproduce import compiling, dynamics
+from experiments.reproduce.common import (Claim, Context, Features, build_models, checked, dtype_of, finite_max, fold,
+                                          heldout_metrics, slug, spectrum_of)
 from experiments.reproduce.config import ConfigError, ReproduceConfig
+from experiments.reproduce.runs import RunSpec, Trace, run_gd
 
 NAME = "implicit_bias"
-NULL_SPACE_TOLERANCE = 1e-10  # rounding level of float64 GD over thousands of steps, with a wide margin
+
+
+@dataclasses.dataclass
+class BiasRun:
+    seed: int
+    model: str
+    reached: bool
+    step: int
+    train_loss: float
+    learning_rate: float
+    test: dict
+    distance_to_min_norm: float
+    null_space_norm: float
+    null_space_change: float
+    norm: float
+    loss_history: np.ndarray
+    velocity_error: Optional[np.ndarray] = None  # DELM: per step, up to the stop
+
+
+@dataclasses.dataclass
+class BiasReference:
+    seed: int
+    rank: int
+    learning_rate: float
+    lambda_max: float
+    lambda_min_plus: float
+    test: dict
+    norm: float
+
+
+@dataclasses.dataclass
+class ImplicitBiasResult:
+    runs: list
+    references: list
+    table: list
+    claims: list
+    n_train: int
+    width: int
+    target_loss: float
+    seeds: list
+    features: Any
+    pca_dim: Any
+    normalize_rows: bool
+    title: str = "Implicit bias"
+
+    def metric_rows(self) -> Iterator[dict]:
+        for r in self.runs:
+            for t, value in enumerate(r.loss_history):
+                yield {"experiment": NAME, "run": f"{NAME}/seed{r.seed}/{r.model}", "loss_fn": "square",
+                       "model": r.model, "seed": r.seed, "step": t, "loss": value}
 
 
 def _capture_at(target: float):
@@ -52,78 +106,104 @@ def _model_config(cfg: ReproduceConfig):
                                deep_init_gain=ib.deep_init_gain or mc.deep_init_gain)
 
 
-def programs(cfg: ReproduceConfig, ctx: Context) -> list[ProgramSpec]:
-    """The compiled programs `run` will use (for `gd_runs.precompile`), where the feature width is known ahead."""
+@dataclasses.dataclass
+class BiasPlan:
+    feats: Features
+    runs: list  # [(label, RunSpec)]
+    measured: Optional[list] = None  # per seed, `_measure` started by `prepare`
+
+
+def plan(cfg: ReproduceConfig, ctx: Context) -> BiasPlan:
     ib = cfg.implicit_bias
-    if ib.features is None:
-        width = ctx.features.phi_train.shape[1]
-    elif ib.features == "pca_whiten":
-        width = ib.pca_dim + int(cfg.data.add_bias)
-    else:  # the number of non-constant pixels is known only after preprocessing
-        return []
-    return [ProgramSpec(model, "square", ib.chunk, False, ib.n_train, dtype_of(cfg.dtype))
-            for _, model in build_models(ib.models, width, ctx.features.num_classes, _model_config(cfg))]
-
-
-def run(cfg: ReproduceConfig, ctx: Context) -> dict:
-    ib, mc = cfg.implicit_bias, _model_config(cfg)
-    store, progress = ctx.store, ctx.progress
-    if ib.features is None:
-        feats = ctx.features
-    else:
-        try:
-            feats = make_features(ctx.dataset, cfg.data, features=ib.features, pca_dim=ib.pca_dim,
-                                  normalize_rows=ib.normalize_rows)
-        except ValueError as err:  # e.g. pca_dim above the number of non-constant pixels
-            raise ConfigError(f"implicit_bias.features / implicit_bias.pca_dim: {err}") from err
-    dtype = dtype_of(cfg.dtype)
+    feats = ctx.features_for(ib.features, ib.pca_dim, ib.normalize_rows, section="implicit_bias")
     N, m = feats.phi_train.shape
-    k = feats.num_classes
     if ib.n_train > N:
         raise ConfigError(f"implicit_bias.n_train ({ib.n_train}) exceeds the {N} training samples of the data "
                           f"(data.n_train); lower it")
+    dtype = dtype_of(cfg.dtype)
+    runs = []
+    for label, model in build_models(ib.models, m, feats.num_classes, _model_config(cfg)):
+        is_delm = label == "DELM"
+        runs.append((label, RunSpec(model, "square", ib.chunk, ib.n_train, dtype,
+                                    Trace(W_every_step=True, checks="velocity" if is_delm else None),
+                                    mutation=cfg.mutation if is_delm else None, fast_compile=cfg.fast_compile)))
+    return BiasPlan(feats, runs)
+
+
+def programs(p: BiasPlan) -> list[RunSpec]:
+    return [spec for _, spec in p.runs]
+
+
+def _measure(cfg: ReproduceConfig, p: BiasPlan, seed: int) -> tuple:
+    """One seed's training subset and what its runs need before they start: the minimum-norm interpolant, the
+    null-space projector, the spectrum, the initial parameters and the step size."""
+    ib, feats, dtype = cfg.implicit_bias, p.feats, dtype_of(cfg.dtype)
+    N, m = feats.phi_train.shape
+    idx = np.sort(np.random.default_rng([cfg.seed, 4, seed]).choice(N, ib.n_train, replace=False))
+    phi, Y = feats.phi_train[idx], feats.Y_train[idx]
+    W_mn = np.asarray(theory.min_norm_solution(jnp.asarray(phi), jnp.asarray(Y)))
+    null = null_projector(phi)
+    if np.trace(null) < 0.5:
+        raise ConfigError(f"implicit_bias.n_train ({ib.n_train}) gives training features of full column rank "
+                          f"{m} (seed {seed}): a unique minimiser, no implicit bias to measure; use n_train < {m}")
+    spectrum = spectrum_of(phi)
+    delm_spec = next((spec for label, spec in p.runs if label == "DELM"), None)
+    inits = {label: spec.model.init(fold(cfg.seed, 4, seed), dtype) for label, spec in p.runs}
+    if delm_spec is not None:
+        curvature = dynamics.curvature_operator("square", np.asarray(theory.feature_gram(jnp.asarray(phi))))
+        lr, _ = dynamics.learning_rate(ib.learning_rate, delm_spec.model, inits["DELM"], curvature)
+    else:  # no DELM: the rule with P = I
+        lr = ib.learning_rate.value if ib.learning_rate.rule == "fixed" else \
+            ib.learning_rate.scale / spectrum["lambda_max"]
+    return idx, W_mn, null, spectrum, inits, lr
+
+
+def prepare(cfg: ReproduceConfig, ctx: Context, p: BiasPlan) -> None:
+    """Start every seed's `_measure` in the background, so that they overlap the training runs before them."""
+    p.measured = [compiling.background(functools.partial(_measure, cfg, p, seed)) for seed in cfg.implicit_bias.seeds]
+
+
+def run(cfg: ReproduceConfig, ctx: Context, p: BiasPlan) -> ImplicitBiasResult:
+    ib = cfg.implicit_bias
+    feats = p.feats
+    m = feats.phi_train.shape[1]
     runs, references = [], []
-    for seed in ib.seeds:
-        idx = np.sort(np.random.default_rng([cfg.seed, 4, seed]).choice(N, ib.n_train, replace=False))
+    for seed, job in zip(ib.seeds, p.measured or [None] * len(ib.seeds)):
+        idx, W_mn, null, spectrum, inits, lr = compiling.wait(job) if job is not None else _measure(cfg, p, seed)
         phi, Y = feats.phi_train[idx], feats.Y_train[idx]
-        spec = {k_: float(v) for k_, v in theory.feature_spectrum(jnp.asarray(phi)).items()}
-        lr = ib.learning_rate.resolve(mc.gamma, spec["lambda_max"])
-        W_mn = np.asarray(theory.min_norm_solution(jnp.asarray(phi), jnp.asarray(Y)))
-        null = null_projector(phi)
-        if np.trace(null) < 0.5:
-            raise ConfigError(f"implicit_bias.n_train ({ib.n_train}) gives training features of full column rank "
-                              f"{m} (seed {seed}): a unique minimiser, no implicit bias to measure; use n_train < {m}")
+        rank = spectrum["rank"]
         mn_norm = np.linalg.norm(W_mn)
-        references.append({"seed": seed, "rank": int(spec["rank"]), "learning_rate": lr,
-                           "lambda_max": spec["lambda_max"], "lambda_min_plus": spec["lambda_min_plus"],
-                           "test": heldout_metrics(W_mn, feats.phi_test, feats.labels_test, feats.Y_test),
-                           "norm": float(mn_norm)})
-        for label, model in build_models(ib.models, m, k, mc):
-            params0 = model.init(fold(cfg.seed, 4, seed), dtype)
-            res = run_gd(model, "square", params0, phi.astype(dtype), Y.astype(dtype), learning_rate=lr,
-                         steps=ib.max_steps, chunk=ib.chunk, stop=_capture_at(ib.target_loss), keep=("loss",),
-                         store=store, key=f"{NAME}/seed{seed}/{slug(label)}", progress=progress,
-                         desc=f"[3] seed {seed} {label}", u_norm=False)
+        references.append(BiasReference(seed=seed, rank=rank, learning_rate=lr, lambda_max=spectrum["lambda_max"],
+                                        lambda_min_plus=spectrum["lambda_min_plus"],
+                                        test=heldout_metrics(W_mn, feats.phi_test, feats.labels_test, feats.Y_test),
+                                        norm=float(mn_norm)))
+        for label, spec in p.runs:
+            keep = ("loss", "velocity_error") if label == "DELM" else ("loss",)
+            res = run_gd(spec, inits[label], phi, Y, learning_rate=lr, steps=ib.max_steps,
+                         stop=_capture_at(ib.target_loss), stop_id=("target", ib.target_loss), keep=keep,
+                         store=ctx.store, key=f"{NAME}/seed{seed}/{slug(label)}", progress=ctx.progress,
+                         desc=f"[3] seed {seed} {label}")
+            ctx.runs_total += 1
+            ctx.runs_loaded += int(res.from_checkpoint)
             if res.captured is not None:
                 W, step, train_loss = res.captured["W"], int(res.captured["step"]), float(res.captured["loss"])
             else:  # never reached the target: report where it ended, and the claim below fails
                 W, step, train_loss = res.W_final, res.steps, float(res.history["loss"][-1])
             W0 = res.W0
-            runs.append({
-                "seed": seed, "model": label, "reached": res.captured is not None, "step": step,
-                "train_loss": train_loss, "learning_rate": lr,
-                "test": heldout_metrics(W, feats.phi_test, feats.labels_test, feats.Y_test),
-                "distance_to_min_norm": float(np.linalg.norm(W - W_mn) / mn_norm),
-                "null_space_norm": float(np.linalg.norm(W @ null) / mn_norm),
-                "null_space_change": float(np.linalg.norm((W - W0) @ null) / np.linalg.norm(W0 @ null)),
-                "norm": float(np.linalg.norm(W) / mn_norm),
-                "loss_history": res.history["loss"],
-            })
-    return {"runs": runs, "references": references, "table": _table(runs, references),
-            "claims": _claims(cfg, runs),
-            "settings": {"n_train": ib.n_train, "width": m, "target_loss": ib.target_loss, "seeds": list(ib.seeds),
-                         "features": feats.info.get("features"), "pca_dim": feats.info.get("pca_dim"),
-                         "normalize_rows": bool(feats.info.get("normalize_rows", False))}}
+            runs.append(BiasRun(
+                seed=seed, model=label, reached=res.captured is not None, step=step, train_loss=train_loss,
+                learning_rate=lr, test=heldout_metrics(W, feats.phi_test, feats.labels_test, feats.Y_test),
+                distance_to_min_norm=float(np.linalg.norm(W - W_mn) / mn_norm),
+                null_space_norm=float(np.linalg.norm(W @ null) / mn_norm),
+                null_space_change=float(np.linalg.norm((W - W0) @ null) / np.linalg.norm(W0 @ null)),
+                norm=float(np.linalg.norm(W) / mn_norm), loss_history=res.history["loss"],
+                velocity_error=res.history["velocity_error"][:step] if "velocity_error" in res.history else None))
+    result = ImplicitBiasResult(runs=runs, references=references, table=_table(runs, references), claims=[],
+                                n_train=ib.n_train, width=m, target_loss=ib.target_loss, seeds=list(ib.seeds),
+                                features=feats.info.get("features"), pca_dim=feats.info.get("pca_dim"),
+                                normalize_rows=bool(feats.info.get("normalize_rows", False)))
+    result.claims = claims(cfg, result)
+    return result
 
 
 def _stats(values: list) -> dict:
@@ -134,44 +214,56 @@ def _stats(values: list) -> dict:
 
 def _table(runs: list, references: list) -> list[dict]:
     rows = []
-    for label in dict.fromkeys(r["model"] for r in runs):
-        rs = [r for r in runs if r["model"] == label]
-        rows.append({"model": label, "seeds": len(rs), "reached": sum(r["reached"] for r in rs),
-                     "steps": _stats([r["step"] for r in rs]),
-                     "train_loss": _stats([r["train_loss"] for r in rs]),
-                     "test_loss": _stats([r["test"]["square_loss"] for r in rs]),
-                     "test_accuracy": _stats([r["test"]["accuracy"] for r in rs]),
-                     "distance_to_min_norm": _stats([r["distance_to_min_norm"] for r in rs]),
-                     "null_space_norm": _stats([r["null_space_norm"] for r in rs])})
+    for label in dict.fromkeys(r.model for r in runs):
+        rs = [r for r in runs if r.model == label]
+        rows.append({"model": label, "seeds": len(rs), "reached": sum(r.reached for r in rs),
+                     "steps": _stats([r.step for r in rs]),
+                     "train_loss": _stats([r.train_loss for r in rs]),
+                     "test_loss": _stats([r.test["square_loss"] for r in rs]),
+                     "test_accuracy": _stats([r.test["accuracy"] for r in rs]),
+                     "distance_to_min_norm": _stats([r.distance_to_min_norm for r in rs]),
+                     "null_space_norm": _stats([r.null_space_norm for r in rs])})
     rows.append({"model": "min-norm solution (reference)", "seeds": len(references), "reached": len(references),
                  "steps": None, "train_loss": None,
-                 "test_loss": _stats([r["test"]["square_loss"] for r in references]),
-                 "test_accuracy": _stats([r["test"]["accuracy"] for r in references]),
+                 "test_loss": _stats([r.test["square_loss"] for r in references]),
+                 "test_accuracy": _stats([r.test["accuracy"] for r in references]),
                  "distance_to_min_norm": _stats([0.0 for _ in references]),
                  "null_space_norm": _stats([0.0 for _ in references])})
-    if any(r["model"] == "DELM" for r in runs) and any(r["model"] == "linear" for r in runs):
-        by = {(r["seed"], r["model"]): r for r in runs}
-        seeds = sorted({r["seed"] for r in runs})
-        diff_acc = [by[s, "DELM"]["test"]["accuracy"] - by[s, "linear"]["test"]["accuracy"] for s in seeds]
-        diff_loss = [by[s, "DELM"]["test"]["square_loss"] - by[s, "linear"]["test"]["square_loss"] for s in seeds]
+    if any(r.model == "DELM" for r in runs) and any(r.model == "linear" for r in runs):
+        by = {(r.seed, r.model): r for r in runs}
+        seeds = sorted({r.seed for r in runs})
+        diff_acc = [by[s, "DELM"].test["accuracy"] - by[s, "linear"].test["accuracy"] for s in seeds]
+        diff_loss = [by[s, "DELM"].test["square_loss"] - by[s, "linear"].test["square_loss"] for s in seeds]
         rows.append({"model": "DELM - linear (paired by seed)", "seeds": len(seeds), "reached": None,
                      "steps": None, "train_loss": None, "test_loss": _stats(diff_loss),
                      "test_accuracy": _stats(diff_acc), "distance_to_min_norm": None, "null_space_norm": None})
     return rows
 
 
-def _claims(cfg: ReproduceConfig, runs: list) -> list[Claim]:
-    ib = cfg.implicit_bias
-    out = [Claim(NAME, "every model reaches the matched training loss in every seed (max training loss at stop)",
-                 max(r["train_loss"] for r in runs), ib.target_loss, "<=",
-                 f"{sum(r['reached'] for r in runs)}/{len(runs)} runs reached it within {ib.max_steps} steps")]
-    linear = [r for r in runs if r["model"] == "linear"]
+def claims(cfg: ReproduceConfig, r: ImplicitBiasResult) -> list[Claim]:
+    ib, t = cfg.implicit_bias, cfg.implicit_bias.thresholds
+    runs = r.runs
+    out = [checked(NAME, f"{NAME}/matched_loss",
+                   "every model reaches the matched training loss in every seed (max training loss at stop)",
+                   ib.target_loss, "<=",
+                   lambda: (finite_max([x.train_loss for x in runs]),
+                            f"{sum(x.reached for x in runs)}/{len(runs)} runs reached it within {ib.max_steps} steps"))]
+    linear = [x for x in runs if x.model == "linear"]
     if linear:
-        out.append(Claim(NAME, "linear GD keeps its init's null-space component (max |(W - W_0)(I - P_row)| / "
-                               "|W_0 (I - P_row)|)",
-                         max(r["null_space_change"] for r in linear), NULL_SPACE_TOLERANCE, "<=",
-                         "GD's updates lie in phi's row space"))
+        out.append(checked(NAME, f"{NAME}/linear_null_space",
+                           "linear GD keeps its init's null-space component (max |(W - W_0)(I - P_row)| / "
+                           "|W_0 (I - P_row)|)", t.null_space, "<=",
+                           lambda: (finite_max([x.null_space_change for x in linear]),
+                                    "GD's updates lie in phi's row space")))
+    delm = [x for x in runs if x.model == "DELM"]
+    if delm:
+        out.append(checked(NAME, f"{NAME}/delm_velocity",
+                           "every DELM update moves W by -eta P_t(G_t), the preconditioned step behind its bias "
+                           "(max_t |DW[d_t] + eta P_t(G_t)| / |eta P_t(G_t)|)", t.velocity, "<=",
+                           lambda: (finite_max(np.concatenate([x.velocity_error for x in delm])),
+                                    f"{sum(len(x.velocity_error) for x in delm)} steps over {len(delm)} seeds"),
+                           sensitive=True))
     return out
 
 
-__all__ = ["run", "null_projector", "NAME"]
+__all__ = ["run", "plan", "programs", "null_projector", "NAME"]

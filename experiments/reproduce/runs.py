@@ -1,201 +1,219 @@
-"""Full-batch gradient descent in compiled chunks, with a per-step trace, a progress bar and checkpoints.
+"""Full-batch gradient descent as the library trains it, in compiled chunks, with a per-step trace, a progress bar
+and checkpoints.
 
-This is `deq_jax.train.full_batch_gd` cut into chunks: the same `make_step` (value_and_grad + optax SGD) inside a
-`lax.scan`, run `chunk` steps per compiled call, so that a progress bar can move, a checkpoint can be written after
-every chunk, and a run can stop early. Each step also records, at the parameters the loss is evaluated at:
-- `W`: the end-to-end matrix `model.end_to_end(params)`;
-- `U_norm2` (DELM only): `|U|_2 = |I - gamma sigma(A)|_2`, which the convergence bound of docs/theory.md section 4
-  is computed from.
-The learning rate lives in the optimizer state (`optax.inject_hyperparams`), so one compiled program serves every
-learning rate of a model, loss, chunk length and array shape. `tests/test_reproduce.py` checks that the losses
-equal `full_batch_gd`'s.
+A run is the library's training step (`deq_jax.train.make_step`: value_and_grad + optax SGD, the L2 term of
+cross-entropy through its `penalty` hook), `chunk` steps per compiled call (`deq_jax.train.make_chunk`), driven by
+`deq_jax.loop.fit` with callbacks between chunks: progress bar, checkpoints, stopping rules, monitors, interrupts.
+Steps carry no solver state (`warm_start=False`): every solve starts from zero, so the reference runs are the exact
+direct solve differentiated by autodiff, the variants go through the implicit backward with the configured linear
+solver, and the mutations falsify exactly the gradient they name. The square loss trains on its Gram route
+(`GramData`, `O(m_y m^2)` per step) where the plan says so. Each step can also record, at the parameters the loss is
+evaluated at (index t = before update t), what its `Trace` asks for:
+- `U_norm2` (DELM): `|U_t|_2 = |I - gamma sigma(A_t)|_2`, from which the convergence bound is computed;
+- `W` (every step); the end-to-end W is always kept at the chunk boundaries (the logged steps);
+- `checks` (DELM): `dynamics.update_checks` on each applied update `theta_t -> theta_{t+1}` (computed after the
+  chunk's scan from the recorded parameters, in the same compiled program).
 
-Compilation dominates short runs on a CPU, so `precompile` compiles the programs a job will need in a background
-thread (XLA compiles outside the GIL; compiling executes nothing, so no numerics run concurrently) while the main
-thread computes; `run_gd` takes the compiled program from there, or compiles it itself.
+A `RunSpec` is one compiled program. Checkpoints are keyed by a fingerprint of exactly what a run's numbers depend
+on (`checkpoints.run_identity`), so changing a threshold never recomputes a run and changing a setting that matters
+never reuses a stale one.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import sys
-import threading
 import time
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from deq_jax import theory
-from deq_jax.losses import Loss, cross_entropy
+from deq_jax.loop import ChunkEnd, fit
 from deq_jax.models import DELM, Model
-from deq_jax.train import make_step
+from deq_jax.train import GramData, TrainState, make_chunk, make_step
 
 from experiments.common.io import CheckpointStore, NullStore
+from experiments.reproduce import compiling, dynamics, interrupts, mutations
+from experiments.reproduce.checkpoints import run_identity
 
 #: seconds between checkpoints within a run (a run's end is always checkpointed); the numbers do not depend on it
 CHECKPOINT_EVERY_S = 5.0
-DEFAULT_KEEP = ("loss", "grad_norm", "relative_residual", "converged", "U_norm2")
+#: XLA options of `ReproduceConfig.fast_compile`: LLVM optimisation off, compilation ~2x faster, execution 2-4x
+#: slower (measured on the tiny config's programs), for runs whose time is compilation (the test suite's)
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+#: |U|_2 by an SVD up to this width, by power iteration on U^T U above (an estimate from below)
+EXACT_NORM_WIDTH = 256
+NORM_ITERATIONS = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class Trace:
+    """What each step records besides the step's metrics (see the module docstring)."""
+
+    u_norm: bool = False
+    W_every_step: bool = False
+    checks: Optional[str] = None  # "all" or "velocity" (`dynamics.update_checks(velocity_only=True)`)
+    fd_step: Optional[float] = None  # with `checks`: also the finite-difference check, at this relative step
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One compiled chunk program. Data: `GramData` of width `model.width` (`gram=True`, square loss only) or
+    samples, `phi` `(rows, model.width)` and targets `(rows, model.out_dim)`. `l2`: the penalty
+    `(l2/2) |W|_F^2` on the end-to-end matrix (make_step's `penalty`). `mutation` falsifies the gradient
+    (`mutations`); None for honest runs and for every reference."""
+
+    model: Model
+    loss: str
+    chunk: int
+    rows: Optional[int]
+    dtype: Any
+    trace: Trace = Trace()
+    mutation: Optional[str] = None
+    fast_compile: bool = False
+    l2: Optional[float] = None
+    gram: bool = False
+
+    def __post_init__(self):
+        if self.gram and (self.loss != "square" or self.l2 is not None):
+            raise ValueError("the Gram route serves the unpenalised square loss only")
+        if not self.gram and not self.rows:
+            raise ValueError("a run on samples needs rows > 0")
+
+    @property
+    def program(self) -> Callable:
+        return _chunk_program(self.model, self.loss, self.chunk, self.trace, self.mutation, self.l2)
+
+    @property
+    def compiler_options(self) -> Optional[dict]:
+        return FAST_COMPILE if self.fast_compile else None
+
+    def identity(self) -> dict:
+        return {"model": repr(self.model), "loss": self.loss, "l2": self.l2, "gram": self.gram, "chunk": self.chunk,
+                "trace": repr(self.trace), "mutation": self.mutation, "dtype": str(jnp.dtype(self.dtype)),
+                "fast_compile": self.fast_compile}
+
+    def abstract_args(self) -> tuple:
+        """`(state, data, targets)` as shapes, for compiling ahead of time."""
+        model, dtype = self.model, self.dtype
+        params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dtype))
+        opt_state = jax.eval_shape(lambda p: mutations.optimizer(jnp.asarray(0.0, dtype), self.mutation).init(p),
+                                   params)
+        state = TrainState(params, opt_state, None)
+        m, k = model.width, model.out_dim
+        if self.gram:
+            S = jax.ShapeDtypeStruct
+            return state, GramData(S((m, m), dtype), S((m, k), dtype), S((), dtype)), None
+        return (state, jax.ShapeDtypeStruct((self.rows, m), dtype), jax.ShapeDtypeStruct((self.rows, k), dtype))
+
+
+def closed_form_W(model: Model, params: Any) -> jax.Array:
+    """The end-to-end matrix: for DELMs through the closed form (exact, whatever solver the model trains with)."""
+    if isinstance(model, DELM):
+        return dynamics.closed_form(model, params)
+    return model.end_to_end(params)
+
+
+def u_norm(model: DELM, params: dict) -> jax.Array:
+    U = theory.u_matrix(params["A"], model.gamma, model.sigma)
+    if U.shape[0] <= EXACT_NORM_WIDTH:
+        return theory.spectral_norm(U)
+    v0 = jnp.ones((U.shape[0],), U.dtype) / jnp.sqrt(U.shape[0])
+
+    def body(_, v):
+        w = U.T @ (U @ v)
+        return w / jnp.linalg.norm(w)
+
+    v = jax.lax.fori_loop(0, NORM_ITERATIONS, body, v0)
+    return jnp.linalg.norm(U @ v)
+
+
+def l2_penalty(model: Model, l2: float) -> Callable:
+    """`params -> (l2/2) |W|_F^2` on the model's own end-to-end matrix (differentiated as the model is)."""
+    return lambda params: 0.5 * l2 * jnp.sum(model.end_to_end(params) ** 2)
 
 
 @functools.lru_cache(maxsize=None)
-def regularised_cross_entropy(n: int, l2: float) -> Loss:
-    """Cross-entropy on the first `n` rows plus `(l2 / 2) |W|_F^2`, read off the predictions on `m` probe rows.
+def _chunk_program(model: Model, loss: str, chunk: int, trace: Trace, mutation: Optional[str],
+                   l2: Optional[float]) -> Callable:
+    """`run(state, data, targets) -> (state, metrics)`: `chunk` GD steps (`make_chunk`), then the update checks
+    over the recorded parameters; metrics also carry `W_start`/`W_end`, the end-to-end matrices before and after
+    (leading axis 1). Jit-compiled once per signature."""
+    trained = mutations.mutate_model(model, mutation)
+    step = make_step(trained, loss, mutations.optimizer(0.0, mutation), warm_start=False, jit=False,
+                     penalty=None if l2 is None else l2_penalty(trained, l2))
+    is_delm = isinstance(model, DELM)
 
-    The library's losses see only predictions. With the identity matrix appended to the features as probe rows,
-    the predictions on them are `I @ W.T = W.T`, so `(l2 / 2) * sum(pred[n:] ** 2) = (l2 / 2) |W|_F^2` exactly, for
-    every model (the DELM's end-to-end W included): the objective of `theory.shallow_optimum_cross_entropy`.
-    Targets of the probe rows are ignored (use zeros). Cached, so equal arguments give the same function (one
-    compiled program).
-    """
+    def record(params):
+        out = {}
+        if trace.W_every_step:
+            out["W"] = closed_form_W(model, params)
+        if trace.u_norm and is_delm:
+            out["U_norm2"] = u_norm(model, params)
+        if trace.checks and is_delm:
+            out["params"] = params
+        return out
 
-    def loss(predictions, targets):
-        return cross_entropy(predictions[:n], targets[:n]) + 0.5 * l2 * jnp.sum(predictions[n:] ** 2)
+    steps = make_chunk(step, chunk, record=record, jit=False)
 
-    loss.__name__ = f"cross_entropy_l2_{l2:g}"
-    return loss
-
-
-def with_probe_rows(phi: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`(phi; I_m)` and `(y; 0)`: the inputs for `regularised_cross_entropy`."""
-    m = phi.shape[1]
-    return (np.concatenate([phi, np.eye(m, dtype=phi.dtype)]),
-            np.concatenate([y, np.zeros((m, y.shape[1]), y.dtype)]))
-
-
-def _trace(model: Model, u_norm: bool) -> Callable[[Any], dict]:
-    if isinstance(model, DELM) and u_norm:
-        def trace(params):
-            U = theory.u_matrix(params["A"], model.gamma, model.sigma)
-            return {"W": model.end_to_end(params), "U_norm2": theory.spectral_norm(U)}
-    else:
-        def trace(params):
-            return {"W": model.end_to_end(params)}
-    return trace
-
-
-def sgd(learning_rate: Any) -> optax.GradientTransformation:
-    """Plain SGD (as `full_batch_gd`'s default) with the learning rate held in the state."""
-    return optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate)
-
-
-@functools.lru_cache(maxsize=None)
-def chunk_program(model: Model, loss: Union[str, Loss], chunk: int, u_norm: bool = True) -> Callable:
-    """`run(params, opt_state, phi, y) -> (params, opt_state, history, W)`: `chunk` GD steps, jit-compiled once;
-    `W` is the end-to-end matrix of the returned params.
-
-    `u_norm=False` skips the DELM's `|U|_2` (an SVD per step) where it is not needed."""
-    # the learning rate given here is a placeholder: `inject_hyperparams` reads it from the state at every update
-    step = make_step(model, loss, sgd(0.0), jit=False)
-    trace = _trace(model, u_norm)
-
-    def run(params, opt_state, phi, y):
-        def body(carry, _):
-            params, opt_state = carry
-            recorded = trace(params)
-            params, opt_state, metrics = step(params, opt_state, phi, y)
-            return (params, opt_state), {**metrics, **recorded}
-
-        (params, opt_state), history = jax.lax.scan(body, (params, opt_state), None, length=chunk)
-        return params, opt_state, history, trace(params)["W"]
+    def run(state, data, targets):
+        W_start = closed_form_W(model, state.params)
+        new_state, history = steps(state, data, targets)
+        if "params" in history:
+            before = history.pop("params")
+            after = jax.tree_util.tree_map(lambda s, last: jnp.concatenate([s[1:], last[None]]), before,
+                                           new_state.params)
+            lr = mutations.learning_rate_of(state.opt_state)
+            history.update(jax.lax.map(
+                lambda pair: dynamics.update_checks(model, loss, pair[0], pair[1], data, targets, lr, trace.fd_step,
+                                                    l2, velocity_only=trace.checks == "velocity"),
+                (before, after)))
+        W_end = closed_form_W(model, new_state.params)
+        return new_state, {**history, "W_start": W_start[None], "W_end": W_end[None]}
 
     return jax.jit(run)
 
 
-class ProgramSpec(NamedTuple):
-    """A chunk program to compile ahead: `phi` will be `(rows, model.width)`, targets `(rows, model.out_dim)`."""
-
-    model: Model
-    loss: Union[str, Loss]
-    chunk: int
-    u_norm: bool
-    rows: int
-    dtype: Any
+def precompile(specs: Sequence[RunSpec]) -> None:
+    compiling.precompile([(s.program, s.abstract_args(), s.compiler_options) for s in specs])
 
 
-_COMPILED: dict = {}  # signature -> Future (being compiled in the background) or a compiled program
-_COMPILED_LOCK = threading.Lock()
-_EXECUTOR: Optional[concurrent.futures.ThreadPoolExecutor] = None
+stop_precompiling = compiling.stop_precompiling
 
 
-def _signature(program: Callable, args: tuple) -> tuple:
-    leaves, treedef = jax.tree_util.tree_flatten(args)
-    return (program, treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype), bool(getattr(x, "weak_type", False)))
-                                    for x in leaves))
-
-
-def _abstract_args(spec: ProgramSpec) -> tuple:
-    model, dtype = spec.model, spec.dtype
-    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dtype))
-    opt_state = jax.eval_shape(lambda p: sgd(jnp.asarray(0.0, dtype)).init(p), params)
-    return (params, opt_state, jax.ShapeDtypeStruct((spec.rows, model.width), dtype),
-            jax.ShapeDtypeStruct((spec.rows, model.out_dim), dtype))
-
-
-def precompile(specs: Sequence[ProgramSpec]) -> None:
-    """Start compiling these chunk programs, in order, in one background thread (duplicates are skipped)."""
-    global _EXECUTOR
-    with _COMPILED_LOCK:
-        if _EXECUTOR is None:
-            _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="precompile")
-        for spec in specs:
-            program = chunk_program(spec.model, spec.loss, spec.chunk, spec.u_norm)
-            args = _abstract_args(spec)
-            sig = _signature(program, args)
-            if sig not in _COMPILED:
-                _COMPILED[sig] = _EXECUTOR.submit(lambda p=program, a=args: p.lower(*a).compile())
-
-
-def stop_precompiling() -> None:
-    """Cancel the compilations not yet started (the one in progress finishes)."""
-    global _EXECUTOR
-    with _COMPILED_LOCK:
-        if _EXECUTOR is not None:
-            _EXECUTOR.shutdown(wait=False, cancel_futures=True)
-            _EXECUTOR = None
-        for sig in [s for s, v in _COMPILED.items() if isinstance(v, concurrent.futures.Future) and v.cancelled()]:
-            del _COMPILED[sig]
-
-
-def _compiled(program: Callable, args: tuple) -> Callable:
-    """The compiled `program` for these arguments: precompiled, or compiled here (and kept)."""
-    sig = _signature(program, args)
-    with _COMPILED_LOCK:
-        entry = _COMPILED.get(sig)
-        if isinstance(entry, concurrent.futures.Future) and entry.cancel():  # not started yet: do it here
-            entry = None
-    if isinstance(entry, concurrent.futures.Future):
-        try:
-            entry = entry.result()
-        except Exception:  # noqa: BLE001 -- compiling again here raises the error in context, if it is real
-            entry = None
-    if entry is None:
-        entry = program.lower(*args).compile()
-    with _COMPILED_LOCK:
-        _COMPILED[sig] = entry
-    return entry
-
+# --------------------------------------------------------------------------------------------- running
 
 @dataclasses.dataclass
 class GDResult:
     """A finished run: final params, the kept per-step history (index t = before update t), what `stop` captured,
-    the end-to-end matrices at the start and at the end."""
+    the end-to-end matrix at the logged steps (step 0, every chunk boundary), snapshots of the params (if asked),
+    and whether the run came whole from a checkpoint."""
 
     params: Any
     history: dict
     steps: int
     captured: Optional[dict]
+    logged_steps: np.ndarray
+    W_logged: np.ndarray
+    monitored: dict  # name -> array over the logged steps, from `monitor`
     snapshots: list  # [(step, params)] at step 0 and after every chunk, if requested
-    W0: np.ndarray
-    W_final: np.ndarray
+    from_checkpoint: bool
 
     @property
     def stopped_early(self) -> bool:
         return self.captured is not None
+
+    @property
+    def W0(self) -> np.ndarray:
+        return self.W_logged[0]
+
+    @property
+    def W_final(self) -> np.ndarray:
+        return self.W_logged[-1]
 
 
 def _flat(prefix: str, tree: Any) -> dict:
@@ -214,85 +232,136 @@ def progress_bar(enabled: bool, total: int, desc: str, initial: int = 0):
                 file=sys.stderr, unit="step")
 
 
-def run_gd(model: Model, loss: Union[str, Loss], params: Any, phi: Any, y: Any, *, learning_rate: float, steps: int,
-           chunk: int, stop: Optional[Callable[[dict, dict, int], Optional[dict]]] = None,
-           keep: Sequence[str] = DEFAULT_KEEP, snapshots: bool = False, store: Optional[CheckpointStore] = None,
-           key: str = "", progress: bool = False, desc: str = "", u_norm: bool = True) -> GDResult:
-    """Full-batch GD for up to `steps` steps (a multiple of `chunk`), resuming from `store[key]` if it is there.
+DEFAULT_KEEP = ("loss", "grad_norm", "relative_residual", "converged")
 
+
+def as_data(spec: RunSpec, phi: Any, y: Any) -> tuple[Any, Any]:
+    """The run's data as arrays of its dtype: `GramData` (then no targets) or samples and targets."""
+    dtype = jnp.dtype(spec.dtype)
+    if spec.gram:
+        if not isinstance(phi, GramData):
+            raise TypeError("a Gram-route run takes GramData (deq_jax.train.square_gram)")
+        return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), phi), None
+    return jnp.asarray(phi, dtype), jnp.asarray(y, dtype)
+
+
+def run_gd(spec: RunSpec, params: Any, phi: Any, y: Any, *, learning_rate: float, steps: int,
+           stop: Optional[Callable[[dict, dict, int], Optional[dict]]] = None, stop_id: Any = None,
+           keep: Sequence[str] = DEFAULT_KEEP, snapshots: bool = False, store: Optional[CheckpointStore] = None,
+           key: str = "", progress: bool = False, desc: str = "",
+           monitor: Optional[Callable[[Any], dict]] = None, monitor_id: Any = None) -> GDResult:
+    """Full-batch GD for up to `steps` steps (a multiple of `spec.chunk`), resuming from the store if it can.
+
+    `phi` is `GramData` for a Gram-route spec (`y` is then ignored), else the samples with targets `y`.
     `stop(history, chunk_history, start)` is called after every chunk with the kept history so far (this chunk
-    included), the chunk's complete history (with `W`) and the chunk's first step; returning a dict (arrays to keep,
-    possibly empty) ends the run. `keep` names the per-step metrics kept (`W` is large: keep it only when needed).
-    `snapshots=True` keeps the params at step 0 and after every chunk. A checkpoint is written at the end of the run
-    and after any chunk that ends `CHECKPOINT_EVERY_S` or more after the last one.
-    `u_norm=False`: no `U_norm2` trace (saves an SVD per DELM step).
+    included), the chunk's complete history and the chunk's first step; returning a dict (arrays to keep, possibly
+    empty) ends the run. `stop_id` names the stop rule and its parameters (part of the checkpoint's identity).
+    `keep` names the per-step metrics kept. `snapshots=True` keeps the params at step 0 and after every chunk.
+    `monitor(params) -> {name: float}` is evaluated at every logged step (step 0 and every chunk boundary;
+    `monitor_id` names it in the checkpoint's identity). A checkpoint is written at the end of the run and after any
+    chunk that ends `CHECKPOINT_EVERY_S` or more after the last one.
     """
+    chunk = spec.chunk
     if steps % chunk:
         raise ValueError(f"steps ({steps}) must be a multiple of chunk ({chunk})")
     store = store if store is not None else NullStore()
-    dtype = jax.tree_util.tree_leaves(params)[0].dtype
-    program = chunk_program(model, loss, chunk, u_norm)
-    phi, y = jnp.asarray(phi), jnp.asarray(y)
-    opt_state = sgd(jnp.asarray(learning_rate, dtype)).init(params)
+    data, targets = as_data(spec, phi, y)
+    lr = jnp.asarray(learning_rate, jnp.dtype(spec.dtype))
+    ident = run_identity(spec, params, data, targets, learning_rate, steps, (stop_id, monitor_id), keep, snapshots)
+    store_key = f"{key}@{ident}"
+    state = TrainState(params, mutations.optimizer(lr, spec.mutation).init(params), None)
     params0 = params
-    history: dict[str, list] = {}
-    snaps = [(0, params)] if snapshots else []
-    done, captured, W0, W_final = 0, None, None, None
+    r = _Run(history={}, snaps=[(0, params)] if snapshots else [], W_logged=[], monitored={}, done=0, captured=None)
 
-    saved = store.load(key)
+    saved = store.load(store_key)
     if saved is not None:
         arrays, meta = saved
-        params = _unflat("p", params0, arrays)
-        opt_state = _unflat("o", opt_state, arrays)
-        history = {k[2:]: [arrays[k]] for k in arrays if k.startswith("h:")}
-        done = meta["done"]
-        captured = None if meta["captured"] is None else {k: arrays[f"c:{k}"] for k in meta["captured"]}
-        snaps = [(s, _unflat(f"s{s}:", params0, arrays)) for s in meta["snapshots"]]
-        W0, W_final = arrays["W0"], arrays["W_final"]
+        state = TrainState(_unflat("p", params0, arrays), _unflat("o", state.opt_state, arrays), None)
+        r = _Run(history={k[2:]: [arrays[k]] for k in arrays if k.startswith("h:")},
+                 snaps=[(s, _unflat(f"s{s}:", params0, arrays)) for s in meta["snapshots"]],
+                 W_logged=list(arrays["W_logged"]), monitored={k[2:]: list(arrays[k]) for k in arrays
+                                                                if k.startswith("m:")},
+                 done=meta["done"], captured=None if meta["captured"] is None else
+                 {k: arrays[f"c:{k}"] for k in meta["captured"]})
+    finished_before = saved is not None and (r.done >= steps or r.captured is not None)
+    resumed_at, t0 = r.done, time.perf_counter()
 
-    def checkpoint():
-        arrays = {**_flat("p", params), **_flat("o", opt_state), "W0": W0, "W_final": W_final}
-        arrays.update({f"h:{k}": np.concatenate(v) for k, v in history.items()})
-        for s, p in snaps:
+    def observe(params):
+        if monitor is not None:
+            for name, value in monitor(params).items():
+                r.monitored.setdefault(name, []).append(float(value))
+
+    def checkpoint(state):
+        arrays = {**_flat("p", state.params), **_flat("o", state.opt_state), "W_logged": np.stack(r.W_logged)}
+        arrays.update({f"m:{k}": np.asarray(v, np.float64) for k, v in r.monitored.items()})
+        arrays.update({f"h:{k}": np.concatenate(v) for k, v in r.history.items()})
+        for s, p in r.snaps:
             arrays.update(_flat(f"s{s}:", p))
-        if captured is not None:
-            arrays.update({f"c:{k}": v for k, v in captured.items()})
-        store.save(key, arrays, {"done": done, "captured": None if captured is None else sorted(captured),
-                                 "snapshots": [s for s, _ in snaps], "learning_rate": float(learning_rate)})
+        if r.captured is not None:
+            arrays.update({f"c:{k}": v for k, v in r.captured.items()})
+        store.save(store_key, arrays, {"done": r.done, "captured": None if r.captured is None else sorted(r.captured),
+                                       "snapshots": [s for s, _ in r.snaps], "learning_rate": float(learning_rate)})
 
-    t0, resumed_at, first_chunk_s = time.perf_counter(), done, 0.0
-    last_save = t0
-    compiled = None
-    with progress_bar(progress, steps, desc, initial=done) as bar:
-        while done < steps and captured is None:
-            if compiled is None:
-                compiled = _compiled(program, (params, opt_state, phi, y))
-            params, opt_state, chunk_hist, W_final = compiled(params, opt_state, phi, y)
-            chunk_hist, W_final = jax.device_get((chunk_hist, W_final))
-            if done == 0:
-                W0 = np.asarray(chunk_hist["W"][0])
-            if done == resumed_at:  # the first call of a program includes its compilation
-                first_chunk_s = time.perf_counter() - t0
-            for k in keep:
-                if k in chunk_hist:
-                    history.setdefault(k, []).append(np.asarray(chunk_hist[k]))
-            start, done = done, done + chunk
-            if snapshots:
-                snaps.append((done, params))
-            if stop is not None:
-                so_far = {k: np.concatenate(v) for k, v in history.items()}
-                captured = stop(so_far, chunk_hist, start)
-            if done >= steps or captured is not None or time.perf_counter() - last_save >= CHECKPOINT_EVERY_S:
-                checkpoint()
-                last_save = time.perf_counter()
-            bar.update(chunk)
-            bar.set_postfix(loss=f"{float(chunk_hist['loss'][-1]):.6g}",
-                            residual=f"{float(np.max(chunk_hist['relative_residual'])):.1e}", refresh=False)
-    history_np = {k: np.concatenate(v) for k, v in history.items()}
+    compiled: dict = {}
+
+    def run_chunk(state, data, targets):  # the compiled chunk program, compiled (or fetched) at its first call
+        interrupts.check()
+        if "program" not in compiled:
+            compiled["program"] = compiling.compiled(spec.program, (state, data, targets), spec.compiler_options)
+        out = compiled["program"](state, data, targets)
+        if "first" not in compiled:
+            compiled["first"] = time.perf_counter() - t0
+        return out
+
+    def after_chunk(event: ChunkEnd) -> bool:
+        metrics = dict(event.metrics)
+        if not r.W_logged:
+            r.W_logged.append(np.asarray(metrics["W_start"][0]))
+        r.W_logged.append(np.asarray(metrics["W_end"][0]))
+        for k in keep:
+            if k in metrics:
+                r.history.setdefault(k, []).append(np.asarray(metrics[k]))
+        r.done = event.done
+        observe(event.state.params)
+        if snapshots:
+            r.snaps.append((event.done, event.state.params))
+        if stop is not None:
+            r.captured = stop({k: np.concatenate(v) for k, v in r.history.items()}, metrics, event.start)
+        if event.done >= steps or r.captured is not None or time.perf_counter() - r.last_save >= CHECKPOINT_EVERY_S:
+            checkpoint(event.state)
+            r.last_save = time.perf_counter()
+        bar.update(chunk)
+        bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.6g}", refresh=False)
+        return r.captured is not None
+
+    r.last_save = t0
+    if not finished_before:
+        if r.done == 0:
+            observe(params)
+        with progress_bar(progress, steps, desc, initial=r.done) as bar:
+            out = fit(run_chunk, state, data, targets, steps=steps, chunk=chunk, start=r.done,
+                      callbacks=[after_chunk], keep=())
+        state = out.state
+    history = {k: np.concatenate(v) for k, v in r.history.items()}
     if desc:
-        how = ("from checkpoint" if done == resumed_at else
-               f"{done - resumed_at} in {time.perf_counter() - t0:.1f} s, first chunk {first_chunk_s:.1f} s")
-        print(f"  {desc}: {done} steps ({how}), final loss {float(history_np['loss'][-1]):.10g}", file=sys.stderr,
+        how = ("from checkpoint" if r.done == resumed_at else f"{r.done - resumed_at} in {time.perf_counter() - t0:.1f} "
+               f"s, first chunk {compiled.get('first', 0):.1f} s")
+        print(f"  {desc}: {r.done} steps ({how}), final loss {float(history['loss'][-1]):.10g}", file=sys.stderr,
               flush=True)
-    return GDResult(params=params, history=history_np, steps=done, captured=captured, snapshots=snaps,
-                    W0=np.asarray(W0), W_final=np.asarray(W_final))
+    return GDResult(params=state.params, history=history, steps=r.done, captured=r.captured,
+                    logged_steps=np.arange(0, r.done + 1, chunk), W_logged=np.stack(r.W_logged),
+                    monitored={k: np.asarray(v, np.float64) for k, v in r.monitored.items()}, snapshots=r.snaps,
+                    from_checkpoint=finished_before)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What a run has accumulated so far (restored from a checkpoint, or empty)."""
+
+    history: dict
+    snaps: list
+    W_logged: list
+    monitored: dict
+    done: int
+    captured: Optional[dict]
+    last_save: float = 0.0

@@ -10,11 +10,12 @@ import pytest
 
 from experiments.common.config import (ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml, parse_override,
                             to_dict)
-from experiments.reproduce.config import ReproduceConfig, fingerprint, load_config
+from experiments.reproduce.config import ReproduceConfig, load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # the main job's configs (configs/ holds other commands' configs too, e.g. sweeps)
-REPRODUCE_NAMES = ("digits", "fashion_mnist", "mnist", "kmnist", "cifar10", "cifar100", "svhn", "tiny")
+REPRODUCE_NAMES = ("digits", "fashion_mnist", "fashion_mnist_full", "mnist", "kmnist", "cifar10", "cifar100", "svhn",
+                   "tiny")
 CONFIGS = sorted([ROOT / "configs" / f"{n}.yaml" for n in REPRODUCE_NAMES if (ROOT / "configs" / f"{n}.yaml").exists()]
                  + list((ROOT / "configs").glob("reproduce_*.yaml")))
 
@@ -117,12 +118,15 @@ def test_every_shipped_config_validates(path):
 
 def test_shipped_configs_are_complete():
     """The default configs list every key (the built-in defaults of nested sections are no surprise to a reader)."""
-    for name in ("digits", "fashion_mnist"):
+    expected = to_dict(ReproduceConfig())
+    for name in ("digits", "fashion_mnist", "fashion_mnist_full"):
         data = load_yaml(ROOT / "configs" / f"{name}.yaml")
-        expected = to_dict(ReproduceConfig())
+        assert set(data) == set(expected), (name, set(data) ^ set(expected))
         for section, keys in expected.items():
             if isinstance(keys, dict):
                 assert set(data[section]) == set(keys), (name, section, set(keys) ^ set(data[section]))
+        for fs in data["convergence"]["feature_sets"]:
+            assert set(fs) == set(expected["convergence"]["feature_sets"][0]), (name, fs)
 
 
 @pytest.mark.parametrize("override, fragments", [
@@ -132,8 +136,19 @@ def test_shipped_configs_are_complete():
     ("data.features=standardize", ["data", "pca_dim applies only to features 'pca_whiten'"]),
     ("data.pca_dim=null", ["data", "pca_dim must be a positive integer"]),
     ("convergence.steps=1234", ["convergence", "steps (1234) must be a multiple of chunk (50)"]),
-    ("convergence.losses=[]", ["convergence", "losses must list at least one entry", "'square', 'cross_entropy'"]),
-    ("convergence.models=[linear]", ["convergence", "models must include 'delm'"]),
+    ("convergence.feature_sets=[{losses: []}]", ["convergence.feature_sets[0]", "losses must list at least one "
+                                                 "entry", "'square', 'cross_entropy'"]),
+    ("convergence.feature_sets=[{models: [linear]}]", ["models must include 'delm'"]),
+    ("convergence.feature_sets=[{features: projection}]", ["width must be a positive integer for features "
+                                                           "'projection'"]),
+    ("convergence.feature_sets=[{variants: [{formulation: per_sample}, {formulation: per_sample}]}]",
+     ["variants must not repeat a formulation"]),
+    ("convergence.feature_sets=[{variants: [{solver: newton}]}]", ["solver", "'newton' is not a valid choice"]),
+    ("convergence.feature_sets=[{steps: 75}]", ["feature_sets[0].steps (75) must be a multiple of chunk (50)"]),
+    ("convergence.feature_sets=[]", ["feature_sets must list at least one feature set"]),
+    ("convergence.learning_rate.rule=theory", ["'theory' is not a valid choice", "'measured', 'bound', 'fixed'"]),
+    ("mutation=one_stepp", ["mutation", "'one_step', 'perturbed', 'wrong_sigma' or null", "'one_stepp'"]),
+    ("trust_region.features=standardize", []),
     ("convergence.learning_rate.rule=fixed", ["convergence.learning_rate",
                                               "value must be set (a positive number) when rule is 'fixed'"]),
     ("convergence.learning_rate.value=0.1", ["value applies only to rule 'fixed'"]),
@@ -150,7 +165,7 @@ def test_shipped_configs_are_complete():
 ])
 def test_reproduce_config_errors(override, fragments):
     if not fragments:  # a valid override, for contrast
-        assert load_config(ROOT / "configs" / "tiny.yaml", [override]).convergence.enabled is False
+        load_config(ROOT / "configs" / "tiny.yaml", [override])
         return
     with pytest.raises(ConfigError) as info:
         load_config(ROOT / "configs" / "tiny.yaml", [override])
@@ -163,17 +178,12 @@ def test_all_experiments_disabled_is_an_error():
         load_config(None, ["convergence.enabled=false", "trust_region.enabled=false", "implicit_bias.enabled=false"])
 
 
-def test_learning_rate_rule():
+def test_learning_rate_rule_and_variants():
     cfg = load_config(None)
-    assert cfg.convergence.learning_rate.resolve(0.8, 2.0) == pytest.approx(0.02)
+    assert cfg.convergence.learning_rate.rule == "measured" and cfg.convergence.learning_rate.scale == 1.0
     fixed = load_config(None, ["convergence.learning_rate.rule=fixed", "convergence.learning_rate.value=0.3"])
-    assert fixed.convergence.learning_rate.resolve(0.8, 2.0) == 0.3
-
-
-def test_fingerprint_tracks_what_the_numbers_depend_on():
-    base = load_config(ROOT / "configs" / "tiny.yaml")
-    same = load_config(ROOT / "configs" / "tiny.yaml", ["name=other", "data.data_dir=/somewhere",
-                                                        "data.download=false"])
-    changed = load_config(ROOT / "configs" / "tiny.yaml", ["convergence.steps=100"])
-    assert fingerprint(base) == fingerprint(same)
-    assert fingerprint(base) != fingerprint(changed)
+    assert fixed.convergence.learning_rate.value == 0.3
+    tiny = load_config(ROOT / "configs" / "tiny.yaml")
+    variants = [v for fs in tiny.convergence.feature_sets for v in fs.variants]
+    assert {v.formulation for v in variants} == {"transposed", "per_sample"}  # the library's core, both forms
+    assert all(v.tol <= 1e-12 for v in variants)

@@ -35,8 +35,8 @@ if mode == "main_job":  # the main job's features and its own precompile thread
     ds = load_dataset(cfg.data)
     feats = make_features(ds, cfg.data)
     phi, labels, k = feats.phi_train, feats.labels_train, feats.num_classes
-    ctx = Context(dataset=ds, features=feats, store=None, progress=False)
-    specs = [s for mod in (convergence, trust_region, implicit_bias) for s in mod.programs(cfg, ctx)]
+    ctx = Context(dataset=ds, features=feats, store=None, progress=False, data_config=cfg.data)
+    specs = [s for mod in (convergence, trust_region, implicit_bias) for s in mod.programs(mod.plan(cfg, ctx))]
 
     def background():
         runs.precompile(specs)
