@@ -50,19 +50,6 @@ if os.environ.get("CLI_CONTRACT_NO_SYSTEM_DATA") == "1":
 runpy.run_module("experiments", run_name="__main__", alter_sys=True)
 """
 
-# reproduce and bench belong to other engineers' work in progress; what they do not yet do is marked here, with the
-# fix, and the marks are strict: the day a fix lands, the test says so and the mark goes
-REPRODUCE_LOGS_TO_STDERR = ("reproduce prints its progress lines ('reproduce: tiny -> ...') on stderr, so an error "
-                            "or an interrupt is not the only line there (fix: log to stdout)")
-REPRODUCE_DATA_ERROR = ("reproduce reports a data error on two lines ('data set ... unavailable "
-                        "(DatasetNotFoundError):', then the loader's message, which for missing files lists them "
-                        "over several more) after its progress line on stderr (fix: raise it as the UserError it is, "
-                        "through experiments.common.cli.run, and log to stdout)")
-REPRODUCE_WRITES_BEFORE_DATA = ("reproduce writes config.yaml and checkpoints/fingerprint.txt before it has loaded "
-                                "the data, so a data error leaves a results folder (fix: load the data first)")
-REPRODUCE_USAGE = ("reproduce's usage errors are argparse's usage block plus a message (fix: "
-                   "experiments.common.cli.ArgumentParser, whose errors are one line)")
-
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -96,10 +83,8 @@ CASES = [
          r"^reproduce: (configuration )?error: config file '\S*nowhere\.yaml' does not exist"),
     Case("reproduce", "missing_data_dir", TINY_REPRODUCE + ("--data-dir", "{root}/no_such_folder"), 2,
          r"^reproduce: .*no_such_folder.* does not exist .*--data-dir"),
-    Case("reproduce", "usage", ("--out", "{out}", "--no-such-flag"), 2, r"^.*reproduce: error: unrecognized arguments: --no-such-flag",
-         xfail_line=REPRODUCE_USAGE),
-    Case("reproduce", "sigint", TINY_REPRODUCE, 130, r"^reproduce: interrupted", progress="stderr",
-         xfail_line=REPRODUCE_LOGS_TO_STDERR),
+    Case("reproduce", "usage", ("--out", "{out}", "--no-such-flag"), 2, r"^.*reproduce: error: unrecognized arguments: --no-such-flag"),
+    Case("reproduce", "sigint", TINY_REPRODUCE, 130, r"^reproduce: interrupted", progress="stdout"),
 
     Case("sweep", "malformed_yaml", ("--config", "{root}/bad.yaml", "--output-dir", "{out}"), 2,
          r"^sweep: error: config file \S*bad\.yaml:3:6 is not valid YAML: expected"),
