@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml requirements.lock
 run: $(STAMP)
 	$(BIN)/python -m experiments reproduce --config configs/digits.yaml
 
+# the whole suite with float64 enabled, then the library's core again as users run JAX (x64 off, float32)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+	DEQ_JAX_TEST_X64=0 $(BIN)/python -m pytest -q -n 2 -m "float32 and not slow" tests/lib
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m slow

@@ -33,13 +33,21 @@ def check_positive(name: str, value: Any, *, integer: bool = False) -> None:
     else:
         if isinstance(value, jax.core.Tracer):  # e.g. a learning rate vmapped over in a sweep
             return
+        if isinstance(value, (jax.Array, np.ndarray)) and value.shape == () and _is_real(value.dtype):
+            value = value.item()  # a concrete 0-d array, e.g. a step size computed with jax.numpy
         if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not value > 0:
             raise ValueError(f"{name} must be a positive number; got {value!r}")
+
+
+def _is_real(dtype: Any) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
 
 
 def check_open_unit(name: str, value: Any) -> None:
     if isinstance(value, jax.core.Tracer):  # e.g. gamma vmapped over in a sweep: checked where it was concrete
         return
+    if isinstance(value, (jax.Array, np.ndarray)) and value.shape == () and _is_real(value.dtype):
+        value = value.item()  # a concrete 0-d array
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0.0 < float(value) < 1.0:
         raise ValueError(f"{name} must be a number in the open interval (0, 1); got {value!r}")
 
@@ -68,7 +76,9 @@ def check_float_array(name: str, x: Any) -> None:
 
 
 def _all_finite(leaf: Any) -> bool:
-    try:
+    if not isinstance(leaf, jax.Array):  # host data (numpy, Python numbers): numpy, no compiled program per shape
+        return bool(np.all(np.isfinite(leaf)))
+    try:  # on the device: only a boolean comes back to the host
         return bool(jnp.all(jnp.isfinite(leaf)))
     except jax.errors.ConcretizationTypeError:  # a constant captured inside a trace: only traced checks apply
         return True

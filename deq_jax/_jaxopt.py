@@ -160,11 +160,17 @@ def _start(z0, z_init, state, first, check, zero_k):
     return _Loop(zero_k, z_init, state, done, diverged, ref)
 
 
+def _like(new, old):
+    return new.astype(old.dtype) if hasattr(new, "astype") and hasattr(old, "dtype") else new
+
+
 def _solver_step(step, check):
     def body(c: _Loop) -> _Loop:
         z, state, r, fz = step(c.z, c.state)
         ref = jnp.where(c.k == 0, jnp.maximum(c.ref, max_abs(fz)), c.ref)
         done, diverged = check(r, fz, ref)
+        # the carry keeps its dtypes: jaxopt's update can return float64 statistics for a float32 state under x64
+        z, state = jax.tree_util.tree_map(_like, (z, state), (c.z, c.state))
         return _Loop(c.k + 1, z, state, done, diverged, ref)
 
     return body

@@ -98,8 +98,9 @@ def _norm(x: Array) -> Array:
 
 
 def converged(residual: Array, scale: Array, tol: float, atol: float) -> Array:
-    """The start-independent rule `|f(X) - X| <= tol |f(X)| + atol` (False for NaN)."""
-    return residual <= tol * scale + atol
+    """The start-independent rule `|f(X) - X| <= tol |f(X)| + atol`; False for NaN and for infinities (a diverged
+    solve has `inf <= tol * inf`)."""
+    return jnp.isfinite(residual) & jnp.isfinite(scale) & (residual <= tol * scale + atol)
 
 
 def refine(times_M: Callable[[Array], Array], R: Array, x0: Optional[Array], factors: Factors, *, transpose: bool,

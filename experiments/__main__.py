@@ -4,13 +4,18 @@ Commands:
   reproduce  the main job: the paper's claims end to end (configs/digits.yaml is the default)
   sweep      a hyperparameter grid as one compiled, vmapped, sharded program
   bench      benchmarks (the DELM step, the peer comparison with torchdeq)
+
+`python -m experiments COMMAND --help` describes each. Exit statuses, the same for every command: 0 done, 1 done but
+a check failed, 2 a usage, configuration or data error (one line on stderr), 130 interrupted.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 
+PROG = "python -m experiments"
 COMMANDS = {
     "reproduce": "experiments.reproduce.cli",
     "sweep": "experiments.sweep.cli",
@@ -18,25 +23,21 @@ COMMANDS = {
 }
 
 
-USAGE = f"usage: python -m experiments {{{','.join(COMMANDS)}}} [options]; python -m experiments --help lists them"
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to a command's `main`. No command or an unknown one: one line on stderr, exit status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0
-    if not argv:
-        print(f"python -m experiments: error: no command given; {USAGE}", file=sys.stderr)
+    if not argv or argv[0] not in COMMANDS:
+        if not argv:
+            problem = "a command is required"
+        else:
+            close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+            problem = f"unknown command {argv[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+        print(f"{PROG}: error: {problem}; commands: {', '.join(COMMANDS)} (see --help)", file=sys.stderr)
         return 2
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"python -m experiments: error: unknown command {command!r}; valid commands: {', '.join(COMMANDS)}",
-              file=sys.stderr)
-        return 2
-    module = importlib.import_module(COMMANDS[command])
-    return int(module.main(rest) or 0)
+    module = importlib.import_module(COMMANDS[argv[0]])
+    return int(module.main(argv[1:]) or 0)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 - `step` (`make bench`): one DELM training step with the direct, Anderson, fixed-point and Broyden solvers
   (implicit backward) in both formulations, each next to the same computation written inline with plain JAX +
-  jaxopt; the bare m x m LU factorisation (the yardstick of the transposed step); and the implicit vs unrolled
-  backward's XLA temporary memory at exactly `MEMORY_ITERATIONS` fixed-point iterations.
+  jaxopt; the bare m x m LU factorisation (the yardstick of the transposed step); training runs with warm starts
+  (`TRAINING_RUNS`, experiments/bench/training.py: the state carried by `TrainStep.update`) next to the same runs
+  started from zero at every step; and the implicit vs unrolled backward's XLA temporary memory at exactly
+  `MEMORY_ITERATIONS` fixed-point iterations.
 - `peer`: the same step (and a nonlinear tanh DEQ) through every deq_jax forward solver x backward mode, the inline
   baseline, torchdeq and plain PyTorch, with the same data, tolerance and stopping rule.
 - `gpu`: the peer suite's rows (the CLI runs them at full batch on a GPU).
@@ -21,6 +23,7 @@ from typing import Any, Callable, Optional
 
 from experiments.bench import jax_cases as bj
 from experiments.bench import torch_cases as bt
+from experiments.bench import training
 from experiments.bench.problem import Problem
 from experiments.bench.protocol import Case
 
@@ -30,6 +33,11 @@ ITERATIVE = ("anderson", "fixed_point", "broyden")
 MEMORY_ITERATIONS = 100  # the unrolled-vs-implicit comparison runs exactly this many fixed-point iterations
 MEMORY_TOL = 1e-30  # unreachable on purpose: both backward modes run all MEMORY_ITERATIONS iterations
 MEMORY_LABEL = f"{MEMORY_ITERATIONS} it"
+#: (formulation, solver, with a zero-start twin): the training runs of the step suite. "refine" keeps LU factors
+#: across steps; "direct" factorises at every step (its warm path, the yardstick of "refine"); the iterative solvers
+#: are run twice, warm and from zero, so that their ratio is the warm start's gain
+TRAINING_RUNS = (("transposed", "refine", False), ("transposed", "direct", False), ("transposed", "anderson", True),
+                 ("per_sample", "fixed_point", True), ("per_sample", "anderson", True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +69,10 @@ def step_suite(p: Problem, w: Where) -> list[Case]:
             cases.append(bj.deq_jax_delm(p, formulation, solver, "implicit", **w.jax))
             cases.append(bj.inline_delm(p, formulation, solver, **w.jax))
     cases.append(bj.lu_factor(p, **w.jax))
+    for formulation, solver, twin in TRAINING_RUNS:
+        cases.append(training.training_delm(p, formulation, solver, **w.jax))
+        if twin:
+            cases.append(training.training_delm(p, formulation, solver, zero_start=True, **w.jax))
     # the default GMRES backward keeps a restart-20 Krylov basis of the state; BiCGSTAB keeps a few vectors
     cases.append(_memory_row(p, w, "transposed", "implicit"))
     cases.append(_memory_row(p, w, "transposed", "unrolled"))

@@ -5,7 +5,9 @@ of a shared machine hits every row alike; rows: experiments/bench/cases.py, goal
 
   step     (`make bench`) one DELM training step at m = 784, batch 1024, float32: deq_jax next to the same step
            written inline with plain JAX + jaxopt, for each solver and formulation; the bare LU factorisation;
-           the implicit vs unrolled backward's XLA temporary memory at 100 fixed-point iterations
+           warm-started training runs (consecutive steps of TrainStep.update, --warm-steps untimed first) next to
+           the same runs started from zero at every step; the implicit vs unrolled backward's XLA temporary memory
+           at 100 fixed-point iterations
   peer     every deq_jax solver x backward mode, the inline baseline, torchdeq and plain PyTorch (the optional
            `peer` extra: pip install -e '.[peer]'; without it those rows are left out with a note)
   gpu      the peer rows at full batch n = 60000 on a GPU (--device cpu --n 256 --width 64: same code on a CPU)
@@ -13,14 +15,15 @@ of a shared machine hits every row alike; rows: experiments/bench/cases.py, goal
   sweep    64 seeds as one vmapped program vs a Python loop (experiments/bench/sweep_bench.py; its own options)
 
 Every row records min and median step time, compile time, iterations, the implementation's own convergence
-verdict and an independent one (the float64 relative residual of the returned equilibrium <= tol), gradient errors
-against float64 references and memory. The table and goals are printed; the JSON (with the environment record)
+verdict and an independent one (the float64 relative residual |f(z) - z| / |f(z)| of the returned equilibrium
+<= tol), gradient errors against float64 references and memory; a training run also every step's iterations. The table and goals are printed; the JSON (with the environment record)
 is written atomically to --out, or with --publish to docs/results/bench-NAME.json, with the figure, and
 docs/benchmarks.md's generated blocks are re-rendered from it.
 
 Exit status: 0 done, every row ran and every correctness goal held (speed and memory goals are reported, met or
-not); 1 done, but a row failed or a correctness goal did not hold; 2 not run: a flag, device or file error (one
-line on stderr); 130 interrupted (Ctrl-C or SIGTERM): nothing is written.
+not); 1 done, but a row failed or a correctness goal did not hold; 2 not run: a flag, device or file error (a
+malformed result JSON for --render, a missing or corrupt --data-dir; one line on stderr); 130 interrupted (Ctrl-C
+or SIGTERM; the run stops at its next step): nothing is written.
 """
 # This module holds the arguments and the dispatch only; a run is experiments/bench/run.py.
 
@@ -50,8 +53,11 @@ EXAMPLES = """examples:
   .venv/bin/python -m experiments bench --suite step --list
   .venv/bin/python -m experiments bench --suite profile --list
   .venv/bin/python -m experiments bench --suite step --publish                      # make bench
-  .venv/bin/python -m experiments bench --suite peer --rows 'transposed' --out /tmp/peer.json --plot /tmp/peer.png
-  .venv/bin/python -m experiments bench --suite gpu --device cpu --n 256 --width 64 --rows 'direct'
+  .venv/bin/python -m experiments bench --suite step --rows 'refine|lu_factor' --warm-steps 10 --out /tmp/refine.json
+  .venv/bin/python -m experiments bench --suite peer --out /tmp/peer.json --plot /tmp/peer.png \\
+      --rows '^(deq_jax|torchdeq) delm transposed anderson (implicit|one_step)'
+  .venv/bin/python -m experiments bench --suite gpu --device cpu --n 256 --width 64 --rows 'transposed direct'
+  .venv/bin/python -m experiments bench --suite profile --rows '^deq_jax step' --out /tmp/profile.json
   .venv/bin/python -m experiments bench --render                                    # docs tables from docs/results
 """
 INTERRUPTED = "nothing was written; the same command starts over"
@@ -90,17 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tol", type=float, default=1e-5, help="relative tolerance of every solve (default 1e-5)")
     add("--maxiter", type=int, default=200, help="iteration cap of every solve (default 200: fixed-point iteration "
                                                  "needs ~110 at gamma 0.9, tol 1e-5)")
-    add("--learning-rate", type=float, default=1e-3, help="SGD step size (default 1e-3)")
+    add("--learning-rate", type=float, default=None,
+        help="SGD step size (default: 1 / the largest eigenvalue of the square loss's Gauss-Newton matrix at the "
+             "initial parameters, half the step at which gradient descent becomes unstable)")
     add("--data", choices=("auto", "fashion_mnist", "random"), default="auto",
         help="auto: Fashion-MNIST if on disk, else random (default auto)")
+    add("--data-dir", default=None,
+        help="a folder holding Fashion-MNIST's four IDX files (.gz or uncompressed), searched before the cache and "
+             "/usr/share/datasets/fashion-mnist")
     add("--precision", choices=("highest", "default"), default="highest",
         help="matmul precision of every row (GPUs: 'default' is TF32) (default highest)")
     add("--repeats", type=int, default=5, help="timed steps per row (default 5; at least 5 for the profile)")
     add("--slow-repeats", type=int, default=3, help="timed steps for rows whose first step took over 1 s (default 3)")
     add("--warmup", type=int, default=1, help="untimed steps per row after compiling (default 1)")
+    add("--warm-steps", type=int, default=5,
+        help="untimed steps of each training-run row (warm / zero start) before its timed steps, the first from "
+             "zero (default 5)")
     add("--settle", type=float, default=0.25,
         help="seconds to pause (untimed) before each timed step, so that the previous row's idle threads (PyTorch's "
              "OpenMP threads spin after each parallel region) have stopped (default 0.25)")
+    add("--note", action="append", default=[], metavar="TEXT",
+        help="a remark recorded with the result and shown in the docs (repeatable), e.g. how busy the machine was")
     add("--max-temp-gb", type=float, default=None,
         help="do not run rows whose XLA temporary memory exceeds this many GiB (default: 4 on a CPU, half the "
              "GPU's memory on a GPU)")
@@ -111,7 +127,7 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the suite-dependent defaults and check every value; `UserError` names the flag."""
     args.device = args.device or ("gpu" if args.suite == "gpu" else "cpu")
     args.n = args.n if args.n is not None else (60000 if args.suite == "gpu" else 1024)
-    for name in ("n", "width", "classes", "maxiter", "repeats", "slow_repeats"):
+    for name in ("n", "width", "classes", "maxiter", "repeats", "slow_repeats", "warm_steps"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer; got {getattr(args, name)}")
     if args.warmup < 0:
@@ -129,6 +145,8 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
                 re.compile(getattr(args, name))
             except re.error as err:
                 raise UserError(f"--{name} must be a regular expression; got {getattr(args, name)!r} ({err})")
+    if args.data_dir is not None and args.data == "random":
+        raise UserError("--data-dir names where Fashion-MNIST is; --data random reads no files (drop one of them)")
     if args.render and (args.list or args.publish is not None):
         raise UserError("--render runs no benchmark; use it without --list and --publish")
     if args.publish is not None:
@@ -182,14 +200,15 @@ def _body(argv: list[str]) -> int:
         args = parse_args(argv)
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0)
-    from experiments.bench import run
+    from experiments.bench import run, stop
 
     try:
         if args.render:
             return run.render(args)
         if args.list:
             return run.list_rows(args)
-        return run.run(args, argv, started=time.time())
+        with stop.handled():  # an interrupt stops the run at its next step, before anything is written
+            return run.run(args, argv, started=time.time())
     except BrokenPipeError:  # the reader left (`bench --list | head`): stop quietly, as command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return common_cli.EXIT_OK

@@ -5,8 +5,15 @@ DEQ, `TanhMap`) on `n` samples of width `m` with `m_y` classes, square loss on o
 - Tanh DEQ: `z_i = tanh(W_c z_i + U x_i + b)` (`W_c` = `W` scaled to Frobenius norm <= 0.9), predictions `z B^T`.
 
 Every implementation (deq_jax, the inline plain-JAX + jaxopt baseline, torchdeq, plain PyTorch) gets the same data,
-the same initial parameters and the same stopping rule: stop when `|f(z) - z|_2 <= tol * |f(0)|_2` over the whole
-state (the relative residual of `deq_jax.solve`), at most `maxiter` iterations.
+the same initial parameters and the same stopping rule: stop when `|f(z) - z|_2 <= tol * |f(z)|_2` (deq_jax's
+start-independent rule; the baselines, which take an absolute tolerance, get `tol * |z*|_2`), at most `maxiter`
+iterations.
+
+The SGD step size is, unless given, `1 / lambda_max(J^T H J)` at the initial parameters: `J` the Jacobian of
+`(A, B) -> W`, `H(V) = V C` with `C = phi^T phi / n` (the Gauss-Newton matrix of the square loss, docs/theory.md
+section 9), by power iteration in float64. GD is linearly unstable above twice that, so training at it is a real
+run (the loss falls) that moves as fast as a stable step size allows: the honest setting for warm starts, which
+gain from small moves. (At m = 784 on Fashion-MNIST a fixed 1e-3 diverges in the first steps.)
 """
 
 from __future__ import annotations
@@ -36,26 +43,49 @@ class Problem:
     tanh: dict  # {"W": (m, m), "U": (m, m), "b": (m,), "B": (m_y, m)}
     contraction: float
     data: str  # where phi came from, in words
+    learning_rate_rule: str = "given (--learning-rate)"
+    gauss_newton_lambda_max: Optional[float] = None  # lambda_max(J^T H J) at the initial parameters, if computed
     references: dict = dataclasses.field(default_factory=dict)  # problem name -> float64 reference (filled lazily)
 
     def describe(self) -> dict:
         """The JSON record of the problem (what the goals' applicability is judged on)."""
         return {"n": self.n, "m": self.m, "m_y": self.m_y, "gamma": self.gamma, "tol": self.tol,
-                "maxiter": self.maxiter, "learning_rate": self.learning_rate, "dtype": "float32", "data": self.data,
+                "maxiter": self.maxiter, "learning_rate": self.learning_rate,
+                "learning_rate_rule": self.learning_rate_rule,
+                "gauss_newton_lambda_max": self.gauss_newton_lambda_max, "dtype": "float32", "data": self.data,
                 "loss": "square (one-hot targets)", "sigma": "column softmax",
-                "stopping_rule": "|f(z) - z|_2 <= tol * |f(0)|_2 over the whole state",
+                "stopping_rule": "|f(z) - z|_2 <= tol * |f(z)|_2 (deq_jax: over the whole state, per sample in the "
+                                 "per-sample form; jaxopt and torchdeq: absolute tolerance tol * |z*|_2, |z*| the "
+                                 "float64 equilibrium's norm)",
                 "tanh_contraction": self.contraction,
                 "reference": "float64: DELM closed form (numpy); tanh DEQ solved to 1e-12"}
 
 
-def _fashion_mnist(n: int) -> Optional[tuple[np.ndarray, np.ndarray, str]]:
-    """The first `n` of a seeded permutation of Fashion-MNIST's training set (raw pixels in [0, 1]), if on disk."""
+def _settings() -> dict:
+    """How the loader's messages name its settings here: the bench's flags, not function arguments."""
+    from experiments.common.datasets import Setting
+
+    return {"data_dir": Setting(flag="--data-dir"), "n_train": Setting(flag="--n")}
+
+
+def _fashion_mnist(n: int, data_dir: Optional[str], required: bool) -> Optional[tuple[np.ndarray, np.ndarray, str]]:
+    """The first `n` of a seeded permutation of Fashion-MNIST's training set (raw pixels in [0, 1]), if on disk.
+
+    Searched in `data_dir` (--data-dir) first, then the cache and /usr/share/datasets. A file that is there but
+    corrupt, or a --data-dir that does not exist, is a `UserError` (one line); files that are simply absent give
+    None, unless `required`."""
     from experiments.common.datasets import DatasetNotFoundError, load_dataset, preprocess
 
     try:
-        ds = load_dataset("fashion_mnist", download=False)
-    except DatasetNotFoundError:  # not on this machine: the caller falls back to random data (and says so)
-        return None
+        ds = load_dataset("fashion_mnist", data_dir=data_dir, download=False, settings=_settings())
+    except DatasetNotFoundError as err:
+        if err.setting == "data_dir":  # a --data-dir that is not there: its own message names the flag
+            raise
+        if required:
+            raise UserError("--data fashion_mnist: Fashion-MNIST is not on disk (apt-get install "
+                            "dataset-fashion-mnist, or pass --data-dir with its four IDX files); or use --data "
+                            "random") from None
+        return None  # not on this machine: the caller falls back to random data (and says so)
     if n > ds.x_train.shape[0]:
         raise UserError(f"--n must be at most the {ds.x_train.shape[0]} Fashion-MNIST training images; got {n} "
                         f"(or pass --data random)")
@@ -64,8 +94,10 @@ def _fashion_mnist(n: int) -> Optional[tuple[np.ndarray, np.ndarray, str]]:
 
 
 def make_problem(*, n: int, width: int, classes: int, gamma: float, tol: float, maxiter: int,
-                 learning_rate: float, data: str, seed: int = 0, contraction: float = 0.9) -> Problem:
+                 learning_rate: Optional[float], data: str, seed: int = 0, contraction: float = 0.9,
+                 data_dir: Optional[str] = None) -> Problem:
     """Build the shared problem. `data`: "auto" (Fashion-MNIST if on disk, else random), "fashion_mnist", "random".
+    `learning_rate=None`: `1 / lambda_max` of the Gauss-Newton matrix at the initial parameters (module docstring).
 
     Fashion-MNIST pixels are 784 wide; another `width` uses a fixed random projection with entries
     `N(0, 1/784)` (the distribution of `deq_jax.maps.random_projection`). Parameters are drawn with numpy (seeded)
@@ -78,10 +110,7 @@ def make_problem(*, n: int, width: int, classes: int, gamma: float, tol: float, 
     if data not in ("auto", "fashion_mnist", "random"):
         raise UserError(f"--data must be 'auto', 'fashion_mnist' or 'random'; got {data!r}")
     rng = np.random.default_rng(seed)
-    loaded = None if data == "random" else _fashion_mnist(n)
-    if loaded is None and data == "fashion_mnist":
-        raise UserError("--data fashion_mnist: Fashion-MNIST is not on disk (apt-get install dataset-fashion-mnist, "
-                        "or put the IDX files in the deq_jax cache); use --data random")
+    loaded = None if data == "random" else _fashion_mnist(n, data_dir, required=data == "fashion_mnist")
     if loaded is not None:
         x, labels, description = loaded
         if classes != 10:
@@ -103,5 +132,49 @@ def make_problem(*, n: int, width: int, classes: int, gamma: float, tol: float, 
     tanh = {"W": f32(rng.standard_normal((width, width)) / np.sqrt(width)),
             "U": f32(rng.standard_normal((width, width)) / np.sqrt(width)),
             "b": f32(0.1 * rng.standard_normal(width)), "B": delm["B"]}
-    return Problem(n=n, m=width, m_y=classes, gamma=gamma, tol=tol, maxiter=maxiter, learning_rate=learning_rate,
-                   phi=x, y=y, delm=delm, tanh=tanh, contraction=contraction, data=description)
+    p = Problem(n=n, m=width, m_y=classes, gamma=gamma, tol=tol, maxiter=maxiter,
+                learning_rate=0.0 if learning_rate is None else learning_rate, phi=x, y=y, delm=delm, tanh=tanh,
+                contraction=contraction, data=description)
+    if learning_rate is None:
+        lam = gauss_newton_lambda_max(p)
+        p.learning_rate, p.gauss_newton_lambda_max = 1.0 / lam, lam
+        p.learning_rate_rule = ("1 / lambda_max(J^T H J) at the initial parameters (the Gauss-Newton matrix of the "
+                                "square loss; GD is linearly unstable above twice this)")
+    return p
+
+
+def gauss_newton_lambda_max(p: Problem, iterations: int = 300, rtol: float = 1e-9) -> float:
+    """`lambda_max(J^T H J)` at the problem's DELM parameters, by power iteration in float64 (numpy), read off as the
+    Rayleigh quotient (the operator is symmetric positive semi-definite: the quotient's error is the square of the
+    iterate's), stopped when it changes by less than `rtol` relative.
+
+    `J(dA, dB) = dW = (dB + gamma W dS) U^{-1}` with `dS = S * (dA - 1 1^T (S * dA))` (the column softmax's
+    Jacobian), `H(dW) = dW C`, `C = phi^T phi / n`; `J^T(Q) = (S * (dS' - 1 1^T (S * dS')), Q')` with
+    `Q' = Q U^{-T}`, `dS' = gamma W^T Q'`. Each product costs `O(m^2 m_y)` once `U^{-1}` is known."""
+    A, B = p.delm["A"].astype(np.float64), p.delm["B"].astype(np.float64)
+    phi = p.phi.astype(np.float64)
+    e = np.exp(A - A.max(axis=0, keepdims=True))
+    S = e / e.sum(axis=0, keepdims=True)
+    U_inv = np.linalg.inv(np.eye(p.m) - p.gamma * S)
+    W = B @ U_inv
+    C = phi.T @ phi / p.n
+    softmax_t = lambda dS: S * (dS - np.sum(S * dS, axis=0, keepdims=True))  # symmetric per column
+    dot = lambda a, b: sum(float(np.sum(x * y)) for x, y in zip(a, b))
+
+    def operator(v):
+        dA, dB = v
+        Q = ((dB + p.gamma * W @ softmax_t(dA)) @ U_inv) @ C
+        Qp = Q @ U_inv.T
+        return softmax_t(p.gamma * W.T @ Qp), Qp
+
+    rng = np.random.default_rng(1)
+    v = (rng.standard_normal(A.shape), rng.standard_normal(B.shape))
+    lam = 0.0
+    for _ in range(iterations):
+        v = tuple(x / np.sqrt(dot(v, v)) for x in v)
+        w = operator(v)
+        new = dot(v, w)  # the Rayleigh quotient of the unit vector v
+        if abs(new - lam) <= rtol * new:
+            return new
+        lam, v = new, w
+    return lam

@@ -6,9 +6,11 @@ O(m m_y n) products. This suite times, in one process with interleaved repeats:
 - each component of the step alone (softmax, the LU factorisation, LAPACK's pivots-to-permutation loop, the
   triangular solves, the `phi W^T` and `R^T phi` products, the backward's outer product and softmax transpose, the
   optax update, deq_jax's residual check `W sigma(A)`), and a dense 784^3 matmul for the machine's matmul rate;
-- three whole steps: deq_jax (`DELM` + `make_step`), the inline `jnp.linalg.solve` + autodiff baseline, and a
+- four whole steps: deq_jax (`DELM` + `make_step`, stateless), the inline `jnp.linalg.solve` + autodiff baseline, a
   hand-written step with the closed-form gradients of docs/theory.md (one `lu_factor`, explicit `lu_solve`s), which
-  is the floor for these kernels;
+  is the floor for these kernels, and deq_jax's warm-started "refine" step (`TrainStep.update` from the state of a
+  few training steps, so that each call does what a training run's step does: one refinement sweep each way with
+  kept LU factors), next to one refinement sweep alone;
 
 and it reads the compiled deq_jax step: how many LU factorisations (`getrf` custom calls; the backward must reuse
 the forward's factors), triangular solves and while loops it contains, and how many `lu` primitives its jaxpr has.
@@ -39,6 +41,7 @@ import optax
 
 from experiments.bench.checks import delm_reference, relative_errors
 from experiments.bench.problem import Problem
+from experiments.bench.stop import checkpoint
 
 
 def _count_primitive(jaxpr, name: str) -> int:
@@ -101,6 +104,12 @@ def _arrays(p: Problem, device: Any) -> SimpleNamespace:
     return a
 
 
+def _factors(U):
+    from deq_jax.refine import factor
+
+    return jax.jit(factor)(U)
+
+
 def _closed_form(p: Problem):
     """Loss and gradients of docs/theory.md section 3 with one LU of U (no autodiff)."""
     gamma, m = p.gamma, p.m
@@ -129,6 +138,9 @@ def _step(p: Problem, precision, which: str) -> Callable:
     if which == "deq_jax":
         model = DELM(p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="direct", precision=precision)
         return make_step(model, "square", optimizer, jit=False)
+    if which == "refine":
+        model = DELM(p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="refine", precision=precision)
+        return make_step(model, "square", optimizer, jit=False).update
 
     def inline_loss(params, phi, y):
         S = jax.nn.softmax(params["A"], axis=0)
@@ -147,7 +159,33 @@ def _step(p: Problem, precision, which: str) -> Callable:
 
 
 STEPS = {"deq_jax": "deq_jax step (DELM + make_step)", "inline": "inline step (jnp.linalg.solve + autodiff)",
-         "hand": "hand-written step (closed-form gradients, one lu_factor)"}
+         "hand": "hand-written step (closed-form gradients, one lu_factor)",
+         "refine": "deq_jax refine step, warm (TrainStep.update after 5 training steps)"}
+WARM_STEPS = 5  # training steps before the refine step is timed: past the first, large moves of the run
+
+
+def _warm_state(p: Problem, precision, a: SimpleNamespace):
+    """The refine step's training state after `WARM_STEPS` steps from the problem's initial parameters."""
+    from deq_jax.models import DELM
+    from deq_jax.train import make_step
+
+    model = DELM(p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="refine", precision=precision)
+    step = make_step(model, "square", optax.sgd(p.learning_rate))
+    state = step.init(a.params, a.phi)
+    for _ in range(WARM_STEPS):
+        state, _ = step.update(state, a.phi, a.y)
+    return state
+
+
+def _sweep(p: Problem):
+    """One refinement sweep of the forward solve, `W + (B - W U) U_old^{-1}`, with kept factors."""
+    from deq_jax.refine import right_solve
+
+    def sweep(factors, W, S, B):
+        R = B - (W - p.gamma * W @ S)
+        return W + right_solve(factors, R, False)
+
+    return sweep
 
 
 def entries(p: Problem, precision) -> list[Entry]:
@@ -156,7 +194,9 @@ def entries(p: Problem, precision) -> list[Entry]:
     sgd = optax.sgd(p.learning_rate)
     steps = [Entry(name, "step", functools.partial(
         lambda which, a: (_step(p, precision, which), (a.params, a.opt_state, a.phi, a.y), 0.0), which))
-        for which, name in STEPS.items()]
+        for which, name in STEPS.items() if which != "refine"]
+    steps.append(Entry(STEPS["refine"], "step", lambda a: (_step(p, precision, "refine"),
+                                                            (_warm_state(p, precision, a), a.phi, a.y), 0.0)))
     return [
         Entry("softmax sigma(A) (column)", "component", lambda a: (lambda A: jax.nn.softmax(A, axis=0), (a.A,), 0.0)),
         Entry("LU factorisation of U (lax.linalg.lu: getrf + permutation)", "component",
@@ -177,6 +217,8 @@ def entries(p: Problem, precision) -> list[Entry]:
               lambda a: (lambda g, s, prm: sgd.update(g, s, prm), (a.params, a.opt_state, a.params), 0.0)),
         Entry("deq_jax residual check W sigma(A) (m_y x m x m)", "component",
               lambda a: (lambda W, S, B: B + gamma * W @ S, (a.W, a.S, a.B), 2 * m * m * m_y)),
+        Entry("one refinement sweep W + (B - W U) U_old^{-1} (2 triangular solves + m_y x m x m)", "component",
+              lambda a: (_sweep(p), (_factors(a.U), a.W, a.S, a.B), 2 * m * m * m_y * 2)),
         Entry(f"dense matmul {m}^3 (the machine's matmul rate)", "component",
               lambda a: (lambda S: S @ S, (a.S,), 2.0 * m**3)),
         *steps,
@@ -209,6 +251,7 @@ def run_profile(p: Problem, chosen: list[Entry], *, device: Any, precision, repe
     times: dict[str, list] = {name: [] for name in compiled}
     for _ in range(repeats):
         for name, (c, args, _, _) in compiled.items():
+            checkpoint()
             start = time.perf_counter()
             jax.block_until_ready(c(*args))
             times[name].append(time.perf_counter() - start)
@@ -229,7 +272,7 @@ def backward_solvers(p: Problem, names: tuple[str, ...] = BACKWARD_SOLVERS, *, d
     """Time and count the matrix-vector products of each linear solver on the per-sample backward system."""
     import jax.scipy.sparse.linalg as jssl
 
-    from deq_jax.solve import _linear_solve  # jaxopt.linear_solve, as the library imports it
+    from experiments.bench.jax_cases import linear_solve as jaxopt_linear_solve  # as deq_jax._jaxopt uses it
 
     if not names:
         return []
@@ -242,34 +285,38 @@ def backward_solvers(p: Problem, names: tuple[str, ...] = BACKWARD_SOLVERS, *, d
         return S, (Z @ B.T - y) @ B / p.n  # sigma(A), and dL/dz of the square loss
 
     S, v = system(put(p.delm["A"]), put(p.delm["B"]), put(p.phi), put(p.y))
-    relative_residual = jax.jit(lambda u: jnp.linalg.norm(u - p.gamma * u @ S - v) / jnp.linalg.norm(v))
+    relative_residual = jax.jit(lambda u, S, v: jnp.linalg.norm(u - p.gamma * u @ S - v) / jnp.linalg.norm(v))
     count = {"products": 0}
 
     def bump(_):
         count["products"] += 1
 
-    def matvec(u):
-        jax.debug.callback(bump, u[0, 0])
-        return u - p.gamma * u @ S
+    def matvec_of(S):  # S is an argument of the compiled program, not a constant: XLA would constant-fold
+        def matvec(u):  # products with it (measured: 78 s of compile for the normal-CG program)
+            jax.debug.callback(bump, u[0, 0])
+            return u - p.gamma * u @ S
+
+        return matvec
 
     tol = p.tol
     solvers = dict(zip(BACKWARD_SOLVERS, (
-        functools.partial(jssl.gmres, matvec, tol=tol, atol=0.0, solve_method="batched"),
-        functools.partial(jssl.gmres, matvec, tol=tol, atol=0.0, solve_method="incremental"),
-        functools.partial(jssl.bicgstab, matvec, tol=tol, atol=0.0),
-        lambda b: (_linear_solve.solve_normal_cg(matvec, b, tol=tol, atol=0.0), None))))
+        lambda b, S: jssl.gmres(matvec_of(S), b, tol=tol, atol=0.0, solve_method="batched"),
+        lambda b, S: jssl.gmres(matvec_of(S), b, tol=tol, atol=0.0, solve_method="incremental"),
+        lambda b, S: jssl.bicgstab(matvec_of(S), b, tol=tol, atol=0.0),
+        lambda b, S: (jaxopt_linear_solve.solve_normal_cg(matvec_of(S), b, tol=tol, atol=0.0), None))))
     out = []
     for name in names:
+        checkpoint()
         solve = solvers[name]
         with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
-            run = jax.jit(lambda b: solve(b)[0]).lower(v).compile()
-        jax.block_until_ready(run(v))
+            run = jax.jit(lambda b, S: solve(b, S)[0]).lower(v, S).compile()
+        jax.block_until_ready(run(v, S))
         times = []
         for _ in range(repeats):
             count["products"] = 0
             start = time.perf_counter()
-            u = jax.block_until_ready(run(v))
+            u = jax.block_until_ready(run(v, S))
             times.append(time.perf_counter() - start)
-        residual = float(relative_residual(u))
+        residual = float(relative_residual(u, S, v))
         out.append({"name": name, "min_s": min(times), "products": count["products"], "relative_residual": residual})
     return out

@@ -23,6 +23,7 @@ class Check:
     state: Any  # the equilibrium (z for per-sample, W for transposed), a numpy array
     grads: dict  # parameter name -> gradient (numpy); empty for rows that compute no gradient
     extra: dict = dataclasses.field(default_factory=dict)  # e.g. torchdeq's backward iterations
+    params: Optional[dict] = None  # the parameters the gradient was taken at (numpy); None: the problem's initial
 
 
 @dataclasses.dataclass
@@ -35,6 +36,10 @@ class Prepared:
     temp_bytes: Optional[int] = None  # XLA temporary memory of the compiled step
     reset: Optional[Callable[[], None]] = None  # untimed, before each timed step (torch: restore the parameters)
     peak_memory: Optional[Callable[[], Optional[int]]] = None  # device peak bytes after a step, where measurable
+    # a training run (state carried from step to step): how many untimed steps before its timed ones (instead of
+    # the suite's --warmup), and, after the timed steps, its per-step record and a second check at its then state
+    warmup: Optional[int] = None
+    after_timing: Optional[Callable[[int], tuple[dict, Check]]] = None  # (index of the first timed step)
 
 
 @dataclasses.dataclass

@@ -8,9 +8,11 @@ The document holds generated blocks between two markers:
 
 NAME is the JSON's name (`step` for docs/results/bench-step.json, written by `bench --suite step --publish`) and
 PART one of: `summary` (command, date, machine, load, wall time), `goals` (the goal lines the run printed),
-`table` (its tables, as printed), `figure` (the PNG written with the JSON). Rendering is deterministic: the same
-JSONs give the same document, and a test checks that the committed document is what its JSONs render to. A block
-whose JSON is not committed says so ("not measured with this code yet") instead of showing numbers.
+`table` (its main table, as printed), `training` (the training-run rows side by side: warm starts),
+`figure` (the PNG written with the JSON). Rendering is deterministic: the same JSONs give the same document, and a
+test checks that the committed document is what its JSONs render to. A block whose JSON is not committed says so
+("not measured with this code yet"; for the GPU results, "not measured: no GPU in this environment") instead of
+showing numbers.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Optional
 from experiments.bench import report
 from experiments.common.cli import UserError
 
-PARTS = ("summary", "goals", "table", "figure")
+PARTS = ("summary", "goals", "table", "training", "figure")
 BLOCK = re.compile(r"(<!-- bench:begin (?P<name>\S+) (?P<part>\S+) -->\n)(?P<body>.*?)(<!-- bench:end -->)", re.S)
 REQUIRED = ("suite", "command", "date", "environment", "device", "problem", "goals", "rows")
 
@@ -61,7 +63,11 @@ def _summary(name: str, data: dict) -> str:
             + f"; OPENBLAS_NUM_THREADS={variables.get('OPENBLAS_NUM_THREADS')}; load average {load}"
             + ("" if wall is None else f"; wall time {wall / 60:.1f} min")
             + f". Problem: n={pr['n']}, m={pr['m']}, m_y={pr.get('m_y')}, gamma={pr.get('gamma')}, "
-              f"tol={pr.get('tol')}, float32, data: {pr.get('data')}.")
+              f"tol={pr.get('tol')}, float32, data: {pr.get('data')}"
+            + ("" if pr.get("learning_rate") is None else f"; SGD step {pr['learning_rate']:.3g}"
+               + (f" (1 / lambda_max of the Gauss-Newton matrix, {pr['gauss_newton_lambda_max']:.4g})"
+                  if pr.get("gauss_newton_lambda_max") else ""))
+            + "." + "".join(f"\n\nNote: {note.rstrip('.')}." for note in data.get("notes", [])))
 
 
 def block(name: str, part: str, data: Optional[dict]) -> str:
@@ -69,16 +75,24 @@ def block(name: str, part: str, data: Optional[dict]) -> str:
     if part not in PARTS:
         raise UserError(f"docs: unknown block part {part!r} for {name!r}; parts: {', '.join(PARTS)}")
     if data is None:
+        if part == "summary" and name.startswith("gpu"):
+            return (f"*Not measured (no GPU in this environment): `docs/results/bench-{name}.json` is not committed. "
+                    f"On a machine with a GPU, the command above writes it and fills in this section's blocks.*\n")
         if part == "summary":
             return (f"*Not measured with this code yet: `docs/results/bench-{name}.json` is not committed (the "
                     f"command above writes it and fills in this section's blocks).*\n")
-        return "" if part == "figure" else "*(not measured yet)*\n"
+        if part == "figure":
+            return ""
+        return "*(not measured: no GPU in this environment)*\n" if name.startswith("gpu") else \
+            "*(not measured yet)*\n"
     if part == "summary":
         text = _summary(name, data)
     elif part == "goals":
         text = report.goals_text(data["goals"]) or "(no goals for this suite)"
     elif part == "table":
-        text = report.tables(data)
+        text = report.table(data["rows"]) if data["suite"] != "profile" else report.tables(data)
+    elif part == "training":
+        text = report.training_table(data["rows"]) or "(no training-run rows in this result)"
     else:
         figure = data.get("figure")
         text = f"![{name}]({figure})" if figure else ""

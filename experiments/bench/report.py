@@ -47,6 +47,22 @@ def _converged_cell(row: dict) -> str:
         cell += f" (own: {'yes' if own else 'no'})"
     if row.get("backward_converged") is False:
         cell += " (bwd: no)"
+    missed = row.get("steps_not_converged_own")
+    if missed:  # a training run: steps whose solves the library itself reported as short of their tolerance
+        cell += f" (own: no at {len(missed)} of {row['steps']} steps)"
+    return cell
+
+
+def _iterations_cell(row: dict) -> str:
+    """Forward iterations (and backward ones where known); for a training run, the means over its timed steps."""
+    if row.get("iterations_mean") is not None:
+        cell = f"{row['iterations_mean']:.1f}"
+        if row.get("backward_iterations_mean") is not None:
+            cell += f" (+{row['backward_iterations_mean']:.1f} bwd)"
+        return cell + " mean"
+    cell = str(row["iterations"])
+    if row.get("backward_iterations") is not None:
+        cell += f" (+{row['backward_iterations']} bwd)"
     return cell
 
 
@@ -70,13 +86,58 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {name} | {row['status']}: {reason} |" + " |" * (len(header) - 2))
             continue
         vs = row.get("grad_error_vs_direct_f32")
-        iters = str(row["iterations"])
-        if row.get("backward_iterations") is not None:
-            iters += f" (+{row['backward_iterations']} bwd)"
-        cells = [name, fmt_ms(row["min_s"]), fmt_ms(row["median_s"]), fmt_s(row.get("compile_s")), iters,
+        cells = [name, fmt_ms(row["min_s"]), fmt_ms(row["median_s"]), fmt_s(row.get("compile_s")),
+                 _iterations_cell(row),
                  _converged_cell(row), fmt_e(row["relative_residual"]), _grad_cell(row),
                  fmt_e(max(vs.values())) if vs else "-", fmt_bytes(row.get("temp_bytes")),
                  fmt_bytes(row.get("device_peak_bytes") or row.get("rss_peak_delta_bytes"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _paired(a: Optional[dict], b: Optional[dict]) -> str:
+    """`a`'s time over `b`'s, the median over the timing rounds (both ran back to back in each round)."""
+    if a is None or b is None or not a.get("times_s") or not b.get("times_s"):
+        return "-"
+    k = min(len(a["times_s"]), len(b["times_s"]))
+    return f"{float(np.median(np.asarray(a['times_s'][:k]) / np.asarray(b['times_s'][:k]))):.2f}"
+
+
+def training_table(rows: list[dict]) -> str:
+    """The training-run rows side by side: iterations per step with and without warm starts, LU refactorisations,
+    time against the same step from zero and against the bare LU factorisation, the two independent checks."""
+    from experiments.bench.training import WARM, ZERO_START
+
+    runs = [r for r in rows if r.get("label") in (WARM, ZERO_START)]
+    if not runs:
+        return ""
+    ok = lambda r: r.get("status") == "ok"
+    lu = next((r for r in rows if r.get("solver") == "lu_factor" and ok(r)), None)
+    twin = lambda r: next((z for z in runs if z["label"] == ZERO_START and ok(z)
+                           and (z["formulation"], z["solver"]) == (r["formulation"], r["solver"])), None)
+    header = ["training run (consecutive steps of TrainStep.update)", "steps (timed)", "iterations per timed step: "
+              "forward + backward", "LU refactorisations (timed)", "min ms", "median ms", "compile",
+              "zero start / warm, paired", "/ bare LU, paired", "independent checks: residual before, after",
+              "grad err before, after (max)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in runs:
+        if not ok(r):
+            reason = r.get("error") or r.get("note")
+            lines.append(f"| {r['name']} | {r['status']}: {reason} |" + " |" * (len(header) - 2))
+            continue
+        mean = lambda key: "-" if r.get(key) is None else f"{r[key]:.1f}"
+        refactor = "-" if r.get("refactorisations") is None else \
+            f"{r['refactorisations']} ({r['refactorisations_timed']})"
+        after = r.get("check_after_timing", {})
+        error = lambda e: fmt_e(max(e.values())) if e else "-"
+        checks = f"{fmt_e(r['relative_residual'])}, {fmt_e(after.get('relative_residual'))}" + \
+            ("" if r.get("converged") else " (NOT converged)")
+        speedup = _paired(twin(r), r) if r["label"] == WARM else "-"
+        cells = [r["name"], f"{r['steps']} ({len(r['times_s'])})", f"{mean('iterations_mean')} + "
+                 f"{mean('backward_iterations_mean')}", refactor, fmt_ms(r["min_s"]), fmt_ms(r["median_s"]),
+                 fmt_s(r.get("compile_s")), speedup,
+                 _paired(r, lu) if r["formulation"] == "transposed" else "-", checks,
+                 f"{error(r['grad_error'])}, {error(after.get('grad_error'))}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -110,7 +171,8 @@ def facts_text(facts: dict) -> str:
 def tables(payload: dict) -> str:
     """Every table of a payload (one for the step suites; components and backward solves for the profile)."""
     if payload["suite"] != "profile":
-        return table(payload["rows"])
+        training = training_table(payload["rows"])
+        return table(payload["rows"]) + (f"\n\n{training}" if training else "")
     parts = [profile_table(payload["rows"])] if payload["rows"] else []
     if payload.get("backward_solvers"):
         parts.append(backward_table(payload["backward_solvers"]))

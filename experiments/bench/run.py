@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from experiments.bench import cases as suites
 from experiments.bench import goals as goal_defs
-from experiments.bench import report
+from experiments.bench import report, stop
 from experiments.bench.problem import Problem, make_problem
 from experiments.bench.protocol import Case
 from experiments.common.cli import EXIT_FAILED, EXIT_OK, UserError
@@ -27,8 +27,9 @@ NEEDS = {"torch": "torch", "torchdeq": "torchdeq"}  # row implementation -> the 
 def _problem(args: argparse.Namespace, *, for_names_only: bool = False) -> Problem:
     """The shared problem; for listing names, a one-sample random stand-in (names depend on the shape only)."""
     return make_problem(n=1 if for_names_only else args.n, width=args.width, classes=args.classes, gamma=args.gamma,
-                        tol=args.tol, maxiter=args.maxiter, learning_rate=args.learning_rate,
-                        data="random" if for_names_only else args.data)
+                        tol=args.tol, maxiter=args.maxiter,
+                        learning_rate=1.0 if for_names_only else args.learning_rate,
+                        data="random" if for_names_only else args.data, data_dir=args.data_dir)
 
 
 def _torch_status(args: argparse.Namespace, *, cuda: bool) -> dict:
@@ -111,6 +112,7 @@ def _write(payload: dict, outputs: Outputs, docs_dir: pathlib.Path) -> None:
     from experiments.common import io
 
     png = plots.png(payload) if outputs.png is not None else None
+    stop.checkpoint()  # the last moment an interrupt can stop the run: after it, every file is written
     io.write_json(outputs.json, payload)
     print(f"\nwrote {outputs.json}")
     if png is not None:
@@ -162,7 +164,7 @@ def _measure_rows(args: argparse.Namespace, p: Problem, device: Any, selection: 
     from experiments.bench import checks, devices, jax_cases, timing
 
     settings = timing.Settings(repeats=args.repeats, slow_repeats=args.slow_repeats, warmup=args.warmup,
-                               settle_s=args.settle,
+                               warm_steps=args.warm_steps, settle_s=args.settle,
                                max_temp_gb=args.max_temp_gb or devices.default_max_temp_gb(device))
     where = suites.Where(device=device, precision=args.precision, torch_device=args.device)
     names = {c.name for c in selection}
@@ -172,9 +174,21 @@ def _measure_rows(args: argparse.Namespace, p: Problem, device: Any, selection: 
         checks.delm_reference(p)
         direct = jax_cases.direct_gradients(p, device=device, precision=args.precision)
     rows = timing.run_cases(cases, p, settings, direct, device)
-    verdicts = goal_defs.judge(goal_defs.for_suite(args.suite), rows, size=size, tol=p.tol)
+    verdicts = goal_defs.judge(goal_defs.for_suite(args.suite), rows, size=size, tol=p.tol, gamma=p.gamma)
     return dict(settings=dict(dataclasses.asdict(settings), device=args.device, rows=args.rows, skip=args.skip),
                 goals=verdicts, rows=rows)
+
+
+def _load_note(payload: dict) -> list[str]:
+    """A note when the machine was busier than its cores at the start or the end of the run."""
+    cores = payload["environment"]["machine"].get("cpu_cores") or 1
+    before = payload["environment"]["machine"].get("load_average_1_5_15")
+    after = payload["device"].get("load_average_after")
+    if not before or not after or max(before[0], after[0]) <= cores:
+        return []
+    return [f"the machine was shared and loaded: 1-minute load average {before[0]:.1f} at the start and "
+            f"{after[0]:.1f} at the end, on {cores} cores; times (compile times most) are inflated, the paired ratios "
+            f"between rows of this run less so"]
 
 
 def run(args: argparse.Namespace, argv: list[str], *, started: float) -> int:
@@ -210,6 +224,7 @@ def run(args: argparse.Namespace, argv: list[str], *, started: float) -> int:
                              **measure(args, p, device, selection, size))
     if outputs.figure_name:
         payload["figure"] = outputs.figure_name
+    payload["notes"] = payload["notes"] + args.note + _load_note(payload)
     print()
     print(report.tables(payload))
     if payload.get("facts"):

@@ -2,8 +2,11 @@
 
 Every row is built (compiled), run once (its first step, with the process's resident memory sampled), warmed up
 and checked; then the timed steps of all rows are interleaved round by round, so that the load of a shared machine
-hits every row alike. Ratios between two rows are taken round by round (`paired_ratio`): both rows of a round ran
-back to back, under the same load. Each row records every timed step, their min and their median.
+hits every row alike. A training-run row (`experiments/bench/training.py`) carries its state from step to step:
+its untimed steps are `warm_steps` steps of the run, each of its timed steps is the run's next step, and after the
+timed steps it records every step's metrics and is checked a second time, at its then state. Ratios between two
+rows are taken round by round (`paired_ratio`): both rows of a round ran back to back, under the same load. Each
+row records every timed step, their min and their median.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from experiments.bench.checks import verify
+from experiments.bench.checks import verify, verify_again
+from experiments.bench.stop import checkpoint
 from experiments.bench.problem import Problem
 from experiments.bench.protocol import Case
 
@@ -29,6 +33,7 @@ class Settings:
     repeats: int = 5
     slow_repeats: int = 3  # timed steps for rows whose first step took over `slow_s`
     warmup: int = 1  # untimed steps after compiling (the first, memory-sampled step counts as one)
+    warm_steps: int = 5  # untimed steps of a training-run row (the first counts as one)
     settle_s: float = 0.25  # untimed pause before each step: PyTorch's OpenMP threads spin after a parallel region
     max_temp_gb: float = 4.0  # rows whose XLA temporary memory exceeds this are compiled, not run
     slow_s: float = 1.0
@@ -89,6 +94,7 @@ def run_cases(cases: list[Case], p: Problem, settings: Settings, direct: Optiona
         tol = case.tol if case.tol is not None else p.tol
         row = _row_base(case, tol)
         rows.append(row)
+        checkpoint()
         try:
             prepared = case.prepare()
             row["compile_s"] = prepared.compile_s
@@ -107,18 +113,25 @@ def run_cases(cases: list[Case], p: Problem, settings: Settings, direct: Optiona
                 prepared.run()
                 row["first_step_s"] = time.perf_counter() - start
             row["rss_peak_delta_bytes"] = rss.delta
-            for _ in range(max(settings.warmup - 1, 0)):
+            untimed = max(settings.warm_steps if prepared.after_timing else settings.warmup, 1)
+            row["untimed_steps"] = untimed
+            last = row["first_step_s"]
+            for _ in range(untimed - 1):
+                checkpoint()
+                start = time.perf_counter()
                 prepared.run()
+                last = time.perf_counter() - start
             if prepared.peak_memory is not None:
                 row["device_peak_bytes"] = prepared.peak_memory()
             verify(row, prepared.check(), p, tol, direct, device)
-        except Exception as err:  # a row that fails is reported as failed, and the others still run
+        except Exception as err:  # a row that fails is reported as failed, and the others still run (an
+            # interrupt is a KeyboardInterrupt, not an Exception: it stops the run)
             row["status"] = "error"
             row["error"] = f"{type(err).__name__}: {err}"
             row["traceback"] = traceback.format_exc(limit=6)
             log(f"  ERROR {case.name}: {row['error']}")
             continue
-        slow = row["first_step_s"] > settings.slow_s
+        slow = last > settings.slow_s  # the last untimed step: a training run's first step is not typical
         row["repeats"] = min(settings.repeats, settings.slow_repeats) if slow else settings.repeats
         ready.append((row, prepared))
         compile_s = "-" if row.get("compile_s") is None else f"{row['compile_s']:.2f} s"
@@ -131,15 +144,35 @@ def run_cases(cases: list[Case], p: Problem, settings: Settings, direct: Optiona
                 continue
             if prepared.reset:
                 prepared.reset()
+            checkpoint()
             time.sleep(settings.settle_s)  # measured: a JAX step right after a PyTorch one took 24 ms instead of 14-17
             start = time.perf_counter()
             prepared.run()
             row["times_s"].append(time.perf_counter() - start)
         log(f"  timing round {r + 1}/{rounds} done")
-    for row, _ in ready:
+    for row, prepared in ready:
         row["min_s"] = float(np.min(row["times_s"]))
         row["median_s"] = float(np.median(row["times_s"]))
+        if prepared.after_timing is not None:
+            _finish_training_run(row, prepared, p, device, log)
     return rows
+
+
+def _finish_training_run(row: dict, prepared: Any, p: Problem, device: Any, log: Callable[[str], None]) -> None:
+    """A training run's per-step record, and its second independent check (at its state after the timed steps)."""
+    try:
+        record, chk = prepared.after_timing(row["untimed_steps"])
+        row.update(record)
+        verify_again(row, chk, p, row["tol"], device, "check_after_timing")
+    except Exception as err:  # the timings stand; the row is failed, as one whose check cannot run
+        row["status"] = "error"
+        row["error"] = f"{type(err).__name__} after the timed steps: {err}"
+        row["traceback"] = traceback.format_exc(limit=6)
+        log(f"  ERROR {row['name']}: {row['error']}")
+        return
+    if not row["loss_fell"]:
+        row["note"] = (row.get("note", "") + f"; the loss did not fall over the run ({row['loss_first']:.4g} -> "
+                       f"{row['loss_last']:.4g})").lstrip("; ")
 
 
 def paired_ratio(a: dict, b: dict) -> float:

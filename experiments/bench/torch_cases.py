@@ -2,11 +2,12 @@
 problem as the JAX rows (same data, initial parameters, tolerance, stopping rule and maxiter).
 
 torchdeq treats axis 0 as the batch and stops when the largest per-batch-element residual is below `f_tol`. To get
-the same stopping rule as deq_jax and the inline baseline (`|f(z) - z|_2 <= tol * |f(0)|_2` over the whole state),
-the whole state is one batch element, `z` of shape `(1, n, m)` (or `(1, m_y, m)` transposed), with
-`f_stop_mode="abs"` and `f_tol = tol * |f(0)|`. torchdeq ignores unknown keys silently, so every setting is read
-back from the constructed module, and its returned solver statistics (`nstep`, `abs_lowest`, the trace length, the
-backward solver's statistics through `backward_writer`) are recorded with the row.
+the same stopping rule as deq_jax and the inline baseline (`|f(z) - z|_2 <= tol * |f(z)|_2` over the whole state,
+at the solution), the whole state is one batch element, `z` of shape `(1, n, m)` (or `(1, m_y, m)` transposed),
+with `f_stop_mode="abs"` and `f_tol = tol * |z*|` (`checks.equilibrium_norm`, the float64 equilibrium's norm).
+torchdeq ignores unknown keys silently, so every setting is read back from the constructed module, and its returned
+solver statistics (`nstep`, `abs_lowest`, the trace length, the backward solver's statistics through
+`backward_writer`) are recorded with the row.
 
 Optional: `pip install -e '.[peer]'` (torch==2.13.0, torchdeq==0.1.0). Without them the rows are skipped with a
 note saying so.
@@ -18,8 +19,8 @@ import importlib.metadata
 import importlib.util
 from typing import Any, Optional
 
-import numpy as np
 
+from experiments.bench.checks import equilibrium_norm
 from experiments.bench.problem import Problem
 from experiments.bench.protocol import Case, Check, Prepared
 
@@ -164,8 +165,7 @@ def torchdeq_delm(p: Problem, formulation: str, solver: str, backward: str, *, d
         setup = _Setup(p, p.delm, device)
         torch, A, B, phi = setup.torch, setup.params["A"], setup.params["B"], setup.phi
         transposed = formulation == "transposed"
-        scale = float(np.linalg.norm(p.delm["B"] if transposed else p.phi))  # |f(0)|
-        abs_tol = p.tol * scale
+        abs_tol = p.tol * equilibrium_norm(p, "delm", formulation)  # deq_jax's rule at the solution
         deq, config = _make_deq(p, solver, backward, abs_tol)
         box: dict = {}
 
@@ -193,8 +193,7 @@ def torchdeq_tanh(p: Problem, solver: str, backward: str, *, device: str) -> Cas
     def prepare() -> Prepared:
         setup = _Setup(p, p.tanh, device)
         torch, prm, phi = setup.torch, setup.params, setup.phi
-        abs_tol = p.tol * float(np.linalg.norm(np.tanh(p.phi.astype(np.float64) @ p.tanh["U"].T.astype(np.float64)
-                                                        + p.tanh["b"])))
+        abs_tol = p.tol * equilibrium_norm(p, "tanh", "per_sample")  # deq_jax's rule at the solution
         deq, config = _make_deq(p, solver, backward, abs_tol)
         box: dict = {}
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import pathlib
+import re
 import types
 import typing
 from typing import Any, Literal, Mapping, Sequence, Union
@@ -173,7 +174,16 @@ def from_dict(cls: type, data: Any, *, where: str = "", overrides: Sequence[str]
     except ConfigError:
         raise
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"{where or cls.__name__}: {err}") from err
+        raise ConfigError(_at(where, str(err), fields)) from err
+
+
+def _at(where: str, message: str, fields: Mapping) -> str:
+    """A range check's message with the key's full path: "steps must ..." in section `grid` becomes
+    "grid.steps must ..." (a message that starts with a field's name is about that field), else "grid: ..."."""
+    head = re.match(r"[A-Za-z_]\w*", message)
+    if head and head.group() in fields:
+        return f"{where}.{message}" if where else message
+    return f"{where}: {message}" if where else message
 
 
 def to_dict(obj: Any) -> Any:

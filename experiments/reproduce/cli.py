@@ -61,7 +61,7 @@ EXIT_STATUSES = (
 def build_parser() -> argparse.ArgumentParser:
     epilog = ("examples:\n" + "\n".join(f"  {PROG} {args}".rstrip() + f"\n      {what}" for args, what in EXAMPLES)
               + "\n\nexit status:\n" + "\n".join(f"  {code:<4} {what}" for code, what in EXIT_STATUSES))
-    p = argparse.ArgumentParser(prog=PROG, description="Reproduce the paper's claims: convergence, trust-region "
+    p = common_cli.ArgumentParser(prog=PROG, description="Reproduce the paper's claims: convergence, trust-region "
                                                        "relation, implicit bias.", epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None,
@@ -106,7 +106,10 @@ def resolve_config(args: argparse.Namespace) -> ReproduceConfig:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = common_cli.parse_args(build_parser(), argv)
+    try:
+        args = common_cli.parse_args(build_parser(), argv)
+    except common_cli.UserError as err:  # a usage error: one line, reported by the same runner as every other error
+        return common_cli.run("reproduce", lambda: _raise(err))
     if isinstance(args, int):
         return args
     where: dict[str, Any] = {}
@@ -117,6 +120,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"to start over)") if out else "nothing was written"
 
     return common_cli.run("reproduce", lambda: _main(args, argv, where), interrupted=hint)
+
+
+def _raise(err: Exception) -> int:
+    raise err
 
 
 def _main(args: argparse.Namespace, argv: list[str], where: dict) -> int:
@@ -237,7 +244,7 @@ def _run_one(cfg: ReproduceConfig, args: argparse.Namespace, argv: list[str], ru
     from experiments.reproduce.checkpoints import FallbackStore
     from experiments.reproduce.common import Context
 
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = (lambda msg: print(msg, flush=True))  # stdout: stderr carries only errors and interrupts
     progress = not args.no_progress
     dataset, feats = _load(cfg, progress)  # before anything is written: a data error leaves no folder behind
     log(f"reproduce: {feats.info['dataset']}: {feats.phi_train.shape[0]} train / {feats.phi_test.shape[0]} test "

@@ -34,10 +34,28 @@ EXIT_LOST_PROCESS = 1
 TRUTHY = ("1", "true", "yes", "on")
 
 
+EXAMPLES = """examples (each runs as written from the repository root; a test runs them):
+  .venv/bin/python -m experiments sweep --config configs/sweep_digits.yaml     # make sweep: 192 runs, ~1.5 minutes
+  .venv/bin/python -m experiments sweep --config configs/sweep_smoke.yaml      # 36 runs, ~1 minute
+  .venv/bin/python -m experiments sweep --config configs/sweep_digits.yaml --set steps=100 --set grid.seeds=[0,1]
+  .venv/bin/python -m experiments sweep --config configs/sweep_smoke.yaml --set 'grid.models=[delm, deep_linear]' \\
+      --set grid.losses=[cross_entropy] --output-dir /tmp/sweep_ce --no-figures
+  .venv/bin/python -m experiments sweep --config configs/sweep_smoke.yaml --fresh     # discard saved chunks
+
+two processes on this machine (one command per terminal; on several hosts, HOST0's address instead of 127.0.0.1):
+  .venv/bin/python -m experiments sweep --config configs/sweep_smoke.yaml --distributed \\
+      --coordinator 127.0.0.1:12355 --num-processes 2 --process-id 0
+  .venv/bin/python -m experiments sweep --config configs/sweep_smoke.yaml --distributed \\
+      --coordinator 127.0.0.1:12355 --num-processes 2 --process-id 1
+
+exit status: 0 done; 1 a multi-process run lost a process; 2 a usage, configuration or data error (one line on
+stderr names the flag or config key); 130 interrupted (finished chunks are kept: the same command resumes)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments sweep", description=__doc__.split("\n\n")[0],
-                                epilog="exit status: 0 done, 1 a multi-process run lost a process, 2 usage, "
-                                       "configuration or data error, 130 interrupted (the same command resumes)")
+    p = cli.ArgumentParser(prog="python -m experiments sweep", description=__doc__.split("\n\n")[0],
+                           epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="sweep YAML (see configs/sweep_*.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set steps=50 --set grid.seeds=[0,1] (repeatable)")
@@ -84,14 +102,13 @@ class _LostProcess(Exception):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run a sweep from a YAML config; the exit status as in the module docstring."""
-    args = cli.parse_args(build_parser(), argv)
-    if isinstance(args, int):
-        return args
-    distributed = args.distributed or os.environ.get("DEQ_JAX_DISTRIBUTED", "").lower() in TRUTHY
     state = {"output_dir": None, "prog": PROG, "joined": False}
 
     def body() -> int:
-        if distributed:
+        args = cli.parse_args(build_parser(), argv)  # a usage error is a UserError: one line, exit status 2
+        if isinstance(args, int):  # --help
+            return args
+        if args.distributed or os.environ.get("DEQ_JAX_DISTRIBUTED", "").lower() in TRUTHY:
             _initialize_distributed(args)
             state["joined"] = True
         import jax
@@ -118,9 +135,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if jax.process_count() == 1:
                 raise
             raise type(err)(f"[process {jax.process_index()}] {err}") from None
+        cli.check_interrupt()
         if jax.process_index() != 0:
             return 0
         _write_records(result, figures=not args.no_figures)
+        cli.check_interrupt()  # interrupted while writing: say so (every file is whole; the same command redoes them)
         return 0
 
     def interrupted() -> str:
@@ -162,6 +181,7 @@ def _write_records(result, *, figures: bool) -> None:
     print(f"sweep {result.config.name}: {len(result.configurations)} configurations in {len(result.groups)} "
           f"groups, {result.chunks_computed} chunks computed, {result.chunks_skipped} resumed, "
           f"{result.wall_s:.1f} s")
+    print("\n".join(summary.console_lines(result)))
     for name, path in files.items():
         print(f"  {name}: {path}")
 

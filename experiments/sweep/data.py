@@ -66,12 +66,15 @@ def load_datasets(config: SweepConfig, *, progress: bool = False) -> dict[str, d
             out[spec.key] = data_lib.preprocess(ds, n_train=spec.n_train, n_test=spec.n_test,
                                                 features=spec.features, pca_dim=spec.pca_dim,
                                                 add_bias=spec.add_bias, seed=spec.seed, settings=settings)
-        except data_lib.DatasetNotFoundError as err:  # the loader lists files and folders over several lines
-            first = str(err).strip().splitlines()[0]
-            missing = f" Missing: {', '.join(err.missing)}." if err.missing else ""
-            raise DataError(f"{where}: {first}{missing} Put the files in a folder and pass --data-dir FOLDER (or "
-                            f"set datasets[{i}].data_dir), or allow downloading (datasets[{i}].download: "
-                            f"true).") from None
+        except data_lib.DatasetNotFoundError as err:
+            if err.setting == "data_dir" or not err.missing:  # a data folder that does not exist; a failed download
+                raise DataError(f"{where}: {_one_line(err)}") from None
+            # files missing: the loader's message lists them and the folders searched over several lines
+            first = str(err).strip().splitlines()[0].rstrip(".")
+            advice = (f"allow downloading (datasets[{i}].download: true)" if not spec.download
+                      else "check the network or set $DEQ_JAX_DATA_BASE_URL to a mirror")
+            raise DataError(f"{where}: {first}. Missing: {', '.join(err.missing)}. Put them in a folder and pass "
+                            f"--data-dir FOLDER (or set datasets[{i}].data_dir), or {advice}.") from None
         except data_lib.DatasetError as err:  # checksums, formats, settings that do not fit the data
             raise DataError(f"{where}: {_one_line(err)}") from None
     return out

@@ -1,9 +1,10 @@
 """A sweep's figures, one per (data set, width, loss): training curves and final test accuracy per setting.
 
 Drawn for a reader: every setting of the grid appears in both panels (a diverged one as a red cross and the word
-"diverged", never as a missing line or an empty bar); accuracies are percentages on an axis zoomed to the data
-(dots with error bars, not bars that would need a zero baseline); the legend lists only drawn lines; no text
-below 8 pt.
+"diverged", never as a missing line or an empty bar); the curves' axis spans the settings that did not diverge (a
+diverged curve is cut where it leaves it, its cross at the edge); accuracies are percentages on an axis zoomed to
+the data (dots with error bars, not bars that would need a zero baseline); the legend lists only drawn lines and
+sits below the curves, not over them; no text below 9 pt.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import numpy as np
 from experiments.common import io
 from experiments.sweep import tables
 
-MIN_FONT_PT = 8
+MIN_FONT_PT = 9
 DIVERGED_COLOR = "tab:red"
-_STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "xtick.labelsize": 8, "ytick.labelsize": 8,
-          "legend.fontsize": 8, "figure.titlesize": 10}
+_STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9,
+          "legend.fontsize": 9, "figure.titlesize": 11}
 
 
 def setting_label(setting: Mapping) -> str:
@@ -55,39 +56,62 @@ def make_figure(rows: Sequence[Mapping]) -> Any:
     finals = tables.aggregate(rows)
     n = len(finals)
     with plt.rc_context(_STYLE):
-        fig, (ax_curve, ax_final) = plt.subplots(1, 2, figsize=(13, max(4.8, 1.2 + 0.32 * n)),
+        legend_rows = -(-n // 2)  # the legend below the curves, two columns
+        fig, (ax_curve, ax_final) = plt.subplots(1, 2, figsize=(14, max(5.0, 1.5 + 0.34 * n, 4.2 + 0.24 * legend_rows)),
                                                  gridspec_kw={"width_ratios": [3, 2]})
         colors = plt.cm.tab10(np.arange(10)) if n <= 10 else plt.cm.tab20(np.linspace(0, 1, 20))
-        tops = []
+        # a log axis: gaps at or below 0 are rounding (float32 against a float64 L*), not progress
+        ax_curve.set_yscale("log")
+        series = []
         for i, (setting, c) in enumerate(curves.items()):
             agg = next(a for a in finals if tables.setting(a) == setting)
-            label = setting_label(dict(zip(tables.SETTING_COLUMNS, setting)))
+            positive = lambda x: np.where(x > 0, x, np.nan)
+            series.append((i, agg, c["step"], positive(c["mean"]), positive(c["min"]), positive(c["max"])))
+        # the axis spans the settings that did not diverge (one decade of headroom): a diverged curve, which may
+        # climb to 1e20, leaves it at the top edge, its cross drawn there, instead of squeezing the others flat
+        healthy = [np.nanmax(hi) for _, agg, _, mean, _, hi in series
+                   if not agg["diverged_runs"] and np.isfinite(hi).any()]
+        top = 10 * max(healthy) if healthy else np.inf
+        cut = False
+        for i, agg, steps, mean, low, high in series:
+            label = setting_label(agg)
             if agg["diverged_runs"]:
                 label += f" (diverged: {agg['diverged_runs']}/{agg['n_seeds']} seeds)"
-            # a log axis: gaps at or below 0 are rounding (float32 against a float64 L*), not progress
-            mean = np.where(c["mean"] > 0, c["mean"], np.nan)
             finite = np.flatnonzero(np.isfinite(mean))
+            if not finite.size:
+                continue  # diverged before the first logged step: named in a note below
             color = colors[i % len(colors)]
             style = ("-", "--", ":")[(i // len(colors)) % 3]
-            if finite.size:
-                ax_curve.plot(c["step"], mean, label=label, lw=1.4, color=color, linestyle=style)
-                low = np.where(c["min"] > 0, c["min"], np.nan)
-                ax_curve.fill_between(c["step"], low, np.where(c["max"] > 0, c["max"], np.nan), color=color,
-                                      alpha=0.15, lw=0)
-                tops.append(np.nanmax(mean))
-                if agg["diverged_runs"]:  # where the last seed still had a finite loss
-                    j = finite[-1]
-                    ax_curve.plot(c["step"][j], mean[j], "x", color=DIVERGED_COLOR, ms=9, mew=2)
+            marks = {}
+            if agg["diverged_runs"]:
+                # the line ends in a red cross: where its last seed still had a finite loss, or where it left the
+                # axis; the cross is part of the line, so the legend entry shows it too
+                above = np.flatnonzero(mean > top)
+                if above.size:
+                    k = int(above[0])
+                    steps, mean = steps[:k + 1], np.append(mean[:k], top)
+                    low, high = low[:k + 1], np.minimum(high[:k + 1], top)
+                    cut = True
+                    end = k
+                else:
+                    end = int(finite[-1])
+                marks = dict(marker="x", markevery=[end], ms=9, mew=2, mec=DIVERGED_COLOR, clip_on=False)
+            ax_curve.plot(steps, mean, label=label, lw=1.4, color=color, linestyle=style, **marks)
+            ax_curve.fill_between(steps, low, high, color=color, alpha=0.15, lw=0)
+        if cut:
+            ax_curve.set_ylim(top=top)
         diverged_at_once = [a for a in finals if a["diverged_runs"] == a["n_seeds"]
                             and not np.isfinite(np.where(curves[tables.setting(a)]["mean"] > 0,
                                                          curves[tables.setting(a)]["mean"], np.nan)).any()]
-        ax_curve.set_yscale("log")
         ax_curve.set_xlabel("full-batch GD step")
         ax_curve.set_ylabel("L - L* (train)" if metric == "gap" else "train loss")
         ax_curve.set_title(f"{first['dataset']}, m={first['width']}{' (projected)' if first['projected'] else ''}, "
                            f"{first['loss']} loss: mean over seeds, band min..max")
-        if ax_curve.get_lines():
-            ax_curve.legend(loc="best", framealpha=0.85)
+        if any(not line.get_label().startswith("_") for line in ax_curve.get_lines()):
+            title = ("x: diverged (its last finite loss" + (", or where it leaves the axis" if cut else "") + ")"
+                     if any(a["diverged_runs"] for a in finals) else None)
+            ax_curve.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False, title=title,
+                            title_fontsize=MIN_FONT_PT)
         if diverged_at_once:
             names = "; ".join(setting_label(a) for a in diverged_at_once)
             ax_curve.text(0.01, 0.01, f"diverged before the first logged step: {names}", transform=ax_curve.transAxes,
@@ -131,7 +155,7 @@ def write_figures(rows: Sequence[Mapping], directory: pathlib.Path) -> dict[str,
         stem = f"{dataset}_m{width}{'p' if projected else ''}_{loss}"
         fig = make_figure(panel_rows)
         path = directory / f"{stem}.png"
-        io.save_figure(fig, path, dpi=120)
+        io.save_figure(fig, path, dpi=120, bbox_inches="tight")  # the legend below the axes included
         plt.close(fig)
         files[f"figure {stem}"] = path
     return files

@@ -35,7 +35,7 @@ import numpy as np
 
 from deq_jax import parallel
 from experiments.common import env, io
-from experiments.common.cli import UserError
+from experiments.common.cli import UserError, check_interrupt
 from experiments.sweep import data as sweep_data
 from experiments.sweep import programs, tables
 from experiments.sweep.config import SweepConfig, fingerprint
@@ -48,6 +48,10 @@ class SweepError(UserError):
 
 class SweepMemoryError(SweepError):
     """Even one configuration per device does not fit the memory budget."""
+
+
+_MEMORY_ADVICE = ("raise memory_budget_mb (--set memory_budget_mb=MIB), use fewer samples (datasets[i].n_train) or "
+                  "a smaller width (grid.widths, datasets[i].pca_dim)")
 
 
 @dataclasses.dataclass
@@ -266,8 +270,7 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
                     len(members), report.estimated_bytes_per_config, report.data_bytes, budget, n_dev,
                     max_chunk_size=config.max_chunk_size, what=f"group {key.label}")
             except parallel.MemoryBudgetError as err:
-                raise SweepMemoryError(f"{err}; raise memory_budget_mb, use fewer samples (n_train) or a smaller "
-                                       f"width") from None
+                raise SweepMemoryError(f"{err}; {_MEMORY_ADVICE}") from None
         reports[key] = report
 
     # features (a random projection where a width is given) and L* per (data set, width)
@@ -312,6 +315,7 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
         for key, members in todo.items():
             if not members:
                 continue
+            check_interrupt()
             report = reports[key]
             fd = features[(key.dataset, key.width)]
             engine = _engine(config, key, report.width, fd.num_classes, devices, compiler_options)
@@ -327,8 +331,7 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
                                    max_chunk_size=config.max_chunk_size, max_recompiles=max_recompiles,
                                    what=f"group {key.label}")
             except parallel.MemoryBudgetError as err:
-                raise SweepMemoryError(f"{err}; raise memory_budget_mb, use fewer samples (n_train) or a smaller "
-                                       f"width") from None
+                raise SweepMemoryError(f"{err}; {_MEMORY_ADVICE}") from None
             guess = report.chunk_size
             report.programs_compiled = engine.compiles - compiles
             report.compile_s = plan.compile_s
@@ -354,6 +357,7 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
                     bar.update(1)
                 if on_chunk is not None:
                     on_chunk(ChunkReport(key.label, tuple(ids), chunk.seconds))
+                check_interrupt()  # a Ctrl-C that jax's garbage-collection callback swallowed stops here
     except BaseException:
         if bar is not None:  # an interrupted bar is erased: the command's one line says what happened
             bar.leave = False

@@ -42,6 +42,36 @@ def _mib(nbytes: Any) -> str:
     return "-" if nbytes is None else f"{nbytes / 2**20:.3g} MiB"
 
 
+def ranked_panels(aggregate: list[dict], top: int) -> list[tuple[tuple, str, list[dict]]]:
+    """Per (data set, width, loss): the ranking key (the gap to L* for the square loss, else the training loss)
+    and the `top` settings by it (diverged settings last)."""
+    panels: dict[tuple, list[dict]] = {}
+    for a in aggregate:
+        panels.setdefault((a["dataset"], a["width"], a["loss"]), []).append(a)
+    out = []
+    for panel, settings in panels.items():
+        key = "gap_mean" if panel[2] == "square" else "train_loss_mean"
+        out.append((panel, key, sorted(settings, key=lambda a: math.inf if a[key] is None else a[key])[:top]))
+    return out
+
+
+def console_lines(result: Any) -> list[str]:
+    """What the command prints at the end: the best setting of each panel and the failures, in a few lines."""
+    lines = []
+    for (dataset, width, loss), key, (best, *_) in ranked_panels(result.aggregate, 1):
+        measure = "gap to L*" if key == "gap_mean" else "train loss"
+        accuracy = best["test_accuracy_pct_mean"]
+        lines.append(f"  best on {dataset}, m={width}, {loss} loss (by {measure}): {setting_label(best)}: "
+                     f"{measure} {_pm(best[key], best[key.replace('_mean', '_std')])}, test accuracy "
+                     + ("-" if accuracy is None else f"{accuracy:.2f}%"))
+    diverged = sum(a["diverged_runs"] for a in result.aggregate)
+    nonconv = sum(a["nonconverged_runs"] for a in result.aggregate)
+    if diverged or nonconv:
+        lines.append(f"  failures: {diverged} run(s) diverged, {nonconv} had non-converged solves (see summary.md, "
+                     f"section Failures)")
+    return lines
+
+
 def write_summary(result: Any, files: dict[str, pathlib.Path]) -> pathlib.Path:
     """`summary.md`: what ran where, per-group chunking and memory, the best settings, failures, the files."""
     cfg, env = result.config, result.environment
@@ -75,12 +105,7 @@ def write_summary(result: Any, files: dict[str, pathlib.Path]) -> pathlib.Path:
                      f"{_mib(g.measured_bytes_per_device)} | {g.programs_compiled} | {g.compile_s:.1f} | "
                      f"{g.run_s:.2f} |")
     lines += ["", "## Best settings (final step, mean +- std across seeds)", ""]
-    panels: dict[tuple, list[dict]] = {}
-    for a in result.aggregate:
-        panels.setdefault((a["dataset"], a["width"], a["loss"]), []).append(a)
-    for (dataset, width, loss), settings in panels.items():
-        key = "gap_mean" if loss == "square" else "train_loss_mean"
-        ranked = sorted(settings, key=lambda a: math.inf if a[key] is None else a[key])[:5]
+    for (dataset, width, loss), key, ranked in ranked_panels(result.aggregate, 5):
         lines += [f"**{dataset}, m = {width}, {loss} loss** (ranked by {key.replace('_mean', '')}"
                   + (", L* = shallow optimum" if loss == "square" else "") + ")", "",
                   "| setting | seeds | train loss | gap to L* | test accuracy (%) |", "|---|---|---|---|---|"]
@@ -111,4 +136,4 @@ def write_summary(result: Any, files: dict[str, pathlib.Path]) -> pathlib.Path:
     return path
 
 
-__all__ = ["write_manifest", "write_summary"]
+__all__ = ["console_lines", "ranked_panels", "write_manifest", "write_summary"]

@@ -1,10 +1,15 @@
 """The benchmark application (`python -m experiments bench`) at tiny sizes; no timing assertions.
 
 They check what the benchmark claims about correctness (its float64 references, the independent residual and
-gradient checks of each row, torchdeq reading back our settings, the memory rows running exactly 100 iterations,
-one LU per compiled step), how its goals are judged (a target stated for m = 784 is "not applicable" at toy size),
-what its CLI promises (every suite's --list, one line and exit 2 for a user error, exit 130 and nothing written
-on SIGINT), and that docs/benchmarks.md is what the committed result JSONs render to.
+gradient checks of each row, a second check that refutes a training run's false claim, torchdeq reading back our
+settings, the memory rows running exactly 100 iterations, one LU per compiled step, the step size it derives), how
+its goals are judged (a target stated for m = 784 is "not applicable" at toy size; a warm start must be accurate
+to count), what its CLI promises (every --help example runs; every suite's --list; one line and exit 2 for a user
+error or a bad input file; exit 130 and nothing written on SIGINT), and that docs/benchmarks.md is what the
+committed result JSONs render to.
+
+The command line runs with x64 off, as a user's process does; the suite's session turns x64 on, so the in-process
+runs below switch it off (`x32`).
 """
 
 from __future__ import annotations
@@ -18,13 +23,16 @@ import subprocess
 import sys
 import time
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.bench import cases, checks, cli, goals, render
-from experiments.bench.problem import make_problem
+from experiments.bench import cases, checks, cli, goals, render, training
+from experiments.bench.problem import gauss_newton_lambda_max, make_problem
+from experiments.bench.protocol import Check
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ["--n", "24", "--width", "12", "--classes", "3", "--repeats", "1", "--warmup", "0", "--settle", "0",
@@ -47,6 +55,13 @@ def _one_error_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+@pytest.fixture
+def x32():
+    """x64 off for an in-process run of the command line (a user's process runs JAX with its default, float32)."""
+    with jax.enable_x64(False):
+        yield
 
 
 # ----------------------------------------------------------------------------- references and checks
@@ -76,8 +91,34 @@ def test_relative_residual_detects_a_wrong_state():
     z = np.linalg.solve(U, p.phi.astype(np.float64).T).T
     assert checks.relative_residual(p, "delm", "per_sample", z) < 1e-12
     assert checks.relative_residual(p, "delm", "per_sample", 0.9 * z) > 1e-3
+    bad = z.copy()
+    bad[3] *= 0.99  # one sample off: hidden in the whole state's norm, not in the worst sample's
+    whole, worst = checks.residuals(p, "delm", "per_sample", bad)
+    assert worst > 2 * whole and worst > 1e-3
     W = np.linalg.solve(U.T, p.delm["B"].astype(np.float64).T).T
     assert checks.relative_residual(p, "delm", "transposed", W) < 1e-12
+    assert abs(checks.equilibrium_norm(p, "delm", "transposed") - np.linalg.norm(W)) <= 1e-12 * np.linalg.norm(W)
+
+
+def test_gauss_newton_lambda_max_matches_the_dense_matrix():
+    p = make_problem(n=15, width=5, classes=2, gamma=0.9, tol=1e-5, maxiter=50, learning_rate=None, data="random")
+    phi = p.phi.astype(np.float64)
+
+    def w_of(theta):  # (A, B) flattened -> row-major vec(W), from the closed form in float64
+        A, B = theta[:25].reshape(5, 5), theta[25:].reshape(2, 5)
+        S = checks._softmax0(A)
+        return np.linalg.solve((np.eye(5) - p.gamma * S).T, B.T).T.ravel()
+
+    theta = np.concatenate([p.delm["A"].astype(np.float64).ravel(), p.delm["B"].astype(np.float64).ravel()])
+    h = 1e-6  # central differences: error of order h^2, far below the 2e-3 asked of the eigenvalue
+    J = np.stack([(w_of(theta + h * e) - w_of(theta - h * e)) / (2 * h) for e in np.eye(35)], axis=1)
+    H = np.kron(np.eye(2), phi.T @ phi / p.n)  # vec(V C) for row-major vec(V)
+    dense = np.linalg.eigvalsh(J.T @ H @ J)[-1]
+    # a Rayleigh quotient never exceeds lambda_max (up to the differences' error); here the top two eigenvalues are
+    # 0.1% apart, which slows the power iteration, and a step size needs no more than that
+    estimate = gauss_newton_lambda_max(p)
+    assert (1 - 2e-3) * dense <= estimate <= (1 + 1e-6) * dense
+    assert p.learning_rate == pytest.approx(1.0 / estimate, rel=1e-12)
 
 
 def test_profile_hand_written_step_has_the_closed_form_gradients():
@@ -134,17 +175,70 @@ def test_step_versus_lu_goal_takes_the_fastest_accurate_row_only():
     assert verdict["status"] == "NOT met" and verdict["value"].startswith("direct / inline")  # 1.7x the LU
     (verdict,) = goals.judge(goal, rows + [good], size=FULL, tol=1e-5)
     assert verdict["status"] == "met" and verdict["value"].startswith("anderson / ")  # paired median 0.69
+    assert "faster but less accurate: fp (0.40x" in verdict["value"]
+    # a training run's gradient is judged against the direct training run's at the same point of the trajectory
+    refine = _row("refine warm", "deq_jax", "transposed", "refine", "implicit", [0.5] * 3, label=training.WARM,
+                  grad=5e-5)
+    (verdict,) = goals.judge(goal, rows + [refine], size=FULL, tol=1e-5)
+    assert verdict["status"] == "NOT met" and "refine warm (0.50x" in verdict["value"]  # 5e-5 > 10x 5e-7
+    run_direct = _row("direct warm", "deq_jax", "transposed", "direct", "implicit", [1.7] * 3, label=training.WARM,
+                      grad=8e-5)
+    (verdict,) = goals.judge(goal, rows + [refine, run_direct], size=FULL, tol=1e-5)
+    assert verdict["status"] == "met" and verdict["value"].startswith("refine warm / ")
+
+
+def test_warm_start_goal_needs_the_speed_up_and_accurate_gradients():
+    def run(label, times, grad=2e-5, converged=True, **extra):
+        return _row(f"per_sample fixed_point {label}", "deq_jax", "per_sample", "fixed_point", "implicit", times,
+                    label=label, grad=grad, converged=converged, iterations_mean=2.0 if label == "warm" else 90.0,
+                    backward_iterations_mean=60.0, **extra)
+
+    goal = [goals.warm_start_speedup("per_sample", "fixed_point")]
+    zero = run(training.ZERO_START, [1.0, 1.1, 1.0])
+    judge = lambda rows, size=FULL: goals.judge(goal, rows, size=size, tol=1e-5, gamma=0.9)[0]
+    verdict = judge([run(training.WARM, [0.4, 0.5, 0.45]), zero])
+    assert verdict["status"] == "met" and "2.0 + 60.0 warm vs 90.0 + 60.0 from zero" in verdict["value"]
+    assert judge([run(training.WARM, [0.6, 0.6, 0.6]), zero])["status"] == "NOT met"  # 1.7x only
+    # fast but wrong: a gradient error above max(tol / (1 - gamma), 2x the zero-start one) does not count
+    assert judge([run(training.WARM, [0.4] * 3, grad=3e-4), zero])["status"] == "NOT met"
+    assert judge([run(training.WARM, [0.4] * 3, converged=False), zero])["status"] == "NOT met"
+    assert judge([run(training.WARM, [0.4] * 3, backward_converged=False), zero])["status"] == "NOT met"
+    assert judge([run(training.WARM, [0.4] * 3), zero], {**FULL, "m": 12})["met"] is None
+    assert judge([zero])["status"] == "not measured"
+    compile_goal = goals.compile_time("training run")
+    rows = [run(training.WARM, [0.4], compile_s=2.5), _row("d", "deq_jax", "transposed", "direct", "implicit",
+                                                           [0.1], compile_s=0.5)]
+    (verdict,) = goals.judge([compile_goal], rows, size=FULL, tol=1e-5)
+    assert verdict["status"] == "NOT met" and "direct" not in verdict["value"]  # training runs only
+
+
+def test_a_second_check_flags_a_claim_it_refutes():
+    p = make_problem(n=10, width=6, classes=2, gamma=0.9, tol=1e-5, maxiter=50, learning_rate=None, data="random")
+    params = {k: v * 1.01 for k, v in p.delm.items()}  # a training run's later parameters
+    ref = checks.delm_reference(p, params)
+    S = checks._softmax0(params["A"].astype(np.float64))
+    W = np.linalg.solve((np.eye(p.m) - p.gamma * S).T, params["B"].astype(np.float64).T).T
+    row = {"problem": "delm", "formulation": "transposed", "converged": True}
+    checks.verify_again(row, Check(1, True, W, ref["grads"], params=params), p, 1e-5, None, "check_after_timing")
+    assert row["converged"] and "flag" not in row and row["check_after_timing"]["relative_residual"] < 1e-12
+    assert max(row["check_after_timing"]["grad_error"].values()) < 1e-12
+    assert checks.relative_residual(p, "delm", "transposed", W) > 1e-3  # judged at the run's parameters, not p's
+    stale = W * (1 + 1e-3)  # a start that was never solved from, claimed converged
+    checks.verify_again(row, Check(0, True, stale, ref["grads"], params=params), p, 1e-5, None, "check_after_timing")
+    assert not row["converged"] and row["flag"].startswith(checks.FLAG)
 
 
 # ----------------------------------------------------------------------------- suites, end to end
 
-def test_step_suite_publishes_json_figure_and_docs(tmp_path):
+def test_step_suite_publishes_json_figure_and_docs(tmp_path, x32):
     (tmp_path / "benchmarks.md").write_text("# t\n<!-- bench:begin step summary -->\n<!-- bench:end -->\n"
                                             "<!-- bench:begin step goals -->\nstale\n<!-- bench:end -->\n"
                                             "<!-- bench:begin step table -->\n<!-- bench:end -->\n"
+                                            "<!-- bench:begin step training -->\n<!-- bench:end -->\n"
                                             "<!-- bench:begin step figure -->\n<!-- bench:end -->\n")
-    rc = cli.main(["--suite", "step", *TINY, "--publish", "--docs-dir", str(tmp_path),
-                   "--rows", "deq_jax delm transposed (direct|fixed_point unrolled)|lu_factor"])
+    rc = cli.main(["--suite", "step", *TINY, "--repeats", "2", "--warm-steps", "3", "--publish", "--docs-dir",
+                   str(tmp_path), "--rows", "deq_jax delm transposed (direct implicit$|fixed_point unrolled)"
+                   "|lu_factor|per_sample fixed_point implicit (warm|zero start)"])
     assert rc == 0
     payload = _load(tmp_path / "results" / "bench-step.json")
     env = payload["environment"]
@@ -152,12 +246,15 @@ def test_step_suite_publishes_json_figure_and_docs(tmp_path):
     for package in ("python", "jax", "jaxlib", "jaxopt", "optax", "numpy"):
         assert env["versions"][package]
     assert env["variables"]["OPENBLAS_NUM_THREADS"] is not None and payload["device"]["jax_device_kind"]
+    problem = payload["problem"]
+    assert problem["learning_rate"] == pytest.approx(1 / problem["gauss_newton_lambda_max"])
     rows = {r["name"]: r for r in payload["rows"]}
+    warm, zero = (f"deq_jax delm per_sample fixed_point implicit {label}" for label in training.LABELS)
     assert set(rows) == {"deq_jax delm transposed direct implicit", "inline delm transposed lu_factor",
-                         "deq_jax delm transposed fixed_point unrolled 100 it"}
+                         "deq_jax delm transposed fixed_point unrolled 100 it", warm, zero}
     for row in rows.values():
         assert row["status"] == "ok", row
-        assert len(row["times_s"]) == 1 and row["min_s"] > 0 and row["compile_s"] > 0
+        assert len(row["times_s"]) == 2 and row["min_s"] > 0 and row["compile_s"] > 0
         assert row["temp_bytes"] is not None
     direct = rows["deq_jax delm transposed direct implicit"]
     assert direct["converged"] and direct["relative_residual"] < 1e-5 and max(direct["grad_error"].values()) < 1e-4
@@ -166,15 +263,26 @@ def test_step_suite_publishes_json_figure_and_docs(tmp_path):
     unrolled = rows["deq_jax delm transposed fixed_point unrolled 100 it"]
     assert unrolled["iterations"] == cases.MEMORY_ITERATIONS and not unrolled["converged"]  # unreachable tol
     assert max(unrolled["grad_error"].values()) < 1e-3  # 100 iterations at gamma 0.9 still give a good gradient
+    for name in (warm, zero):  # training runs: 3 untimed + 2 timed consecutive steps, checked twice
+        row = rows[name]
+        assert row["steps"] == 5 and row["first_timed_step"] == 3 and len(row["per_step"]["iterations"]) == 5
+        assert row["converged"] and row["check_after_timing"]["converged"] and not row["steps_not_converged_own"]
+        assert row["loss_fell"] and max(row["check_after_timing"]["grad_error"].values()) < 1e-3
+        assert row["check_after_timing"]["relative_residual"] < 1e-5 and row["worst_sample_relative_residual"] < 1e-4
+    assert rows[warm]["iterations_mean"] < rows[zero]["iterations_mean"]  # a warm start saves forward iterations
     statuses = {g["goal"]: g["status"] for g in payload["goals"]}
     lu_goal = next(g for g in statuses if "LU factorisation" in g)
     assert statuses[lu_goal] == "not applicable at this size"  # a m = 784 target says nothing about m = 12
+    warm_goal = next(g for g in statuses if "warm-started" in g and "fixed_point" in g)
+    assert statuses[warm_goal] == "not applicable at this size"
     assert statuses["never a non-converged solve reported as converged"] == "met"
     assert payload["figure"] == "benchmarks_step.png"
     assert (tmp_path / "benchmarks_step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = (tmp_path / "benchmarks.md").read_text()
     assert "stale" not in doc and "| inline delm transposed lu_factor |" in doc
+    assert f"| {warm} | 5 (2) |" in doc  # the training table
     assert "[not applicable at this size]" in doc and "![step](benchmarks_step.png)" in doc
+    assert "[met] transposed DELM" not in doc and "[met] per-sample" not in doc
     assert render.render_text(doc, tmp_path / "results")[0] == doc  # rendering is deterministic
     leftovers = [f for d, _, fs in os.walk(tmp_path) for f in fs if f.startswith(".")]
     assert not leftovers  # the atomic writes left no temporary file
@@ -199,7 +307,7 @@ def test_peer_suite_torchdeq_rows_verify_their_settings(tmp_path):
     assert max(rows["torch delm transposed direct autodiff"]["grad_error"].values()) < 1e-4
 
 
-def test_gpu_suite_code_path_on_cpu(tmp_path):
+def test_gpu_suite_code_path_on_cpu(tmp_path, x32):
     out = tmp_path / "gpu.json"
     rc = cli.main(["--suite", "gpu", "--device", "cpu", *TINY, "--out", str(out),
                    "--rows", "^deq_jax delm transposed direct"])
@@ -212,9 +320,10 @@ def test_gpu_suite_code_path_on_cpu(tmp_path):
     assert statuses["DELM step <= 2 ms, transposed formulation"] == "not applicable at this size"
 
 
-def test_profile_suite_finds_one_lu_factorisation(tmp_path, capsys):
+def test_profile_suite_finds_one_lu_factorisation(tmp_path, capsys, x32):
     out = tmp_path / "profile.json"
-    assert cli.main(["--suite", "profile", *TINY, "--out", str(out), "--rows", "^(deq_jax step|softmax sigma)|bicgstab"]) == 0
+    assert cli.main(["--suite", "profile", *TINY, "--out", str(out), "--rows",
+                     "^(deq_jax step|softmax sigma)|bicgstab"]) == 0
     printed = capsys.readouterr().out
     assert "[met] DELM step" not in printed  # the toy run must not claim the m = 784 target
     assert "[not applicable at this size] DELM step <= 10 ms" in printed
@@ -237,14 +346,62 @@ def test_every_suite_lists_its_rows(suite, capsys):
     assert len(names) >= 4 and len(set(names)) == len(names)
 
 
-def test_help_examples_are_valid_commands(capsys):
-    examples = [shlex.split(line.split("#")[0])[4:] for line in cli.EXAMPLES.splitlines()[1:] if line.strip()]
-    assert len(examples) >= 5
+def _examples() -> list[list[str]]:
+    """The --help examples as argument lists (continuation lines joined, comments dropped)."""
+    text = cli.EXAMPLES.split("\n", 1)[1].replace("\\\n", " ")
+    return [shlex.split(line.split("#")[0])[4:] for line in text.splitlines() if line.strip()]
+
+
+def _cheap(argv: list[str], tmp_path) -> list[str]:
+    """An example made cheap and harmless: toy sizes, one timed step, files under tmp_path, whole-suite runs cut to
+    one row; every flag of the example kept."""
+    out = [str(tmp_path / pathlib.Path(a).name) if a.startswith("/tmp/") else a for a in argv]
+    if "--list" in out:
+        return out
+    if "--render" in out or "--publish" in out:
+        out += ["--docs-dir", str(tmp_path / "docs")]
+    if "--render" in out:
+        return out
+    if "--rows" not in out:
+        out += ["--rows", "^deq_jax delm transposed direct implicit$"]
+    return out + TINY + ([] if "--warm-steps" in out else ["--warm-steps", "2"])
+
+
+def test_help_examples_run(tmp_path, capsys, x32):
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    for result in (ROOT / "docs" / "results").glob("bench-*.json"):  # the committed results, for --render
+        shutil.copy(result, tmp_path / "docs" / "results")
+    shutil.copy(ROOT / "docs" / "benchmarks.md", tmp_path / "docs")
+    examples = _examples()
+    assert len(examples) >= 7 and any("--publish" in a for a in examples) and any("--render" in a for a in examples)
     for argv in examples:
-        cli.parse_args(argv)  # every flag and value accepted
-        if "--list" in argv:
-            assert cli.main(argv) == 0
+        cheap = _cheap(argv, tmp_path)
+        assert cli.main(cheap) == 0, (argv, capsys.readouterr())
+        for flag in ("--out", "--plot"):
+            if flag in cheap:
+                assert pathlib.Path(cheap[cheap.index(flag) + 1]).stat().st_size > 0
+    assert (tmp_path / "docs" / "results" / "bench-step.json").is_file()
+    (refine,) = [r for r in _load(tmp_path / "refine.json")["rows"] if r["solver"] == "refine"]
+    assert refine["status"] == "ok" and refine["converged"] and "flag" not in refine
+    assert refine["steps"] == 11 and refine["check_after_timing"]["converged"]  # --warm-steps 10, one timed step
+    assert refine["refactorisations"] is not None and refine["backward_iterations_mean"] >= 1
     capsys.readouterr()
+
+
+def test_bad_data_dir_is_one_line_and_nothing_written(tmp_path, capsys):
+    out = tmp_path / "out.json"
+    argv = ["--suite", "step", "--n", "8", "--width", "4", "--out", str(out)]
+    assert cli.main([*argv, "--data-dir", str(tmp_path / "missing")]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--data-dir" in line and "does not exist" in line
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b not the published file")
+    assert cli.main([*argv, "--data-dir", str(corrupt)]) == 2
+    assert "is not the published file" in _one_error_line(capsys.readouterr().err)
+    assert cli.main([*argv, "--data", "random", "--data-dir", str(corrupt)]) == 2
+    assert "--data random reads no files" in _one_error_line(capsys.readouterr().err)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["corrupt"]
 
 
 def test_peer_suite_says_when_torch_is_missing(monkeypatch, capsys):

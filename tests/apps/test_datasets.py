@@ -22,6 +22,7 @@ import scipy.io
 
 from experiments.common import cli
 from experiments.common import datasets as data
+from experiments.common.datasets import formats
 from experiments.common.datasets import (ChecksumError, Dataset, DatasetFormatError, DatasetNotFoundError,
                                          DataSettingError, DatasetWarning, Setting)
 
@@ -499,8 +500,21 @@ def test_digits() -> None:
     assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
     assert ds.x_train.min() == 0.0 and ds.x_train.max() == 1.0
     assert np.bincount(ds.y_test, minlength=10).min() >= 35  # stratified: 35-37 per class
-    ds2 = data.load_dataset("digits")
-    np.testing.assert_array_equal(ds.x_test, ds2.x_test)
+    # read and split without importing scikit-learn, yet exactly scikit-learn's arrays and split
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    want = train_test_split((bunch.data / 16.0).astype(np.float32), bunch.target.astype(np.int32), test_size=0.2,
+                            random_state=0, stratify=bunch.target)
+    for got, ref in zip((ds.x_train, ds.x_test, ds.y_train, ds.y_test), want):
+        np.testing.assert_array_equal(got, ref)
+    y = np.repeat(np.arange(7), [5, 9, 2, 13, 4, 4, 6])  # ties in the per-class remainders: drawn by the seed
+    for seed in range(5):
+        train, test = formats.stratified_split(y, 0.3, seed)
+        ref_train, ref_test = train_test_split(np.arange(y.size), test_size=0.3, random_state=seed, stratify=y)
+        np.testing.assert_array_equal(train, ref_train)
+        np.testing.assert_array_equal(test, ref_test)
 
 
 @pytest.mark.skipif(not FASHION_SYSTEM_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed")

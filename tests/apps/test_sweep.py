@@ -250,10 +250,11 @@ def no_compile():
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"grid": {**TINY["grid"], "seeds": []}}, r"grid: seeds must list at least one value"),
+    ({"grid": {**TINY["grid"], "seeds": []}}, r"grid\.seeds must list at least one value"),
     ({"datasets": []}, r"datasets must list at least one value"),
     ({"grid": {**TINY["grid"], "learning_rates": ["fast"]}}, r"grid\.learning_rates\[0\]: expected a number"),
     ({"steps": "10"}, r"steps: expected an integer; got '10'"),
+    ({"steps": 0}, r"^steps must be a positive integer; got 0"),  # the key, not the class SweepConfig
     ({"grid": {**TINY["grid"], "gammas": [1.5]}}, r"gammas\[0\] must be a number in the open interval \(0, 1\)"),
     ({"grid": {**TINY["grid"], "models": ["resnet"]}}, r"models\[0\]: 'resnet' is not a valid choice"),
     ({"grid": {**TINY["grid"], "seeds": [1, 1]}}, r"seeds lists a value more than once"),
@@ -368,7 +369,7 @@ def test_figures_mark_divergence_zoom_accuracy_and_stay_readable():
             "sigma": "column_softmax", "loss": "square"}
     rows = (_rows({**base, "gamma": 0.5, "learning_rate": 0.1}, [93.0, 94.0], [[1.0, 0.5, 0.2]] * 2)
             + _rows({**base, "gamma": 0.8, "learning_rate": 0.1}, [91.0, 92.5], [[1.0, 0.6, 0.3]] * 2)
-            + _rows({**base, "gamma": 0.8, "learning_rate": 0.3}, [None, None], [[1.0, 9.0, None]] * 2)
+            + _rows({**base, "gamma": 0.8, "learning_rate": 0.3}, [None, None], [[1.0, 1e20, None]] * 2)
             + _rows({**base, "gamma": 0.9, "learning_rate": 0.3}, [None, None], [[None, None, None]] * 2))
     fig = figures.make_figure(rows)
     try:
@@ -388,7 +389,16 @@ def test_figures_mark_divergence_zoom_accuracy_and_stay_readable():
         legend = [t.get_text() for t in ax_curve.get_legend().get_texts()]
         assert legend == [line.get_label() for line in drawn] and len(drawn) == 3
         assert any("diverged: 2/2 seeds" in name for name in legend)
-        assert any(line.get_marker() == "x" for line in ax_curve.get_lines())
+        # the cross is on the diverged setting's own line, so its legend entry shows it
+        assert [line.get_label() for line in drawn if line.get_marker() == "x"] == \
+            [name for name in legend if "diverged" in name]
+        # the diverged curve (1e20) leaves the axis at its top, one decade above the others, where its cross is
+        (crossed,) = [line for line in drawn if line.get_marker() == "x"]
+        top = ax_curve.get_ylim()[1]
+        assert top == pytest.approx(10 * 0.9) and crossed.get_ydata()[-1] == top
+        assert "x: diverged" in ax_curve.get_legend().get_title().get_text()
+        fig.canvas.draw()  # the legend sits below the curves, not over them
+        assert not ax_curve.get_legend().get_window_extent().overlaps(ax_curve.get_window_extent())
         assert any("diverged before the first logged step" in t.get_text() and "gamma=0.9" in t.get_text()
                    for t in ax_curve.texts)
     finally:

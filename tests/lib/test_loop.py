@@ -7,6 +7,8 @@ import pytest
 
 from deq_jax import ChunkEnd, Linear, fit, full_batch_gd, make_chunk, make_step, stop_on_divergence
 
+pytestmark = pytest.mark.float32  # the whole file also runs with x64 off (float32), as users run JAX
+
 
 def problem():
     phi = jax.random.normal(jax.random.PRNGKey(0), (20, 5), jnp.float32)

@@ -9,6 +9,8 @@ import pytest
 from deq_jax import (DELM, DELM_SOLVERS, MODELS, REFINE_FROM_WIDTH, SOLVERS, DeepLinear, Linear, Model, Refine,
                      get_sigma)
 
+pytestmark = pytest.mark.float32  # the whole file also runs with x64 off (float32), as users run JAX
+
 requires_x64 = pytest.mark.skipif(not jax.config.read("jax_enable_x64"), reason="float64 reference needs x64")
 
 
@@ -41,6 +43,10 @@ def test_delm_float32_end_to_end():
     assert params["A"].dtype == jnp.float32 and params["A"].shape == (6, 6) and params["B"].shape == (4, 6)
     pred, stats = jax.jit(model.apply)(params, data(jnp.float32))
     assert pred.dtype == jnp.float32 and bool(stats.converged)
+    # float32 data with x64 on (or off): the unrolled loop's carry keeps float32 (jaxopt's statistics came back float64)
+    unrolled = DELM(6, 4, solver="fixed_point", backward="unrolled", maxiter=30)
+    grads = jax.grad(lambda p: jnp.sum(unrolled.apply(p, data(jnp.float32))[0]))(params)
+    assert grads["A"].dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(grads["A"])))
 
 
 @requires_x64

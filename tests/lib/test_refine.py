@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deq_jax import Refine
+from deq_jax import DELM, Refine, make_step
 from deq_jax import refine as R
 from helpers import delm_problem, u_matrix
+
+pytestmark = pytest.mark.float32  # the whole file also runs with x64 off (float32), as users run JAX
 
 X64 = jax.config.read("jax_enable_x64")
 # solves of a matrix with condition number ~10: rounding only
@@ -51,3 +53,20 @@ def test_refine_options_are_checked():
         Refine(max_sweeps=0)
     with pytest.raises(ValueError, match="Refine.refactor_after must be a positive integer; got 1.5"):
         Refine(refactor_after=1.5)
+
+
+def test_a_diverged_refined_run_never_reports_converged():
+    """A step size far too large: the loss and W run to inf/NaN; `inf <= tol * inf` must not pass for convergence."""
+    assert not bool(R.converged(jnp.inf, jnp.inf, 1e-5, 0.0))
+    assert not bool(R.converged(jnp.nan, 1.0, 1e-5, 0.0))
+    assert bool(R.converged(1e-7, 1.0, 1e-5, 0.0))
+    model = DELM(16, 3, gamma=0.9, solver="refine")
+    phi = jax.random.uniform(jax.random.PRNGKey(1), (64, 16), DTYPE)
+    y = jax.nn.one_hot(jnp.arange(64) % 3, 3, dtype=DTYPE)
+    step = make_step(model, "square", learning_rate=50.0)
+    state = step.init(model.init(jax.random.PRNGKey(0), DTYPE), phi)
+    for _ in range(60):  # float32 overflows within ~12 steps, float64 within ~25
+        state, metrics = step.update(state, phi, y)
+        if not np.isfinite(float(metrics["loss"])):
+            break
+    assert not np.isfinite(float(metrics["loss"])) and not bool(metrics["converged"])

@@ -15,6 +15,8 @@ from deq_jax import (DELM, DeepLinear, DivergenceError, DivergenceWarning, Impli
                      implicit_value_and_grad, logistic, make_chunk, make_step, minibatch_train, solve, square, square_gram)
 from helpers import rel_err
 
+pytestmark = pytest.mark.float32  # the whole file also runs with x64 off (float32), as users run JAX
+
 requires_x64 = pytest.mark.skipif(not jax.config.read("jax_enable_x64"), reason="float64 reference needs x64")
 
 
@@ -226,6 +228,11 @@ def test_training_argument_errors():
     params = model.init(jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="learning_rate must be a positive number; got 0"):
         full_batch_gd(model, "square", params, phi, y, learning_rate=0, steps=3)
+    with pytest.raises(ValueError, match="learning_rate must be a positive number; got -0.1"):
+        full_batch_gd(model, "square", params, phi, y, learning_rate=jnp.asarray(-0.1), steps=3)
+    # a step size computed with jax.numpy (a concrete 0-d array) is a number like any other
+    _, history = full_batch_gd(model, "square", params, phi, y, learning_rate=0.5 * jnp.ones((), jnp.float32), steps=3)
+    assert history["loss"].shape == (3,)
     with pytest.raises(ValueError, match="pass either optimizer=... or learning_rate=... .*not both"):
         full_batch_gd(model, "square", params, phi, y, learning_rate=0.1, optimizer=optax.sgd(0.1), steps=3)
     with pytest.raises(ValueError, match="pass optimizer=... .* or learning_rate=..."):

@@ -14,6 +14,8 @@ from deq_jax import refine as refine_lib
 from helpers import (GAMMA, closed_form_end_to_end, closed_form_equilibrium, closed_form_loss, delm_problem, rel_err,
                      u_matrix)
 
+pytestmark = pytest.mark.float32  # the whole file also runs with x64 off (float32), as users run JAX
+
 LR = 0.002  # consecutive equilibria close (the regime warm starts are for); stable steps here are <~ 0.02
 # float64 where x64 is on (solves to 1e-12, gradients to 1e-10: cond(U) ~ 10 times the tolerance); float32 otherwise
 # (solves to 1e-5; the float32 closed form itself carries ~1e-6 cond(U) rounding)

@@ -163,18 +163,74 @@ def load_svhn(spec: Spec, paths: dict[str, Any]) -> Dataset:
     return Dataset(x_tr, y_tr, x_te, y_te, spec.name, spec.num_classes, spec.image_shape)
 
 
+def _digits_csv() -> Any:
+    """The path of scikit-learn's bundled `digits.csv.gz`, found without importing scikit-learn (whose import,
+    through scipy.stats, costs ~2.5 s of CPU: more than everything else a small run of a command does)."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package; runs none of it
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("load_dataset('digits') needs scikit-learn: pip install 'deq_jax[experiments]'")
+    return pathlib.Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+
+
+def _approximate_mode(counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """Per-class draws: floor of the proportional share, the remainder to the largest fractional parts, ties
+    broken by `rng` (scikit-learn's `utils.extmath._approximate_mode`, step for step: the split depends on it)."""
+    continuous = counts / counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need = int(n_draws - floored.sum())
+    if need > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add_now = min(len(inds), need)
+            floored[rng.choice(inds, size=add_now, replace=False)] += 1
+            need -= add_now
+            if need == 0:
+                break
+    return floored.astype(int)
+
+
+def stratified_split(y: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices of `sklearn.model_selection.train_test_split(..., test_size, random_state=seed,
+    stratify=y)`, computed with numpy alone in the same order of random draws (a test checks the equality)."""
+    n = y.shape[0]
+    n_test = int(np.ceil(test_size * n))
+    n_train = n - n_test
+    _, y_indices, counts = np.unique(y, return_inverse=True, return_counts=True)
+    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_i = _approximate_mode(counts, n_train, rng)
+    t_i = _approximate_mode(counts - n_i, n_test, rng)
+    train: list = []
+    test: list = []
+    for i in range(counts.shape[0]):
+        members = class_indices[i].take(rng.permutation(counts[i]), mode="clip")
+        train.extend(members[: n_i[i]])
+        test.extend(members[n_i[i]: n_i[i] + t_i[i]])
+    return rng.permutation(train), rng.permutation(test)
+
+
 def load_digits() -> Dataset:
-    """scikit-learn's 8x8 digits, pixels / 16, split ``train_test_split(test_size=0.2, random_state=0, stratify=y)``."""
+    """scikit-learn's 8x8 digits, pixels / 16, split ``train_test_split(test_size=0.2, random_state=0, stratify=y)``
+    (read from scikit-learn's bundled file and split with numpy: the same arrays, without importing scikit-learn)."""
+    path = _digits_csv()
     try:
-        from sklearn.datasets import load_digits as sk_load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as err:  # scikit-learn is in the 'experiments' extra
-        raise ImportError("load_dataset('digits') needs scikit-learn: pip install 'deq_jax[experiments]'") from err
-    bunch = sk_load_digits()
-    x = (bunch.data / 16.0).astype(np.float32)
-    y = bunch.target.astype(np.int32)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
-    return Dataset(x_tr, y_tr, x_te, y_te, "digits", 10, (8, 8))
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            table = np.loadtxt(fh, delimiter=",")
+    except (OSError, ValueError, EOFError, zlib.error) as err:
+        raise DatasetFormatError(f"{str(path)!r} (scikit-learn's bundled digits) cannot be read: {err}; reinstall "
+                                 f"scikit-learn", dataset="digits", path=path) from err
+    if table.ndim != 2 or table.shape != (1797, 65):
+        raise DatasetFormatError(f"{str(path)!r} (scikit-learn's bundled digits) holds an array of shape "
+                                 f"{table.shape}, expected (1797, 65); reinstall scikit-learn", dataset="digits",
+                                 path=path)
+    x = (table[:, :-1] / 16.0).astype(np.float32)
+    y = table[:, -1].astype(np.int32)
+    train, test = stratified_split(y, 0.2, seed=0)
+    return Dataset(x[train], y[train], x[test], y[test], "digits", 10, (8, 8))
 
 
 def _as_path(where: Where) -> Any:
