@@ -39,13 +39,13 @@ PROG = "python -m experiments reproduce"
 
 #: the examples `--help` shows; a test runs every one of them (with --dry-run)
 EXAMPLES = (
-    ("", "configs/digits.yaml, as `make run`: about a minute on 2 CPU cores"),
+    ("", "configs/digits.yaml, as `make run`: 1-4 minutes on 2 CPU cores"),
     ("--set convergence.steps=1000 --set implicit_bias.seeds=[0,1] --run-name digits_short", "override keys"),
     ("--config configs/tiny.yaml --fresh", "every experiment at tiny sizes, from scratch: under a minute"),
     ("--mutation one_step", "train the DELMs with the one-step gradient: the gradient-sensitive claims must fail"),
     ("--mutation-table", "the honest run and every mutation: which claims fail under which (MUTATIONS.md)"),
     ("--config configs/fashion_mnist_full.yaml", "all 60000 Fashion-MNIST training images (offline from the "
-                                                 "Debian package dataset-fashion-mnist): 6-10 minutes on 2 CPU cores"),
+                                                 "Debian package dataset-fashion-mnist): 5-10 minutes on 2 CPU cores"),
 )
 
 
