@@ -16,8 +16,8 @@ Measured: the normalised gap `(L_t - L*) / (L_0 - L*)`, its log-linear rate over
 per-step bound `gap_{t+1} / gap_t <= (1 - eta lambda / |U_t|_2^2)^2` from the run's own `|U_t|_2`, and the
 stiffness `eta lambda_max(P_t H)` of the W-dynamics at the logged steps.
 
-(One experiment in one module: its typed results, plan, run and claims, ~430 lines; the bound's measurements are
-in `bounds.py`.)
+(One experiment in one module: its typed results, plan, measurements, run and claims, ~480 lines; the bound's
+measurements are in `bounds.py`.)
 """
 
 from __future__ import annotations
