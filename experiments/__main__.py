@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import sys
+
+# before numpy/jaxlib load OpenBLAS: one thread is faster next to XLA's threads on small CPUs, and results (hence
+# checkpoint reuse) then do not depend on how the caller's shell set it; an explicit setting wins
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 PROG = "python -m experiments"
 COMMANDS = {
