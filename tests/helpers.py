@@ -71,3 +71,17 @@ def tree_rel_err(a, b) -> float:
     num = sum(float(np.sum((x - y) ** 2)) for x, y in zip(la, lb))
     den = sum(float(np.sum(y ** 2)) for y in lb)
     return (num / den) ** 0.5
+
+
+def compile_events():
+    """`(durations, stop)`: XLA backend compilations recorded from now until `stop()` (one duration per compile)."""
+    import jax.monitoring
+
+    events = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    return events, lambda: jax.monitoring.unregister_event_duration_listener(listen)

@@ -15,7 +15,6 @@ import stat
 from typing import Any
 
 import jax
-import jax.monitoring
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -27,23 +26,13 @@ from experiments.sweep import figures, grid, programs, tables
 from experiments.sweep import models as sweep_models
 from experiments.sweep.config import fingerprint
 from experiments.sweep.run import SweepError, SweepMemoryError, run_sweep
+from helpers import compile_events
 from sweep_cases import FAST, TINY, base_result, tiny
 
 # float64 runs of 10 GD steps: batched, mapped, sharded and standalone programs differ only in the order of
 # reductions (~1e-16 each); 1e-9 relative leaves room for 10 steps of growth and is 1e6 times below what a wrong
 # key, gamma or learning rate changes (1e-3 and more)
 RTOL = 1e-9
-
-
-def _compiles():
-    events = []
-
-    def listen(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    return events, lambda: jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def _standalone(model_for, loss: str, steps: int):
@@ -143,7 +132,7 @@ def test_chunks_and_resume_give_the_same_numbers_and_reuse_compiled_programs(tmp
         run_sweep(cfg, progress=False, compiler_options=FAST, on_chunk=stop_after_one)
     assert len(list((tmp_path / "chunks").glob("chunk-*.npz"))) == 1 and len(first[0]) == min(D, n)
     assert not list((tmp_path / "chunks").glob(".*"))  # atomic writes leave no partial files
-    events, stop = _compiles()
+    events, stop = compile_events()
     try:
         second = []
         resumed = run_sweep(cfg, progress=False, compiler_options=FAST,
@@ -243,7 +232,7 @@ def test_grid_is_grouped_by_static_structure():
 
 @pytest.fixture
 def no_compile():
-    events, stop = _compiles()
+    events, stop = compile_events()
     yield
     stop()
     assert not events, f"{len(events)} XLA compilation(s) although the input is invalid"

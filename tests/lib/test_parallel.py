@@ -8,12 +8,12 @@ Device-count agnostic: every expectation is computed from `len(jax.devices())`, 
 from __future__ import annotations
 
 import jax
-import jax.monitoring
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from deq_jax import parallel
+from helpers import compile_events
 
 FAST = {"xla_backend_optimization_level": 0}  # compile time, not results: these tests compile small programs
 N = 7  # configurations: a multiple of neither 2 nor 4 devices
@@ -58,24 +58,13 @@ def reference():
     return per_config, shared, _loop(per_config, shared)
 
 
-def _compiles():
-    events = []
-
-    def listen(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    return events, lambda: jax.monitoring.unregister_event_duration_listener(listen)
-
-
 def test_chunked_sharded_run_equals_a_loop_and_shares_one_program(engine, reference):
     per_config, shared, want = reference
     D = len(jax.devices())
     assert engine.n_devices == D and engine.batching == parallel.device_batching(jax.devices())
     est = 10_000  # bytes per configuration, stated by the caller (above what XLA measures for this fn)
     S = sum(a.nbytes for a in shared)
-    events, stop = _compiles()
+    events, stop = compile_events()
     try:
         chunks = list(engine.chunks(per_config, shared, budget_bytes=S + 2 * est, bytes_per_config=est))
         plan = engine.last_plan
@@ -161,7 +150,7 @@ def _typed_keys():
 ])
 def test_bad_input_is_refused_before_compiling(setup, error, match):
     call = setup()
-    events, stop = _compiles()
+    events, stop = compile_events()
     try:
         with pytest.raises(error, match=match):
             call()
