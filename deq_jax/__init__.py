@@ -1,23 +1,61 @@
 """deq_jax: deep equilibrium models in JAX, built around the deep equilibrium linear model (DELM).
 
-    from deq_jax import DELM, solve, DELMMap
-    model = DELM(width=64, out_dim=10, gamma=0.8)          # transposed formulation, direct solve by default
-    params = model.init(jax.random.PRNGKey(0))
-    predictions, stats = model.apply(params, phi)           # stats: iterations, residual, converged
+    import deq_jax as dj
+    sol = dj.solve(dj.TanhMap(0.9), z0, params, x, solver=dj.Anderson(), backward=dj.Implicit())
+    sol.value, sol.stats.converged, dj.Result(int(sol.result)).message
+
+    model = dj.DELM(width=64, out_dim=10, gamma=0.8)
+    step = dj.make_step(model, dj.square, learning_rate=0.1)
+    state = step.init(model.init(jax.random.PRNGKey(0)), phi)
+    state, metrics = step.update(state, phi, y)
+
+The public surface is this namespace and `deq_jax.theory`; every name below is documented in the API reference.
 """
 
-from deq_jax.losses import LOSSES, cross_entropy, get_loss, logistic, square
-from deq_jax.maps import (SIGMAS, DELMMap, DELMTransposedMap, TanhMap, column_softmax, features, get_sigma,
-                          random_projection, row_softmax, scaled_tanh)
-from deq_jax.loop import ChunkEnd, FitResult, fit, stop_on_divergence
-from deq_jax.models import DELM, DELM_SOLVERS, FORMULATIONS, MODELS, REFINE_FROM_WIDTH, DeepLinear, Linear, Model
-from deq_jax.parallel import ParallelMap, parallel_map
-from deq_jax.refine import Refine
-from deq_jax.solve import (BACKWARDS, LINEAR_SOLVERS, SOLVERS, Anderson, BackwardStats, Broyden, Direct, FixedPoint,
-                           Implicit, OneStep, Solution, SolveStats, Unrolled, solve, value_and_grad)
-from deq_jax.train import (DivergenceError, DivergenceWarning, GramData, NonConvergenceError, NonConvergenceWarning,
-                           TrainState, TrainStep, check_converged, full_batch_gd, gram_square_loss, make_chunk,
-                           make_step, minibatch_train, objective, square_gram)
-from deq_jax.warm import DELMWarm, ImplicitStart, StepStats, implicit_value_and_grad
+from deq_jax import theory as theory
+from deq_jax._adjoint import Implicit as Implicit
+from deq_jax._adjoint import OneStep as OneStep
+from deq_jax._adjoint import Unrolled as Unrolled
+from deq_jax._adjoint import value_and_grad as value_and_grad
+from deq_jax._diagnose import DivergenceError as DivergenceError
+from deq_jax._diagnose import DivergenceWarning as DivergenceWarning
+from deq_jax._diagnose import NonConvergenceError as NonConvergenceError
+from deq_jax._diagnose import NonConvergenceWarning as NonConvergenceWarning
+from deq_jax._diagnose import check_converged as check_converged
+from deq_jax._solution import BackwardStats as BackwardStats
+from deq_jax._solution import Result as Result
+from deq_jax._solution import Solution as Solution
+from deq_jax._solution import SolveStats as SolveStats
+from deq_jax._solve import solve as solve
+from deq_jax._solver._base import AbstractSolver as AbstractSolver
+from deq_jax._solver.anderson import Anderson as Anderson
+from deq_jax._solver.broyden import Broyden as Broyden
+from deq_jax._solver.direct import Direct as Direct
+from deq_jax._solver.fixed_point import FixedPoint as FixedPoint
+from deq_jax._solver.refine import Refine as Refine
+from deq_jax.loop import ChunkEnd as ChunkEnd
+from deq_jax.loop import fit as fit
+from deq_jax.losses import cross_entropy as cross_entropy
+from deq_jax.losses import logistic as logistic
+from deq_jax.losses import square as square
+from deq_jax.maps import DELMMap as DELMMap
+from deq_jax.maps import DELMTransposedMap as DELMTransposedMap
+from deq_jax.maps import TanhMap as TanhMap
+from deq_jax.maps import column_softmax as column_softmax
+from deq_jax.maps import random_projection as random_projection
+from deq_jax.maps import row_softmax as row_softmax
+from deq_jax.maps import scaled_tanh as scaled_tanh
+from deq_jax.models import DELM as DELM
+from deq_jax.models import DeepLinear as DeepLinear
+from deq_jax.models import Linear as Linear
+from deq_jax.models import Model as Model
+from deq_jax.models import Warm as Warm
+from deq_jax.train import GramData as GramData
+from deq_jax.train import TrainState as TrainState
+from deq_jax.train import TrainStep as TrainStep
+from deq_jax.train import full_batch_gd as full_batch_gd
+from deq_jax.train import make_chunk as make_chunk
+from deq_jax.train import make_step as make_step
+from deq_jax.train import square_gram as square_gram
 
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 protocol that a user's own model (e.g. a tanh DEQ built on `deq_jax.solve`) follows to use the training helpers.
 
 All models act on features `phi` of shape `(n, m)` (samples as rows; `deq_jax.maps.features` computes them) and
-return predictions `(n, m_y)` plus solver statistics (`None` for the explicit models). Each built-in model exposes
+return predictions `(n, m_y)` plus the equilibrium solve's `Solution` (`None` for the explicit models). Each built-in model exposes
 its end-to-end matrix `W` of shape `(m_y, m)` with `predictions = phi @ W.T`.
 
 The model objects are frozen dataclasses (hashable), so they can be closed over or passed as static arguments.
@@ -10,55 +10,68 @@ The model objects are frozen dataclasses (hashable), so they can be closed over 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Callable, Optional, Protocol, Union, runtime_checkable
+from typing import Any, NamedTuple, Optional, Protocol, Union, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 
 from deq_jax import _checks
+from deq_jax._adjoint import Backward, Unrolled, as_backward
+from deq_jax._solution import Solution
+from deq_jax._solve import as_solver, solve
+from deq_jax._solver._base import AbstractSolver
+from deq_jax._solver.refine import Refine
 from deq_jax.maps import DELMMap, DELMTransposedMap, Sigma, get_sigma
-from deq_jax import warm as warm_lib
-from deq_jax.refine import Refine
-from deq_jax.solve import SOLVERS, Backward, Solution, SolveStats, Solver, as_backward, as_solver, solve
-from deq_jax.warm import DELMWarm, StepStats
 
 Array = jax.Array
 Params = dict
 
 FORMULATIONS = ("transposed", "per_sample")
-#: the DELM's solvers: those of `deq_jax.solve`, and "refine" (LU factors kept across training steps)
-DELM_SOLVERS: dict[str, Callable[[], Any]] = {**SOLVERS, "refine": Refine}
 #: `solver="auto"` is "direct" below this width and "refine" from it on: a warm-started transposed step with kept
 #: LU factors was measured faster than refactorising every step from m = 256 on (equal at 128, slower at 64: there
 #: the factorisation costs less than the refinement's loops)
 REFINE_FROM_WIDTH = 256
 
 
+class Warm(NamedTuple):
+    """What a model carries from one training step to the next (each field None where nothing is carried).
+
+    `state`: the last equilibrium, the next forward solve's start (`Solution.value`); `adjoint`: the last backward
+    solution, the next backward solve's start (`solve(..., adjoint_start=...)`); `solver_state`: what the solver
+    left (`Solution.state`, e.g. `Refine`'s LU factors)."""
+
+    state: Any = None
+    adjoint: Any = None
+    solver_state: Any = None
+
+
 @runtime_checkable
 class Model(Protocol):
-    """What the training helpers (`make_step`, `full_batch_gd`, `minibatch_train`) need of a model.
+    """What the training helpers (`make_step`, `full_batch_gd`, `fit`) need of a model: all four methods.
 
-    Required:
     - `init(key, dtype) -> params`: a pytree of float arrays;
-    - `apply(params, phi) -> (predictions, stats)`: predictions `(n, m_y)` for features `phi` `(n, m)`, and the
-      equilibrium solve's `SolveStats` (None for a model without one). Differentiable in `params`.
-    Optional, each enabling a route:
-    - `end_to_end(params) -> W` with `predictions = phi @ W.T`: the square loss's Gram route (`GramData`);
-    - `warm_start(params, phi, previous=None) -> warm` and
-      `warm_value_and_grad(params, phi, objective, warm) -> (value, grads, warm, StepStats)`, with
-      `objective(params, predictions) -> scalar`: solves started from the last step's solution (see `deq_jax.warm`;
-      `implicit_value_and_grad` builds the second for any map);
-    - `end_to_end_value_and_grad(params, objective, warm)`, `objective(params, W)`: the same on the Gram route.
+    - `apply(params, phi, warm=None) -> (predictions, solution)`: predictions `(n, m_y)` for features `phi`
+      `(n, m)` and the equilibrium solve's `Solution` (None for a model without one), its solves started from
+      `warm` (a `Warm`, or None: cold starts). Differentiable in `params`.
+    - `warm_start(params, phi=None, previous=None) -> Warm | None`: what the first step on `phi` carries (None:
+      nothing, e.g. an explicit model, or a solve differentiated through its loop); `phi=None` is the end-to-end
+      route; `previous` is the state after steps on other samples (keep what does not depend on them).
+    - `end_to_end_solution(params, warm=None) -> (W, solution)`: for models linear in the features
+      (`predictions = phi @ W.T`), the end-to-end matrix: the square loss's Gram route uses it. Models that are not
+      linear in the features raise `ValueError`.
+    A step carries `Warm(solution.value, u, solution.state)` with `u` the backward solution (see `deq_jax.solve`).
     """
 
     def init(self, key: Array, dtype: Any = jnp.float32) -> Any: ...
 
-    def apply(self, params: Any, phi: Array) -> tuple[Array, Optional[SolveStats]]: ...
+    def apply(self, params: Any, phi: Array, warm: Optional[Warm] = None) -> tuple[Array, Optional[Solution]]: ...
 
+    def warm_start(self, params: Any, phi: Optional[Array] = None, previous: Optional[Warm] = None
+                   ) -> Optional[Warm]: ...
 
-def _is_refine(solver: Any) -> bool:
-    return isinstance(solver, Refine) or (isinstance(solver, str) and solver == "refine")
+    def end_to_end_solution(self, params: Any, warm: Optional[Warm] = None) -> tuple[Array, Optional[Solution]]: ...
 
 
 def _check_phi(phi: Any, width: int) -> None:
@@ -75,16 +88,13 @@ class DELM:
     - `"transposed"` (default): solve the end-to-end equilibrium `W = B + gamma W sigma(A)` (m_y right-hand sides),
       then predict `phi @ W.T`; cost O(m^3 + m m_y n) per step.
     - `"per_sample"`: solve `z_i = gamma sigma(A) z_i + phi_i` for all n samples (the generic DEQ form), predict
-      `z @ B.T`; cost O(m^2 n) per iteration.
-    Both go through any `solver` and `backward` of `deq_jax.solve` and give the same loss and gradients.
-    `solver="refine"` (or `Refine(...)`) keeps the LU factors of an earlier `U` across training steps and refines
-    to tolerance (`deq_jax.refine`); without carried state (`apply`) it is the direct solve. The default "auto"
-    becomes "direct" below `REFINE_FROM_WIDTH` = 256 and "refine" from there on (measured crossover).
+      `z @ B.T`; cost O(m^2 n) per iteration. Every sample is judged by the rule (`batch_axis=0`).
+    Both go through any `solver` and `backward` of `deq_jax.solve` and give the same loss and gradients. The
+    default "auto" becomes `Direct` below `REFINE_FROM_WIDTH` = 256 and `Refine` from there on (measured crossover);
+    `Refine` without carried state factorises, as `Direct` does.
 
-    In training (`make_step` with `warm_start=True`) each step starts its solves from the previous step's solution
-    and computes the gradient explicitly (`deq_jax.warm`): `warm_start`, `warm_value_and_grad`,
-    `end_to_end_value_and_grad`. There `Implicit(tol, maxiter)` set the adjoint solve's tolerance and iteration cap;
-    the adjoint is solved by the forward solver (`Implicit.linear_solver` applies to `apply`'s backward).
+    In training (`make_step` with `warm_start=True`) each step starts its forward and backward solves from the
+    previous step's solutions and keeps `Refine`'s factors: `warm_start` says what is carried.
     """
 
     width: int
@@ -92,25 +102,22 @@ class DELM:
     gamma: float = 0.8
     sigma: Union[str, Sigma] = "column_softmax"
     formulation: str = "transposed"
-    solver: Union[str, Solver] = "auto"
+    solver: Union[str, AbstractSolver] = "auto"
     backward: Union[str, Backward] = "implicit"
     tol: float = 1e-5
     maxiter: int = 100
     precision: Optional[str] = "highest"
     init_scale: float = 0.1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _checks.check_positive("width", self.width, integer=True)
         _checks.check_positive("out_dim", self.out_dim, integer=True)
         _checks.check_open_unit("gamma", self.gamma)
         get_sigma(self.sigma)
         _checks.check_choice("formulation", self.formulation, FORMULATIONS)
-        if isinstance(self.solver, str):
-            _checks.check_choice("solver", self.solver, (*DELM_SOLVERS, "auto"))
-            if self.solver == "auto":  # resolved once, so that model.solver says what runs
-                object.__setattr__(self, "solver", "refine" if self.width >= REFINE_FROM_WIDTH else "direct")
-        if not _is_refine(self.solver):
-            as_solver(self.solver)
+        if self.solver == "auto":  # resolved once, so that model.solver says what runs
+            object.__setattr__(self, "solver", "refine" if self.width >= REFINE_FROM_WIDTH else "direct")
+        as_solver(self.solver)
         as_backward(self.backward)
         _checks.check_positive("tol", self.tol)
         _checks.check_positive("maxiter", self.maxiter, integer=True)
@@ -125,6 +132,7 @@ class DELM:
         }
 
     def check_params(self, params: Params) -> None:
+        """Raise `ValueError` naming the problem unless `params` is `{"A": (m, m), "B": (m_y, m)}` of floats."""
         if not isinstance(params, dict) or set(params) != {"A", "B"}:
             got = sorted(params) if isinstance(params, dict) else type(params).__name__
             raise ValueError(f"params must be a dict with keys ['A', 'B']; got {got}")
@@ -133,60 +141,63 @@ class DELM:
         _checks.check_shape("params['A']", params["A"], (m, m), f"A is m x m with m = width = {m}")
         _checks.check_shape("params['B']", params["B"], (m_y, m), f"B is m_y x m with m_y = out_dim = {m_y}, m = {m}")
 
-    def _solve(self, f, z0, params, x, batch_axis=None) -> Solution:
-        solver = "direct" if _is_refine(self.solver) else self.solver  # no carried factors: factorise now
-        return solve(f, z0, params, x, solver=solver, backward=self.backward, tol=self.tol,
-                     maxiter=self.maxiter, precision=self.precision, batch_axis=batch_axis)
+    def _solve(self, f: Any, z0: Array, params: Params, x: Array, warm: Optional[Warm],
+               batch_axis: Optional[int] = None) -> Solution:
+        warm = warm or Warm()
+        start = z0 if warm.state is None else warm.state
+        return solve(f, start, {"A": params["A"]}, x, solver=self.solver, backward=self.backward, tol=self.tol,
+                     maxiter=self.maxiter, precision=self.precision, batch_axis=batch_axis,
+                     solver_state=warm.solver_state, adjoint_start=warm.adjoint)
 
-    def end_to_end_solution(self, params: Params) -> Solution:
-        """The end-to-end matrix `W = B (I - gamma sigma(A))^{-1}` as the equilibrium `W = B + gamma W sigma(A)`."""
+    def end_to_end_solution(self, params: Params, warm: Optional[Warm] = None) -> tuple[Array, Solution]:
+        """The end-to-end matrix `W = B (I - gamma sigma(A))^{-1}` as the equilibrium `W = B + gamma W sigma(A)`,
+        and its `Solution`."""
         self.check_params(params)
         f = DELMTransposedMap(self.gamma, self.sigma)
-        return self._solve(f, jnp.zeros_like(params["B"]), {"A": params["A"]}, params["B"])
+        sol = self._solve(f, jnp.zeros_like(params["B"]), params, params["B"], warm)
+        return sol.value, sol
 
     def end_to_end(self, params: Params) -> Array:
-        return self.end_to_end_solution(params).value
+        """`W` `(m_y, m)` with `predictions = phi @ W.T` (a cold solve)."""
+        return self.end_to_end_solution(params)[0]
 
-    def apply(self, params: Params, phi: Array) -> tuple[Array, SolveStats]:
-        """Predictions `(n, m_y)` and the solve's statistics."""
+    def apply(self, params: Params, phi: Array, warm: Optional[Warm] = None) -> tuple[Array, Solution]:
+        """Predictions `(n, m_y)` and the solve's `Solution`, its solves started from `warm`."""
         self.check_params(params)
         _check_phi(phi, self.width)
         if self.formulation == "transposed":
-            sol = self.end_to_end_solution(params)
-            return phi @ sol.value.T, sol.stats
+            W, sol = self.end_to_end_solution(params, warm)
+            return phi @ W.T, sol
         f = DELMMap(self.gamma, self.sigma)
-        # per sample: each sample's residual is judged, so one sample far from its equilibrium is seen
-        sol = self._solve(f, jnp.zeros_like(phi), {"A": params["A"]}, phi, batch_axis=0)
-        return sol.value @ params["B"].T, sol.stats
+        sol = self._solve(f, jnp.zeros_like(phi), params, phi, warm, batch_axis=0)
+        return sol.value @ params["B"].T, sol
 
-    # ------------------------------------------------------------------------- warm-started training (deq_jax.warm)
+    def warm_start(self, params: Params, phi: Optional[Array] = None, previous: Optional[Warm] = None
+                   ) -> Optional[Warm]:
+        """The state carried into the first step on `phi` (None: the end-to-end route, e.g. `GramData`).
 
-    def warm_start(self, params: Params, phi: Optional[Array] = None, previous: Optional[DELMWarm] = None
-                   ) -> Optional[DELMWarm]:
-        """The solver state carried into the first step on `phi` (None: the end-to-end route, e.g. `GramData`).
-
-        Carried: W and dL/dB (end-to-end; kept from `previous` when the samples change) or z and u per sample
-        (reset when they change); the LU factors for "refine". None for `backward="unrolled"`."""
+        Carried: W and its adjoint `dL/dB` (end-to-end; kept from `previous` when the samples change) or z and u per
+        sample (zero when they change), and the solver's state (`Refine`'s factors, kept). None for
+        `backward="unrolled"` (differentiated through its loop; nothing to carry)."""
         self.check_params(params)
+        if isinstance(as_backward(self.backward), Unrolled):
+            return None
+        end_to_end = phi is None or self.formulation == "transposed"
         if phi is not None:
             _check_phi(phi, self.width)
-        return warm_lib.delm_warm_start(self, params, phi, previous)
-
-    def warm_value_and_grad(self, params: Params, phi: Array, objective: Callable, warm: DELMWarm
-                            ) -> tuple[Array, Params, DELMWarm, StepStats]:
-        """`objective(params, predictions)`'s value and gradient, solves started from `warm`; the new `warm`."""
-        self.check_params(params)
-        _check_phi(phi, self.width)
-        if self.formulation == "transposed":
-            return self.end_to_end_value_and_grad(params, lambda p, W: objective(p, phi @ W.T), warm)
-        return warm_lib.delm_value_and_grad(self, params, lambda p, z: objective(p, z @ p["B"].T), warm,
-                                            end_to_end=False, phi=phi)
-
-    def end_to_end_value_and_grad(self, params: Params, objective: Callable, warm: DELMWarm
-                                  ) -> tuple[Array, Params, DELMWarm, StepStats]:
-        """`objective(params, W)`'s value and gradient at `W = B U^{-1}`, solves started from `warm`."""
-        self.check_params(params)
-        return warm_lib.delm_value_and_grad(self, params, objective, warm, end_to_end=True)
+        if previous is not None and end_to_end:
+            return previous
+        zeros = jnp.zeros(params["B"].shape if end_to_end else phi.shape, params["B"].dtype)  # type: ignore[union-attr]
+        if previous is not None:
+            return Warm(zeros, zeros, previous.solver_state)
+        solver = as_solver(self.solver)
+        if not isinstance(solver, Refine):
+            return Warm(zeros, zeros)
+        # the factors of the equation z K = c: K = U end-to-end (W U = B), K = U^T per sample (z U^T = phi)
+        U = jnp.eye(self.width, dtype=params["A"].dtype) - self.gamma * get_sigma(self.sigma)(
+            jax.lax.stop_gradient(params["A"]))
+        with jax.default_matmul_precision(self.precision) if self.precision else contextlib.nullcontext():
+            return Warm(zeros, zeros, solver.initial_state(U if end_to_end else U.T))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,9 +223,19 @@ class Linear:
         _checks.check_shape("params['W']", params["W"], (self.out_dim, self.width))
 
     def end_to_end(self, params: Params) -> Array:
+        """`W` itself."""
         return params["W"]
 
-    def apply(self, params: Params, phi: Array) -> tuple[Array, None]:
+    def end_to_end_solution(self, params: Params, warm: Optional[Warm] = None) -> tuple[Array, None]:
+        """`(W, None)`: nothing is solved."""
+        return self.end_to_end(params), None
+
+    def warm_start(self, params: Params, phi: Optional[Array] = None, previous: Optional[Warm] = None) -> None:
+        """None: an explicit model carries nothing between steps."""
+        return None
+
+    def apply(self, params: Params, phi: Array, warm: Optional[Warm] = None) -> tuple[Array, None]:
+        """Predictions `phi @ W.T` and no solution."""
         self.check_params(params)
         _check_phi(phi, self.width)
         return phi @ params["W"].T, None
@@ -264,17 +285,22 @@ class DeepLinear:
             _checks.check_shape(f"params['layers'][{k}]", W, s)
 
     def end_to_end(self, params: Params) -> Array:
+        """The product `W_H ... W_1` `(m_y, m)`."""
         W = params["layers"][0]
         for layer in params["layers"][1:]:
             W = layer @ W
         return W
 
-    def apply(self, params: Params, phi: Array) -> tuple[Array, None]:
+    def end_to_end_solution(self, params: Params, warm: Optional[Warm] = None) -> tuple[Array, None]:
+        """`(W_H ... W_1, None)`: nothing is solved."""
+        return self.end_to_end(params), None
+
+    def warm_start(self, params: Params, phi: Optional[Array] = None, previous: Optional[Warm] = None) -> None:
+        """None: an explicit model carries nothing between steps."""
+        return None
+
+    def apply(self, params: Params, phi: Array, warm: Optional[Warm] = None) -> tuple[Array, None]:
         """`phi @ (W_H ... W_1).T`: the product first (O(H m^2 h)), not layer by layer over samples (O(n H m h))."""
         self.check_params(params)
         _check_phi(phi, self.width)
         return phi @ self.end_to_end(params).T, None
-
-
-#: the built-in models by name, e.g. for an application's config (`MODELS[name](width=..., out_dim=..., ...)`)
-MODELS: dict[str, Callable[..., Model]] = {"delm": DELM, "linear": Linear, "deep_linear": DeepLinear}

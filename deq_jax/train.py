@@ -1,5 +1,6 @@
-"""Training: one step (`make_step`), compiled chunks of steps (`make_chunk`), full-batch gradient descent (the
-theory's setting, one `lax.scan` that `vmap` batches over seeds) and mini-batch training, all built on that step.
+"""Training: one step (`make_step`) for any `Model`, compiled chunks of steps (`make_chunk`, driven from the host
+by `deq_jax.fit`), and full-batch gradient descent (the theory's setting, one `lax.scan` that `vmap` batches over
+seeds), all built on that one step.
 
 A step is a pair of pure functions, as an optax transformation is:
 
@@ -7,13 +8,14 @@ A step is a pair of pure functions, as an optax transformation is:
     state = step.init(params, phi)                          # TrainState(params, opt_state, warm)
     state, metrics = step.update(state, phi, y)
 
-`state.warm` carries the solver state between steps (the last equilibrium, the last backward solution, LU factors;
-see `deq_jax.warm`), so each solve starts from the previous step's solution. Calling the step object directly,
-`step(params, opt_state, phi, y) -> (params, opt_state, metrics)`, is a step with nothing carried.
+`state.warm` (a `deq_jax.models.Warm`) carries the solves' state between steps: the last equilibrium, the last
+backward solution and the solver's state (e.g. `Refine`'s LU factors), so each solve starts from the previous
+step's solution. The gradient is always `deq_jax.value_and_grad` of the loss through the model's solve: one
+implicit adjoint, whose backward solution comes back as the cotangent of its start (see `deq_jax.solve`).
+Calling the step object directly, `step(params, opt_state, phi, y) -> (params, opt_state, metrics)`, is a step
+with nothing carried.
 
-Every step's metrics carry the solves' statistics; `check_converged` turns a history into a verdict: a diverged run
-(loss NaN/inf or growing) is reported as divergence with the step size named, a solver that missed its tolerance as
-such, with advice that fits the solver.
+Every step's metrics carry the solves' statistics; `check_converged` turns a history into a verdict.
 """
 
 from __future__ import annotations
@@ -26,16 +28,10 @@ import jax.numpy as jnp
 import optax
 
 from deq_jax import _checks
-from deq_jax.diagnose import (DivergenceError, DivergenceWarning, NonConvergenceError, NonConvergenceWarning,
-                              check_converged)
+from deq_jax._adjoint import value_and_grad
+from deq_jax._solution import Solution
 from deq_jax.losses import Loss, get_loss, square
-from deq_jax.models import Model
-from deq_jax.solve import value_and_grad as value_and_grad_with_backward_stats
-from deq_jax.warm import StepStats
-
-__all__ = ["TrainState", "TrainStep", "GramData", "square_gram", "gram_square_loss", "objective", "make_step",
-           "make_chunk", "full_batch_gd", "minibatch_train", "check_converged", "NonConvergenceWarning",
-           "NonConvergenceError", "DivergenceWarning", "DivergenceError"]
+from deq_jax.models import Model, Warm
 
 Array = jax.Array
 Metrics = dict
@@ -43,11 +39,11 @@ Penalty = Callable[[Any], Array]
 
 
 class TrainState(NamedTuple):
-    """Everything a step carries: the parameters, the optimizer state and the solver state (None: cold starts)."""
+    """Everything a step carries: the parameters, the optimizer state and the solves' state (None: cold starts)."""
 
     params: Any
     opt_state: Any
-    warm: Any = None
+    warm: Optional[Warm] = None
 
 
 # ----------------------------------------------------------------------------- the square loss's Gram route
@@ -77,7 +73,7 @@ def square_gram(phi: Array, y: Array) -> GramData:
         return GramData(phi.T @ phi / n, phi.T @ y / n, jnp.sum(y * y) / n)
 
 
-def gram_square_loss(W: Array, gram: GramData) -> Array:
+def _gram_square_loss(W: Array, gram: GramData) -> Array:
     """`1/2 <W C, W> - <W, D^T> + yy/2`: the square loss of predictions `Phi W^T` (equal to `losses.square`)."""
     return 0.5 * jnp.sum((W @ gram.C) * W) - jnp.sum(W * gram.D.T) + 0.5 * gram.yy
 
@@ -92,51 +88,23 @@ def _penalty(penalty: Optional[Penalty]) -> Penalty:
     return penalty
 
 
-def objective(model: Model, loss: Union[str, Loss], penalty: Optional[Penalty] = None) -> Callable:
-    """`objective(params, phi, y) -> (L, stats)`: the training loss (+ `penalty(params)`) and the solve's stats.
-
-    `penalty(params) -> scalar` is any regulariser, e.g. weight decay, or `(l2/2) |W|_F^2` on a DELM's end-to-end
-    matrix: `lambda p: 0.5 * l2 * jnp.sum(model.end_to_end(p) ** 2)` (with the direct solver XLA shares the LU
-    with the prediction's; other solvers solve once more)."""
-    loss_fn, pen = get_loss(loss), _penalty(penalty)
-
-    def fn(params, phi, y):
-        predictions, stats = model.apply(params, phi)
-        return loss_fn(predictions, y) + pen(params), stats
-
-    return fn
-
-
-def _solver_metrics(stats: Any, dtype: Any) -> Metrics:
-    if stats is None:  # explicit models: nothing to solve
+def _solver_metrics(sol: Optional[Solution], dtype: Any) -> Metrics:
+    if sol is None:  # explicit models: nothing to solve
         zero = jnp.zeros((), dtype)
         return {"iterations": jnp.zeros((), jnp.int32), "residual": zero, "relative_residual": zero,
-                "converged": jnp.ones((), bool)}
-    return {"iterations": stats.iterations, "residual": stats.residual,
-            "relative_residual": stats.relative_residual, "converged": stats.converged}
+                "converged": jnp.ones((), bool), "factorisations": jnp.zeros((), jnp.int32)}
+    stats = sol.stats
+    return {"iterations": stats.iterations, "residual": stats.residual, "relative_residual": stats.relative_residual,
+            "converged": stats.converged, "factorisations": stats.factorisations}
 
 
-def _metrics(value: Array, grads: Any, stats: Any, extra: Optional[Metrics] = None) -> Metrics:
-    """A step's metrics, built here only: loss (before the update), grad_norm, the forward solve's iterations,
-    residual, relative_residual, converged; where the step solved the backward (adjoint) system itself (carried
-    state) also `backward_solves`, `backward_failures` (solves that missed their tolerance), `backward_nonfinite`,
-    `backward_relative_residual` (summed over the solves), `backward_iterations`, and `refactored` (an LU was
-    computed this step, solver "refine")."""
-    step_stats = stats if isinstance(stats, StepStats) else StepStats(stats)
-    metrics = {"loss": value, "grad_norm": optax.tree.norm(grads), **_solver_metrics(step_stats.forward, value.dtype)}
-    if step_stats.backward is not None:
-        b = step_stats.backward
-        upstream = jnp.isfinite(value) & jnp.isfinite(step_stats.forward.residual)  # else: divergence upstream
-        metrics.update(backward_solves=jnp.ones((), jnp.int32),
-                       backward_failures=(upstream & ~b.converged).astype(jnp.int32),
-                       backward_nonfinite=(~upstream).astype(jnp.int32),
-                       backward_relative_residual=jnp.where(upstream, b.relative_residual, 0.0),
-                       backward_iterations=b.iterations)
-    if step_stats.refactored is not None:
-        metrics["refactored"] = step_stats.refactored
-    if extra:  # e.g. the backward statistics of an autodiff step
-        metrics.update(extra)
-    return metrics
+def _metrics(value: Array, grads: Any, sol: Optional[Solution], backward: Any) -> Metrics:
+    """A step's metrics, built here only: `loss` (before the update), `grad_norm`, the forward solve's
+    `iterations`, `residual`, `relative_residual`, `converged`, `factorisations`, and the implicit backward's
+    `backward_solves`, `backward_failures` (solves that missed their tolerance), `backward_nonfinite`,
+    `backward_relative_residual` (summed over the solves) and `backward_iterations`."""
+    return {"loss": value, "grad_norm": optax.tree.norm(grads), **_solver_metrics(sol, value.dtype),
+            **backward.metrics()}
 
 
 def _optimizer(optimizer: Optional[optax.GradientTransformation], learning_rate: Any) -> optax.GradientTransformation:
@@ -156,7 +124,7 @@ def _optimizer(optimizer: Optional[optax.GradientTransformation], learning_rate:
 class TrainStep:
     """A training step as a pair of pure functions (jit-compiled unless `make_step(..., jit=False)`).
 
-    - `init(params, phi) -> TrainState`: optimizer state and the solver state for data `phi` (or `GramData`);
+    - `init(params, phi) -> TrainState`: optimizer state and the solves' state for data `phi` (or `GramData`);
     - `update(state, phi, y) -> (TrainState, metrics)`: one step; `phi` may be `GramData` (then `y` is unused);
     - `rebatch(state, phi) -> TrainState`: keep from `state.warm` what does not depend on the samples, for a step on
       other samples (mini-batches);
@@ -168,7 +136,7 @@ class TrainStep:
     rebatch: Callable
     cold: Callable
 
-    def __call__(self, params, opt_state, phi, y):
+    def __call__(self, params: Any, opt_state: Any, phi: Any, y: Any) -> tuple[Any, Any, Metrics]:
         return self.cold(params, opt_state, phi, y)
 
 
@@ -178,63 +146,54 @@ def make_step(model: Model, loss: Union[str, Loss], optimizer: Optional[optax.Gr
     """The training step of `model` on `loss(predictions, y) + penalty(params)`.
 
     Args:
-      model: any `Model` (init/apply); the built-ins or a user's own.
-      loss: a name of `LOSSES` or a callable `loss(predictions, targets) -> scalar`.
+      model: any `Model` (the built-ins or a user's own).
+      loss: a callable `loss(predictions, targets) -> scalar` (`square`, `cross_entropy`, `logistic` or your own;
+        their names are accepted too).
       optimizer: an optax transformation; or give `learning_rate` for plain SGD (exactly one of the two).
       penalty: `penalty(params) -> scalar` added to the loss (e.g. weight decay), differentiated with it.
-      warm_start: carry the solver state between steps (models with `warm_start`, e.g. the DELM); the solves are
-        judged by a start-independent rule, so this changes the cost of a step, not what counts as converged.
-    Gradients go through the model's backward mode (implicit differentiation by default).
+      warm_start: carry the solves' state between steps (`model.warm_start`); the solves are judged by a
+        start-independent rule, so this changes the cost of a step, not what counts as converged.
+      jit: compile `init`, `update` and `rebatch`.
+    Returns:
+      A `TrainStep`. Gradients go through the model's backward (implicit differentiation by default).
     """
     loss_fn, pen = get_loss(loss), _penalty(penalty)
     optimizer = _optimizer(optimizer, learning_rate)
-    # autodiff through the model; implicit backward solves inside it report their statistics (never silent)
-    plain = value_and_grad_with_backward_stats(objective(model, loss, penalty), has_aux=True)
-    warm_capable = warm_start and hasattr(model, "warm_start") and hasattr(model, "warm_value_and_grad")
 
-    def gram_value_and_grad(params, gram, warm):
-        if loss_fn is not square:
-            raise ValueError("GramData (C = Phi^T Phi / n, D = Phi^T Y / n) serves the square loss only; "
-                             f"got loss {getattr(loss, '__name__', loss)!r}: pass the features and targets instead")
-        if not hasattr(model, "end_to_end"):
-            raise ValueError(f"GramData needs a model with end_to_end(params) (predictions phi @ W.T); "
-                             f"{type(model).__name__} has none: pass the features and targets instead")
-        obj = lambda p, W: gram_square_loss(W, gram) + pen(p)
-        if warm is not None and hasattr(model, "end_to_end_value_and_grad"):
-            return (*model.end_to_end_value_and_grad(params, obj, warm), None)
-
-        def fn(p):
-            if hasattr(model, "end_to_end_solution"):  # the DELM: keep the solve's statistics
-                sol = model.end_to_end_solution(p)
-                return obj(p, sol.value), sol.stats
-            return obj(p, model.end_to_end(p)), None
-
-        # as on the samples route: implicit backward solves report their statistics (a failure is data)
-        (value, stats), grads, backward = value_and_grad_with_backward_stats(fn, has_aux=True)(params)
-        return value, grads, warm, stats, backward.metrics()
-
-    def init(params, phi):
-        opt_state = optimizer.init(params)
-        if not warm_capable:
-            return TrainState(params, opt_state, None)
-        return TrainState(params, opt_state, model.warm_start(params, None if isinstance(phi, GramData) else phi))
-
-    def update(state, phi, y):
-        params, opt_state, warm = state
-        extra = None
+    def objective(params: Any, phi: Any, y: Any, warm: Optional[Warm]) -> tuple[Array, Optional[Solution]]:
         if isinstance(phi, GramData):
-            value, grads, warm, stats, extra = gram_value_and_grad(params, phi, warm)
-        elif warm is not None:
-            value, grads, warm, stats = model.warm_value_and_grad(
-                params, phi, lambda p, predictions: loss_fn(predictions, y) + pen(p), warm)
-        else:
-            (value, stats), grads, backward = plain(params, phi, y)
-            extra = backward.metrics()
+            if loss_fn is not square:
+                raise ValueError("GramData (C = Phi^T Phi / n, D = Phi^T Y / n) serves the square loss only; "
+                                 f"got loss {getattr(loss, '__name__', loss)!r}: pass the features and targets")
+            W, sol = model.end_to_end_solution(params, warm)
+            return _gram_square_loss(W, phi) + pen(params), sol
+        predictions, sol = model.apply(params, phi, warm)
+        return loss_fn(predictions, y) + pen(params), sol
+
+    def gradient(params: Any, phi: Any, y: Any, warm: Optional[Warm]) -> tuple[Any, ...]:
+        if warm is None:
+            (value, sol), grads, backward = value_and_grad(
+                lambda p: objective(p, phi, y, None), has_aux=True)(params)
+            return value, grads, sol, backward, None
+        # the backward solution leaves the implicit solve as the cotangent of its start: carried on
+        (value, sol), (grads, adjoint), backward = value_and_grad(
+            lambda p, u: objective(p, phi, y, warm._replace(adjoint=u)), argnums=(0, 1), has_aux=True
+        )(params, warm.adjoint)
+        return value, grads, sol, backward, Warm(sol.value, adjoint, sol.state)
+
+    def init(params: Any, phi: Any) -> TrainState:
+        opt_state = optimizer.init(params)
+        warm = model.warm_start(params, None if isinstance(phi, GramData) else phi) if warm_start else None
+        return TrainState(params, opt_state, warm)
+
+    def update(state: TrainState, phi: Any, y: Any) -> tuple[TrainState, Metrics]:
+        params, opt_state, warm = state
+        value, grads, sol, backward, warm = gradient(params, phi, y, warm)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return TrainState(params, opt_state, warm), _metrics(value, grads, stats, extra)
+        return TrainState(params, opt_state, warm), _metrics(value, grads, sol, backward)
 
-    def rebatch(state, phi):
+    def rebatch(state: TrainState, phi: Any) -> TrainState:
         if state.warm is None:
             return state
         return state._replace(warm=model.warm_start(state.params, phi, previous=state.warm))
@@ -242,7 +201,7 @@ def make_step(model: Model, loss: Union[str, Loss], optimizer: Optional[optax.Gr
     wrap = jax.jit if jit else (lambda f: f)
     init, update, rebatch = wrap(init), wrap(update), wrap(rebatch)
 
-    def cold(params, opt_state, phi, y):  # the compiled `update` itself, with nothing carried
+    def cold(params: Any, opt_state: Any, phi: Any, y: Any) -> tuple[Any, Any, Metrics]:
         state, metrics = update(TrainState(params, opt_state, None), phi, y)
         return state.params, state.opt_state, metrics
 
@@ -256,7 +215,7 @@ def make_chunk(step: TrainStep, length: int, *, record: Optional[Callable[[Any],
     """`run(state, phi, y) -> (state, history)`: `length` steps in one `lax.scan` (one compiled program).
 
     `history[k]` has a leading axis of length `length`; `record(params) -> dict` adds arrays computed at the params
-    each step's loss is evaluated at (e.g. the end-to-end W). `deq_jax.loop.fit` drives such chunks from the host.
+    each step's loss is evaluated at (e.g. the end-to-end W). `deq_jax.fit` drives such chunks from the host.
     """
     _checks.check_positive("length", length, integer=True)
 
@@ -269,13 +228,6 @@ def make_chunk(step: TrainStep, length: int, *, record: Optional[Callable[[Any],
         return jax.lax.scan(body, state, None, length=length)
 
     return jax.jit(run) if jit else run
-
-
-def _check_data(phi: Any, y: Any) -> None:
-    _checks.check_float_array("phi", phi)
-    _checks.check_ndim("phi", phi, (2,))
-    if jnp.shape(y)[:1] != jnp.shape(phi)[:1]:
-        raise ValueError(f"y must have one row per row of phi ({jnp.shape(phi)[0]}); got shape {jnp.shape(y)}")
 
 
 def full_batch_gd(model: Model, loss: Union[str, Loss], params: Any, phi: Array, y: Array, *, steps: int,
@@ -298,32 +250,8 @@ def full_batch_gd(model: Model, loss: Union[str, Loss], params: Any, phi: Array,
     return state.params, history
 
 
-def minibatch_train(model: Model, loss: Union[str, Loss], params: Any, phi: Array, y: Array, *, key: Array,
-                    optimizer: optax.GradientTransformation, batch_size: int, epochs: int,
-                    penalty: Optional[Penalty] = None, warm_start: bool = True) -> tuple[Any, Metrics]:
-    """Mini-batch training (e.g. with `optax.adam`): each epoch a fresh permutation, the last partial batch
-    dropped, all epochs in one compiled `lax.scan`. History has shape `(epochs, batches_per_epoch)` per metric.
-
-    With `warm_start`, what does not depend on the samples carries from batch to batch (the DELM's end-to-end W,
-    dL/dB and LU factors); a per-sample equilibrium z starts from zero on each new batch."""
-    _checks.check_positive("batch_size", batch_size, integer=True)
-    _checks.check_positive("epochs", epochs, integer=True)
-    _check_data(phi, y)
-    n = phi.shape[0]
-    if batch_size > n:
-        raise ValueError(f"batch_size must be at most the number of samples ({n}); got {batch_size}")
-    batches = n // batch_size
-    step = make_step(model, loss, optimizer, penalty=penalty, warm_start=warm_start, jit=False)
-
-    def epoch(state, epoch_key):
-        order = jax.random.permutation(epoch_key, n)[: batches * batch_size].reshape(batches, batch_size)
-
-        def body(state, idx):
-            phi_b = phi[idx]
-            return step.update(step.rebatch(state, phi_b), phi_b, y[idx])
-
-        return jax.lax.scan(body, state, order)
-
-    state = step.init(params, phi[:batch_size])
-    state, history = jax.lax.scan(epoch, state, jax.random.split(key, epochs))
-    return state.params, history
+def _check_data(phi: Any, y: Any) -> None:
+    _checks.check_float_array("phi", phi)
+    _checks.check_ndim("phi", phi, (2,))
+    if jnp.shape(y)[:1] != jnp.shape(phi)[:1]:
+        raise ValueError(f"y must have one row per row of phi ({jnp.shape(phi)[0]}); got shape {jnp.shape(y)}")

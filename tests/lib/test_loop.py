@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deq_jax import ChunkEnd, Linear, fit, full_batch_gd, make_chunk, make_step, stop_on_divergence
+from deq_jax import ChunkEnd, Linear, fit, full_batch_gd, make_chunk, make_step
+from deq_jax.loop import stop_on_divergence
 
 pytestmark = pytest.mark.float32  # the whole file also runs with x64 off (float32), as users run JAX
 

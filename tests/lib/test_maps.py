@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deq_jax import DELMMap, DELMTransposedMap, TanhMap, features, get_sigma, random_projection
+from deq_jax import DELMMap, DELMTransposedMap, TanhMap, random_projection
+from deq_jax.maps import features, get_sigma
 from deq_jax.maps import SIGMAS
 from helpers import DTYPE, X64
 

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deq_jax import (DELM, DELM_SOLVERS, MODELS, REFINE_FROM_WIDTH, SOLVERS, DeepLinear, Linear, Model, Refine,
-                     get_sigma)
+from deq_jax import DELM, DeepLinear, Linear, Model, Refine
+from deq_jax.maps import get_sigma
+from deq_jax.models import REFINE_FROM_WIDTH
 
 pytestmark = pytest.mark.float32  # the whole file also runs with x64 off (float32), as users run JAX
 
@@ -29,10 +30,10 @@ def test_delm_formulations_and_closed_form():
     params = DELM(6, 4).init(jax.random.PRNGKey(1), jnp.float64)
     # one compiled program for all six models: compiling dominates this test
     outs = jax.jit(lambda p: {k: (m.apply(p, phi), m.end_to_end(p)) for k, m in models.items()})(params)
-    for (sigma, _), ((pred, stats), W_model) in outs.items():
+    for (sigma, _), ((pred, sol), W_model) in outs.items():
         U = jnp.eye(6) - 0.7 * get_sigma(sigma)(params["A"])
         W = params["B"] @ jnp.linalg.inv(U)
-        assert pred.shape == (13, 4) and bool(stats.converged)
+        assert pred.shape == (13, 4) and bool(sol.stats.converged)
         np.testing.assert_allclose(pred, phi @ W.T, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(W_model, W, rtol=1e-9, atol=1e-12)
 
@@ -41,8 +42,8 @@ def test_delm_float32_end_to_end():
     model = DELM(6, 4)
     params = model.init(jax.random.PRNGKey(0))
     assert params["A"].dtype == jnp.float32 and params["A"].shape == (6, 6) and params["B"].shape == (4, 6)
-    pred, stats = jax.jit(model.apply)(params, data(jnp.float32))
-    assert pred.dtype == jnp.float32 and bool(stats.converged)
+    pred, sol = jax.jit(model.apply)(params, data(jnp.float32))
+    assert pred.dtype == jnp.float32 and bool(sol.stats.converged)
     # float32 data with x64 on (or off): the unrolled loop's carry keeps float32 (jaxopt's statistics came back float64)
     unrolled = DELM(6, 4, solver="fixed_point", backward="unrolled", maxiter=30)
     grads = jax.grad(lambda p: jnp.sum(unrolled.apply(p, data(jnp.float32))[0]))(params)
@@ -81,8 +82,8 @@ def test_models_under_vmap_over_seeds():
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     params = jax.vmap(lambda k: model.init(k))(keys)
     apply = jax.jit(lambda p: model.apply(p, phi))
-    preds, stats = jax.vmap(apply)(params)
-    assert preds.shape == (3, 13, 4) and stats.converged.shape == (3,)
+    preds, sol = jax.vmap(apply)(params)
+    assert preds.shape == (3, 13, 4) and sol.stats.converged.shape == (3,)
     for i in range(3):
         np.testing.assert_allclose(preds[i], apply(model.init(keys[i]))[0], rtol=1e-5, atol=1e-6)
 
@@ -113,7 +114,7 @@ def test_model_argument_errors():
         DELM(3, 2, gamma=1.2)
     with pytest.raises(ValueError, match="unknown formulation 'columns'"):
         DELM(3, 2, formulation="columns")
-    with pytest.raises(ValueError, match="unknown solver 'lbfgs'; valid choices are .*'direct', 'refine'"):
+    with pytest.raises(ValueError, match="unknown solver 'lbfgs'; valid choices are .*'direct', .*'refine'"):
         DELM(3, 2, solver="lbfgs")
     with pytest.raises(ValueError, match="tol must be a positive number; got 0"):
         DELM(3, 2, tol=0)
@@ -123,22 +124,29 @@ def test_model_argument_errors():
         Linear(6, 4).apply({"W": jnp.zeros((6, 4))}, phi)
 
 
-def test_model_protocol_and_registries():
-    """Any object with init/apply is a Model (a user's own DEQ included); configs derive choices from registries."""
+def test_model_protocol():
+    """An object with the four methods of the protocol is a Model (a user's own DEQ included); one without the
+    capabilities the training step uses is not."""
 
     class Mine:
         def init(self, key, dtype=jnp.float32):
             return {"W": jnp.zeros((2, 3), dtype)}
 
-        def apply(self, params, phi):
+        def apply(self, params, phi, warm=None):
             return phi @ params["W"].T, None
+
+        def warm_start(self, params, phi=None, previous=None):
+            return None
+
+        def end_to_end_solution(self, params, warm=None):
+            return params["W"], None
+
+    class InitApplyOnly:
+        init, apply = Mine.init, Mine.apply
 
     for model in (DELM(3, 2), Linear(3, 2), DeepLinear(3, 2), Mine()):
         assert isinstance(model, Model)
-    assert not isinstance(object(), Model)
-    assert set(MODELS) == {"delm", "linear", "deep_linear"}
-    assert isinstance(MODELS["delm"](width=3, out_dim=2), DELM)
-    assert set(DELM_SOLVERS) == set(SOLVERS) | {"refine"} and DELM_SOLVERS["refine"] is Refine
+    assert not isinstance(object(), Model) and not isinstance(InitApplyOnly(), Model)
     assert DELM(3, 2, solver=Refine(max_sweeps=3)).solver == Refine(max_sweeps=3)
     # "auto" (the default) says what it chose: direct below the measured crossover, refine from it on
     assert DELM(REFINE_FROM_WIDTH - 1, 2).solver == "direct" and DELM(REFINE_FROM_WIDTH, 2).solver == "refine"

@@ -177,15 +177,17 @@ def test_nonlinear_map_implicit_matches_unrolled():
 
 
 def test_forward_mode_support():
-    """Implicit is a custom_vjp (reverse mode only); direct, one-step and unrolled also support jvp."""
+    """Implicit is a custom_vjp (reverse mode only), for every solver; one-step and unrolled support jvp (with
+    Direct, Unrolled is plain autodiff through the LU solve: exact forward mode)."""
     A, B, phi, y = delm_problem(DTYPE)
-    for solver, backward in [("direct", "implicit"), ("fixed_point", "one_step"), ("fixed_point", "unrolled")]:
+    for solver, backward in [("direct", "unrolled"), ("fixed_point", "one_step"), ("fixed_point", "unrolled")]:
         f = lambda A: solved_loss("per_sample", solver, backward, maxiter=50)(A, B, phi, y)[0]
         _, tangent = jax.jvp(f, (A,), (jnp.ones_like(A),))
         assert np.isfinite(float(tangent))
-    f = lambda A: solved_loss("per_sample", "anderson", "implicit")(A, B, phi, y)[0]
-    with pytest.raises(TypeError, match="custom_vjp"):
-        jax.jvp(f, (A,), (jnp.ones_like(A),))
+    for solver in ("anderson", "direct"):
+        f = lambda A: solved_loss("per_sample", solver, "implicit")(A, B, phi, y)[0]
+        with pytest.raises(TypeError, match="custom_vjp"):
+            jax.jvp(f, (A,), (jnp.ones_like(A),))
 
 
 # ----------------------------------------------------------------------------- transformations
@@ -361,7 +363,7 @@ def test_argument_errors():
         (ValueError, "history_size must be an integer >= 2; got 1", lambda: Anderson(history_size=1)),
         (ValueError, "precision 'tf32'", lambda: solve(f, z0, p, phi, precision="tf32")),
         (TypeError, "solver must be a name", lambda: solve(f, z0, p, phi, solver=3)),
-        (TypeError, "Implicit.check must be True or False", lambda: Implicit(check=1)),
+        (ValueError, "unknown Implicit.on_failure 1", lambda: Implicit(on_failure=1)),
     ]
     for error, match, call in cases:
         with pytest.raises(error, match=match):

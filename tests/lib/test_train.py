@@ -10,9 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from deq_jax import (DELM, DeepLinear, DivergenceError, DivergenceWarning, Implicit, ImplicitStart, Linear, Model,
-                     NonConvergenceError, NonConvergenceWarning, TanhMap, check_converged, cross_entropy, full_batch_gd,
-                     implicit_value_and_grad, logistic, make_chunk, make_step, minibatch_train, solve, square, square_gram)
+from deq_jax import (DELM, DeepLinear, DivergenceError, DivergenceWarning, Implicit, Linear, Model, NonConvergenceError,
+                     NonConvergenceWarning, TanhMap, Warm, check_converged, cross_entropy, full_batch_gd, logistic,
+                     make_chunk, make_step, solve, square, square_gram)
 from helpers import rel_err
 
 pytestmark = pytest.mark.float32  # the whole file also runs with x64 off (float32), as users run JAX
@@ -68,7 +68,8 @@ def test_step_with_penalty_equals_a_manual_gradient_step():
     assert rel_err(new, state.params) < 1e-13
     # the forward solve's statistics, and the implicit backward passes' (counted by deq_jax.value_and_grad)
     assert set(metrics) == {"loss", "grad_norm", "iterations", "residual", "relative_residual", "converged",
-                            "backward_solves", "backward_failures", "backward_nonfinite", "backward_relative_residual"}
+                            "factorisations", "backward_solves", "backward_failures", "backward_nonfinite",
+                            "backward_relative_residual", "backward_iterations"}
     assert int(metrics["backward_failures"]) == 0 and int(metrics["backward_nonfinite"]) == 0
 
 
@@ -99,17 +100,24 @@ def test_full_batch_gd_vmapped_over_seeds_equals_loop():
 
 
 def test_minibatch_adam():
+    """Epochs of shuffled mini-batches written with the step's three functions: W, dL/dB and the LU factors carry
+    from batch to batch (`rebatch`), the optimizer state from step to step."""
     phi, labels, _ = problem(jnp.float32, n=64)
-    model = DELM(8, 3, solver="refine")  # W, dL/dB and the LU factors carry from batch to batch
-    params = model.init(jax.random.PRNGKey(0))
-    _, history = minibatch_train(model, "cross_entropy", params, phi, labels, key=jax.random.PRNGKey(1),
-                                 optimizer=optax.adam(3e-2), batch_size=16, epochs=15)
-    assert history["loss"].shape == (15, 4)
-    assert float(jnp.mean(history["loss"][-1])) < 0.9 * float(jnp.mean(history["loss"][0]))
-    assert check_converged(history) == 0
-    with pytest.raises(ValueError, match="batch_size must be at most the number of samples \\(64\\); got 65"):
-        minibatch_train(model, "cross_entropy", params, phi, labels, key=jax.random.PRNGKey(1),
-                        optimizer=optax.adam(1e-2), batch_size=65, epochs=1)
+    model = DELM(8, 3, solver="refine")
+    step = make_step(model, "cross_entropy", optax.adam(3e-2))
+    state = step.init(model.init(jax.random.PRNGKey(0)), phi[:16])
+    losses = np.zeros((15, 4))
+    history = {"converged": [], "backward_failures": []}
+    for epoch in range(15):
+        order = np.asarray(jax.random.permutation(jax.random.PRNGKey(epoch), 64)).reshape(4, 16)
+        for b, idx in enumerate(order):
+            state, metrics = step.update(step.rebatch(state, phi[idx]), phi[idx], labels[idx])
+            losses[epoch, b] = float(metrics["loss"])
+            history["converged"].append(bool(metrics["converged"]))
+            history["backward_failures"].append(int(metrics["backward_failures"]))
+    assert losses[-1].mean() < 0.9 * losses[0].mean()
+    assert check_converged({"loss": losses, **{k: np.array(v) for k, v in history.items()}}) == 0
+    assert state.warm.solver_state is not None  # the factors were carried, not recomputed every step
 
 
 @requires_x64
@@ -133,8 +141,8 @@ def test_gram_route_gives_the_same_trajectory():
 
 
 class TanhDEQ:
-    """A user's own DEQ: `z* = tanh(W_c z* + U phi + b)`, predictions `z* B^T`, written on the public API only, with
-    the optional warm-start methods built from `implicit_value_and_grad`."""
+    """A user's own DEQ: `z* = tanh(W_c z* + U phi + b)`, predictions `z* B^T`, written on the public API only:
+    its solves start from the carried `Warm` (forward and backward)."""
 
     def __init__(self, width, out_dim, solver="fixed_point"):
         self.width, self.out_dim, self.solver, self.map = width, out_dim, solver, TanhMap(0.8)
@@ -145,23 +153,22 @@ class TanhDEQ:
         return {"f": self.map.init(k1, self.width, self.width, dtype),
                 "B": jax.random.normal(k2, (self.out_dim, self.width), dtype) / self.width}
 
-    def apply(self, params, phi):
-        sol = solve(self.map, jnp.zeros_like(phi), params["f"], phi, solver=self.solver, backward=self.backward,
-                    tol=1e-12, maxiter=300)
-        return sol.value @ params["B"].T, sol.stats
+    def apply(self, params, phi, warm=None):
+        warm = warm or Warm(jnp.zeros_like(phi))
+        sol = solve(self.map, warm.state, params["f"], phi, solver=self.solver, backward=self.backward,
+                    tol=1e-12, maxiter=300, adjoint_start=warm.adjoint)
+        return sol.value @ params["B"].T, sol
 
-    def warm_start(self, params, phi, previous=None):
-        return ImplicitStart(jnp.zeros_like(phi), jnp.zeros_like(phi))
+    def warm_start(self, params, phi=None, previous=None):
+        return Warm(jnp.zeros_like(phi), jnp.zeros_like(phi))
 
-    def warm_value_and_grad(self, params, phi, objective, warm):
-        f = lambda z, p, x: self.map(z, p["f"], x)  # B does not enter the equilibrium, only the readout
-        return implicit_value_and_grad(f, lambda p, z: objective(p, z @ p["B"].T), params, phi, warm,
-                                       solver=self.solver, tol=1e-12, maxiter=300)
+    def end_to_end_solution(self, params, warm=None):
+        raise ValueError("a tanh DEQ is not linear in its features: it has no end-to-end matrix")
 
 
 @requires_x64
 def test_a_users_own_model_trains_through_the_library():
-    """Through make_step and make_chunk (what full_batch_gd runs), warm-started by `implicit_value_and_grad`."""
+    """Through make_step and make_chunk (what full_batch_gd runs), warm-started through `solve`'s starts."""
     phi, _, y = problem(jnp.float64, n=12, m=4)
     model = TanhDEQ(4, 3)
     assert isinstance(model, Model)
@@ -194,10 +201,10 @@ def test_non_convergence_is_surfaced_by_training():
                                                    "than 'fixed_point'"):
         assert check_converged(history, model=model) == 4
     with pytest.raises(NonConvergenceError, match="did not reach"):
-        check_converged(history, policy="raise")
+        check_converged(history, on_failure="raise")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert check_converged(history, policy="ignore") == 4
+        assert check_converged(history, on_failure="ignore") == 4
 
 
 def test_divergence_is_reported_as_divergence_with_the_step_size():
@@ -213,7 +220,7 @@ def test_divergence_is_reported_as_divergence_with_the_step_size():
              "relative_residual": np.array([0.0, 1.0, 1.0])}
     with pytest.raises(DivergenceError, match="the loss grew from 1 to 9.*2 of 3 steps had an equilibrium solve "
                                               "above its tolerance, which follows from the divergence"):
-        check_converged(grown, policy="raise")
+        check_converged(grown, on_failure="raise")
     # a direct solve has no maxiter: its advice says what can be wrong with it
     stalled = {"loss": np.array([1.0, 0.5]), "converged": np.array([True, False]),
                "relative_residual": np.array([0.0, 1e-3])}
@@ -245,5 +252,5 @@ def test_training_argument_errors():
         full_batch_gd(model, "square", params, phi, y[:39], learning_rate=0.1, steps=3)
     with pytest.raises(ValueError, match="unknown loss 'hinge'"):
         full_batch_gd(model, "hinge", params, phi, y, learning_rate=0.1, steps=3)
-    with pytest.raises(ValueError, match="unknown policy 'ignore-all'"):
-        check_converged({"converged": jnp.ones(2, bool)}, policy="ignore-all")
+    with pytest.raises(ValueError, match="unknown on_failure 'ignore-all'"):
+        check_converged({"converged": jnp.ones(2, bool)}, on_failure="ignore-all")

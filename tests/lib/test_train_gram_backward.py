@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from deq_jax import models, train
-from deq_jax.solve import Implicit
+from deq_jax import Implicit
 
 
 def _step(backward):

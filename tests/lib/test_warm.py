@@ -9,8 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from deq_jax import DELM, DELMWarm, TrainState, make_step
-from deq_jax import refine as refine_lib
+from deq_jax import DELM, Implicit, TrainState, Warm, make_step
+from deq_jax._solver._lu import factor
+from deq_jax._solver.refine import RefineState
 from helpers import (GAMMA, closed_form_end_to_end, closed_form_equilibrium, closed_form_loss, delm_problem, rel_err,
                      u_matrix)
 
@@ -25,8 +26,10 @@ DTYPE, TOL, GRAD_RTOL = (jnp.float64, 1e-12, 1e-10) if X64 else (jnp.float32, 1e
 
 @functools.lru_cache(maxsize=None)
 def step_of(formulation, solver, tol=TOL, maxiter=400):
-    """One compiled warm step per configuration, shared by the tests below."""
-    model = DELM(7, 3, gamma=GAMMA, formulation=formulation, solver=solver, tol=tol, maxiter=maxiter)
+    """One compiled warm step per configuration, shared by the tests below. The backward equation is solved by the
+    forward solver (`Implicit("forward")`), started from the carried adjoint and capped by the same maxiter."""
+    model = DELM(7, 3, gamma=GAMMA, formulation=formulation, solver=solver, tol=tol, maxiter=maxiter,
+                 backward=Implicit("forward"))
     return model, make_step(model, "square", learning_rate=LR)
 
 
@@ -72,26 +75,27 @@ def test_no_start_makes_a_solve_look_converged():
     huge, nan = 1e6 * jnp.ones_like(B), jnp.full_like(B, jnp.nan)
     # iterative, capped at 2 iterations: cannot converge from a bad start, and must say so
     _, capped = step_of("transposed", "anderson", maxiter=2)
-    _, metrics = capped.update(TrainState(params, opt_state, DELMWarm(huge, huge)), phi, y)
+    _, metrics = capped.update(TrainState(params, opt_state, Warm(huge, huge)), phi, y)
     assert not bool(metrics["converged"]) and int(metrics["backward_failures"]) == 1
     assert float(metrics["relative_residual"]) > 1e-3 and float(metrics["backward_relative_residual"]) > 1e-3
-    _, metrics = capped.update(TrainState(params, opt_state, DELMWarm(nan, nan)), phi, y)
+    _, metrics = capped.update(TrainState(params, opt_state, Warm(nan, nan)), phi, y)
     assert not bool(metrics["converged"]) and not float(metrics["relative_residual"]) <= TOL
     assert int(metrics["backward_nonfinite"]) == 1  # NaN forward: the backward is counted as divergence upstream
     # started at the exact equilibrium: converged (the same rule, judged on the value; jaxopt iterates once)
-    _, metrics = capped.update(TrainState(params, opt_state, DELMWarm(W, jnp.zeros_like(B))), phi, y)
+    _, metrics = capped.update(TrainState(params, opt_state, Warm(W, jnp.zeros_like(B))), phi, y)
     assert bool(metrics["converged"]) and int(metrics["iterations"]) <= 1
     # refine with the factors of the identity (a preconditioner that contracts by gamma only) and a huge start: the
     # refinement stalls at max_sweeps, the current U is factorised, and the step is exact
     _, refine = step_of("transposed", "refine")
-    bad = DELMWarm(huge, huge, refine_lib.factor(jnp.eye(7, dtype=A.dtype)))
+    bad = Warm(huge, huge, RefineState(factor(jnp.eye(7, dtype=A.dtype)), jnp.asarray(False)))
     state, metrics = refine.update(TrainState(params, opt_state, bad), phi, y)
-    assert bool(metrics["converged"]) and int(metrics["backward_failures"]) == 0 and bool(metrics["refactored"])
+    assert bool(metrics["converged"]) and int(metrics["backward_failures"]) == 0
+    assert int(metrics["factorisations"]) == 1
     step_grads = jax.tree_util.tree_map(lambda a, b: (a - b) / LR, params, state.params)
     assert rel_err(step_grads, reference(params, phi, y)[1]) < GRAD_RTOL
     # the factors carried on are those of this step's U
-    fresh = refine_lib.factor(u_matrix(A)).lu
-    assert rel_err(state.warm.factors.lu, fresh) < (1e-12 if X64 else 1e-5)
+    fresh = factor(u_matrix(A)).lu
+    assert rel_err(state.warm.solver_state.factors.lu, fresh) < (1e-12 if X64 else 1e-5)
 
 
 def test_rebatch_keeps_what_does_not_depend_on_the_samples():
@@ -115,5 +119,5 @@ def test_rebatch_keeps_what_does_not_depend_on_the_samples():
         np.testing.assert_array_equal(kept, was)  # W, dL/dB and the LU factors carry over to other samples
     before, after = out["per_sample"]
     assert after.state.shape == other.shape and not np.any(after.state) and not np.any(after.adjoint)  # from zero
-    np.testing.assert_array_equal(after.factors.lu, before.factors.lu)
+    np.testing.assert_array_equal(after.solver_state.factors.lu, before.solver_state.factors.lu)
     assert DELM(7, 3, backward="unrolled").warm_start(params, phi) is None  # differentiated through its loop

@@ -23,7 +23,7 @@ class NonConvergenceWarning(RuntimeWarning):
 
 
 class NonConvergenceError(RuntimeError):
-    """Raised by `check_converged(..., policy="raise")` when a solve missed its tolerance."""
+    """Raised by `check_converged(..., on_failure="raise")` when a solve missed its tolerance."""
 
 
 class DivergenceWarning(RuntimeWarning):
@@ -31,7 +31,7 @@ class DivergenceWarning(RuntimeWarning):
 
 
 class DivergenceError(RuntimeError):
-    """Raised by `check_converged(..., policy="raise")` when the training loss diverged."""
+    """Raised by `check_converged(..., on_failure="raise")` when the training loss diverged."""
 
 
 #: a loss that ends more than this fraction above where it started has grown (noise of mini-batch means included)
@@ -55,8 +55,8 @@ def divergence(history: Metrics) -> Optional[str]:
 
 
 def _solver_advice(model: Any) -> str:
-    solver = getattr(model, "solver", None)
-    name = solver if isinstance(solver, str) else type(solver).__name__.lower()
+    solver = getattr(model, "solver", None)  # models without a solver (or without this field) get generic advice
+    name = solver if isinstance(solver, str) else getattr(solver, "name", type(solver).__name__.lower())
     if name in ("direct", "refine"):
         return (f"the {name} solve (an LU factorisation, no maxiter) left a residual above tol: U is close to "
                 "singular for this dtype (gamma near 1?) or tol is below its precision; use float64 or loosen tol")
@@ -65,9 +65,9 @@ def _solver_advice(model: Any) -> str:
     return f"raise maxiter, loosen tol or use another solver than {name!r}"
 
 
-def check_converged(history: Metrics, policy: str = "warn", *, learning_rate: Any = None,
+def check_converged(history: Metrics, on_failure: str = "warn", *, learning_rate: Any = None,
                     model: Any = None) -> int:
-    """Judge a concrete training history (outside `jit`): `"warn"`, `"raise"` or `"ignore"`.
+    """Judge a concrete training history (outside `jit`); `on_failure` is `"warn"`, `"raise"` or `"ignore"`.
 
     - Divergence (loss NaN/inf, or grown): `DivergenceWarning` / `DivergenceError`, naming the step size
       (`learning_rate` if given) as the cause.
@@ -76,7 +76,7 @@ def check_converged(history: Metrics, policy: str = "warn", *, learning_rate: An
       `model`'s solver.
     Returns the number of steps with an unconverged solve.
     """
-    _checks.check_choice("policy", policy, ("warn", "raise", "ignore"))
+    _checks.check_choice("on_failure", on_failure, ("warn", "raise", "ignore"))
     ok = np.asarray(history["converged"], bool)
     backward_failed = np.zeros_like(ok)
     for key in ("backward_failures", "backward_nonfinite"):
@@ -84,7 +84,7 @@ def check_converged(history: Metrics, policy: str = "warn", *, learning_rate: An
             backward_failed = backward_failed | (np.asarray(history[key]) > 0)
     ok = ok & ~backward_failed
     failures = int(ok.size - np.sum(ok))
-    if policy == "ignore":
+    if on_failure == "ignore":
         return failures
     diverged = divergence(history) if "loss" in history else None
     if diverged:
@@ -94,7 +94,7 @@ def check_converged(history: Metrics, policy: str = "warn", *, learning_rate: An
         if failures:
             message += (f" {failures} of {ok.size} steps had an equilibrium solve above its tolerance, which follows "
                         "from the divergence (exploding or non-finite parameters), not from the solver.")
-        if policy == "raise":
+        if on_failure == "raise":
             raise DivergenceError(message)
         warnings.warn(message, DivergenceWarning, stacklevel=2)
         return failures
@@ -105,7 +105,7 @@ def check_converged(history: Metrics, policy: str = "warn", *, learning_rate: An
         if np.any(backward_failed):
             message += (f"; in {int(np.sum(backward_failed))} steps the backward (adjoint) solve missed its "
                         "tolerance: see Implicit(tol=..., maxiter=...)")
-        if policy == "raise":
+        if on_failure == "raise":
             raise NonConvergenceError(message)
         warnings.warn(message, NonConvergenceWarning, stacklevel=2)
     return failures

@@ -1,0 +1,102 @@
+"""The convergence rule, written once: every solver, route and statistic of deq_jax judges a state with it.
+
+    |f(z) - z| <= tol * scale + atol,     scale = |f(z)|   (or a fixed scale: |v| for a backward solve)
+
+with 2-norms over the whole pytree state, or per sample along `batch_axis` (every sample must satisfy it).
+A state is `diverged` when it or its image is not finite, or when its largest entry exceeds `eps^(-3/4)` times the
+scale of the start; a diverged state never satisfies the rule (`inf <= tol * inf` must not pass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from deq_jax._solution import SolveStats, result_code
+
+Array = jax.Array
+
+
+def _wide(leaf: Array) -> Array:
+    return leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))  # norms of bfloat16 states in float32
+
+
+def norms(tree: Any, batch_axis: Optional[int] = None) -> Array:
+    """2-norm over the pytree, or per sample along `batch_axis` (shape `(n,)`)."""
+
+    def sq(leaf: Array) -> Array:
+        leaf = jnp.abs(_wide(leaf)) ** 2
+        if batch_axis is None:
+            return jnp.sum(leaf)
+        return jnp.sum(jnp.moveaxis(leaf, batch_axis, 0).reshape(leaf.shape[batch_axis], -1), axis=1)
+
+    return jnp.sqrt(sum(sq(leaf) for leaf in jax.tree_util.tree_leaves(tree)))
+
+
+def max_abs(tree: Any) -> Array:
+    """Largest absolute entry over a pytree (0 for an empty one), in float32 or wider."""
+    leaves = [jnp.max(jnp.abs(_wide(leaf))) for leaf in jax.tree_util.tree_leaves(tree) if leaf.size]
+    return functools.reduce(jnp.maximum, leaves) if leaves else jnp.zeros((), jnp.float32)
+
+
+def growth_limit(tree: Any) -> float:
+    """`eps^(-3/4)` of the state's dtype: the growth beyond the start's scale that counts as divergence."""
+    dtype = jnp.result_type(*[leaf.dtype for leaf in jax.tree_util.tree_leaves(tree)])
+    return float(jnp.finfo(dtype).eps) ** -0.75
+
+
+def holds(residual: Array, scale: Array, tol: Any, atol: Any) -> Array:
+    """The rule on measured norms: finite, and `residual <= tol * scale + atol` (False for NaN and inf)."""
+    return jnp.isfinite(residual) & jnp.isfinite(scale) & (residual <= tol * scale + atol)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """The rule with its parameters. `tol`/`atol` may be tracers (e.g. vmapped over); `scale`, if given, replaces
+    `|f(z)|` (a backward solve is judged against `|v|`, the norm of its right-hand side)."""
+
+    tol: Any
+    atol: Any
+    batch_axis: Optional[int]
+    growth: float
+    scale: Any = None
+
+    def measure(self, r: Any, fz: Any) -> tuple[Array, Array, Array]:
+        """`(|r|, scale, rule holds)` per sample (or scalars), for the residual `r = f(z) - z` and `f(z)`."""
+        res = norms(r, self.batch_axis)
+        scale = norms(fz, self.batch_axis) if self.scale is None else self.scale
+        return res, scale, holds(res, scale, self.tol, self.atol)
+
+    def diverged(self, r: Any, fz: Any, ref: Array) -> Array:
+        """Not finite, or grown beyond `growth` times the start's scale `ref`."""
+        big = jnp.maximum(max_abs(r), max_abs(fz))
+        return ~jnp.isfinite(big) | (max_abs(fz) > self.growth * ref)
+
+    def check(self, r: Any, fz: Any, ref: Array) -> tuple[Array, Array]:
+        """The loops' stopping test: `(rule holds for every sample, diverged)`."""
+        return jnp.all(self.measure(r, fz)[2]), self.diverged(r, fz, ref)
+
+    def stats(self, z: Any, fz: Any, iterations: Any, ref: Optional[Array], factorisations: Any = 0
+              ) -> tuple[SolveStats, Array]:
+        """The statistics and `Result` code of the returned value `z` with image `fz`, measured independently of
+        the solver's bookkeeping."""
+        z, fz = jax.lax.stop_gradient((z, fz))
+        r = jax.tree_util.tree_map(jnp.subtract, fz, z)
+        res, scale, ok = self.measure(r, fz)
+        relative = res / jnp.maximum(scale, jnp.finfo(scale.dtype).tiny)
+        diverged = self.diverged(r, fz, jnp.asarray(jnp.inf if ref is None else ref))
+        finite = jnp.isfinite(max_abs(r)) & jnp.isfinite(max_abs(fz))
+        converged = jnp.all(ok) & ~diverged
+        stats = SolveStats(
+            iterations=jnp.asarray(iterations, jnp.int32),
+            residual=jnp.max(res),
+            relative_residual=jnp.max(relative),
+            converged=converged,
+            diverged=diverged,
+            factorisations=jnp.asarray(factorisations, jnp.int32),
+        )
+        return stats, result_code(converged, diverged, finite)

@@ -1,0 +1,1 @@
+"""Forward solvers: one file each, one small interface (`_base.AbstractSolver`)."""
