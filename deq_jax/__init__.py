@@ -33,6 +33,7 @@ from deq_jax._solver.broyden import Broyden as Broyden
 from deq_jax._solver.direct import Direct as Direct
 from deq_jax._solver.fixed_point import FixedPoint as FixedPoint
 from deq_jax._solver.refine import Refine as Refine
+from deq_jax._solver.relaxed import Relaxed as Relaxed
 from deq_jax.loop import ChunkEnd as ChunkEnd
 from deq_jax.loop import fit as fit
 from deq_jax.losses import cross_entropy as cross_entropy
