@@ -58,8 +58,8 @@ class Composed:
         h = jnp.tanh(jnp.tanh(x @ mlp["W"] + mlp["b"]) @ mlp["W2"])
         z0 = jnp.zeros((x.shape[0], self.head.width), x.dtype)
         layer = deq_jax.solve(self.deq, z0, params["deq"], h, solver="anderson", tol=1e-5, maxiter=50)
-        logits, head_stats = self.head.apply(params["head"], layer.value)
-        return logits, (layer.stats, head_stats)
+        logits, head = self.head.apply(params["head"], layer.value)
+        return logits, (layer.stats, head.stats)
 
 
 def train(model: Composed, key, x, labels, *, steps: int, learning_rate: float):

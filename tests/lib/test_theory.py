@@ -18,7 +18,8 @@ from deq_jax import theory
 from deq_jax.maps import get_sigma
 from deq_jax.models import DELM
 from deq_jax.theory import cross_entropy as ce_module
-from deq_jax.train import full_batch_gd, make_step, objective
+from deq_jax.losses import square
+from deq_jax.train import full_batch_gd, make_step
 
 X64 = bool(jax.config.jax_enable_x64)
 F64 = jnp.float64 if X64 else jnp.float32  # the suite runs with x64 on (float64) and off (float32)
@@ -307,7 +308,7 @@ def test_theory_programs_are_compiled_without_ynnpack_fusions():
 
 @jax.jit(static_argnames=("model",))
 def _model_grads(params, phi, y, model):
-    return jax.grad(lambda p: objective(model, "square")(p, phi, y)[0])(params)
+    return jax.grad(lambda p: square(model.apply(p, phi)[0], y))(params)
 
 
 def model_grads(params, phi, y, sigma):
