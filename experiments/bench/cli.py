@@ -44,6 +44,7 @@ import time  # noqa: E402
 from typing import Optional  # noqa: E402
 
 from experiments.common import cli as common_cli  # noqa: E402
+from experiments.common import interrupts  # noqa: E402
 from experiments.common.cli import UserError  # noqa: E402
 
 PROG = "python -m experiments bench"
@@ -200,14 +201,14 @@ def _body(argv: list[str]) -> int:
         args = parse_args(argv)
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0)
-    from experiments.bench import run, stop
+    from experiments.bench import run
 
     try:
         if args.render:
             return run.render(args)
         if args.list:
             return run.list_rows(args)
-        with stop.handled():  # an interrupt stops the run at its next step, before anything is written
+        with interrupts.safe_points():  # an interrupt stops the run at its next step, before anything is written
             return run.run(args, argv, started=time.time())
     except BrokenPipeError:  # the reader left (`bench --list | head`): stop quietly, as command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

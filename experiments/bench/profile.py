@@ -41,7 +41,7 @@ import optax
 
 from experiments.bench.checks import delm_reference, relative_errors
 from experiments.bench.problem import Problem
-from experiments.bench.stop import checkpoint
+from experiments.common import interrupts
 
 
 def _count_primitive(jaxpr, name: str) -> int:
@@ -251,7 +251,7 @@ def run_profile(p: Problem, chosen: list[Entry], *, device: Any, precision, repe
     times: dict[str, list] = {name: [] for name in compiled}
     for _ in range(repeats):
         for name, (c, args, _, _) in compiled.items():
-            checkpoint()
+            interrupts.check()
             start = time.perf_counter()
             jax.block_until_ready(c(*args))
             times[name].append(time.perf_counter() - start)
@@ -306,7 +306,7 @@ def backward_solvers(p: Problem, names: tuple[str, ...] = BACKWARD_SOLVERS, *, d
         lambda b, S: (jaxopt_linear_solve.solve_normal_cg(matvec_of(S), b, tol=tol, atol=0.0), None))))
     out = []
     for name in names:
-        checkpoint()
+        interrupts.check()
         solve = solvers[name]
         with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
             run = jax.jit(lambda b, S: solve(b, S)[0]).lower(v, S).compile()

@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 from experiments.bench import cases as suites
 from experiments.bench import goals as goal_defs
-from experiments.bench import report, stop
+from experiments.bench import report
+from experiments.common import interrupts
 from experiments.bench.problem import Problem, make_problem
 from experiments.bench.protocol import Case
 from experiments.common.cli import EXIT_FAILED, EXIT_OK, UserError
@@ -112,7 +113,7 @@ def _write(payload: dict, outputs: Outputs, docs_dir: pathlib.Path) -> None:
     from experiments.common import io
 
     png = plots.png(payload) if outputs.png is not None else None
-    stop.checkpoint()  # the last moment an interrupt can stop the run: after it, every file is written
+    interrupts.check()  # the last moment an interrupt can stop the run: after it, every file is written
     io.write_json(outputs.json, payload)
     print(f"\nwrote {outputs.json}")
     if png is not None:

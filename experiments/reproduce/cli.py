@@ -30,6 +30,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from experiments.common import cli as common_cli
+from experiments.common import interrupts
 from experiments.common.cli import UserError
 from experiments.reproduce.config import MUTATIONS, ReproduceConfig, load_config
 
@@ -127,9 +128,7 @@ def _raise(err: Exception) -> int:
 
 
 def _main(args: argparse.Namespace, argv: list[str], where: dict) -> int:
-    from experiments.reproduce import interrupts
-
-    with interrupts.trap():
+    with interrupts.safe_points():
         code = _main_trapped(args, argv, where)
         interrupts.check()  # a signal during the last writes still means: interrupted
         return code
@@ -210,8 +209,6 @@ def run_experiments(cfg: ReproduceConfig, ctx: Any, plans: dict, *, log: Any,
     Returns the typed results by experiment name."""
     from experiments.reproduce import runs as gd_runs
 
-    from experiments.reproduce import interrupts
-
     gd_runs.precompile([spec for name, p in plans.items() for spec in _module(name).programs(p) if precompile(spec)])
     for name, p in plans.items():  # measurements that need no training run, in a background thread
         _module(name).prepare(cfg, ctx, p)
@@ -240,7 +237,7 @@ def _run_one(cfg: ReproduceConfig, args: argparse.Namespace, argv: list[str], ru
     from experiments.common.config import dump_yaml, to_dict
     from experiments.common.io import CheckpointMismatch, CheckpointStore, NullStore, fingerprint, write_json, \
         write_text
-    from experiments.reproduce import interrupts, mutations, report
+    from experiments.reproduce import mutations, report
     from experiments.reproduce.checkpoints import FallbackStore
     from experiments.reproduce.common import Context
 

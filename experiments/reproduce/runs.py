@@ -36,8 +36,9 @@ from deq_jax.loop import ChunkEnd, fit
 from deq_jax.models import DELM, Model
 from deq_jax.train import GramData, TrainState, make_chunk, make_step
 
+from experiments.common import interrupts
 from experiments.common.io import CheckpointStore, NullStore
-from experiments.reproduce import compiling, dynamics, interrupts, mutations
+from experiments.reproduce import compiling, dynamics, mutations
 from experiments.reproduce.checkpoints import run_identity
 
 #: seconds between checkpoints within a run (a run's end is always checkpointed); the numbers do not depend on it

@@ -27,7 +27,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from experiments.common import cli
+from experiments.common import cli, interrupts
 
 PROG = "sweep"
 EXIT_LOST_PROCESS = 1
@@ -135,11 +135,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if jax.process_count() == 1:
                 raise
             raise type(err)(f"[process {jax.process_index()}] {err}") from None
-        cli.check_interrupt()
+        interrupts.check()
         if jax.process_index() != 0:
             return 0
         _write_records(result, figures=not args.no_figures)
-        cli.check_interrupt()  # interrupted while writing: say so (every file is whole; the same command redoes them)
+        interrupts.check()  # interrupted while writing: say so (every file is whole; the same command redoes them)
         return 0
 
     def interrupted() -> str:

@@ -259,11 +259,11 @@ def test_nothing_half_written_and_no_empty_folder(case, outcomes):
 def test_an_interrupt_swallowed_on_its_way_is_not_lost(signum, where, capsys):
     """Ctrl-C landing in a garbage-collection callback (jax registers one) or a `__del__` is swallowed by Python
     ("Exception ignored ... KeyboardInterrupt", and the program runs on): the runner prints no such traceback and
-    raises it again a moment later, wherever the command is, or at its next safe point (`check_interrupt`); the
+    raises it again a moment later, wherever the command is, or at its next safe point (`interrupts.check`); the
     command stops with one line and exit status 130."""
     import time
 
-    from experiments.common import cli
+    from experiments.common import cli, interrupts
 
     class Dropped:
         def __del__(self):
@@ -274,7 +274,7 @@ def test_an_interrupt_swallowed_on_its_way_is_not_lost(signum, where, capsys):
     def body() -> int:
         Dropped()
         if where == "at a safe point":
-            cli.check_interrupt()
+            interrupts.check()
         deadline = time.monotonic() + 5  # 100 times the delay before it is raised again
         while time.monotonic() < deadline:
             time.sleep(0.005)
@@ -288,4 +288,4 @@ def test_an_interrupt_swallowed_on_its_way_is_not_lost(signum, where, capsys):
         signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     assert not ran_on and err.strip() == "prog: interrupted; what was kept", err
-    cli.check_interrupt()  # the request ends with the command
+    interrupts.check()  # the request ends with the command

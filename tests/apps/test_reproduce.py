@@ -574,9 +574,9 @@ def test_atomic_write_replaces_or_leaves_the_old_file(tmp_path):
 def test_signals_are_taken_at_safe_points():
     """Inside the job, SIGINT only requests the interrupt (a KeyboardInterrupt raised inside a garbage-collection
     callback would be swallowed); `check()` raises it; a second signal raises at once."""
-    from experiments.reproduce import interrupts
+    from experiments.common import interrupts
 
-    with interrupts.trap():
+    with interrupts.safe_points():
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)
         assert interrupts.requested()
