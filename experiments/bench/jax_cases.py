@@ -31,6 +31,7 @@ import optax
 from experiments.bench.checks import equilibrium_norm
 from experiments.bench.problem import Problem
 from experiments.bench.protocol import Case, Check, Prepared
+from experiments.common import models as model_lib
 
 with warnings.catch_warnings():
     # jaxopt 0.8.5 is its final release and warns on import; the baseline uses it knowingly
@@ -120,10 +121,8 @@ def _stats_info(stats) -> tuple:
 
 def _delm_model(p: Problem, formulation: str, solver: str, backward: Any, tol: float, maxiter: int,
                 precision: Optional[str]):
-    from deq_jax.models import DELM
-
-    return DELM(p.m, p.m_y, gamma=p.gamma, formulation=formulation, solver=solver, backward=backward, tol=tol,
-                maxiter=maxiter, precision=precision)
+    return model_lib.build("delm", p.m, p.m_y, gamma=p.gamma, formulation=formulation, solver=solver,
+                           backward=backward, tol=tol, maxiter=maxiter, precision=precision)
 
 
 def deq_jax_delm(p: Problem, formulation: str, solver: str, backward: str, *, device: Any, precision: Optional[str],

@@ -42,6 +42,7 @@ import optax
 from experiments.bench.checks import delm_reference, relative_errors
 from experiments.bench.problem import Problem
 from experiments.common import interrupts
+from experiments.common import models as model_lib
 
 
 def _count_primitive(jaxpr, name: str) -> int:
@@ -131,15 +132,16 @@ def _closed_form(p: Problem):
 
 def _step(p: Problem, precision, which: str) -> Callable:
     """One whole step `step(params, opt_state, phi, y)`: deq_jax, the inline baseline, or the hand-written one."""
-    from deq_jax.models import DELM
     from deq_jax.train import make_step
 
     optimizer = optax.sgd(p.learning_rate)
     if which == "deq_jax":
-        model = DELM(p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="direct", precision=precision)
+        model = model_lib.build("delm", p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="direct",
+                                precision=precision)
         return make_step(model, "square", optimizer, jit=False)
     if which == "refine":
-        model = DELM(p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="refine", precision=precision)
+        model = model_lib.build("delm", p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="refine",
+                                precision=precision)
         return make_step(model, "square", optimizer, jit=False).update
 
     def inline_loss(params, phi, y):
@@ -166,10 +168,10 @@ WARM_STEPS = 5  # training steps before the refine step is timed: past the first
 
 def _warm_state(p: Problem, precision, a: SimpleNamespace):
     """The refine step's training state after `WARM_STEPS` steps from the problem's initial parameters."""
-    from deq_jax.models import DELM
     from deq_jax.train import make_step
 
-    model = DELM(p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="refine", precision=precision)
+    model = model_lib.build("delm", p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="refine",
+                            precision=precision)
     step = make_step(model, "square", optax.sgd(p.learning_rate))
     state = step.init(a.params, a.phi)
     for _ in range(WARM_STEPS):

@@ -47,8 +47,9 @@ def worker(repeats: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from deq_jax import models, parallel, train
+    from deq_jax import parallel, train
     from experiments.common import datasets as data
+    from experiments.common import models
     from experiments.common.config import from_dict
     from experiments.sweep import programs
     from experiments.sweep.config import SweepConfig
@@ -61,7 +62,7 @@ def worker(repeats: int) -> dict:
     y = data.one_hot(labels, ds.num_classes).astype(np.float32)
     n, m = x.shape
     phi, Y = jnp.asarray(x), jnp.asarray(y)
-    model = models.DELM(width=m, out_dim=ds.num_classes, gamma=GAMMA, solver="direct")
+    model = models.build("delm", m, ds.num_classes, gamma=GAMMA, solver="direct")
     keys = np.stack([np.asarray(jax.random.PRNGKey(s)) for s in range(SEEDS)])
 
     # loop: the main job's code path, once per seed

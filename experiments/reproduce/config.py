@@ -19,11 +19,17 @@ import math
 import pathlib
 from typing import Literal, Optional, Sequence, Union
 
+from experiments.common import registry
 from experiments.common.config import ConfigError, from_dict, load_yaml
 
 DatasetName = Literal["digits", "fashion_mnist", "mnist", "kmnist", "cifar10", "cifar100", "svhn"]
-ModelName = Literal["delm", "linear", "deep_linear"]
-LossName = Literal["square", "cross_entropy"]
+ModelName = Literal[tuple(registry.MODELS)]
+LossName = Literal[tuple(name for name in registry.LOSSES if name in ("square", "cross_entropy"))]
+SigmaName = Literal[tuple(registry.SIGMAS)]
+#: the iterative forward solvers of `registry.SOLVERS` (the exact DELM is the direct solve) and the Krylov solvers of
+#: `registry.LINEAR_SOLVERS` (not the dense "lu")
+IterativeSolverName = Literal["anderson", "fixed_point", "broyden"]
+KrylovSolverName = Literal["gmres", "bicgstab", "normal_cg"]
 FeatureKind = Literal["pca_whiten", "standardize", "raw"]
 #: deliberately wrong gradients for the mutation test of the claims (experiments/reproduce/mutations.py)
 MutationName = Literal["one_step", "perturbed", "wrong_sigma"]
@@ -107,7 +113,7 @@ class ModelConfig:
     """
 
     gamma: float = 0.8
-    sigma: Literal["column_softmax", "row_softmax", "scaled_tanh"] = "column_softmax"
+    sigma: SigmaName = "column_softmax"
     init_scale: float = 0.1
     depths: tuple[int, ...] = (2, 3)
     deep_hidden: Optional[int] = None
@@ -168,9 +174,9 @@ class VariantConfig:
     equilibrium per training sample). `linear_solver`: the implicit backward's solver of `(I - J^T) u = v`.
     `tol`: the forward and backward relative tolerance (tight, so that the run can follow the exact path)."""
 
-    formulation: Literal["transposed", "per_sample"] = "transposed"
-    solver: Literal["anderson", "fixed_point", "broyden"] = "anderson"
-    linear_solver: Literal["gmres", "bicgstab", "normal_cg"] = "gmres"
+    formulation: Literal[registry.FORMULATIONS] = "transposed"
+    solver: IterativeSolverName = "anderson"
+    linear_solver: KrylovSolverName = "gmres"
     tol: float = 1e-12
     maxiter: int = 200
 

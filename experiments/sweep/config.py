@@ -1,10 +1,9 @@
 """A sweep's configuration: frozen dataclasses validated from YAML (`load_config`), choices taken from the registries.
 
-Every choice a key offers is read from the registry that implements it, so the two cannot drift: data sets and
-feature maps from `experiments.common.datasets`, sigmas from `deq_jax.SIGMAS`, solvers from `deq_jax.SOLVERS`,
-backward modes from `deq_jax.BACKWARDS`, formulations from `deq_jax.models.FORMULATIONS`, per-device batching from
-`deq_jax.parallel.BATCHINGS`, losses from `deq_jax.LOSSES` (those whose targets the sweep builds from class labels)
-and models from the sweep's own model registry (`experiments.sweep.models.MODELS`, which `register_model` extends).
+Every choice a key offers is read from the table that resolves it, so the two cannot drift: data sets and feature
+maps from `experiments.common.datasets`; sigmas, solvers, backward modes, formulations, precisions, per-device
+batching and losses (those whose targets the sweep builds from class labels) from `experiments.common.registry`;
+model kinds from `experiments.common.models.KINDS` (which `register_model` extends).
 An unknown key or choice is a `ConfigError` naming the key, with a "did you mean" where one is close.
 """
 
@@ -19,30 +18,27 @@ from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import numpy as np
 
-from deq_jax import BACKWARDS, LOSSES, SIGMAS, SOLVERS
-from deq_jax import models as deq_models
-from deq_jax.parallel import BATCHINGS
 from experiments.common import config as config_lib
 from experiments.common import datasets as data_lib
 from experiments.common import io
-from experiments.sweep import models as sweep_models
+from experiments.common import models as model_lib
+from experiments.common import registry
 
 ConfigError = config_lib.ConfigError
 
-#: how the sweep builds each loss's targets from class labels (a loss of `deq_jax.LOSSES` without an entry here,
+#: how the sweep builds each loss's targets from class labels (a loss of `registry.LOSSES` without an entry here,
 #: e.g. the binary logistic loss, needs targets the multi-class data sets do not have)
 TARGETS = {"square": "one-hot rows in the features' dtype", "cross_entropy": "integer labels"}
 
 DatasetName = Literal[tuple(data_lib.DATASETS)]
 FeatureName = Literal[tuple(data_lib.FEATURES)]
-SigmaName = Literal[tuple(SIGMAS)]
-LossName = Literal[tuple(name for name in LOSSES if name in TARGETS)]
-SolverName = Literal[tuple(SOLVERS)]
-BackwardName = Literal[tuple(BACKWARDS)]
-FormulationName = Literal[tuple(deq_models.FORMULATIONS)]
-BatchingName = Literal[BATCHINGS]
-# the names `deq_jax.solve(precision=...)` documents (jax.default_matmul_precision's); the library keeps no registry
-PrecisionName = Literal["highest", "high", "default", "float32", "tensorfloat32", "bfloat16"]
+SigmaName = Literal[tuple(registry.SIGMAS)]
+LossName = Literal[tuple(name for name in registry.LOSSES if name in TARGETS)]
+SolverName = Literal[tuple(registry.SOLVERS)]
+BackwardName = Literal[tuple(registry.BACKWARDS)]
+FormulationName = Literal[tuple(registry.FORMULATIONS)]
+BatchingName = Literal[registry.BATCHINGS]
+PrecisionName = Literal[registry.PRECISIONS]
 DtypeName = Literal["float32", "float64"]
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -108,7 +104,7 @@ class DatasetSpec:
 
 @dataclasses.dataclass(frozen=True)
 class GridSpec:
-    """The swept axes. A model kind uses the axes it declares (`experiments.sweep.models.ModelKind.axes`): the
+    """The swept axes. A model kind uses the axes it declares (`experiments.common.models.ModelKind.axes`): the
     DELM takes `sigmas` x `gammas`, the deep linear network `depths`, the linear model none; so the grid has
     |datasets| |widths| |losses| |learning_rates| |seeds| (sum over models of the product of their axes)
     configurations. A width of `null` uses the preprocessed features as they are; an integer `m` a fixed random
@@ -130,11 +126,11 @@ class GridSpec:
         _axis("sigmas", self.sigmas, lambda v: True, "")
         _axis("models", self.models, lambda v: isinstance(v, str), "a model name")
         for i, name in enumerate(self.models):
-            if name not in sweep_models.MODELS:
-                close = difflib.get_close_matches(name, list(sweep_models.MODELS), n=1)
+            if name not in model_lib.KINDS:
+                close = difflib.get_close_matches(name, list(model_lib.KINDS), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ValueError(f"models[{i}]: {name!r} is not a valid choice{hint}; valid choices: "
-                                 + ", ".join(map(repr, sweep_models.MODELS)))
+                                 + ", ".join(map(repr, model_lib.KINDS)))
         _axis("depths", self.depths, lambda v: _is_int(v) and v > 0, "a positive integer")
         _axis("losses", self.losses, lambda v: True, "")
         _axis("widths", self.widths, lambda v: v is None or (_is_int(v) and v > 0), "a positive integer or null")
@@ -153,7 +149,7 @@ class DELMOptions:
     init_scale: float = 0.1
 
     def __post_init__(self):
-        deq_models.DELM(width=1, out_dim=1, **dataclasses.asdict(self))  # the model's own range checks
+        model_lib.build("delm", 1, 1, **dataclasses.asdict(self))  # the model's own range checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +157,7 @@ class LinearOptions:
     init_scale: float = 0.1
 
     def __post_init__(self):
-        deq_models.Linear(width=1, out_dim=1, init_scale=self.init_scale)
+        model_lib.build("linear", 1, 1, init_scale=self.init_scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +166,7 @@ class DeepLinearOptions:
     init_gain: float = 1.0
 
     def __post_init__(self):
-        deq_models.DeepLinear(width=1, out_dim=1, depth=1, hidden=self.hidden, init_gain=self.init_gain)
+        model_lib.build("deep_linear", 1, 1, depth=1, hidden=self.hidden, init_gain=self.init_gain)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ from deq_jax import TanhMap, models, solve, train
 from experiments.common.config import ConfigError
 from experiments.sweep import data as sweep_data
 from experiments.sweep import figures, grid, programs, tables
-from experiments.sweep import models as sweep_models
+from experiments.common import models as sweep_models
 from experiments.sweep.config import fingerprint
 from experiments.sweep.run import SweepError, SweepMemoryError, run_sweep
 from helpers import compile_events
@@ -262,14 +262,14 @@ def test_bad_config_is_a_clear_error(change, match, no_compile):
 def test_config_choices_come_from_the_registries():
     import typing
 
-    from deq_jax import BACKWARDS, SIGMAS, SOLVERS
+    from experiments.common import registry
     from experiments.sweep import config as sweep_config
 
     hints = typing.get_type_hints(sweep_config.DELMOptions)
-    assert typing.get_args(hints["solver"]) == tuple(SOLVERS)
-    assert typing.get_args(hints["backward"]) == tuple(BACKWARDS)
+    assert typing.get_args(hints["solver"]) == tuple(registry.SOLVERS)
+    assert typing.get_args(hints["backward"]) == tuple(registry.BACKWARDS)
     assert typing.get_args(typing.get_args(typing.get_type_hints(sweep_config.GridSpec)["sigmas"])[0]) == \
-        tuple(SIGMAS)
+        tuple(registry.SIGMAS)
 
 
 def test_refusals_come_before_compiling_and_writing(tmp_path, no_compile):
