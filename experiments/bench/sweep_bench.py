@@ -89,7 +89,7 @@ def worker(repeats: int) -> dict:
         return jax.block_until_ready(vmap_c(keys, phi, Y))
 
     # sweep: the sweep's group program through the parallel engine, sharded over every device
-    cfg = from_dict(SweepConfig, {"name": "bench", "datasets": [{"name": "digits", "features": "raw"}],
+    cfg = from_dict(SweepConfig, {"name": "bench", "datasets": [{"dataset": "digits", "features": "raw"}],
                                   "steps": STEPS, "log_every": 1})
     key = GroupKey("digits", None, "square", "delm", None, "column_softmax")
     engine = parallel.ParallelMap(programs.train_one_fn(cfg, key, m, ds.num_classes))

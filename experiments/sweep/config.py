@@ -19,10 +19,10 @@ from typing import Any, Callable, Literal, Optional, Sequence, Union
 import numpy as np
 
 from experiments.common import config as config_lib
-from experiments.common import datasets as data_lib
 from experiments.common import io
 from experiments.common import models as model_lib
 from experiments.common import registry
+from experiments.common.data_config import DataConfig
 
 ConfigError = config_lib.ConfigError
 
@@ -30,8 +30,8 @@ ConfigError = config_lib.ConfigError
 #: e.g. the binary logistic loss, needs targets the multi-class data sets do not have)
 TARGETS = {"square": "one-hot rows in the features' dtype", "cross_entropy": "integer labels"}
 
-DatasetName = Literal[tuple(data_lib.DATASETS)]
-FeatureName = Literal[tuple(data_lib.FEATURES)]
+#: the sweep's preprocessing where a data set names none: standardised pixels
+DEFAULT_FEATURES = ("standardize", None)
 SigmaName = Literal[tuple(registry.SIGMAS)]
 LossName = Literal[tuple(name for name in registry.LOSSES if name in TARGETS)]
 SolverName = Literal[tuple(registry.SOLVERS)]
@@ -67,39 +67,6 @@ def _axis(name: str, values: tuple, ok: Callable[[Any], bool], expected: str) ->
     if repeated:
         raise ValueError(f"{name} lists a value more than once (the grid would repeat configurations): "
                          f"{', '.join(repeated)}")
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-    """A data set and its preprocessing (the arguments of `experiments.common.datasets.load_dataset` and
-    `preprocess`). `label` names it in the results (default: `name`); labels are unique within a sweep."""
-
-    name: DatasetName
-    label: Optional[str] = None
-    n_train: Optional[int] = None
-    n_test: Optional[int] = None
-    features: FeatureName = "standardize"
-    pca_dim: Optional[int] = None
-    add_bias: bool = True
-    seed: int = 0
-    projection_seed: int = 0
-    data_dir: Optional[str] = None
-    download: bool = True
-
-    def __post_init__(self):
-        if self.label is not None and not _NAME.fullmatch(self.label):
-            _fail("label", "a non-empty string of letters, digits, '_', '.', '-'", self.label)
-        for name in ("n_train", "n_test", "pca_dim"):
-            value = getattr(self, name)
-            if value is not None and not (_is_int(value) and value > 0):
-                _fail(name, "a positive integer or null", value)
-        for name in ("seed", "projection_seed"):
-            if not (_is_int(getattr(self, name)) and getattr(self, name) >= 0):
-                _fail(name, "a non-negative integer", getattr(self, name))
-
-    @property
-    def key(self) -> str:
-        return self.label or self.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +148,7 @@ class SweepConfig:
     """
 
     name: str
-    datasets: tuple[DatasetSpec, ...]
+    datasets: tuple[DataConfig, ...]
     grid: GridSpec = dataclasses.field(default_factory=GridSpec)
     steps: int = 200
     log_every: int = 10
@@ -198,7 +165,8 @@ class SweepConfig:
     def __post_init__(self):
         if not (isinstance(self.name, str) and _NAME.fullmatch(self.name)):
             _fail("name", "a non-empty string of letters, digits, '_', '.', '-' (it names files)", self.name)
-        _axis("datasets", self.datasets, lambda v: isinstance(v, DatasetSpec), "a data set")
+        _axis("datasets", self.datasets, lambda v: isinstance(v, DataConfig), "a data set")
+        object.__setattr__(self, "datasets", tuple(d.with_default_features(*DEFAULT_FEATURES) for d in self.datasets))
         labels = [d.key for d in self.datasets]
         if len(set(labels)) != len(labels):
             raise ValueError(f"datasets must have unique labels (set 'label' to tell them apart); got {labels}")
@@ -227,12 +195,12 @@ RUNTIME_ONLY = ("memory_budget_mb", "max_chunk_size", "output_dir", "device_batc
 def fingerprint(config: SweepConfig) -> str:
     """A hash of every setting that changes results (`experiments.common.io.fingerprint`); a sweep resumes only
     from chunks saved under the same fingerprint. A data set's `data_dir` and `download` say where the files come
-    from, not what they hold (checksums do), so they are left out too."""
+    from, not what they hold (checksums do), so they are left out too (and so is `cache_dir`)."""
     content = {k: v for k, v in config_lib.to_dict(config).items() if k not in RUNTIME_ONLY}
-    content["datasets"] = [{k: v for k, v in d.items() if k not in ("data_dir", "download")}
+    content["datasets"] = [{k: v for k, v in d.items() if k not in ("data_dir", "cache_dir", "download")}
                            for d in content["datasets"]]
     return io.fingerprint(content)
 
 
-__all__ = ["ConfigError", "DELMOptions", "DatasetSpec", "DeepLinearOptions", "GridSpec", "LinearOptions",
+__all__ = ["ConfigError", "DELMOptions", "DataConfig", "DeepLinearOptions", "GridSpec", "LinearOptions",
            "RUNTIME_ONLY", "SweepConfig", "TARGETS", "fingerprint", "load_config"]

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FAST = {"xla_backend_optimization_level": 0}
 FAST_FLAG = "--xla_backend_optimization_level=0"
 
-DATA = {"name": "digits", "n_train": 60, "n_test": 20, "features": "pca_whiten", "pca_dim": 6}  # m = 7
+DATA = {"dataset": "digits", "n_train": 60, "n_test": 20, "features": "pca_whiten", "pca_dim": 6}  # m = 7
 TINY = {
     # float64 (the suite enables x64): batched, mapped, sharded and standalone programs then agree to rounding
     "name": "tiny",

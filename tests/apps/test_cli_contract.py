@@ -91,7 +91,7 @@ CASES = [
     Case("sweep", "missing_config", ("--config", "{root}/nowhere.yaml", "--output-dir", "{out}"), 2,
          r"^sweep: error: config file '\S*nowhere\.yaml' does not exist"),
     Case("sweep", "missing_data", ("--config", "{root}/sweep.yaml", "--output-dir", "{out}", "--data-dir",
-                                   "{root}/empty", "--set", "datasets=[{name: mnist, download: false}]"), 2,
+                                   "{root}/empty", "--set", "datasets=[{dataset: mnist, download: false}]"), 2,
          r"^sweep: error: datasets\[0\] \(mnist\): data set 'mnist' not found: downloading is off \(config key "
          r"datasets\[0\]\.download is false\)\. Missing: .* pass --data-dir FOLDER"),
     Case("sweep", "usage", ("--config", "{root}/sweep.yaml", "--output-dir", "{out}", "--no-such-flag"), 2,
@@ -116,7 +116,7 @@ CASES = [
 
 def _tree(root: pathlib.Path) -> None:
     """The shared inputs: a malformed YAML, a tiny sweep, an empty folder, docs with a malformed result JSON."""
-    (root / "bad.yaml").write_text("name: tiny\ndatasets: [{name: digits\nsteps: 3\n")  # the list is never closed
+    (root / "bad.yaml").write_text("name: tiny\ndatasets: [{dataset: digits\nsteps: 3\n")  # the list is never closed
     sweep = {**TINY, "datasets": [DATA], "dtype": "float32", "save_params": False,
              "grid": {**TINY["grid"], "models": ["linear"]}}
     (root / "sweep.yaml").write_text(yaml.safe_dump(sweep))

@@ -210,7 +210,7 @@ def test_a_users_own_deq_goes_through_the_sweep(tmp_path, tanh_kind):
 # ----------------------------------------------------------------------------- grid, config, refusals
 
 def test_grid_is_grouped_by_static_structure():
-    cfg = tiny(datasets=[TINY["datasets"][0], {"name": "digits", "label": "raw", "features": "raw"}],
+    cfg = tiny(datasets=[TINY["datasets"][0], {"dataset": "digits", "label": "raw", "features": "raw"}],
                grid={"seeds": [0, 1], "learning_rates": [0.1, 0.2], "gammas": [0.5, 0.8, 0.9],
                      "sigmas": ["column_softmax", "row_softmax"], "models": ["delm", "linear", "deep_linear"],
                      "depths": [2, 3], "losses": ["square", "cross_entropy"], "widths": [None, 8]})
@@ -279,7 +279,7 @@ def test_refusals_come_before_compiling_and_writing(tmp_path, no_compile):
     with jax.enable_x64(False), pytest.raises(SweepError, match="dtype 'float64' needs 64-bit JAX"):
         run_sweep(tiny(output_dir=str(tmp_path / "out")), progress=False)
     with pytest.raises(sweep_data.DataError, match=r"datasets\[0\] \(mnist\): .*--data-dir"):
-        run_sweep(tiny(datasets=[{"name": "mnist", "data_dir": str(tmp_path), "download": False}],
+        run_sweep(tiny(datasets=[{"dataset": "mnist", "data_dir": str(tmp_path), "download": False}],
                        output_dir=str(tmp_path / "out")), progress=False)
     assert not (tmp_path / "out").exists()
 
