@@ -20,13 +20,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from experiments.bench.problem import Problem
+from experiments.bench.problem import Problem, closed_form
 from experiments.bench.protocol import Check
-
-
-def _softmax0(A: np.ndarray) -> np.ndarray:
-    e = np.exp(A - A.max(axis=0, keepdims=True))
-    return e / e.sum(axis=0, keepdims=True)
 
 
 def delm_reference(p: Problem, params: Optional[dict] = None) -> dict:
@@ -44,11 +39,8 @@ def delm_reference(p: Problem, params: Optional[dict] = None) -> dict:
 
 
 def _delm_reference(p: Problem, params: dict) -> dict:
-    A, B = np.asarray(params["A"], np.float64), np.asarray(params["B"], np.float64)
     phi, y = p.phi.astype(np.float64), p.y.astype(np.float64)
-    S = _softmax0(A)
-    U = np.eye(p.m) - p.gamma * S
-    W = np.linalg.solve(U.T, B.T).T
+    S, U, W = closed_form(p, params["A"], params["B"])
     R = phi @ W.T - y
     loss = 0.5 * np.mean(np.sum(R * R, axis=1))
     G = R.T @ phi / p.n
@@ -105,12 +97,8 @@ def equilibrium_norm(p: Problem, problem: str, formulation: str) -> float:
         if problem == "tanh":
             p.references[key] = tanh_reference(p)["z_norm"]
         else:
-            S = _softmax0(p.delm["A"].astype(np.float64))
-            U = np.eye(p.m) - p.gamma * S
-            if formulation == "transposed":
-                z = np.linalg.solve(U.T, p.delm["B"].astype(np.float64).T)
-            else:
-                z = np.linalg.solve(U, p.phi.astype(np.float64).T)
+            _, U, W = closed_form(p, p.delm["A"], p.delm["B"])
+            z = W if formulation == "transposed" else np.linalg.solve(U, p.phi.astype(np.float64).T)
             p.references[key] = float(np.linalg.norm(z))
     return p.references[key]
 

@@ -39,6 +39,7 @@ import jax.scipy.linalg as jsl
 import numpy as np
 import optax
 
+from deq_jax import theory
 from experiments.bench.checks import delm_reference, relative_errors
 from experiments.bench.problem import Problem
 from experiments.common import interrupts
@@ -94,7 +95,7 @@ def _arrays(p: Problem, device: Any) -> SimpleNamespace:
         S = jax.nn.softmax(A, axis=0)
         U = jnp.eye(p.m, dtype=S.dtype) - p.gamma * S
         _, pivots, _ = jax.lax.linalg.lu(U.T)
-        W = jnp.linalg.solve(U.T, B.T).T
+        W = theory.end_to_end(A, B, p.gamma)
         R = phi @ W.T - y
         return S, U, pivots, W, R, R.T @ phi / p.n
 
