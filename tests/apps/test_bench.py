@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from experiments.bench import cases, checks, cli, goals, render, training
-from experiments.bench.problem import gauss_newton_lambda_max, make_problem
+from experiments.bench.problem import closed_form, gauss_newton_lambda_max, make_problem
 from experiments.bench.protocol import Check
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -86,8 +86,7 @@ def test_delm_reference_matches_float64_autodiff():
 
 def test_relative_residual_detects_a_wrong_state():
     p = make_problem(n=10, width=6, classes=2, gamma=0.9, tol=1e-5, maxiter=50, learning_rate=1e-3, data="random")
-    S = checks._softmax0(p.delm["A"].astype(np.float64))  # the numpy reference's softmax
-    U = np.eye(p.m) - p.gamma * S
+    U = closed_form(p, p.delm["A"], p.delm["B"]).U  # the numpy reference's U = I - gamma sigma(A)
     z = np.linalg.solve(U, p.phi.astype(np.float64).T).T
     assert checks.relative_residual(p, "delm", "per_sample", z) < 1e-12
     assert checks.relative_residual(p, "delm", "per_sample", 0.9 * z) > 1e-3
@@ -105,9 +104,7 @@ def test_gauss_newton_lambda_max_matches_the_dense_matrix():
     phi = p.phi.astype(np.float64)
 
     def w_of(theta):  # (A, B) flattened -> row-major vec(W), from the closed form in float64
-        A, B = theta[:25].reshape(5, 5), theta[25:].reshape(2, 5)
-        S = checks._softmax0(A)
-        return np.linalg.solve((np.eye(5) - p.gamma * S).T, B.T).T.ravel()
+        return closed_form(p, theta[:25].reshape(5, 5), theta[25:].reshape(2, 5)).W.ravel()
 
     theta = np.concatenate([p.delm["A"].astype(np.float64).ravel(), p.delm["B"].astype(np.float64).ravel()])
     h = 1e-6  # central differences: error of order h^2, far below the 2e-3 asked of the eigenvalue
@@ -216,8 +213,7 @@ def test_a_second_check_flags_a_claim_it_refutes():
     p = make_problem(n=10, width=6, classes=2, gamma=0.9, tol=1e-5, maxiter=50, learning_rate=None, data="random")
     params = {k: v * 1.01 for k, v in p.delm.items()}  # a training run's later parameters
     ref = checks.delm_reference(p, params)
-    S = checks._softmax0(params["A"].astype(np.float64))
-    W = np.linalg.solve((np.eye(p.m) - p.gamma * S).T, params["B"].astype(np.float64).T).T
+    W = closed_form(p, params["A"], params["B"]).W
     row = {"problem": "delm", "formulation": "transposed", "converged": True}
     checks.verify_again(row, Check(1, True, W, ref["grads"], params=params), p, 1e-5, None, "check_after_timing")
     assert row["converged"] and "flag" not in row and row["check_after_timing"]["relative_residual"] < 1e-12
