@@ -18,7 +18,12 @@ from __future__ import annotations
 import functools
 from typing import Any, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from deq_jax.maps import TanhMap
+from deq_jax.solve import Implicit, solve
 
 from experiments.bench.problem import Problem, closed_form
 from experiments.bench.protocol import Check
@@ -55,11 +60,7 @@ def tanh_reference(p: Problem) -> dict:
     implicit backward (GMRES to 1e-12), computed by deq_jax under `jax.enable_x64`."""
     if "tanh" in p.references:
         return p.references["tanh"]
-    import jax
-    import jax.numpy as jnp
 
-    from deq_jax.maps import TanhMap
-    from deq_jax.solve import Implicit, solve
 
     with jax.enable_x64(True):
         params = {k: jnp.asarray(v, jnp.float64) for k, v in p.tanh.items()}
@@ -117,7 +118,6 @@ def residuals(p: Problem, problem: str, formulation: str, state: np.ndarray, dev
 
     Computed with JAX under `jax.enable_x64` on `device` (the full-batch GPU problem's products are large).
     """
-    import jax
 
     with jax.enable_x64(True):
         put = lambda a: jax.device_put(np.asarray(a, np.float64), device)
@@ -135,8 +135,6 @@ def residuals(p: Problem, problem: str, formulation: str, state: np.ndarray, dev
 @functools.lru_cache(maxsize=None)
 def _residual_function(kind: str):
     """The jitted relative residuals of each map (one compilation per kind and shape, shared by the rows)."""
-    import jax
-    import jax.numpy as jnp
 
     def ratios(fz, z):
         r = fz - z

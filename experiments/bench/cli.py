@@ -43,6 +43,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Optional  # noqa: E402
 
+from experiments.bench import run, sweep_bench  # noqa: E402
 from experiments.common import cli as common_cli  # noqa: E402
 from experiments.common import interrupts  # noqa: E402
 from experiments.common.cli import UserError  # noqa: E402
@@ -191,7 +192,6 @@ def _without_suite(argv: list[str]) -> list[str]:
 def _body(argv: list[str]) -> int:
     if _suite_of(argv) == "sweep":
         # the sweep benchmark has its own options (experiments/bench/sweep_bench.py): everything else goes to it
-        from experiments.bench import sweep_bench
 
         try:
             return int(sweep_bench.main(_without_suite(argv)) or 0)
@@ -201,7 +201,6 @@ def _body(argv: list[str]) -> int:
         args = parse_args(argv)
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0)
-    from experiments.bench import run
 
     try:
         if args.render:

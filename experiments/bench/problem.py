@@ -24,6 +24,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from experiments.common.cli import UserError
+from experiments.common.datasets import DatasetNotFoundError, Setting, load_dataset, preprocess
 
 
 @dataclasses.dataclass
@@ -63,7 +64,6 @@ class Problem:
 
 def _settings() -> dict:
     """How the loader's messages name its settings here: the bench's flags, not function arguments."""
-    from experiments.common.datasets import Setting
 
     return {"data_dir": Setting(flag="--data-dir"), "n_train": Setting(flag="--n")}
 
@@ -74,7 +74,6 @@ def _fashion_mnist(n: int, data_dir: Optional[str], required: bool) -> Optional[
     Searched in `data_dir` (--data-dir) first, then the cache and /usr/share/datasets. A file that is there but
     corrupt, or a --data-dir that does not exist, is a `UserError` (one line); files that are simply absent give
     None, unless `required`."""
-    from experiments.common.datasets import DatasetNotFoundError, load_dataset, preprocess
 
     try:
         ds = load_dataset("fashion_mnist", data_dir=data_dir, download=False, settings=_settings())
@@ -183,7 +182,7 @@ def gauss_newton_lambda_max(p: Problem, iterations: int = 300, rtol: float = 1e-
         return softmax_t(p.gamma * W.T @ Qp), Qp
 
     rng = np.random.default_rng(1)
-    v = (rng.standard_normal(A.shape), rng.standard_normal(B.shape))
+    v = (rng.standard_normal(p.delm["A"].shape), rng.standard_normal(p.delm["B"].shape))
     lam = 0.0
     for _ in range(iterations):
         v = tuple(x / np.sqrt(dot(v, v)) for x in v)

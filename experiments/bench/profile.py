@@ -36,11 +36,15 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
+import jax.scipy.sparse.linalg as jssl
 import numpy as np
 import optax
 
 from deq_jax import theory
+from deq_jax.refine import factor, right_solve
+from deq_jax.train import make_step
 from experiments.bench.checks import delm_reference, relative_errors
+from experiments.bench.jax_cases import linear_solve as jaxopt_linear_solve  # as deq_jax._jaxopt uses it
 from experiments.bench.problem import Problem
 from experiments.common import interrupts
 from experiments.common import models as model_lib
@@ -107,8 +111,6 @@ def _arrays(p: Problem, device: Any) -> SimpleNamespace:
 
 
 def _factors(U):
-    from deq_jax.refine import factor
-
     return jax.jit(factor)(U)
 
 
@@ -133,7 +135,6 @@ def _closed_form(p: Problem):
 
 def _step(p: Problem, precision, which: str) -> Callable:
     """One whole step `step(params, opt_state, phi, y)`: deq_jax, the inline baseline, or the hand-written one."""
-    from deq_jax.train import make_step
 
     optimizer = optax.sgd(p.learning_rate)
     if which == "deq_jax":
@@ -169,7 +170,6 @@ WARM_STEPS = 5  # training steps before the refine step is timed: past the first
 
 def _warm_state(p: Problem, precision, a: SimpleNamespace):
     """The refine step's training state after `WARM_STEPS` steps from the problem's initial parameters."""
-    from deq_jax.train import make_step
 
     model = model_lib.build("delm", p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="refine",
                             precision=precision)
@@ -182,7 +182,6 @@ def _warm_state(p: Problem, precision, a: SimpleNamespace):
 
 def _sweep(p: Problem):
     """One refinement sweep of the forward solve, `W + (B - W U) U_old^{-1}`, with kept factors."""
-    from deq_jax.refine import right_solve
 
     def sweep(factors, W, S, B):
         R = B - (W - p.gamma * W @ S)
@@ -273,9 +272,6 @@ BACKWARD_SOLVERS = ("gmres, batched (jax default; deq_jax's default backward)", 
 def backward_solvers(p: Problem, names: tuple[str, ...] = BACKWARD_SOLVERS, *, device: Any, precision,
                      repeats: int = 2) -> list[dict]:
     """Time and count the matrix-vector products of each linear solver on the per-sample backward system."""
-    import jax.scipy.sparse.linalg as jssl
-
-    from experiments.bench.jax_cases import linear_solve as jaxopt_linear_solve  # as deq_jax._jaxopt uses it
 
     if not names:
         return []

@@ -31,7 +31,19 @@ import sys
 import time
 from typing import Optional, Sequence
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deq_jax import parallel, train
 from experiments.common import cli
+from experiments.common import datasets as data
+from experiments.common import env as env_lib
+from experiments.common import io, models
+from experiments.common.config import from_dict
+from experiments.sweep import programs
+from experiments.sweep.config import SweepConfig
+from experiments.sweep.grid import GroupKey
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SEEDS, STEPS, GAMMA, LEARNING_RATE = 64, 200, 0.8, 0.01
@@ -43,17 +55,6 @@ def _summary(times: list[float]) -> dict:
 
 def worker(repeats: int) -> dict:
     """Time loop / vmap / sweep in this process; returns a JSON-able dict."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from deq_jax import parallel, train
-    from experiments.common import datasets as data
-    from experiments.common import models
-    from experiments.common.config import from_dict
-    from experiments.sweep import programs
-    from experiments.sweep.config import SweepConfig
-    from experiments.sweep.grid import GroupKey
 
     dtype = jnp.float32
     ds = data.load_dataset("digits")
@@ -160,8 +161,6 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     if args.worker:
         print(json.dumps(worker(args.repeats)))
         return 0
-    from experiments.common import env as env_lib
-    from experiments.common import io
 
     env_base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env_base.setdefault("OPENBLAS_NUM_THREADS", "1")

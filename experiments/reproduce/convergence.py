@@ -30,7 +30,7 @@ from typing import Iterator, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from deq_jax import theory
+from deq_jax import Implicit, theory
 from deq_jax.maps import random_projection
 from deq_jax.models import DELM
 
@@ -201,8 +201,6 @@ class GroupPlan:
 
 
 def _variant_model(base: DELM, v: VariantConfig) -> DELM:
-    from deq_jax.solve import Implicit
-
     return dataclasses.replace(base, formulation=v.formulation, solver=v.solver, tol=v.tol, maxiter=v.maxiter,
                                backward=Implicit(v.linear_solver, tol=v.tol, maxiter=None))
 

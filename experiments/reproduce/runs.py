@@ -227,7 +227,7 @@ def _unflat(prefix: str, like: Any, arrays: dict) -> Any:
 
 
 def progress_bar(enabled: bool, total: int, desc: str, initial: int = 0):
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # optional dependency ('experiments' extra): needed only where a bar is drawn
 
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True,
                 file=sys.stderr, unit="step")

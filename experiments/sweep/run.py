@@ -203,7 +203,7 @@ def _progress(total: int, initial: int, name: str, enabled: bool):
     if not enabled:
         return None
     try:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # optional: only where a bar is drawn
     except ImportError:  # tqdm is in the 'experiments' extra
         warnings.warn("progress=True needs tqdm (pip install tqdm); running without a progress bar", stacklevel=3)
         return None
