@@ -16,9 +16,10 @@ of a shared machine hits every row alike; rows: experiments/bench/cases.py, goal
 
 Every row records min and median step time, compile time, iterations, the implementation's own convergence
 verdict and an independent one (the float64 relative residual |f(z) - z| / |f(z)| of the returned equilibrium
-<= tol), gradient errors against float64 references and memory; a training run also every step's iterations. The table and goals are printed; the JSON (with the environment record)
-is written atomically to --out, or with --publish to docs/results/bench-NAME.json, with the figure, and
-docs/benchmarks.md's generated blocks are re-rendered from it.
+<= tol), gradient errors against float64 references and memory; a training run also every step's iterations.
+The table and goals are printed; the JSON (with the environment record) is written atomically to --out, or with
+--publish to docs/results/bench-NAME.json, with the figure, and docs/benchmarks.md's generated blocks are
+re-rendered from it.
 
 Exit status: 0 done, every row ran and every correctness goal held (speed and memory goals are reported, met or
 not); 1 done, but a row failed or a correctness goal did not hold; 2 not run: a flag, device or file error (a

@@ -345,8 +345,8 @@ def run_gd(spec: RunSpec, params: Any, phi: Any, y: Any, *, learning_rate: float
         state = out.state
     history = {k: np.concatenate(v) for k, v in r.history.items()}
     if desc:
-        how = ("from checkpoint" if r.done == resumed_at else f"{r.done - resumed_at} in {time.perf_counter() - t0:.1f} "
-               f"s, first chunk {compiled.get('first', 0):.1f} s")
+        how = ("from checkpoint" if r.done == resumed_at else f"{r.done - resumed_at} in "
+               f"{time.perf_counter() - t0:.1f} s, first chunk {compiled.get('first', 0):.1f} s")
         print(f"  {desc}: {r.done} steps ({how}), final loss {float(history['loss'][-1]):.10g}", file=sys.stderr,
               flush=True)
     return GDResult(params=state.params, history=history, steps=r.done, captured=r.captured,
