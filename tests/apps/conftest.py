@@ -1,7 +1,9 @@
 """Fixtures shared by the applications' tests.
 
 The data package's tests (test_datasets_*.py) use `isolated` for every test (`pytestmark`): no real cache, no
-internet, no system copy of Fashion-MNIST; `server` serves files over HTTP from a temporary folder.
+internet, no system copy of Fashion-MNIST; `server` serves files over HTTP from a temporary folder. The benchmark's
+in-process command lines run under `x32` (x64 off, as in a user's process). The sweep's tests register a tanh DEQ
+kind (`tanh_kind`) and assert that an invalid input compiles nothing (`no_compile`).
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ import threading
 from collections import Counter
 from typing import Iterator
 
+import jax
 import pytest
-from dataset_fakes import Server, free_port_url
 
 from experiments.common import datasets as data
+from experiments.common import models as sweep_models
+from dataset_fakes import Server, free_port_url
+from helpers import compile_events
+from sweep_cases import TanhDEQ
 
 
 @pytest.fixture
@@ -60,4 +66,27 @@ def server(tmp_path: pathlib.Path) -> Iterator[Server]:
 @pytest.fixture
 def closed_port_url() -> str:
     return free_port_url()
+
+
+@pytest.fixture
+def x32():
+    """x64 off for an in-process run of the command line (a user's process runs JAX with its default, float32)."""
+    with jax.enable_x64(False):
+        yield
+
+
+@pytest.fixture
+def tanh_kind():
+    sweep_models.register_model("tanh_deq", sweep_models.ModelKind(
+        lambda spec: TanhDEQ(spec.width, spec.out_dim, contraction=spec.gamma), axes=("gamma",)))
+    yield
+    sweep_models.unregister_model("tanh_deq")
+
+
+@pytest.fixture
+def no_compile():
+    events, stop = compile_events()
+    yield
+    stop()
+    assert not events, f"{len(events)} XLA compilation(s) although the input is invalid"
 

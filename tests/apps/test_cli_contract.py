@@ -83,7 +83,8 @@ CASES = [
          r"^reproduce: (configuration )?error: config file '\S*nowhere\.yaml' does not exist"),
     Case("reproduce", "missing_data_dir", TINY_REPRODUCE + ("--data-dir", "{root}/no_such_folder"), 2,
          r"^reproduce: .*no_such_folder.* does not exist .*--data-dir"),
-    Case("reproduce", "usage", ("--out", "{out}", "--no-such-flag"), 2, r"^.*reproduce: error: unrecognized arguments: --no-such-flag"),
+    Case("reproduce", "usage", ("--out", "{out}", "--no-such-flag"), 2,
+         r"^.*reproduce: error: unrecognized arguments: --no-such-flag"),
     Case("reproduce", "sigint", TINY_REPRODUCE, 130, r"^reproduce: interrupted", progress="stdout"),
 
     Case("sweep", "malformed_yaml", ("--config", "{root}/bad.yaml", "--output-dir", "{out}"), 2,

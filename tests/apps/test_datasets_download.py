@@ -9,12 +9,12 @@ import pathlib
 
 import numpy as np
 import pytest
-from dataset_fakes import (FAKES, Server, check_matches, cifar_members, files_under, free_port_url, make_idx,
-                           make_svhn, md5, umask, with_content_digests)
 
 from experiments.common import cli
 from experiments.common import datasets as data
 from experiments.common.datasets import ChecksumError, DatasetNotFoundError, DataSettingError
+from dataset_fakes import (FAKES, Server, check_matches, cifar_members, files_under, free_port_url, make_idx,
+                           make_svhn, md5, umask, with_content_digests)
 
 pytestmark = pytest.mark.usefixtures("isolated")  # no real cache, internet or system copy
 

@@ -14,13 +14,13 @@ import tarfile
 
 import numpy as np
 import pytest
-from dataset_fakes import (FASHION_SYSTEM_DIR, Server, check_matches, cifar_members, files_under, idx_bytes,
-                           make_cifar, make_idx, md5, raw_idx, toy, with_content_digests)
 
 from experiments.common import cli
 from experiments.common import datasets as data
 from experiments.common.datasets import (ChecksumError, DatasetFormatError, DatasetNotFoundError, DatasetWarning,
                                          Setting, formats)
+from dataset_fakes import (FASHION_SYSTEM_DIR, Server, check_matches, cifar_members, files_under, idx_bytes,
+                           make_cifar, make_idx, md5, raw_idx, toy, with_content_digests)
 
 pytestmark = pytest.mark.usefixtures("isolated")  # no real cache, internet or system copy
 

@@ -7,11 +7,11 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from dataset_fakes import toy
 
 from experiments.common import cli
 from experiments.common import datasets as data
 from experiments.common.datasets import Dataset, DataSettingError
+from dataset_fakes import toy
 
 pytestmark = pytest.mark.usefixtures("isolated")  # no real cache, internet or system copy
 

@@ -49,7 +49,8 @@ def test_linear_solver_precision_and_batching_names_are_accepted():
 def test_losses_take_predictions_and_targets():
     y = jnp.asarray([[1.0, 0.0], [0.0, 1.0]])
     assert float(registry.LOSSES["square"](y, y)) == 0.0
-    assert float(registry.LOSSES["cross_entropy"](jnp.zeros((2, 2)), jnp.asarray([0, 1]))) == pytest.approx(0.6931, 1e-3)
+    uniform = registry.LOSSES["cross_entropy"](jnp.zeros((2, 2)), jnp.asarray([0, 1]))
+    assert float(uniform) == pytest.approx(0.6931, 1e-3)
 
 
 def test_the_factory_builds_every_model_and_names_the_choices_on_a_typo():
