@@ -6,12 +6,16 @@ shares one of these, and XLA's compilation cache serves it again.
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 
 from deq_jax.maps import column_softmax
 
 GAMMA = 0.8
+#: the repository's root folder (configs/, docs/, the working directory of the tests' child processes)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def delm_problem(dtype=jnp.float64, m=7, n=11, m_y=3, seed=0, scale=1.0):

@@ -18,15 +18,15 @@ from __future__ import annotations
 import functools
 from typing import Any, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench.problem import Problem
+from deq_jax.maps import TanhMap
+from deq_jax.solve import Implicit, solve
+
+from experiments.bench.problem import Problem, closed_form
 from experiments.bench.protocol import Check
-
-
-def _softmax0(A: np.ndarray) -> np.ndarray:
-    e = np.exp(A - A.max(axis=0, keepdims=True))
-    return e / e.sum(axis=0, keepdims=True)
 
 
 def delm_reference(p: Problem, params: Optional[dict] = None) -> dict:
@@ -44,11 +44,8 @@ def delm_reference(p: Problem, params: Optional[dict] = None) -> dict:
 
 
 def _delm_reference(p: Problem, params: dict) -> dict:
-    A, B = np.asarray(params["A"], np.float64), np.asarray(params["B"], np.float64)
     phi, y = p.phi.astype(np.float64), p.y.astype(np.float64)
-    S = _softmax0(A)
-    U = np.eye(p.m) - p.gamma * S
-    W = np.linalg.solve(U.T, B.T).T
+    S, U, W = closed_form(p, params["A"], params["B"])
     R = phi @ W.T - y
     loss = 0.5 * np.mean(np.sum(R * R, axis=1))
     G = R.T @ phi / p.n
@@ -63,11 +60,7 @@ def tanh_reference(p: Problem) -> dict:
     implicit backward (GMRES to 1e-12), computed by deq_jax under `jax.enable_x64`."""
     if "tanh" in p.references:
         return p.references["tanh"]
-    import jax
-    import jax.numpy as jnp
 
-    from deq_jax.maps import TanhMap
-    from deq_jax.solve import Implicit, solve
 
     with jax.enable_x64(True):
         params = {k: jnp.asarray(v, jnp.float64) for k, v in p.tanh.items()}
@@ -105,12 +98,8 @@ def equilibrium_norm(p: Problem, problem: str, formulation: str) -> float:
         if problem == "tanh":
             p.references[key] = tanh_reference(p)["z_norm"]
         else:
-            S = _softmax0(p.delm["A"].astype(np.float64))
-            U = np.eye(p.m) - p.gamma * S
-            if formulation == "transposed":
-                z = np.linalg.solve(U.T, p.delm["B"].astype(np.float64).T)
-            else:
-                z = np.linalg.solve(U, p.phi.astype(np.float64).T)
+            _, U, W = closed_form(p, p.delm["A"], p.delm["B"])
+            z = W if formulation == "transposed" else np.linalg.solve(U, p.phi.astype(np.float64).T)
             p.references[key] = float(np.linalg.norm(z))
     return p.references[key]
 
@@ -129,7 +118,6 @@ def residuals(p: Problem, problem: str, formulation: str, state: np.ndarray, dev
 
     Computed with JAX under `jax.enable_x64` on `device` (the full-batch GPU problem's products are large).
     """
-    import jax
 
     with jax.enable_x64(True):
         put = lambda a: jax.device_put(np.asarray(a, np.float64), device)
@@ -147,8 +135,6 @@ def residuals(p: Problem, problem: str, formulation: str, state: np.ndarray, dev
 @functools.lru_cache(maxsize=None)
 def _residual_function(kind: str):
     """The jitted relative residuals of each map (one compilation per kind and shape, shared by the rows)."""
-    import jax
-    import jax.numpy as jnp
 
     def ratios(fz, z):
         r = fz - z

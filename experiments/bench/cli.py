@@ -16,9 +16,10 @@ of a shared machine hits every row alike; rows: experiments/bench/cases.py, goal
 
 Every row records min and median step time, compile time, iterations, the implementation's own convergence
 verdict and an independent one (the float64 relative residual |f(z) - z| / |f(z)| of the returned equilibrium
-<= tol), gradient errors against float64 references and memory; a training run also every step's iterations. The table and goals are printed; the JSON (with the environment record)
-is written atomically to --out, or with --publish to docs/results/bench-NAME.json, with the figure, and
-docs/benchmarks.md's generated blocks are re-rendered from it.
+<= tol), gradient errors against float64 references and memory; a training run also every step's iterations.
+The table and goals are printed; the JSON (with the environment record) is written atomically to --out, or with
+--publish to docs/results/bench-NAME.json, with the figure, and docs/benchmarks.md's generated blocks are
+re-rendered from it.
 
 Exit status: 0 done, every row ran and every correctness goal held (speed and memory goals are reported, met or
 not); 1 done, but a row failed or a correctness goal did not hold; 2 not run: a flag, device or file error (a
@@ -43,7 +44,9 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Optional  # noqa: E402
 
+from experiments.bench import run, sweep_bench  # noqa: E402
 from experiments.common import cli as common_cli  # noqa: E402
+from experiments.common import interrupts  # noqa: E402
 from experiments.common.cli import UserError  # noqa: E402
 
 PROG = "python -m experiments bench"
@@ -190,7 +193,6 @@ def _without_suite(argv: list[str]) -> list[str]:
 def _body(argv: list[str]) -> int:
     if _suite_of(argv) == "sweep":
         # the sweep benchmark has its own options (experiments/bench/sweep_bench.py): everything else goes to it
-        from experiments.bench import sweep_bench
 
         try:
             return int(sweep_bench.main(_without_suite(argv)) or 0)
@@ -200,14 +202,13 @@ def _body(argv: list[str]) -> int:
         args = parse_args(argv)
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0)
-    from experiments.bench import run, stop
 
     try:
         if args.render:
             return run.render(args)
         if args.list:
             return run.list_rows(args)
-        with stop.handled():  # an interrupt stops the run at its next step, before anything is written
+        with interrupts.safe_points():  # an interrupt stops the run at its next step, before anything is written
             return run.run(args, argv, started=time.time())
     except BrokenPipeError:  # the reader left (`bench --list | head`): stop quietly, as command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -7,13 +7,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
+
 from experiments.common.cli import UserError
 from experiments.common.env import version
 
 
 def resolve(kind: str) -> Any:
     """The JAX device for `kind` ("cpu" or "gpu"); `UserError` naming what JAX sees when no GPU is there."""
-    import jax
 
     if kind == "cpu":
         return jax.devices("cpu")[0]
@@ -43,7 +44,7 @@ def default_max_temp_gb(device: Any) -> float:
 def blas_threadpools() -> Any:
     """The BLAS/LAPACK thread pools loaded in this process (jaxlib's LU runs on scipy's OpenBLAS)."""
     try:
-        import threadpoolctl
+        import threadpoolctl  # optional: recorded where installed, never required
     except ImportError:
         return "threadpoolctl not installed"
     return [{"api": d.get("internal_api"), "threads": d.get("num_threads"),

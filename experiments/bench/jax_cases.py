@@ -25,12 +25,17 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg as jsl
 import numpy as np
 import optax
 
+from deq_jax.maps import DELMMap, TanhMap
+from deq_jax.solve import Implicit, solve
+from deq_jax.train import make_step, objective
 from experiments.bench.checks import equilibrium_norm
 from experiments.bench.problem import Problem
 from experiments.bench.protocol import Case, Check, Prepared
+from experiments.common import models as model_lib
 
 with warnings.catch_warnings():
     # jaxopt 0.8.5 is its final release and warns on import; the baseline uses it knowingly
@@ -88,9 +93,6 @@ def _delm_check(model, gamma: float) -> Callable:
 
     Cached per model (a frozen dataclass), so the float32 direct reference (`direct_gradients`) and the row with
     the same model share one compiled program."""
-    from deq_jax.maps import DELMMap
-    from deq_jax.solve import solve
-    from deq_jax.train import objective
 
     def check(params, phi, y):
         grads, stats = jax.grad(objective(model, "square"), has_aux=True)(params, phi, y)
@@ -104,8 +106,6 @@ def _delm_check(model, gamma: float) -> Callable:
 
 
 def _library_step(model):
-    from deq_jax.train import make_step
-
     def step(params, opt_state, phi, y, *, optimizer):
         return make_step(model, "square", optimizer, jit=False)(params, opt_state, phi, y)
 
@@ -120,10 +120,8 @@ def _stats_info(stats) -> tuple:
 
 def _delm_model(p: Problem, formulation: str, solver: str, backward: Any, tol: float, maxiter: int,
                 precision: Optional[str]):
-    from deq_jax.models import DELM
-
-    return DELM(p.m, p.m_y, gamma=p.gamma, formulation=formulation, solver=solver, backward=backward, tol=tol,
-                maxiter=maxiter, precision=precision)
+    return model_lib.build("delm", p.m, p.m_y, gamma=p.gamma, formulation=formulation, solver=solver,
+                           backward=backward, tol=tol, maxiter=maxiter, precision=precision)
 
 
 def deq_jax_delm(p: Problem, formulation: str, solver: str, backward: str, *, device: Any, precision: Optional[str],
@@ -134,7 +132,6 @@ def deq_jax_delm(p: Problem, formulation: str, solver: str, backward: str, *, de
     `linear_solver` / `backward_tol` choose the implicit backward's linear solver and its tolerance (default: the
     library's GMRES at the forward tolerance).
     """
-    from deq_jax.solve import Implicit
 
     backward_arg: Any = backward
     if backward == "implicit" and (linear_solver or backward_tol):
@@ -168,9 +165,6 @@ class _TanhModel:
         return sol.value @ params["B"].T, sol.stats
 
     def solve(self, params, phi):
-        from deq_jax.maps import TanhMap
-        from deq_jax.solve import solve
-
         inner = {k: params[k] for k in ("W", "U", "b")}
         return solve(TanhMap(self.contraction), jnp.zeros((phi.shape[0], self.width), phi.dtype), inner, phi,
                      solver=self.solver, backward=self.backward, tol=self.tol, maxiter=self.maxiter,
@@ -184,8 +178,6 @@ def deq_jax_tanh(p: Problem, solver: str, backward: str, *, device: Any, precisi
                  linear_solver: Optional[str] = None) -> Case:
     """The tanh DEQ step through `deq_jax.solve` + `deq_jax.train.make_step` (`linear_solver`: the implicit
     backward's, default the library's GMRES)."""
-    from deq_jax.solve import Implicit
-    from deq_jax.train import objective
 
     backward_arg: Any = Implicit(linear_solver=linear_solver) if linear_solver else backward
 
@@ -305,7 +297,6 @@ def lu_factor(p: Problem, *, device: Any, precision: Optional[str]) -> Case:
     Its untimed check solves `W U = B` with the factors (`lu_solve`), so the independent residual check judges the
     factorisation's accuracy like any other row's equilibrium; it computes no gradient.
     """
-    import jax.scipy.linalg as jsl
 
     def prepare() -> Prepared:
         e = np.exp(p.delm["A"] - p.delm["A"].max(axis=0))  # the column softmax, in float32 like the steps'

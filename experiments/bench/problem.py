@@ -19,11 +19,12 @@ gain from small moves. (At m = 784 on Fashion-MNIST a fixed 1e-3 diverges in the
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
 from experiments.common.cli import UserError
+from experiments.common.datasets import DatasetNotFoundError, Setting, load_dataset, preprocess
 
 
 @dataclasses.dataclass
@@ -63,7 +64,6 @@ class Problem:
 
 def _settings() -> dict:
     """How the loader's messages name its settings here: the bench's flags, not function arguments."""
-    from experiments.common.datasets import Setting
 
     return {"data_dir": Setting(flag="--data-dir"), "n_train": Setting(flag="--n")}
 
@@ -74,7 +74,6 @@ def _fashion_mnist(n: int, data_dir: Optional[str], required: bool) -> Optional[
     Searched in `data_dir` (--data-dir) first, then the cache and /usr/share/datasets. A file that is there but
     corrupt, or a --data-dir that does not exist, is a `UserError` (one line); files that are simply absent give
     None, unless `required`."""
-    from experiments.common.datasets import DatasetNotFoundError, load_dataset, preprocess
 
     try:
         ds = load_dataset("fashion_mnist", data_dir=data_dir, download=False, settings=_settings())
@@ -143,6 +142,24 @@ def make_problem(*, n: int, width: int, classes: int, gamma: float, tol: float, 
     return p
 
 
+class ClosedForm(NamedTuple):
+    """`S = sigma(A)` (the column softmax), `U = I - gamma S` and the end-to-end matrix `W = B U^{-1}`."""
+
+    S: np.ndarray
+    U: np.ndarray
+    W: np.ndarray
+
+
+def closed_form(p: Problem, A: np.ndarray, B: np.ndarray) -> ClosedForm:
+    """The DELM's closed form in NumPy float64: the benchmark's one end-to-end matrix for its references, which
+    share no code with the library they check (`deq_jax.theory.end_to_end` is the library's own)."""
+    A, B = np.asarray(A, np.float64), np.asarray(B, np.float64)
+    e = np.exp(A - A.max(axis=0, keepdims=True))
+    S = e / e.sum(axis=0, keepdims=True)
+    U = np.eye(p.m) - p.gamma * S
+    return ClosedForm(S, U, np.linalg.solve(U.T, B.T).T)
+
+
 def gauss_newton_lambda_max(p: Problem, iterations: int = 300, rtol: float = 1e-9) -> float:
     """`lambda_max(J^T H J)` at the problem's DELM parameters, by power iteration in float64 (numpy), read off as the
     Rayleigh quotient (the operator is symmetric positive semi-definite: the quotient's error is the square of the
@@ -151,12 +168,9 @@ def gauss_newton_lambda_max(p: Problem, iterations: int = 300, rtol: float = 1e-
     `J(dA, dB) = dW = (dB + gamma W dS) U^{-1}` with `dS = S * (dA - 1 1^T (S * dA))` (the column softmax's
     Jacobian), `H(dW) = dW C`, `C = phi^T phi / n`; `J^T(Q) = (S * (dS' - 1 1^T (S * dS')), Q')` with
     `Q' = Q U^{-T}`, `dS' = gamma W^T Q'`. Each product costs `O(m^2 m_y)` once `U^{-1}` is known."""
-    A, B = p.delm["A"].astype(np.float64), p.delm["B"].astype(np.float64)
     phi = p.phi.astype(np.float64)
-    e = np.exp(A - A.max(axis=0, keepdims=True))
-    S = e / e.sum(axis=0, keepdims=True)
-    U_inv = np.linalg.inv(np.eye(p.m) - p.gamma * S)
-    W = B @ U_inv
+    S, U, W = closed_form(p, p.delm["A"], p.delm["B"])
+    U_inv = np.linalg.inv(U)
     C = phi.T @ phi / p.n
     softmax_t = lambda dS: S * (dS - np.sum(S * dS, axis=0, keepdims=True))  # symmetric per column
     dot = lambda a, b: sum(float(np.sum(x * y)) for x, y in zip(a, b))
@@ -168,7 +182,7 @@ def gauss_newton_lambda_max(p: Problem, iterations: int = 300, rtol: float = 1e-
         return softmax_t(p.gamma * W.T @ Qp), Qp
 
     rng = np.random.default_rng(1)
-    v = (rng.standard_normal(A.shape), rng.standard_normal(B.shape))
+    v = (rng.standard_normal(p.delm["A"].shape), rng.standard_normal(p.delm["B"].shape))
     lam = 0.0
     for _ in range(iterations):
         v = tuple(x / np.sqrt(dot(v, v)) for x in v)

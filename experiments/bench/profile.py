@@ -36,12 +36,18 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
+import jax.scipy.sparse.linalg as jssl
 import numpy as np
 import optax
 
+from deq_jax import theory
+from deq_jax.refine import factor, right_solve
+from deq_jax.train import make_step
 from experiments.bench.checks import delm_reference, relative_errors
+from experiments.bench.jax_cases import linear_solve as jaxopt_linear_solve  # as deq_jax._jaxopt uses it
 from experiments.bench.problem import Problem
-from experiments.bench.stop import checkpoint
+from experiments.common import interrupts
+from experiments.common import models as model_lib
 
 
 def _count_primitive(jaxpr, name: str) -> int:
@@ -93,7 +99,7 @@ def _arrays(p: Problem, device: Any) -> SimpleNamespace:
         S = jax.nn.softmax(A, axis=0)
         U = jnp.eye(p.m, dtype=S.dtype) - p.gamma * S
         _, pivots, _ = jax.lax.linalg.lu(U.T)
-        W = jnp.linalg.solve(U.T, B.T).T
+        W = theory.end_to_end(A, B, p.gamma)
         R = phi @ W.T - y
         return S, U, pivots, W, R, R.T @ phi / p.n
 
@@ -105,8 +111,6 @@ def _arrays(p: Problem, device: Any) -> SimpleNamespace:
 
 
 def _factors(U):
-    from deq_jax.refine import factor
-
     return jax.jit(factor)(U)
 
 
@@ -131,15 +135,15 @@ def _closed_form(p: Problem):
 
 def _step(p: Problem, precision, which: str) -> Callable:
     """One whole step `step(params, opt_state, phi, y)`: deq_jax, the inline baseline, or the hand-written one."""
-    from deq_jax.models import DELM
-    from deq_jax.train import make_step
 
     optimizer = optax.sgd(p.learning_rate)
     if which == "deq_jax":
-        model = DELM(p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="direct", precision=precision)
+        model = model_lib.build("delm", p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="direct",
+                                precision=precision)
         return make_step(model, "square", optimizer, jit=False)
     if which == "refine":
-        model = DELM(p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="refine", precision=precision)
+        model = model_lib.build("delm", p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="refine",
+                                precision=precision)
         return make_step(model, "square", optimizer, jit=False).update
 
     def inline_loss(params, phi, y):
@@ -166,10 +170,9 @@ WARM_STEPS = 5  # training steps before the refine step is timed: past the first
 
 def _warm_state(p: Problem, precision, a: SimpleNamespace):
     """The refine step's training state after `WARM_STEPS` steps from the problem's initial parameters."""
-    from deq_jax.models import DELM
-    from deq_jax.train import make_step
 
-    model = DELM(p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="refine", precision=precision)
+    model = model_lib.build("delm", p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="refine",
+                            precision=precision)
     step = make_step(model, "square", optax.sgd(p.learning_rate))
     state = step.init(a.params, a.phi)
     for _ in range(WARM_STEPS):
@@ -179,7 +182,6 @@ def _warm_state(p: Problem, precision, a: SimpleNamespace):
 
 def _sweep(p: Problem):
     """One refinement sweep of the forward solve, `W + (B - W U) U_old^{-1}`, with kept factors."""
-    from deq_jax.refine import right_solve
 
     def sweep(factors, W, S, B):
         R = B - (W - p.gamma * W @ S)
@@ -251,7 +253,7 @@ def run_profile(p: Problem, chosen: list[Entry], *, device: Any, precision, repe
     times: dict[str, list] = {name: [] for name in compiled}
     for _ in range(repeats):
         for name, (c, args, _, _) in compiled.items():
-            checkpoint()
+            interrupts.check()
             start = time.perf_counter()
             jax.block_until_ready(c(*args))
             times[name].append(time.perf_counter() - start)
@@ -270,9 +272,6 @@ BACKWARD_SOLVERS = ("gmres, batched (jax default; deq_jax's default backward)", 
 def backward_solvers(p: Problem, names: tuple[str, ...] = BACKWARD_SOLVERS, *, device: Any, precision,
                      repeats: int = 2) -> list[dict]:
     """Time and count the matrix-vector products of each linear solver on the per-sample backward system."""
-    import jax.scipy.sparse.linalg as jssl
-
-    from experiments.bench.jax_cases import linear_solve as jaxopt_linear_solve  # as deq_jax._jaxopt uses it
 
     if not names:
         return []
@@ -306,7 +305,7 @@ def backward_solvers(p: Problem, names: tuple[str, ...] = BACKWARD_SOLVERS, *, d
         lambda b, S: (jaxopt_linear_solve.solve_normal_cg(matvec_of(S), b, tol=tol, atol=0.0), None))))
     out = []
     for name in names:
-        checkpoint()
+        interrupts.check()
         solve = solvers[name]
         with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
             run = jax.jit(lambda b, S: solve(b, S)[0]).lower(v, S).compile()

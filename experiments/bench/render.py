@@ -23,6 +23,7 @@ import re
 from typing import Optional
 
 from experiments.bench import report
+from experiments.common import io
 from experiments.common.cli import UserError
 
 PARTS = ("summary", "goals", "table", "training", "figure")
@@ -117,7 +118,6 @@ def render_text(text: str, results_dir: pathlib.Path) -> tuple[str, int]:
 
 def render_file(doc: pathlib.Path, results_dir: pathlib.Path) -> tuple[bool, int]:
     """Rewrite `doc`'s generated blocks in place (atomically); returns (changed, number of blocks)."""
-    from experiments.common import io
 
     if not doc.is_file():
         raise UserError(f"--render: {doc} does not exist (pass --docs-dir, the folder holding benchmarks.md)")

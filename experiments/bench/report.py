@@ -9,10 +9,12 @@ from __future__ import annotations
 import datetime
 import json
 import shlex
+import time
 from typing import Any, Optional
 
 import numpy as np
 
+from experiments.bench.training import WARM, ZERO_START
 from experiments.common.env import load_average
 
 
@@ -106,7 +108,6 @@ def _paired(a: Optional[dict], b: Optional[dict]) -> str:
 def training_table(rows: list[dict]) -> str:
     """The training-run rows side by side: iterations per step with and without warm starts, LU refactorisations,
     time against the same step from zero and against the bare LU factorisation, the two independent checks."""
-    from experiments.bench.training import WARM, ZERO_START
 
     runs = [r for r in rows if r.get("label") in (WARM, ZERO_START)]
     if not runs:
@@ -200,7 +201,6 @@ def jsonable(obj: Any) -> Any:
 def payload(*, suite: str, argv: list[str], started: float, environment: dict, device: dict, problem: dict,
             settings: dict, notes: list[str], goals: list[dict], rows: list[dict], **extra: Any) -> dict:
     """The JSON record of one run: what ran, where, on what, and every row's measurements."""
-    import time
 
     device = dict(device, load_average_after=load_average())
     return jsonable({

@@ -16,7 +16,11 @@ from typing import Any, Optional
 
 from experiments.bench import cases as suites
 from experiments.bench import goals as goal_defs
-from experiments.bench import report, stop
+from experiments.bench import checks, devices, jax_cases, plots, profile, report, timing
+from experiments.bench import render as renderer
+from experiments.bench import torch_cases as bt
+from experiments.common import interrupts, io
+from experiments.common.env import environment
 from experiments.bench.problem import Problem, make_problem
 from experiments.bench.protocol import Case
 from experiments.common.cli import EXIT_FAILED, EXIT_OK, UserError
@@ -35,11 +39,10 @@ def _problem(args: argparse.Namespace, *, for_names_only: bool = False) -> Probl
 def _torch_status(args: argparse.Namespace, *, cuda: bool) -> dict:
     """Which of torch / torchdeq can run here, with a note if not both; with `cuda`, whether torch sees the GPU
     that --device gpu asks for (this imports torch)."""
-    from experiments.bench import torch_cases as bt
 
     status = bt.availability()
     if cuda and status["torch"] and args.device == "gpu":
-        import torch
+        import torch  # optional and slow to import (seconds): only when its rows run on a GPU
 
         if not torch.cuda.is_available():
             status = dict(status, torch=False, torchdeq=False,
@@ -63,8 +66,6 @@ def _choose(args: argparse.Namespace, p: Problem, where: Any, *, cuda: bool = Tr
 
 
 def _profile_selection(args: argparse.Namespace, p: Problem) -> tuple[list, tuple[str, ...]]:
-    from experiments.bench import profile
-
     keep = lambda name: (args.rows is None or re.search(args.rows, name)) and not (
         args.skip and re.search(args.skip, name))
     entries = [e for e in profile.entries(p, args.precision) if keep(e.name)]
@@ -108,11 +109,9 @@ def _outputs(args: argparse.Namespace) -> Outputs:
 
 def _write(payload: dict, outputs: Outputs, docs_dir: pathlib.Path) -> None:
     """Write the JSON, the figure and the docs; the figure is rendered before anything is written."""
-    from experiments.bench import plots, render
-    from experiments.common import io
 
     png = plots.png(payload) if outputs.png is not None else None
-    stop.checkpoint()  # the last moment an interrupt can stop the run: after it, every file is written
+    interrupts.check()  # the last moment an interrupt can stop the run: after it, every file is written
     io.write_json(outputs.json, payload)
     print(f"\nwrote {outputs.json}")
     if png is not None:
@@ -120,15 +119,13 @@ def _write(payload: dict, outputs: Outputs, docs_dir: pathlib.Path) -> None:
         print(f"wrote {outputs.png}")
     if outputs.doc is not None:
         if outputs.doc.is_file():
-            changed, count = render.render_file(outputs.doc, docs_dir / "results")
+            changed, count = renderer.render_file(outputs.doc, docs_dir / "results")
             print(f"{'rendered' if changed else 'unchanged'} {outputs.doc} ({count} generated blocks)")
         else:
             print(f"note: no {outputs.doc} to render")
 
 
 def render(args: argparse.Namespace) -> int:
-    from experiments.bench import render as renderer
-
     docs = pathlib.Path(args.docs_dir)
     changed, count = renderer.render_file(docs / "benchmarks.md", docs / "results")
     print(f"{'rendered' if changed else 'up to date:'} {docs / 'benchmarks.md'} ({count} generated blocks from "
@@ -147,7 +144,6 @@ def _header(args: argparse.Namespace, p: Problem, device: Any, environment: dict
 
 def _measure_profile(args: argparse.Namespace, p: Problem, device: Any, selection: Any, size: dict) -> dict:
     """The profile suite's payload fields: timed components and steps, facts, backward solves, goals."""
-    from experiments.bench import profile
 
     entries, backward = selection
     repeats = max(args.repeats, 5)
@@ -161,7 +157,6 @@ def _measure_profile(args: argparse.Namespace, p: Problem, device: Any, selectio
 
 def _measure_rows(args: argparse.Namespace, p: Problem, device: Any, selection: list[Case], size: dict) -> dict:
     """A step/peer/gpu suite's payload fields: every selected row built, checked and timed; goals."""
-    from experiments.bench import checks, devices, jax_cases, timing
 
     settings = timing.Settings(repeats=args.repeats, slow_repeats=args.slow_repeats, warmup=args.warmup,
                                warm_steps=args.warm_steps, settle_s=args.settle,
@@ -193,8 +188,6 @@ def _load_note(payload: dict) -> list[str]:
 
 def run(args: argparse.Namespace, argv: list[str], *, started: float) -> int:
     """Run the suite; print its tables and goals; write its files. Returns the exit status."""
-    from experiments.bench import devices
-    from experiments.common.env import environment
 
     outputs = _outputs(args)
     device = devices.resolve(args.device)
@@ -207,7 +200,6 @@ def run(args: argparse.Namespace, argv: list[str], *, started: float) -> int:
         what = f"{len(selection)} rows"
     torch_info: dict = {}
     if torch_status.get("torch"):
-        from experiments.bench import torch_cases as bt
 
         bt.set_precision(args.precision)
         torch_info = bt.torch_device_info(args.device)

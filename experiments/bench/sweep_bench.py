@@ -31,7 +31,19 @@ import sys
 import time
 from typing import Optional, Sequence
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deq_jax import parallel, train
 from experiments.common import cli
+from experiments.common import datasets as data
+from experiments.common import env as env_lib
+from experiments.common import io, models
+from experiments.common.config import from_dict
+from experiments.sweep import programs
+from experiments.sweep.config import SweepConfig
+from experiments.sweep.grid import GroupKey
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SEEDS, STEPS, GAMMA, LEARNING_RATE = 64, 200, 0.8, 0.01
@@ -43,16 +55,6 @@ def _summary(times: list[float]) -> dict:
 
 def worker(repeats: int) -> dict:
     """Time loop / vmap / sweep in this process; returns a JSON-able dict."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from deq_jax import models, parallel, train
-    from experiments.common import datasets as data
-    from experiments.common.config import from_dict
-    from experiments.sweep import programs
-    from experiments.sweep.config import SweepConfig
-    from experiments.sweep.grid import GroupKey
 
     dtype = jnp.float32
     ds = data.load_dataset("digits")
@@ -61,7 +63,7 @@ def worker(repeats: int) -> dict:
     y = data.one_hot(labels, ds.num_classes).astype(np.float32)
     n, m = x.shape
     phi, Y = jnp.asarray(x), jnp.asarray(y)
-    model = models.DELM(width=m, out_dim=ds.num_classes, gamma=GAMMA, solver="direct")
+    model = models.build("delm", m, ds.num_classes, gamma=GAMMA, solver="direct")
     keys = np.stack([np.asarray(jax.random.PRNGKey(s)) for s in range(SEEDS)])
 
     # loop: the main job's code path, once per seed
@@ -88,7 +90,7 @@ def worker(repeats: int) -> dict:
         return jax.block_until_ready(vmap_c(keys, phi, Y))
 
     # sweep: the sweep's group program through the parallel engine, sharded over every device
-    cfg = from_dict(SweepConfig, {"name": "bench", "datasets": [{"name": "digits", "features": "raw"}],
+    cfg = from_dict(SweepConfig, {"name": "bench", "datasets": [{"dataset": "digits", "features": "raw"}],
                                   "steps": STEPS, "log_every": 1})
     key = GroupKey("digits", None, "square", "delm", None, "column_softmax")
     engine = parallel.ParallelMap(programs.train_one_fn(cfg, key, m, ds.num_classes))
@@ -159,8 +161,6 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     if args.worker:
         print(json.dumps(worker(args.repeats)))
         return 0
-    from experiments.common import env as env_lib
-    from experiments.common import io
 
     env_base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env_base.setdefault("OPENBLAS_NUM_THREADS", "1")

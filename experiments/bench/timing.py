@@ -21,9 +21,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from experiments.bench.checks import verify, verify_again
-from experiments.bench.stop import checkpoint
 from experiments.bench.problem import Problem
 from experiments.bench.protocol import Case
+from experiments.common import interrupts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +94,7 @@ def run_cases(cases: list[Case], p: Problem, settings: Settings, direct: Optiona
         tol = case.tol if case.tol is not None else p.tol
         row = _row_base(case, tol)
         rows.append(row)
-        checkpoint()
+        interrupts.check()
         try:
             prepared = case.prepare()
             row["compile_s"] = prepared.compile_s
@@ -117,7 +117,7 @@ def run_cases(cases: list[Case], p: Problem, settings: Settings, direct: Optiona
             row["untimed_steps"] = untimed
             last = row["first_step_s"]
             for _ in range(untimed - 1):
-                checkpoint()
+                interrupts.check()
                 start = time.perf_counter()
                 prepared.run()
                 last = time.perf_counter() - start
@@ -144,7 +144,7 @@ def run_cases(cases: list[Case], p: Problem, settings: Settings, direct: Optiona
                 continue
             if prepared.reset:
                 prepared.reset()
-            checkpoint()
+            interrupts.check()
             time.sleep(settings.settle_s)  # measured: a JAX step right after a PyTorch one took 24 ms instead of 14-17
             start = time.perf_counter()
             prepared.run()

@@ -44,7 +44,7 @@ def availability() -> dict:
 
 def torch_device_info(device: str) -> dict:
     """Threads and device name of the torch side."""
-    import torch
+    import torch  # optional ('peer' extra) and seconds to import: only for the torch rows
 
     info = {"num_threads": torch.get_num_threads(), "mkl": bool(torch.backends.mkl.is_available()),
             "cuda_available": bool(torch.cuda.is_available())}
@@ -55,7 +55,7 @@ def torch_device_info(device: str) -> dict:
 
 def set_precision(precision: Optional[str]) -> None:
     """On GPUs, TF32 matmuls off for "highest" (the JAX rows' precision), PyTorch's default otherwise."""
-    import torch
+    import torch  # optional ('peer' extra) and seconds to import: only for the torch rows
 
     highest = precision in ("highest", "float32")
     torch.backends.cuda.matmul.allow_tf32 = not highest
@@ -67,7 +67,7 @@ class _Setup:
     """Tensors of one row on the torch device, the SGD optimizer and a reset to the initial parameters."""
 
     def __init__(self, p: Problem, params: dict, device: str):
-        import torch
+        import torch  # optional ('peer' extra) and seconds to import: only for the torch rows
 
         self.torch = torch
         self.device = torch.device("cuda" if device == "gpu" else "cpu")
@@ -116,7 +116,7 @@ class _Setup:
 
 def _make_deq(p: Problem, solver: str, backward: str, abs_tol: float) -> tuple[Any, dict]:
     """A torchdeq module with our settings, each read back (torchdeq silently ignores unknown keys)."""
-    import torchdeq
+    import torchdeq  # optional ('peer' extra): only for the torchdeq rows
     from torchdeq.solver import get_solver
 
     name = TORCHDEQ_SOLVERS[solver]

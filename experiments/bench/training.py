@@ -29,9 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from deq_jax.losses import square
+from deq_jax.train import make_step
 from experiments.bench.jax_cases import precision_context
 from experiments.bench.problem import Problem
 from experiments.bench.protocol import Case, Check, Prepared
+from experiments.common import models as model_lib
 
 WARM = "warm"
 ZERO_START = "zero start"
@@ -74,12 +77,8 @@ def training_delm(p: Problem, formulation: str, solver: str, *, zero_start: bool
     """A DELM training run through `TrainStep.update` (see the module docstring)."""
 
     def prepare() -> Prepared:
-        from deq_jax.losses import square
-        from deq_jax.models import DELM
-        from deq_jax.train import make_step
-
-        model = DELM(p.m, p.m_y, gamma=p.gamma, formulation=formulation, solver=solver, backward="implicit",
-                     tol=p.tol, maxiter=p.maxiter, precision=precision)
+        model = model_lib.build("delm", p.m, p.m_y, gamma=p.gamma, formulation=formulation, solver=solver,
+                                backward="implicit", tol=p.tol, maxiter=p.maxiter, precision=precision)
         step = make_step(model, "square", optax.sgd(p.learning_rate), jit=False)
         params = jax.device_put({k: jnp.asarray(v) for k, v in p.delm.items()}, device)
         phi, y = jax.device_put((jnp.asarray(p.phi), jnp.asarray(p.y)), device)

@@ -13,11 +13,10 @@ Exit statuses, the same for every subcommand of `python -m experiments`:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
 import sys
-import threading
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
+
+from experiments.common import interrupts
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -39,60 +38,6 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
-_requested = threading.Event()
-
-
-RERAISE_S = 0.05  # after a swallowed interrupt: long enough to leave the callback that swallowed it
-
-
-def _interrupt(signum, frame):
-    """Ctrl-C or SIGTERM (kill, a scheduler's timeout): remember it, then raise KeyboardInterrupt where the
-    program is, so that it stops at once. Where that exception is swallowed (raised inside a garbage-collection
-    callback, as jax registers one, or a `__del__`: Python would print "Exception ignored" and run on), it is
-    raised again `RERAISE_S` later (a SIGALRM to this handler), and `check_interrupt` raises it at safe points."""
-    _requested.set()
-    raise KeyboardInterrupt
-
-
-def check_interrupt() -> None:
-    """Raise KeyboardInterrupt if Ctrl-C or SIGTERM arrived and was swallowed on its way (see `_interrupt`); a
-    no-op outside `run`. Call it at safe points of long work (e.g. after each chunk of a sweep)."""
-    if _requested.is_set():
-        raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _interrupts() -> Iterator[None]:
-    """Within `run`: SIGINT (unless the process ignores it, as a background job does) and SIGTERM raise through
-    `_interrupt`; a swallowed KeyboardInterrupt is not printed as an ignored exception's traceback but raised
-    again shortly after (SIGALRM)."""
-    _requested.clear()
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt),
-                signal.SIGALRM: signal.signal(signal.SIGALRM, _interrupt)}
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)
-    hook = sys.unraisablehook
-
-    def unraisable(info):
-        if isinstance(info.exc_value, KeyboardInterrupt) and _requested.is_set():
-            signal.setitimer(signal.ITIMER_REAL, RERAISE_S)
-        else:
-            hook(info)
-
-    sys.unraisablehook = unraisable
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        sys.unraisablehook = hook
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        _requested.clear()
-
-
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> Union[argparse.Namespace, int]:
     """`parser.parse_args`, returning argparse's exit status (0 for --help, 2 for a usage error) instead of exiting
     (with `ArgumentParser` a usage error is a `UserError` instead, for `run` to report in one line)."""
@@ -107,10 +52,10 @@ def run(prog: str, body: Callable[[], Optional[int]], *,
     """Run `body()` and turn its outcome into an exit status (see the table above).
 
     `UserError` (and its subclasses, e.g. `ConfigError`) prints `prog: error: <message>` on one line;
-    `KeyboardInterrupt` (Ctrl-C, or SIGTERM, which is turned into one; never lost, see `check_interrupt`)
-    prints `prog: interrupted` and the `interrupted` hint (e.g. how to resume).
+    `KeyboardInterrupt` (Ctrl-C, or SIGTERM, which is turned into one; never lost, see
+    `experiments.common.interrupts`) prints `prog: interrupted` and the `interrupted` hint (e.g. how to resume).
     Any other exception is a bug and propagates with its traceback."""
-    with _interrupts():
+    with interrupts.handled():
         try:
             return int(body() or 0)
         except UserError as err:

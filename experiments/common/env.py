@@ -11,6 +11,8 @@ import os
 import platform
 from typing import Any, Iterable, Optional
 
+import jax
+
 #: packages whose versions are recorded (missing ones are recorded as None)
 PACKAGES = ("deq_jax", "jax", "jaxlib", "jaxopt", "optax", "chex", "numpy", "scipy", "scikit-learn", "matplotlib")
 
@@ -46,9 +48,7 @@ def load_average() -> Optional[list[float]]:
 def environment(extra_packages: Iterable[str] = ()) -> dict[str, Any]:
     """`{"machine", "devices", "versions", "variables"}`: JSON-able, recorded with every result.
 
-    Imports jax (call it after `jax.distributed.initialize()` where that is used)."""
-    import jax
-
+    Asks jax for its devices (call it after `jax.distributed.initialize()` where that is used)."""
     devices = jax.devices()
     kinds = sorted({str(getattr(d, "device_kind", d.platform)) for d in devices})
     versions = {"python": platform.python_version()}

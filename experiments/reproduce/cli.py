@@ -29,8 +29,18 @@ import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
+import jax
+
 from experiments.common import cli as common_cli
+from experiments.common import datasets as dq_data
+from experiments.common import env, interrupts
 from experiments.common.cli import UserError
+from experiments.common.config import dump_yaml, to_dict
+from experiments.common.io import CheckpointMismatch, CheckpointStore, NullStore, fingerprint, write_json, write_text
+from experiments.reproduce import convergence, implicit_bias, mutation_table, mutations, report, trust_region
+from experiments.reproduce import runs as gd_runs
+from experiments.reproduce.checkpoints import FallbackStore
+from experiments.reproduce.common import Context, load_dataset, make_features
 from experiments.reproduce.config import MUTATIONS, ReproduceConfig, load_config
 
 DEFAULT_CONFIG = "configs/digits.yaml"
@@ -127,9 +137,7 @@ def _raise(err: Exception) -> int:
 
 
 def _main(args: argparse.Namespace, argv: list[str], where: dict) -> int:
-    from experiments.reproduce import interrupts
-
-    with interrupts.trap():
+    with interrupts.safe_points():
         code = _main_trapped(args, argv, where)
         interrupts.check()  # a signal during the last writes still means: interrupted
         return code
@@ -139,8 +147,6 @@ def _main_trapped(args: argparse.Namespace, argv: list[str], where: dict) -> int
     cfg = resolve_config(args)
     if not args.mutation_table:
         return _run_one(cfg, args, argv, args.run_name or _default_name(cfg), where)["exit_code"]
-    from experiments.reproduce import mutation_table
-
     summaries = {}
     where["honest"] = args.run_name or cfg.name
     for mutation in (None, *MUTATIONS):
@@ -160,8 +166,6 @@ def _default_name(cfg: ReproduceConfig) -> str:
 def _one_line(cfg: ReproduceConfig, err: Exception) -> UserError:
     """A data error as one line: the data package's (multi-line) message, with what was missing and where it was
     looked for, in the terms of this command (--data-dir, --cache-dir, data.download)."""
-    from experiments.common import datasets as dq_data
-
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     if isinstance(err, dq_data.DatasetNotFoundError):
         missing = ", ".join(getattr(err, "missing", ()) or ())
@@ -176,9 +180,6 @@ def _one_line(cfg: ReproduceConfig, err: Exception) -> UserError:
 
 
 def _load(cfg: ReproduceConfig, progress: bool):
-    from experiments.common import datasets as dq_data
-    from experiments.reproduce.common import load_dataset, make_features
-
     try:
         dataset = load_dataset(cfg.data, progress=progress)
         feats = make_features(dataset, cfg.data)
@@ -187,14 +188,11 @@ def _load(cfg: ReproduceConfig, progress: bool):
     return dataset, feats
 
 
-MODULES = {"convergence": "experiments.reproduce.convergence", "trust_region": "experiments.reproduce.trust_region",
-           "implicit_bias": "experiments.reproduce.implicit_bias"}
+MODULES = {"convergence": convergence, "trust_region": trust_region, "implicit_bias": implicit_bias}
 
 
 def _module(name: str) -> Any:
-    import importlib
-
-    return importlib.import_module(MODULES[name])
+    return MODULES[name]
 
 
 def plan_experiments(cfg: ReproduceConfig, ctx: Any) -> dict:
@@ -208,10 +206,6 @@ def run_experiments(cfg: ReproduceConfig, ctx: Any, plans: dict, *, log: Any,
     """Precompile the plans' programs that `precompile(spec)` selects in a background thread and run the
     experiments in order (all numerics run here; a program not precompiled is compiled when a run needs it).
     Returns the typed results by experiment name."""
-    from experiments.reproduce import runs as gd_runs
-
-    from experiments.reproduce import interrupts
-
     gd_runs.precompile([spec for name, p in plans.items() for spec in _module(name).programs(p) if precompile(spec)])
     for name, p in plans.items():  # measurements that need no training run, in a background thread
         _module(name).prepare(cfg, ctx, p)
@@ -231,18 +225,8 @@ def run_experiments(cfg: ReproduceConfig, ctx: Any, plans: dict, *, log: Any,
 
 def _run_one(cfg: ReproduceConfig, args: argparse.Namespace, argv: list[str], run_name: str, where: dict) -> dict:
     t_start = time.perf_counter()
-    import jax
-
     # float64 for the claims: gaps of 1e-6 relative and discrepancies at rounding level need it
     jax.config.update("jax_enable_x64", True)
-
-    from experiments.common import env
-    from experiments.common.config import dump_yaml, to_dict
-    from experiments.common.io import CheckpointMismatch, CheckpointStore, NullStore, fingerprint, write_json, \
-        write_text
-    from experiments.reproduce import interrupts, mutations, report
-    from experiments.reproduce.checkpoints import FallbackStore
-    from experiments.reproduce.common import Context
 
     log = (lambda msg: print(msg, flush=True))  # stdout: stderr carries only errors and interrupts
     progress = not args.no_progress

@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import datasets as dq_data
 from deq_jax import theory
-from deq_jax.models import DELM, DeepLinear, Linear, Model
+from deq_jax.models import Model
 from deq_jax.train import GramData, square_gram
-
+from experiments.common import datasets as dq_data
+from experiments.common import models as model_lib
 from experiments.reproduce import compiling
 from experiments.reproduce.config import DataConfig, ModelConfig
 
@@ -175,15 +175,15 @@ def build_models(names: tuple, width: int, out_dim: int, cfg: ModelConfig) -> li
     out: list[tuple[str, Model]] = []
     for name in names:
         if name == "delm":
-            out.append(("DELM", DELM(width=width, out_dim=out_dim, gamma=cfg.gamma, sigma=cfg.sigma,
-                                     solver="direct", init_scale=cfg.init_scale)))
+            out.append(("DELM", model_lib.build("delm", width, out_dim, gamma=cfg.gamma, sigma=cfg.sigma,
+                                                solver="direct", init_scale=cfg.init_scale)))
         elif name == "linear":
-            out.append(("linear", Linear(width=width, out_dim=out_dim, init_scale=cfg.init_scale)))
+            out.append(("linear", model_lib.build("linear", width, out_dim, init_scale=cfg.init_scale)))
         elif name == "deep_linear":
             for depth in cfg.depths:
-                out.append((f"deep linear H={depth}", DeepLinear(width=width, out_dim=out_dim, depth=depth,
-                                                                 hidden=cfg.deep_hidden,
-                                                                 init_gain=cfg.deep_init_gain)))
+                out.append((f"deep linear H={depth}", model_lib.build("deep_linear", width, out_dim, depth=depth,
+                                                                      hidden=cfg.deep_hidden,
+                                                                      init_gain=cfg.deep_init_gain)))
         else:  # the config's Literal type rules this out
             raise ValueError(f"unknown model {name!r}")
     return out

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from experiments.reproduce import interrupts
+from experiments.common import interrupts
 
 #: XLA options that keep compilation in two threads safe (see the module docstring)
 SAFE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}

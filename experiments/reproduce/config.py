@@ -19,12 +19,19 @@ import math
 import pathlib
 from typing import Literal, Optional, Sequence, Union
 
+from experiments.common import registry
 from experiments.common.config import ConfigError, from_dict, load_yaml
+from experiments.common.data_config import DataConfig, FeatureKind, check_pca
 
-DatasetName = Literal["digits", "fashion_mnist", "mnist", "kmnist", "cifar10", "cifar100", "svhn"]
-ModelName = Literal["delm", "linear", "deep_linear"]
-LossName = Literal["square", "cross_entropy"]
-FeatureKind = Literal["pca_whiten", "standardize", "raw"]
+ModelName = Literal[tuple(registry.MODELS)]
+LossName = Literal[tuple(name for name in registry.LOSSES if name in ("square", "cross_entropy"))]
+SigmaName = Literal[tuple(registry.SIGMAS)]
+#: the iterative forward solvers of `registry.SOLVERS` (the exact DELM is the direct solve) and the Krylov solvers of
+#: `registry.LINEAR_SOLVERS` (not the dense "lu")
+IterativeSolverName = Literal["anderson", "fixed_point", "broyden"]
+KrylovSolverName = Literal["gmres", "bicgstab", "normal_cg"]
+#: the main job's preprocessing where the data section names none: PCA-whitened to 32 dimensions
+DEFAULT_FEATURES = ("pca_whiten", 32)
 #: deliberately wrong gradients for the mutation test of the claims (experiments/reproduce/mutations.py)
 MutationName = Literal["one_step", "perturbed", "wrong_sigma"]
 MUTATIONS: tuple[str, ...] = ("one_step", "perturbed", "wrong_sigma")
@@ -55,47 +62,6 @@ def _multiple(name: str, steps: int, chunk: int) -> None:
                          f"length")
 
 
-def _pca(features: Optional[str], pca_dim: Optional[int]) -> None:
-    if features == "pca_whiten":
-        if pca_dim is None or pca_dim < 1:
-            raise ValueError(f"pca_dim must be a positive integer when features is 'pca_whiten'; got {pca_dim!r}")
-    elif pca_dim is not None:
-        raise ValueError(f"pca_dim applies only to features 'pca_whiten'; set it to null for features "
-                         f"{features!r} (got pca_dim={pca_dim!r})")
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Which data set and how it becomes features (`experiments.common.datasets.load_dataset` + `preprocess`).
-
-    `features`: "pca_whiten" (standardise, project on the top `pca_dim` principal components, unit variance),
-    "standardize" or "raw". `n_train`/`n_test`: seeded random subsets (null: the whole split). `add_bias` appends a
-    constant-1 feature. `data_dir`/`cache_dir`: where files are looked for / downloaded to (null: the defaults of
-    `experiments.common.datasets`, i.e. `$DEQ_JAX_DATA_DIR` or `~/.cache/deq_jax/datasets`). `download`: fetch
-    missing files.
-    """
-
-    dataset: DatasetName = "digits"
-    n_train: Optional[int] = None
-    n_test: Optional[int] = None
-    features: FeatureKind = "pca_whiten"
-    pca_dim: Optional[int] = 32
-    add_bias: bool = True
-    seed: int = 0
-    data_dir: Optional[str] = None
-    cache_dir: Optional[str] = None
-    download: bool = True
-
-    def __post_init__(self):
-        for key in ("n_train", "n_test"):
-            value = getattr(self, key)
-            if value is not None and value < 2:
-                raise ValueError(f"{key} must be an integer >= 2 or null (the whole split); got {value!r}")
-        _pca(self.features, self.pca_dim)
-        if self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer; got {self.seed!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Settings shared by all experiments.
@@ -107,7 +73,7 @@ class ModelConfig:
     """
 
     gamma: float = 0.8
-    sigma: Literal["column_softmax", "row_softmax", "scaled_tanh"] = "column_softmax"
+    sigma: SigmaName = "column_softmax"
     init_scale: float = 0.1
     depths: tuple[int, ...] = (2, 3)
     deep_hidden: Optional[int] = None
@@ -168,9 +134,9 @@ class VariantConfig:
     equilibrium per training sample). `linear_solver`: the implicit backward's solver of `(I - J^T) u = v`.
     `tol`: the forward and backward relative tolerance (tight, so that the run can follow the exact path)."""
 
-    formulation: Literal["transposed", "per_sample"] = "transposed"
-    solver: Literal["anderson", "fixed_point", "broyden"] = "anderson"
-    linear_solver: Literal["gmres", "bicgstab", "normal_cg"] = "gmres"
+    formulation: Literal[registry.FORMULATIONS] = "transposed"
+    solver: IterativeSolverName = "anderson"
+    linear_solver: KrylovSolverName = "gmres"
     tol: float = 1e-12
     maxiter: int = 200
 
@@ -328,7 +294,7 @@ class TrustRegionConfig:
     thresholds: TrustRegionThresholds = TrustRegionThresholds()
 
     def __post_init__(self):
-        _pca(self.features, self.pca_dim)
+        check_pca(self.features, self.pca_dim)
         _nonempty_unique("a_scales", self.a_scales)
         for s in self.a_scales:
             _positive("a_scales[...]", s)
@@ -387,7 +353,7 @@ class ImplicitBiasConfig:
         for key in ("init_scale", "deep_init_gain"):
             if getattr(self, key) is not None:
                 _positive(key, getattr(self, key))
-        _pca(self.features, self.pca_dim)
+        check_pca(self.features, self.pca_dim)
         if self.n_train < 2:
             raise ValueError(f"n_train must be an integer >= 2; got {self.n_train!r}")
         _nonempty_unique("seeds", self.seeds)
@@ -425,6 +391,7 @@ class ReproduceConfig:
     implicit_bias: ImplicitBiasConfig = ImplicitBiasConfig()
 
     def __post_init__(self):
+        object.__setattr__(self, "data", self.data.with_default_features(*DEFAULT_FEATURES))
         if not self.name or any(c in self.name for c in "/\\") or self.name in (".", ".."):
             raise ValueError(f"name must be a non-empty file name (no slashes); got {self.name!r}")
         if self.seed < 0:

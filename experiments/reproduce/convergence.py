@@ -30,7 +30,7 @@ from typing import Iterator, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from deq_jax import theory
+from deq_jax import Implicit, theory
 from deq_jax.maps import random_projection
 from deq_jax.models import DELM
 
@@ -201,8 +201,6 @@ class GroupPlan:
 
 
 def _variant_model(base: DELM, v: VariantConfig) -> DELM:
-    from deq_jax.solve import Implicit
-
     return dataclasses.replace(base, formulation=v.formulation, solver=v.solver, tol=v.tol, maxiter=v.maxiter,
                                backward=Implicit(v.linear_solver, tol=v.tol, maxiter=None))
 
@@ -429,7 +427,8 @@ def group_claims(cfg: ReproduceConfig, g: ConvergenceGroup) -> list[Claim]:
                                             f"{r.steps} steps; a negative gap means L* is overestimated")))
     b = ref.bound
     if g.reaches_optimum:
-        out.append(checked(NAME, f"{gk}/DELM/linear_rate", f"[{tag}] DELM gap decays linearly: R^2 of the log-linear fit",
+        out.append(checked(NAME, f"{gk}/DELM/linear_rate",
+                           f"[{tag}] DELM gap decays linearly: R^2 of the log-linear fit",
                            t.r2, ">=", lambda: (math.nan, "no gaps in the band") if ref.fit is None else (
                                ref.fit["r2"], f"gaps in ({c.fit_lo:g}, {c.fit_hi:g}): steps {ref.fit['window'][0]}-"
                                               f"{ref.fit['window'][1]}, rate {ref.fit['rate']:.6f}/step")))

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from deq_jax import theory
-from deq_jax.losses import get_loss
 from deq_jax.train import GramData
+from experiments.common import registry
 
 from experiments.reproduce import compiling
 
@@ -54,7 +54,7 @@ def shallow_gradient(loss: Any, W: jax.Array, phi: Any, y: Optional[jax.Array], 
     if isinstance(phi, GramData):
         G = W @ phi.C - phi.D.T
     else:
-        loss_fn = get_loss(loss)
+        loss_fn = registry.LOSSES[loss] if isinstance(loss, str) else loss
         G = jax.grad(lambda w: loss_fn(phi @ w.T, y))(W)
     return G if l2 is None else G + l2 * W
 

@@ -23,7 +23,7 @@ TITLE_Y = 1.01
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # here, not at start-up: ~0.5 s that a run without figures (--dry-run, errors) never needs
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -36,7 +36,7 @@ def _log_y(ax) -> None:
     """A log y axis labelled in plain text ("1e-06", "0.02"): matplotlib's default mathtext labels ("10^{-6}") are
     parsed by pyparsing at every draw, most of the figures' drawing time. Minor ticks are labelled where the axis
     spans few decades (as by default)."""
-    from matplotlib import ticker
+    from matplotlib import ticker  # with the figures only (see `_plt`)
 
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(ticker.LogFormatter())

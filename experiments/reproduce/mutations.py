@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from deq_jax.models import DELM
+from experiments.common import models as model_lib
 
 #: relative size of the `perturbed` mutation's random direction: |noise| = PERTURBATION |gradient|
 PERTURBATION = 1e-2
@@ -46,8 +47,8 @@ class WrongSigmaDELM(DELM):
     backward_sigma: str = "row_softmax"
 
     def _wrong(self) -> DELM:
-        return DELM(self.width, self.out_dim, self.gamma, self.backward_sigma, formulation="transposed",
-                    solver="direct", init_scale=self.init_scale)
+        return model_lib.build("delm", self.width, self.out_dim, gamma=self.gamma, sigma=self.backward_sigma,
+                               formulation="transposed", solver="direct", init_scale=self.init_scale)
 
     def apply(self, params, phi):
         predictions, stats = super().apply(params, phi)

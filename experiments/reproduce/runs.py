@@ -36,8 +36,9 @@ from deq_jax.loop import ChunkEnd, fit
 from deq_jax.models import DELM, Model
 from deq_jax.train import GramData, TrainState, make_chunk, make_step
 
+from experiments.common import interrupts
 from experiments.common.io import CheckpointStore, NullStore
-from experiments.reproduce import compiling, dynamics, interrupts, mutations
+from experiments.reproduce import compiling, dynamics, mutations
 from experiments.reproduce.checkpoints import run_identity
 
 #: seconds between checkpoints within a run (a run's end is always checkpointed); the numbers do not depend on it
@@ -226,7 +227,7 @@ def _unflat(prefix: str, like: Any, arrays: dict) -> Any:
 
 
 def progress_bar(enabled: bool, total: int, desc: str, initial: int = 0):
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # optional dependency ('experiments' extra): needed only where a bar is drawn
 
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True,
                 file=sys.stderr, unit="step")
@@ -344,8 +345,8 @@ def run_gd(spec: RunSpec, params: Any, phi: Any, y: Any, *, learning_rate: float
         state = out.state
     history = {k: np.concatenate(v) for k, v in r.history.items()}
     if desc:
-        how = ("from checkpoint" if r.done == resumed_at else f"{r.done - resumed_at} in {time.perf_counter() - t0:.1f} "
-               f"s, first chunk {compiled.get('first', 0):.1f} s")
+        how = ("from checkpoint" if r.done == resumed_at else f"{r.done - resumed_at} in "
+               f"{time.perf_counter() - t0:.1f} s, first chunk {compiled.get('first', 0):.1f} s")
         print(f"  {desc}: {r.done} steps ({how}), final loss {float(history['loss'][-1]):.10g}", file=sys.stderr,
               flush=True)
     return GDResult(params=state.params, history=history, steps=r.done, captured=r.captured,

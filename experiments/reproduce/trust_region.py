@@ -30,6 +30,7 @@ import numpy as np
 from deq_jax import theory
 
 from experiments.reproduce import compiling, dynamics
+from experiments.reproduce.checkpoints import digest
 from experiments.reproduce.common import (Claim, Context, Features, build_models, checked, dtype_of, finite_max,
                                           fold)
 from experiments.reproduce.config import ReproduceConfig
@@ -248,8 +249,6 @@ def run(cfg: ReproduceConfig, ctx: Context, p: TrustRegionPlan) -> TrustRegionRe
 
 
 def _params_id(params: dict, lr: float) -> str:
-    from experiments.reproduce.checkpoints import digest
-
     return digest(*[np.asarray(params[k]) for k in ("A", "B")], np.asarray(lr))
 
 

@@ -3,8 +3,8 @@
 A grid of data sets x widths x losses x models x learning rates x seeds becomes a few compiled programs run by the
 library's parallel engine (`deq_jax.parallel`). The modules, in the order data flows:
 
-    config.py    SweepConfig from YAML; choices read from the registries
-    models.py    the model factory: kinds by name (`register_model` adds a user's own model)
+    config.py    SweepConfig from YAML; choices read from `experiments.common.registry`, model kinds from
+                 `experiments.common.models` (`register_model` adds a user's own model)
     grid.py      configurations, grouped by the static structure that fixes one program
     data.py      data sets, features per width, the optimum L*
     programs.py  one configuration's training run as a pure function, and its memory estimate

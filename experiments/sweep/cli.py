@@ -24,10 +24,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import pathlib
 import sys
 from typing import Optional, Sequence
 
-from experiments.common import cli
+from experiments.common import cli, interrupts
 
 PROG = "sweep"
 EXIT_LOST_PROCESS = 1
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _initialize_distributed(args: argparse.Namespace) -> None:
     """`jax.distributed.initialize` with the flags: before anything else touches JAX (devices become global)."""
-    import jax
+    import jax  # here and below, not at the top: nothing may touch JAX before `jax.distributed.initialize`
 
     for flag, value in (("--num-processes", args.num_processes), ("--init-timeout", args.init_timeout)):
         if value is not None and value < 1:
@@ -111,11 +112,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.distributed or os.environ.get("DEQ_JAX_DISTRIBUTED", "").lower() in TRUTHY:
             _initialize_distributed(args)
             state["joined"] = True
-        import jax
+        import jax  # after `_initialize_distributed` (see there)
 
         if jax.process_count() > 1:
             state["prog"] = f"{PROG} [process {jax.process_index()}]"
-        from experiments.sweep import run as sweep_run
+        from experiments.sweep import run as sweep_run  # these import JAX: after `_initialize_distributed`
         from experiments.sweep.config import load_config
 
         config = load_config(args.config, args.overrides)
@@ -135,16 +136,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if jax.process_count() == 1:
                 raise
             raise type(err)(f"[process {jax.process_index()}] {err}") from None
-        cli.check_interrupt()
+        interrupts.check()
         if jax.process_index() != 0:
             return 0
         _write_records(result, figures=not args.no_figures)
-        cli.check_interrupt()  # interrupted while writing: say so (every file is whole; the same command redoes them)
+        interrupts.check()  # interrupted while writing: say so (every file is whole; the same command redoes them)
         return 0
 
     def interrupted() -> str:
-        import pathlib
-
         chunks = pathlib.Path(state["output_dir"] or "") / "chunks"
         saved = len(list(chunks.glob("chunk-*.npz"))) if state["output_dir"] and chunks.is_dir() else 0
         if not saved:
@@ -170,7 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _write_records(result, *, figures: bool) -> None:
-    from experiments.sweep import figures as sweep_figures
+    from experiments.sweep import figures as sweep_figures  # these import JAX: after `_initialize_distributed`
     from experiments.sweep import summary
 
     files = dict(result.files)

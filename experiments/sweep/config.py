@@ -1,10 +1,9 @@
 """A sweep's configuration: frozen dataclasses validated from YAML (`load_config`), choices taken from the registries.
 
-Every choice a key offers is read from the registry that implements it, so the two cannot drift: data sets and
-feature maps from `experiments.common.datasets`, sigmas from `deq_jax.SIGMAS`, solvers from `deq_jax.SOLVERS`,
-backward modes from `deq_jax.BACKWARDS`, formulations from `deq_jax.models.FORMULATIONS`, per-device batching from
-`deq_jax.parallel.BATCHINGS`, losses from `deq_jax.LOSSES` (those whose targets the sweep builds from class labels)
-and models from the sweep's own model registry (`experiments.sweep.models.MODELS`, which `register_model` extends).
+Every choice a key offers is read from the table that resolves it, so the two cannot drift: data sets and feature
+maps from `experiments.common.datasets`; sigmas, solvers, backward modes, formulations, precisions, per-device
+batching and losses (those whose targets the sweep builds from class labels) from `experiments.common.registry`;
+model kinds from `experiments.common.models.KINDS` (which `register_model` extends).
 An unknown key or choice is a `ConfigError` naming the key, with a "did you mean" where one is close.
 """
 
@@ -19,30 +18,27 @@ from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import numpy as np
 
-from deq_jax import BACKWARDS, LOSSES, SIGMAS, SOLVERS
-from deq_jax import models as deq_models
-from deq_jax.parallel import BATCHINGS
 from experiments.common import config as config_lib
-from experiments.common import datasets as data_lib
 from experiments.common import io
-from experiments.sweep import models as sweep_models
+from experiments.common import models as model_lib
+from experiments.common import registry
+from experiments.common.data_config import DataConfig
 
 ConfigError = config_lib.ConfigError
 
-#: how the sweep builds each loss's targets from class labels (a loss of `deq_jax.LOSSES` without an entry here,
+#: how the sweep builds each loss's targets from class labels (a loss of `registry.LOSSES` without an entry here,
 #: e.g. the binary logistic loss, needs targets the multi-class data sets do not have)
 TARGETS = {"square": "one-hot rows in the features' dtype", "cross_entropy": "integer labels"}
 
-DatasetName = Literal[tuple(data_lib.DATASETS)]
-FeatureName = Literal[tuple(data_lib.FEATURES)]
-SigmaName = Literal[tuple(SIGMAS)]
-LossName = Literal[tuple(name for name in LOSSES if name in TARGETS)]
-SolverName = Literal[tuple(SOLVERS)]
-BackwardName = Literal[tuple(BACKWARDS)]
-FormulationName = Literal[tuple(deq_models.FORMULATIONS)]
-BatchingName = Literal[BATCHINGS]
-# the names `deq_jax.solve(precision=...)` documents (jax.default_matmul_precision's); the library keeps no registry
-PrecisionName = Literal["highest", "high", "default", "float32", "tensorfloat32", "bfloat16"]
+#: the sweep's preprocessing where a data set names none: standardised pixels
+DEFAULT_FEATURES = ("standardize", None)
+SigmaName = Literal[tuple(registry.SIGMAS)]
+LossName = Literal[tuple(name for name in registry.LOSSES if name in TARGETS)]
+SolverName = Literal[tuple(registry.SOLVERS)]
+BackwardName = Literal[tuple(registry.BACKWARDS)]
+FormulationName = Literal[tuple(registry.FORMULATIONS)]
+BatchingName = Literal[registry.BATCHINGS]
+PrecisionName = Literal[registry.PRECISIONS]
 DtypeName = Literal["float32", "float64"]
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -74,41 +70,8 @@ def _axis(name: str, values: tuple, ok: Callable[[Any], bool], expected: str) ->
 
 
 @dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-    """A data set and its preprocessing (the arguments of `experiments.common.datasets.load_dataset` and
-    `preprocess`). `label` names it in the results (default: `name`); labels are unique within a sweep."""
-
-    name: DatasetName
-    label: Optional[str] = None
-    n_train: Optional[int] = None
-    n_test: Optional[int] = None
-    features: FeatureName = "standardize"
-    pca_dim: Optional[int] = None
-    add_bias: bool = True
-    seed: int = 0
-    projection_seed: int = 0
-    data_dir: Optional[str] = None
-    download: bool = True
-
-    def __post_init__(self):
-        if self.label is not None and not _NAME.fullmatch(self.label):
-            _fail("label", "a non-empty string of letters, digits, '_', '.', '-'", self.label)
-        for name in ("n_train", "n_test", "pca_dim"):
-            value = getattr(self, name)
-            if value is not None and not (_is_int(value) and value > 0):
-                _fail(name, "a positive integer or null", value)
-        for name in ("seed", "projection_seed"):
-            if not (_is_int(getattr(self, name)) and getattr(self, name) >= 0):
-                _fail(name, "a non-negative integer", getattr(self, name))
-
-    @property
-    def key(self) -> str:
-        return self.label or self.name
-
-
-@dataclasses.dataclass(frozen=True)
 class GridSpec:
-    """The swept axes. A model kind uses the axes it declares (`experiments.sweep.models.ModelKind.axes`): the
+    """The swept axes. A model kind uses the axes it declares (`experiments.common.models.ModelKind.axes`): the
     DELM takes `sigmas` x `gammas`, the deep linear network `depths`, the linear model none; so the grid has
     |datasets| |widths| |losses| |learning_rates| |seeds| (sum over models of the product of their axes)
     configurations. A width of `null` uses the preprocessed features as they are; an integer `m` a fixed random
@@ -130,11 +93,11 @@ class GridSpec:
         _axis("sigmas", self.sigmas, lambda v: True, "")
         _axis("models", self.models, lambda v: isinstance(v, str), "a model name")
         for i, name in enumerate(self.models):
-            if name not in sweep_models.MODELS:
-                close = difflib.get_close_matches(name, list(sweep_models.MODELS), n=1)
+            if name not in model_lib.KINDS:
+                close = difflib.get_close_matches(name, list(model_lib.KINDS), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ValueError(f"models[{i}]: {name!r} is not a valid choice{hint}; valid choices: "
-                                 + ", ".join(map(repr, sweep_models.MODELS)))
+                                 + ", ".join(map(repr, model_lib.KINDS)))
         _axis("depths", self.depths, lambda v: _is_int(v) and v > 0, "a positive integer")
         _axis("losses", self.losses, lambda v: True, "")
         _axis("widths", self.widths, lambda v: v is None or (_is_int(v) and v > 0), "a positive integer or null")
@@ -153,7 +116,7 @@ class DELMOptions:
     init_scale: float = 0.1
 
     def __post_init__(self):
-        deq_models.DELM(width=1, out_dim=1, **dataclasses.asdict(self))  # the model's own range checks
+        model_lib.build("delm", 1, 1, **dataclasses.asdict(self))  # the model's own range checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +124,7 @@ class LinearOptions:
     init_scale: float = 0.1
 
     def __post_init__(self):
-        deq_models.Linear(width=1, out_dim=1, init_scale=self.init_scale)
+        model_lib.build("linear", 1, 1, init_scale=self.init_scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +133,7 @@ class DeepLinearOptions:
     init_gain: float = 1.0
 
     def __post_init__(self):
-        deq_models.DeepLinear(width=1, out_dim=1, depth=1, hidden=self.hidden, init_gain=self.init_gain)
+        model_lib.build("deep_linear", 1, 1, depth=1, hidden=self.hidden, init_gain=self.init_gain)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +148,7 @@ class SweepConfig:
     """
 
     name: str
-    datasets: tuple[DatasetSpec, ...]
+    datasets: tuple[DataConfig, ...]
     grid: GridSpec = dataclasses.field(default_factory=GridSpec)
     steps: int = 200
     log_every: int = 10
@@ -202,7 +165,8 @@ class SweepConfig:
     def __post_init__(self):
         if not (isinstance(self.name, str) and _NAME.fullmatch(self.name)):
             _fail("name", "a non-empty string of letters, digits, '_', '.', '-' (it names files)", self.name)
-        _axis("datasets", self.datasets, lambda v: isinstance(v, DatasetSpec), "a data set")
+        _axis("datasets", self.datasets, lambda v: isinstance(v, DataConfig), "a data set")
+        object.__setattr__(self, "datasets", tuple(d.with_default_features(*DEFAULT_FEATURES) for d in self.datasets))
         labels = [d.key for d in self.datasets]
         if len(set(labels)) != len(labels):
             raise ValueError(f"datasets must have unique labels (set 'label' to tell them apart); got {labels}")
@@ -231,12 +195,12 @@ RUNTIME_ONLY = ("memory_budget_mb", "max_chunk_size", "output_dir", "device_batc
 def fingerprint(config: SweepConfig) -> str:
     """A hash of every setting that changes results (`experiments.common.io.fingerprint`); a sweep resumes only
     from chunks saved under the same fingerprint. A data set's `data_dir` and `download` say where the files come
-    from, not what they hold (checksums do), so they are left out too."""
+    from, not what they hold (checksums do), so they are left out too (and so is `cache_dir`)."""
     content = {k: v for k, v in config_lib.to_dict(config).items() if k not in RUNTIME_ONLY}
-    content["datasets"] = [{k: v for k, v in d.items() if k not in ("data_dir", "download")}
+    content["datasets"] = [{k: v for k, v in d.items() if k not in ("data_dir", "cache_dir", "download")}
                            for d in content["datasets"]]
     return io.fingerprint(content)
 
 
-__all__ = ["ConfigError", "DELMOptions", "DatasetSpec", "DeepLinearOptions", "GridSpec", "LinearOptions",
+__all__ = ["ConfigError", "DELMOptions", "DataConfig", "DeepLinearOptions", "GridSpec", "LinearOptions",
            "RUNTIME_ONLY", "SweepConfig", "TARGETS", "fingerprint", "load_config"]

@@ -61,8 +61,8 @@ def load_datasets(config: SweepConfig, *, progress: bool = False) -> dict[str, d
     for i, spec in enumerate(config.datasets):
         where, settings = f"datasets[{i}] ({spec.key})", _settings(i)
         try:
-            ds = data_lib.load_dataset(spec.name, data_dir=spec.data_dir, download=spec.download, progress=progress,
-                                       settings=settings)
+            ds = data_lib.load_dataset(spec.dataset, data_dir=spec.data_dir, cache_dir=spec.cache_dir,
+                                       download=spec.download, progress=progress, settings=settings)
             out[spec.key] = data_lib.preprocess(ds, n_train=spec.n_train, n_test=spec.n_test,
                                                 features=spec.features, pca_dim=spec.pca_dim,
                                                 add_bias=spec.add_bias, seed=spec.seed, settings=settings)

@@ -15,7 +15,7 @@ import itertools
 from typing import Iterable, NamedTuple, Optional
 
 from experiments.common.cli import UserError
-from experiments.sweep import models as sweep_models
+from experiments.common import models as model_lib
 from experiments.sweep.config import SweepConfig
 
 
@@ -69,7 +69,7 @@ def _structures(config: SweepConfig) -> list[tuple[str, Optional[int], Optional[
     g = config.grid
     out = []
     for model in g.models:
-        axes = sweep_models.MODELS[model].axes
+        axes = model_lib.KINDS[model].axes
         sigmas = g.sigmas if "sigma" in axes else (None,)
         depths = g.depths if "depth" in axes else (None,)
         gammas = g.gammas if "gamma" in axes else (None,)
@@ -79,7 +79,7 @@ def _structures(config: SweepConfig) -> list[tuple[str, Optional[int], Optional[
 
 def expand_grid(config: SweepConfig) -> list[Configuration]:
     """Every configuration of the sweep, seeds innermost (a setting's seeds are adjacent)."""
-    missing = [m for m in config.grid.models if m not in sweep_models.MODELS]
+    missing = [m for m in config.grid.models if m not in model_lib.KINDS]
     if missing:  # a kind registered when the config was loaded and removed since
         raise UserError(f"grid.models names unregistered model kinds: {', '.join(map(repr, missing))}")
     out: list[Configuration] = []

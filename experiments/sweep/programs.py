@@ -20,11 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from deq_jax import losses as losses_lib
-from deq_jax import models as deq_models
 from deq_jax import train
 from experiments.common import config as config_lib
-from experiments.sweep import models as sweep_models
+from experiments.common import models as model_lib
+from experiments.common import registry
 from experiments.sweep.config import SweepConfig
 from experiments.sweep.grid import GroupKey
 
@@ -37,9 +36,9 @@ def logged_steps(config: SweepConfig) -> np.ndarray:
 
 
 def model_spec(config: SweepConfig, key: GroupKey, width: int, out_dim: int, gamma: Any = None
-               ) -> sweep_models.ModelSpec:
-    axes = sweep_models.MODELS[key.model].axes
-    return sweep_models.ModelSpec(width=width, out_dim=out_dim, config=config, sigma=key.sigma, depth=key.depth,
+               ) -> model_lib.ModelSpec:
+    axes = model_lib.KINDS[key.model].axes
+    return model_lib.ModelSpec(width=width, out_dim=out_dim, config=config, sigma=key.sigma, depth=key.depth,
                                   gamma=gamma if "gamma" in axes else None)
 
 
@@ -58,11 +57,11 @@ def train_one_fn(config: SweepConfig, key: GroupKey, width: int, out_dim: int) -
     `save_params`."""
     dtype = jnp.dtype(config.dtype)
     log_idx = logged_steps(config)
-    loss_fn = losses_lib.get_loss(key.loss)
+    loss_fn = registry.LOSSES[key.loss]
 
     def train_one(c, data):
         phi, y, labels, phi_test, y_test, labels_test = data
-        model = sweep_models.build_model(key.model, model_spec(config, key, width, out_dim, c["gamma"]))
+        model = model_lib.build_model(key.model, model_spec(config, key, width, out_dim, c["gamma"]))
         params = model.init(c["key"], dtype)
         # learning_rate is traced here; full_batch_gd builds optax.sgd from it as for a concrete rate
         params, history = train.full_batch_gd(model, key.loss, params, phi, y, learning_rate=c["learning_rate"],
@@ -100,12 +99,12 @@ def program_key(config: SweepConfig, key: GroupKey, width: int, out_dim: int) ->
     is not part of it; the data's shapes are, in `deq_jax.parallel`'s own cache)."""
     fields = ("steps", "log_every", "dtype", "delm", "linear", "deep_linear", "save_params")
     settings = json.dumps({f: config_lib.to_dict(getattr(config, f)) for f in fields}, sort_keys=True)
-    return (settings, key.loss, key.model, sweep_models.MODELS[key.model], key.depth, key.sigma, width, out_dim)
+    return (settings, key.loss, key.model, model_lib.KINDS[key.model], key.depth, key.sigma, width, out_dim)
 
 
 def param_shapes(config: SweepConfig, key: GroupKey, width: int, out_dim: int) -> Any:
     """The parameters' pytree of `jax.ShapeDtypeStruct`s (nothing is computed)."""
-    model = sweep_models.build_model(key.model, model_spec(config, key, width, out_dim, 0.5))
+    model = model_lib.build_model(key.model, model_spec(config, key, width, out_dim, 0.5))
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.dtype(config.dtype)))  # key traced too
 
 
@@ -136,7 +135,8 @@ def estimate_config_bytes(config: SweepConfig, key: GroupKey, *, n_train: int, n
             if config.delm.backward == "unrolled":
                 work += config.delm.maxiter * state
     elif key.model == "deep_linear":
-        shapes = deq_models.DeepLinear(width, out_dim, depth=key.depth, hidden=config.deep_linear.hidden).shapes()
+        shapes = model_lib.build("deep_linear", width, out_dim, depth=key.depth,
+                                 hidden=config.deep_linear.hidden).shapes()
         work = sum(2 * n * rows for rows, _ in shapes)
     elements = 4 * P + 3 * n * m_y + n_test * m_y + 8 * S + work
     return int(SAFETY_FACTOR * elements * itemsize)

@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from deq_jax import parallel
-from experiments.common import env, io
-from experiments.common.cli import UserError, check_interrupt
+from experiments.common import env, interrupts, io
+from experiments.common.cli import UserError
 from experiments.sweep import data as sweep_data
 from experiments.sweep import programs, tables
 from experiments.sweep.config import SweepConfig, fingerprint
@@ -203,7 +203,7 @@ def _progress(total: int, initial: int, name: str, enabled: bool):
     if not enabled:
         return None
     try:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # optional: only where a bar is drawn
     except ImportError:  # tqdm is in the 'experiments' extra
         warnings.warn("progress=True needs tqdm (pip install tqdm); running without a progress bar", stacklevel=3)
         return None
@@ -315,7 +315,7 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
         for key, members in todo.items():
             if not members:
                 continue
-            check_interrupt()
+            interrupts.check()
             report = reports[key]
             fd = features[(key.dataset, key.width)]
             engine = _engine(config, key, report.width, fd.num_classes, devices, compiler_options)
@@ -357,7 +357,7 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
                     bar.update(1)
                 if on_chunk is not None:
                     on_chunk(ChunkReport(key.label, tuple(ids), chunk.seconds))
-                check_interrupt()  # a Ctrl-C that jax's garbage-collection callback swallowed stops here
+                interrupts.check()  # a Ctrl-C that jax's garbage-collection callback swallowed stops here
     except BaseException:
         if bar is not None:  # an interrupted bar is erased: the command's one line says what happened
             bar.leave = False

@@ -83,7 +83,8 @@ CASES = [
          r"^reproduce: (configuration )?error: config file '\S*nowhere\.yaml' does not exist"),
     Case("reproduce", "missing_data_dir", TINY_REPRODUCE + ("--data-dir", "{root}/no_such_folder"), 2,
          r"^reproduce: .*no_such_folder.* does not exist .*--data-dir"),
-    Case("reproduce", "usage", ("--out", "{out}", "--no-such-flag"), 2, r"^.*reproduce: error: unrecognized arguments: --no-such-flag"),
+    Case("reproduce", "usage", ("--out", "{out}", "--no-such-flag"), 2,
+         r"^.*reproduce: error: unrecognized arguments: --no-such-flag"),
     Case("reproduce", "sigint", TINY_REPRODUCE, 130, r"^reproduce: interrupted", progress="stdout"),
 
     Case("sweep", "malformed_yaml", ("--config", "{root}/bad.yaml", "--output-dir", "{out}"), 2,
@@ -91,7 +92,7 @@ CASES = [
     Case("sweep", "missing_config", ("--config", "{root}/nowhere.yaml", "--output-dir", "{out}"), 2,
          r"^sweep: error: config file '\S*nowhere\.yaml' does not exist"),
     Case("sweep", "missing_data", ("--config", "{root}/sweep.yaml", "--output-dir", "{out}", "--data-dir",
-                                   "{root}/empty", "--set", "datasets=[{name: mnist, download: false}]"), 2,
+                                   "{root}/empty", "--set", "datasets=[{dataset: mnist, download: false}]"), 2,
          r"^sweep: error: datasets\[0\] \(mnist\): data set 'mnist' not found: downloading is off \(config key "
          r"datasets\[0\]\.download is false\)\. Missing: .* pass --data-dir FOLDER"),
     Case("sweep", "usage", ("--config", "{root}/sweep.yaml", "--output-dir", "{out}", "--no-such-flag"), 2,
@@ -116,7 +117,7 @@ CASES = [
 
 def _tree(root: pathlib.Path) -> None:
     """The shared inputs: a malformed YAML, a tiny sweep, an empty folder, docs with a malformed result JSON."""
-    (root / "bad.yaml").write_text("name: tiny\ndatasets: [{name: digits\nsteps: 3\n")  # the list is never closed
+    (root / "bad.yaml").write_text("name: tiny\ndatasets: [{dataset: digits\nsteps: 3\n")  # the list is never closed
     sweep = {**TINY, "datasets": [DATA], "dtype": "float32", "save_params": False,
              "grid": {**TINY["grid"], "models": ["linear"]}}
     (root / "sweep.yaml").write_text(yaml.safe_dump(sweep))
@@ -259,11 +260,11 @@ def test_nothing_half_written_and_no_empty_folder(case, outcomes):
 def test_an_interrupt_swallowed_on_its_way_is_not_lost(signum, where, capsys):
     """Ctrl-C landing in a garbage-collection callback (jax registers one) or a `__del__` is swallowed by Python
     ("Exception ignored ... KeyboardInterrupt", and the program runs on): the runner prints no such traceback and
-    raises it again a moment later, wherever the command is, or at its next safe point (`check_interrupt`); the
+    raises it again a moment later, wherever the command is, or at its next safe point (`interrupts.check`); the
     command stops with one line and exit status 130."""
     import time
 
-    from experiments.common import cli
+    from experiments.common import cli, interrupts
 
     class Dropped:
         def __del__(self):
@@ -274,7 +275,7 @@ def test_an_interrupt_swallowed_on_its_way_is_not_lost(signum, where, capsys):
     def body() -> int:
         Dropped()
         if where == "at a safe point":
-            cli.check_interrupt()
+            interrupts.check()
         deadline = time.monotonic() + 5  # 100 times the delay before it is raised again
         while time.monotonic() < deadline:
             time.sleep(0.005)
@@ -288,4 +289,4 @@ def test_an_interrupt_swallowed_on_its_way_is_not_lost(signum, where, capsys):
         signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     assert not ran_on and err.strip() == "prog: interrupted; what was kept", err
-    cli.check_interrupt()  # the request ends with the command
+    interrupts.check()  # the request ends with the command

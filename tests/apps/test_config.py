@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from typing import Literal, Optional
 
 import pytest
 
 from experiments.common.config import (ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml, parse_override,
-                            to_dict)
+                                       to_dict)
 from experiments.reproduce.config import ReproduceConfig, load_config
+from helpers import ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 # the main job's configs (configs/ holds other commands' configs too, e.g. sweeps)
 REPRODUCE_NAMES = ("digits", "fashion_mnist", "fashion_mnist_full", "mnist", "kmnist", "cifar10", "cifar100", "svhn",
                    "tiny")

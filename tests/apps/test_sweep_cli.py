@@ -26,13 +26,13 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(case, tmp_path, capsy
         "missing file": (["--config", "nowhere.yaml"],
                          "sweep: error: config file 'nowhere.yaml' does not exist"),
         "missing data": (["--config", "sweep.yaml", "--data-dir", str(tmp_path),
-                          "--set", "datasets=[{name: mnist, download: false}]"],
+                          "--set", "datasets=[{dataset: mnist, download: false}]"],
                          r"sweep: error: datasets\[0\] \(mnist\): .* pass --data-dir FOLDER"),
         "sigma typo": (["--config", "sweep.yaml", "--set", "grid.sigmas=[colum_softmax]"],
                        r"sweep: error: grid\.sigmas\[0\]: 'colum_softmax' is not a valid choice "
                        r"\(did you mean 'column_softmax'\?\)"),
-        "dataset typo": (["--config", "sweep.yaml", "--set", "datasets=[{name: fashion_minst}]"],
-                         r"sweep: error: datasets\[0\]\.name: 'fashion_minst' is not a valid choice "
+        "dataset typo": (["--config", "sweep.yaml", "--set", "datasets=[{dataset: fashion_minst}]"],
+                         r"sweep: error: datasets\[0\]\.dataset: 'fashion_minst' is not a valid choice "
                          r"\(did you mean 'fashion_mnist'\?\)"),
         "bad override": (["--config", "sweep.yaml", "--set", "steps"],
                          "sweep: error: override 'steps' must look like"),
@@ -41,7 +41,7 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(case, tmp_path, capsy
         "bad flag value": (["--config", "sweep.yaml", "--distributed", "--num-processes", "0"],
                            "sweep: error: --num-processes must be a positive integer; got 0"),
     }[case]
-    (tmp_path / "bad.yaml").write_text("name: tiny\ndatasets: [{name: digits\nsteps: 3\n")
+    (tmp_path / "bad.yaml").write_text("name: tiny\ndatasets: [{dataset: digits\nsteps: 3\n")
     assert experiments_main(["sweep", *args]) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()

@@ -375,7 +375,7 @@ def _progress_bar(enabled: bool, total: Optional[str], desc: str) -> Iterator[Ca
         yield lambda n: None
         return
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # optional: only where a bar is drawn
     except ImportError:  # tqdm is an optional dependency ('experiments' extra)
         warnings.warn("progress=True needs tqdm (pip install tqdm); downloading without a progress bar", stacklevel=4)
         yield lambda n: None

@@ -1,6 +1,11 @@
-"""The sweep's model factory: a registry of model kinds, each building a model from one configuration's values.
+"""The applications' one model factory: a config's model name and options -> the library's model.
 
-Any object with the library's model interface goes through the sweep:
+`build(name, width, out_dim, **options)` is `registry.MODELS[name](width=width, out_dim=out_dim, **options)`: every
+application constructs a library model from a name through it (the main job's model lists, the sweep's kinds, the
+benchmarks' DELMs).
+
+A sweep's grid names model kinds (`KINDS`): each builds a model from one configuration's values. Any object with
+the library's model interface goes through the sweep:
 
     params = model.init(key, dtype)                      # a pytree of float arrays
     predictions, stats = model.apply(params, phi)        # (n, m_y); stats: None, or the solve's statistics
@@ -21,12 +26,18 @@ it is concrete; the sweep checks it on the grid). `build` runs inside the traced
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
-from deq_jax import models as deq_models
+from experiments.common import registry
 
-if TYPE_CHECKING:  # the config imports this module for its model names
-    from experiments.sweep.config import SweepConfig
+
+def build(name: str, width: int, out_dim: int, **options: Any) -> Any:
+    """The library's model `name` (a key of `registry.MODELS`) of input width `width` and `out_dim` outputs, with
+    the model's own `options` (e.g. `gamma`, `sigma`, `solver` for "delm"; `depth`, `hidden` for "deep_linear")."""
+    if name not in registry.MODELS:
+        raise ValueError(f"model must be one of {', '.join(map(repr, registry.MODELS))}; got {name!r}")
+    return registry.MODELS[name](width=width, out_dim=out_dim, **options)
+
 
 #: the grid's model axes: static ones make separate compiled programs, traced ones are vmapped
 MODEL_AXES = {"sigma": "static", "depth": "static", "gamma": "traced"}
@@ -39,7 +50,7 @@ class ModelSpec(NamedTuple):
 
     width: int
     out_dim: int
-    config: "SweepConfig"
+    config: Any
     sigma: Optional[str] = None
     depth: Optional[int] = None
     gamma: Any = None
@@ -60,25 +71,22 @@ class ModelKind:
             raise ValueError(f"ModelKind.axes must be distinct names among {tuple(MODEL_AXES)}; got {self.axes!r}")
 
 
-def _delm(spec: ModelSpec) -> deq_models.DELM:
-    o = spec.config.delm
-    return deq_models.DELM(width=spec.width, out_dim=spec.out_dim, gamma=spec.gamma, sigma=spec.sigma,
-                           formulation=o.formulation, solver=o.solver, backward=o.backward, tol=o.tol,
-                           maxiter=o.maxiter, precision=o.precision, init_scale=o.init_scale)
+def _delm(spec: ModelSpec) -> Any:
+    return build("delm", spec.width, spec.out_dim, gamma=spec.gamma, sigma=spec.sigma,
+                 **dataclasses.asdict(spec.config.delm))
 
 
-def _linear(spec: ModelSpec) -> deq_models.Linear:
-    return deq_models.Linear(width=spec.width, out_dim=spec.out_dim, init_scale=spec.config.linear.init_scale)
+def _linear(spec: ModelSpec) -> Any:
+    return build("linear", spec.width, spec.out_dim, init_scale=spec.config.linear.init_scale)
 
 
-def _deep_linear(spec: ModelSpec) -> deq_models.DeepLinear:
+def _deep_linear(spec: ModelSpec) -> Any:
     o = spec.config.deep_linear
-    return deq_models.DeepLinear(width=spec.width, out_dim=spec.out_dim, depth=spec.depth, hidden=o.hidden,
-                                 init_gain=o.init_gain)
+    return build("deep_linear", spec.width, spec.out_dim, depth=spec.depth, hidden=o.hidden, init_gain=o.init_gain)
 
 
-#: model kinds by name; `register_model` adds one
-MODELS: dict[str, ModelKind] = {
+#: a sweep grid's model kinds by name; `register_model` adds one
+KINDS: dict[str, ModelKind] = {
     "delm": ModelKind(_delm, axes=("sigma", "gamma")),
     "linear": ModelKind(_linear),
     "deep_linear": ModelKind(_deep_linear, axes=("depth",)),
@@ -91,21 +99,21 @@ def register_model(name: str, kind: ModelKind, *, replace: bool = False) -> None
         raise ValueError(f"name must be an identifier-like string; got {name!r}")
     if not isinstance(kind, ModelKind):
         raise TypeError(f"kind must be a ModelKind(build, axes); got {type(kind).__name__}")
-    if name in MODELS and not replace:
+    if name in KINDS and not replace:
         raise ValueError(f"a model kind named {name!r} is already registered (pass replace=True to replace it)")
-    MODELS[name] = kind
+    KINDS[name] = kind
 
 
 def unregister_model(name: str) -> None:
     """Remove a kind added by `register_model` (the built-in kinds stay)."""
     if name in ("delm", "linear", "deep_linear"):
         raise ValueError(f"{name!r} is a built-in model kind and cannot be removed")
-    MODELS.pop(name, None)
+    KINDS.pop(name, None)
 
 
 def build_model(name: str, spec: ModelSpec) -> Any:
     """The model of kind `name` for `spec`, checked to have `init` and `apply`."""
-    model = MODELS[name].build(spec)
+    model = KINDS[name].build(spec)
     missing = [m for m in ("init", "apply") if not callable(getattr(model, m, None))]
     if missing:
         raise TypeError(f"model kind {name!r} built {type(model).__name__}, which lacks {', '.join(missing)}: a "
@@ -113,4 +121,5 @@ def build_model(name: str, spec: ModelSpec) -> Any:
     return model
 
 
-__all__ = ["MODELS", "MODEL_AXES", "ModelKind", "ModelSpec", "build_model", "register_model", "unregister_model"]
+__all__ = ["KINDS", "MODEL_AXES", "ModelKind", "ModelSpec", "build", "build_model", "register_model",
+           "unregister_model"]

@@ -1,0 +1,51 @@
+"""The names a config may use, each mapped to the library object it stands for: the applications' one string registry.
+
+The library takes objects (`solver=deq_jax.Anderson()`, `sigma=deq_jax.column_softmax`, `loss=deq_jax.square`);
+names belong to the config layer, and every config of `experiments/` takes its choices from the tables here, so
+that a name a config accepts is always one the applications can resolve:
+
+    registry.SOLVERS["anderson"] is deq_jax.Anderson       registry.SIGMAS["column_softmax"] is deq_jax.column_softmax
+    registry.LOSSES["square"] is deq_jax.square            registry.BACKWARDS["implicit"] is deq_jax.Implicit
+    registry.MODELS["delm"] is deq_jax.DELM
+
+Tables of names without objects (`FORMULATIONS`, `LINEAR_SOLVERS`, `PRECISIONS`, `BATCHINGS`) are the values the
+library's keyword arguments of those names accept.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from deq_jax import (DELM, Anderson, Broyden, DeepLinear, Direct, FixedPoint, Implicit, Linear, OneStep, Refine,
+                     Unrolled, column_softmax, cross_entropy, logistic, row_softmax, scaled_tanh, square)
+
+#: forward solvers (`deq_jax.solve(solver=...)`), by name: each a class whose instance with defaults is the solver
+SOLVERS: dict[str, Callable[[], Any]] = {
+    "fixed_point": FixedPoint,
+    "anderson": Anderson,
+    "broyden": Broyden,
+    "direct": Direct,
+}
+#: the DELM's solvers: those above and "refine" (LU factors kept across training steps)
+DELM_SOLVERS: dict[str, Callable[[], Any]] = {**SOLVERS, "refine": Refine}
+#: backward strategies (`deq_jax.solve(backward=...)`), by name
+BACKWARDS: dict[str, Callable[[], Any]] = {"implicit": Implicit, "one_step": OneStep, "unrolled": Unrolled}
+#: the implicit backward's linear solvers (`deq_jax.Implicit(linear_solver=...)`)
+LINEAR_SOLVERS: tuple[str, ...] = ("gmres", "bicgstab", "normal_cg", "lu")
+#: weight nonlinearities sigma(A) of the DELM, by name
+SIGMAS: dict[str, Callable] = {"column_softmax": column_softmax, "row_softmax": row_softmax,
+                               "scaled_tanh": scaled_tanh}
+#: losses `loss(predictions, targets) -> scalar`, by name
+LOSSES: dict[str, Callable] = {"square": square, "cross_entropy": cross_entropy, "logistic": logistic}
+#: the DELM's formulations (`deq_jax.DELM(formulation=...)`)
+FORMULATIONS: tuple[str, ...] = ("transposed", "per_sample")
+#: matmul precisions `deq_jax.solve(precision=...)` documents (jax.default_matmul_precision's names)
+PRECISIONS: tuple[str, ...] = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
+#: how `deq_jax.parallel` runs one device's configurations
+BATCHINGS: tuple[str, ...] = ("auto", "vmap", "map")
+#: the library's models, by name (`experiments.common.models.build` constructs them)
+MODELS: dict[str, Callable[..., Any]] = {"delm": DELM, "linear": Linear, "deep_linear": DeepLinear}
+
+
+__all__ = ["BACKWARDS", "BATCHINGS", "DELM_SOLVERS", "FORMULATIONS", "LINEAR_SOLVERS", "LOSSES", "MODELS",
+           "PRECISIONS", "SIGMAS", "SOLVERS"]
