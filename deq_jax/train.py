@@ -120,6 +120,21 @@ def _optimizer(optimizer: Optional[optax.GradientTransformation], learning_rate:
     return optimizer
 
 
+def objective(model: Model, loss: Union[str, Loss], penalty: Optional[Penalty] = None) -> Callable:
+    """`objective(params, phi, y, warm=None) -> (L, solution)`: the training loss `loss(predictions, y) +
+    penalty(params)` of `model` on features `phi`, and its solve's `Solution` (None for explicit models).
+
+    `penalty(params) -> scalar` is any regulariser, e.g. `(l2/2) |W|_F^2` on a DELM's end-to-end matrix:
+    `lambda p: 0.5 * l2 * jnp.sum(model.end_to_end(p) ** 2)`."""
+    loss_fn, pen = get_loss(loss), _penalty(penalty)
+
+    def fn(params: Any, phi: Array, y: Array, warm: Optional[Warm] = None) -> tuple[Array, Optional[Solution]]:
+        predictions, sol = model.apply(params, phi, warm)
+        return loss_fn(predictions, y) + pen(params), sol
+
+    return fn
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainStep:
     """A training step as a pair of pure functions (jit-compiled unless `make_step(..., jit=False)`).
@@ -159,25 +174,25 @@ def make_step(model: Model, loss: Union[str, Loss], optimizer: Optional[optax.Gr
     """
     loss_fn, pen = get_loss(loss), _penalty(penalty)
     optimizer = _optimizer(optimizer, learning_rate)
+    on_samples = objective(model, loss, penalty)
 
-    def objective(params: Any, phi: Any, y: Any, warm: Optional[Warm]) -> tuple[Array, Optional[Solution]]:
+    def objective_(params: Any, phi: Any, y: Any, warm: Optional[Warm]) -> tuple[Array, Optional[Solution]]:
         if isinstance(phi, GramData):
             if loss_fn is not square:
                 raise ValueError("GramData (C = Phi^T Phi / n, D = Phi^T Y / n) serves the square loss only; "
                                  f"got loss {getattr(loss, '__name__', loss)!r}: pass the features and targets")
             W, sol = model.end_to_end_solution(params, warm)
             return _gram_square_loss(W, phi) + pen(params), sol
-        predictions, sol = model.apply(params, phi, warm)
-        return loss_fn(predictions, y) + pen(params), sol
+        return on_samples(params, phi, y, warm)
 
     def gradient(params: Any, phi: Any, y: Any, warm: Optional[Warm]) -> tuple[Any, ...]:
         if warm is None:
             (value, sol), grads, backward = value_and_grad(
-                lambda p: objective(p, phi, y, None), has_aux=True)(params)
+                lambda p: objective_(p, phi, y, None), has_aux=True)(params)
             return value, grads, sol, backward, None
         # the backward solution leaves the implicit solve as the cotangent of its start: carried on
         (value, sol), (grads, adjoint), backward = value_and_grad(
-            lambda p, u: objective(p, phi, y, warm._replace(adjoint=u)), argnums=(0, 1), has_aux=True
+            lambda p, u: objective_(p, phi, y, warm._replace(adjoint=u)), argnums=(0, 1), has_aux=True
         )(params, warm.adjoint)
         return value, grads, sol, backward, Warm(sol.value, adjoint, sol.state)
 

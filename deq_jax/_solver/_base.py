@@ -84,6 +84,11 @@ class AbstractSolver:
         """The implicit backward's linear solver when `Implicit(linear_solver=None)`."""
         return "gmres"
 
+    @staticmethod
+    def registered() -> dict[str, type]:
+        """Every solver class by its `name`, sorted (what `solve(..., solver="name")` accepts)."""
+        return {name: _REGISTRY[name] for name in sorted(_REGISTRY)}
+
 
 def solver_names() -> tuple[str, ...]:
     """The names `solve(..., solver=name)` accepts, sorted."""

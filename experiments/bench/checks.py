@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deq_jax.maps import TanhMap
-from deq_jax.solve import Implicit, solve
+from deq_jax import Implicit, solve
 
 from experiments.bench.problem import Problem, closed_form
 from experiments.bench.protocol import Check

@@ -29,9 +29,7 @@ import jax.scipy.linalg as jsl
 import numpy as np
 import optax
 
-from deq_jax.maps import DELMMap, TanhMap
-from deq_jax.solve import Implicit, solve
-from deq_jax.train import make_step, objective
+from deq_jax import DELMMap, Implicit, TanhMap, make_step, solve, square
 from experiments.bench.checks import equilibrium_norm
 from experiments.bench.problem import Problem
 from experiments.bench.protocol import Case, Check, Prepared
@@ -95,7 +93,7 @@ def _delm_check(model, gamma: float) -> Callable:
     the same model share one compiled program."""
 
     def check(params, phi, y):
-        grads, stats = jax.grad(objective(model, "square"), has_aux=True)(params, phi, y)
+        grads, stats = jax.grad(_square_objective(model), has_aux=True)(params, phi, y)
         if model.formulation == "transposed":
             return grads, stats, model.end_to_end(params)
         state = solve(DELMMap(gamma), jnp.zeros_like(phi), {"A": params["A"]}, phi, solver=model.solver,
@@ -114,6 +112,16 @@ def _library_step(model):
 
 def _stats_info(stats) -> tuple:
     return int(stats.iterations), bool(stats.converged)
+
+
+def _square_objective(model) -> Callable:
+    """`(params, phi, y) -> (square loss, the solve's statistics)`: the loss a library step differentiates."""
+
+    def objective(params, phi, y):
+        predictions, solution = model.apply(params, phi)
+        return square(predictions, y), solution.stats
+
+    return objective
 
 
 # ----------------------------------------------------------------------------- deq_jax rows
@@ -160,9 +168,15 @@ class _TanhModel:
     maxiter: int
     precision: Optional[str]
 
-    def apply(self, params, phi):
+    def apply(self, params, phi, warm=None):
         sol = self.solve(params, phi)
-        return sol.value @ params["B"].T, sol.stats
+        return sol.value @ params["B"].T, sol
+
+    def warm_start(self, params, phi=None, previous=None):
+        return None  # the peers' steps start from zero: so does this row
+
+    def end_to_end_solution(self, params, warm=None):
+        raise ValueError("a tanh DEQ is not linear in its features")
 
     def solve(self, params, phi):
         inner = {k: params[k] for k in ("W", "U", "b")}
@@ -185,7 +199,8 @@ def deq_jax_tanh(p: Problem, solver: str, backward: str, *, device: Any, precisi
         model = _TanhModel(p.contraction, p.m, solver, backward_arg, p.tol, p.maxiter, precision)
 
         def check(params, phi, y):
-            return (*jax.grad(objective(model, "square"), has_aux=True)(params, phi, y), model.solution(params, phi))
+            grads, stats = jax.grad(_square_objective(model), has_aux=True)(params, phi, y)
+            return grads, stats, model.solution(params, phi)
 
         return _prepare(_library_step(model), p.tanh, (p.phi, p.y), jax.jit(check), _stats_info, device,
                         precision, p.learning_rate)

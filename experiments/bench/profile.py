@@ -41,7 +41,7 @@ import numpy as np
 import optax
 
 from deq_jax import theory
-from deq_jax.refine import factor, right_solve
+from deq_jax._solver._lu import factor, right_solve  # the kernels the refine step runs, profiled alone
 from deq_jax.train import make_step
 from experiments.bench.checks import delm_reference, relative_errors
 from experiments.bench.jax_cases import linear_solve as jaxopt_linear_solve  # as deq_jax._jaxopt uses it

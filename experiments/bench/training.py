@@ -13,8 +13,8 @@ Each row
 - records every step's metrics (forward and backward iterations, the library's own convergence verdicts, LU
   refactorisations for "refine", the loss), the timed ones marked;
 - is checked independently twice, before its timed steps and after them: a separate program computes the step's
-  gradient at the run's current state with the same library function (`DELM.warm_value_and_grad`, started from
-  the same carried state) and returns the equilibrium, whose float64 residual and gradients (against the float64
+  gradient at the run's current state through the same library path (`deq_jax.value_and_grad` of the loss through
+  `DELM.apply` with the carried `Warm`, started from the same carried state) and returns the equilibrium, whose float64 residual and gradients (against the float64
   closed form at the run's current parameters) are judged like every other row's. A warm start that passed a
   non-converged solve would be flagged.
 """
@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import deq_jax
 from deq_jax.losses import square
 from deq_jax.train import make_step
 from experiments.bench.jax_cases import precision_context
@@ -40,7 +41,7 @@ WARM = "warm"
 ZERO_START = "zero start"
 LABELS = (WARM, ZERO_START)
 #: the per-step metrics a training-run row records (those the step returns)
-RECORDED = ("loss", "iterations", "backward_iterations", "converged", "backward_failures", "refactored",
+RECORDED = ("loss", "iterations", "backward_iterations", "converged", "backward_failures", "factorisations",
             "relative_residual")
 
 
@@ -65,8 +66,9 @@ def _record(history: list, first_timed: int) -> dict:
     return {"per_step": per_step, "steps": len(fetched), "first_timed_step": first_timed,
             "iterations_mean": mean(timed("iterations")),
             "backward_iterations_mean": mean(timed("backward_iterations")),
-            "refactorisations": int(sum(per_step["refactored"])) if "refactored" in per_step else None,
-            "refactorisations_timed": int(sum(timed("refactored"))) if "refactored" in per_step else None,
+            # LU factorisations the steps' forward solves computed (refine: refactorisations; direct: one a step)
+            "refactorisations": int(sum(per_step["factorisations"])) if "factorisations" in per_step else None,
+            "refactorisations_timed": int(sum(timed("factorisations"))) if "factorisations" in per_step else None,
             "steps_not_converged_own": sorted(set(not_converged) | set(failures)),
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "loss_fell": bool(losses and np.isfinite(losses[-1]) and losses[-1] < losses[0])}
@@ -91,11 +93,14 @@ def training_delm(p: Problem, formulation: str, solver: str, *, zero_start: bool
 
         def check(state, phi, y):
             state = start(state, phi)
-            _, grads, warm, stats = model.warm_value_and_grad(state.params, phi, lambda q, pred: square(pred, y),
-                                                              state.warm)
-            # direct carries no equilibrium: its W is the same LU solve, recomputed
-            equilibrium = warm.state if warm.state is not None else model.end_to_end(state.params)
-            return grads, stats, equilibrium, state.params
+
+            def objective(params, adjoint):  # the step's own gradient: the loss through the warm-started solve
+                predictions, solution = model.apply(params, phi, state.warm._replace(adjoint=adjoint))
+                return square(predictions, y), solution
+
+            (_, solution), (grads, _), backward = deq_jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
+                state.params, state.warm.adjoint)
+            return grads, solution.stats, backward, solution.value, state.params
 
         with precision_context(precision):
             state = jax.jit(step.init)(params, phi)
@@ -114,13 +119,11 @@ def training_delm(p: Problem, formulation: str, solver: str, *, zero_start: bool
 
         def do_check() -> Check:
             with precision_context(precision):
-                grads, stats, equilibrium, at = check_fn(run_state["state"], phi, y)
-            extra: dict = {}
-            if stats.backward is not None:
-                extra = {"backward_iterations": int(stats.backward.iterations),
-                         "backward_converged": bool(stats.backward.converged)}
-            own = bool(stats.forward.converged) and extra.get("backward_converged", True)
-            return Check(iterations=int(stats.forward.iterations), converged=own, state=np.asarray(equilibrium),
+                grads, stats, backward, equilibrium, at = check_fn(run_state["state"], phi, y)
+            extra = {"backward_iterations": int(backward.iterations),
+                     "backward_converged": int(backward.failures) == 0 and int(backward.nonfinite) == 0}
+            own = bool(stats.converged) and extra["backward_converged"]
+            return Check(iterations=int(stats.iterations), converged=own, state=np.asarray(equilibrium),
                          grads=_numpy(grads), extra=extra, params=_numpy(at))
 
         return Prepared(run=run, check=do_check, compile_s=compile_s,

@@ -5,11 +5,11 @@ application constructs a library model from a name through it (the main job's mo
 benchmarks' DELMs).
 
 A sweep's grid names model kinds (`KINDS`): each builds a model from one configuration's values. Any object with
-the library's model interface goes through the sweep:
+the library's model interface (`deq_jax.Model`: init, apply, warm_start, end_to_end_solution) goes through the sweep:
 
     params = model.init(key, dtype)                      # a pytree of float arrays
-    predictions, stats = model.apply(params, phi)        # (n, m_y); stats: None, or the solve's statistics
-                                                         # (.iterations, .relative_residual, .converged)
+    predictions, solution = model.apply(params, phi)     # (n, m_y); solution: None, or the solve's `Solution`
+                                                         # (.stats.iterations, .stats.relative_residual, ...)
 
 A kind declares which of the grid's model axes it takes (`ModelKind.axes`, a subset of `MODEL_AXES`): `sigma`
 and `depth` are static (one compiled program per value), `gamma` is traced (vmapped with the seed and the
@@ -17,7 +17,7 @@ learning rate), so `build` must accept a traced `gamma` (the library's models an
 it is concrete; the sweep checks it on the grid). `build` runs inside the traced program, once per program.
 
     @dataclasses.dataclass(frozen=True)
-    class MyDEQ: ...                                      # init(key, dtype), apply(params, phi)
+    class MyDEQ: ...                                      # the four methods of deq_jax.Model
 
     register_model("my_deq", ModelKind(lambda spec: MyDEQ(spec.width, spec.out_dim, spec.gamma), axes=("gamma",)))
     # then `grid: {models: [my_deq, linear], gammas: [0.5, 0.9]}` in a sweep config
@@ -112,12 +112,13 @@ def unregister_model(name: str) -> None:
 
 
 def build_model(name: str, spec: ModelSpec) -> Any:
-    """The model of kind `name` for `spec`, checked to have `init` and `apply`."""
+    """The model of kind `name` for `spec`, checked to have the methods of `deq_jax.Model`."""
     model = KINDS[name].build(spec)
-    missing = [m for m in ("init", "apply") if not callable(getattr(model, m, None))]
+    methods = ("init", "apply", "warm_start", "end_to_end_solution")
+    missing = [m for m in methods if not callable(getattr(model, m, None))]
     if missing:
         raise TypeError(f"model kind {name!r} built {type(model).__name__}, which lacks {', '.join(missing)}: a "
-                        f"sweep model needs init(key, dtype) -> params and apply(params, phi) -> (predictions, stats)")
+                        f"sweep model needs the methods of deq_jax.Model ({', '.join(methods)})")
     return model
 
 

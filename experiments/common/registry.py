@@ -16,22 +16,17 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from deq_jax import (DELM, Anderson, Broyden, DeepLinear, Direct, FixedPoint, Implicit, Linear, OneStep, Refine,
-                     Unrolled, column_softmax, cross_entropy, logistic, row_softmax, scaled_tanh, square)
+from deq_jax import (DELM, AbstractSolver, DeepLinear, Implicit, Linear, OneStep, Unrolled, column_softmax,
+                     cross_entropy, logistic, row_softmax, scaled_tanh, square)
 
-#: forward solvers (`deq_jax.solve(solver=...)`), by name: each a class whose instance with defaults is the solver
-SOLVERS: dict[str, Callable[[], Any]] = {
-    "fixed_point": FixedPoint,
-    "anderson": Anderson,
-    "broyden": Broyden,
-    "direct": Direct,
-}
-#: the DELM's solvers: those above and "refine" (LU factors kept across training steps)
-DELM_SOLVERS: dict[str, Callable[[], Any]] = {**SOLVERS, "refine": Refine}
+#: every solver the library has, by its registered name (a new solver file appears here by itself)
+DELM_SOLVERS: dict[str, Callable[[], Any]] = AbstractSolver.registered()
+#: forward solvers for any map (`deq_jax.solve(solver=...)`): all but "refine", whose kept factors serve training
+SOLVERS: dict[str, Callable[[], Any]] = {name: cls for name, cls in DELM_SOLVERS.items() if name != "refine"}
 #: backward strategies (`deq_jax.solve(backward=...)`), by name
 BACKWARDS: dict[str, Callable[[], Any]] = {"implicit": Implicit, "one_step": OneStep, "unrolled": Unrolled}
 #: the implicit backward's linear solvers (`deq_jax.Implicit(linear_solver=...)`)
-LINEAR_SOLVERS: tuple[str, ...] = ("gmres", "bicgstab", "normal_cg", "lu")
+LINEAR_SOLVERS: tuple[str, ...] = ("forward", "gmres", "bicgstab", "normal_cg", "lu")
 #: weight nonlinearities sigma(A) of the DELM, by name
 SIGMAS: dict[str, Callable] = {"column_softmax": column_softmax, "row_softmax": row_softmax,
                                "scaled_tanh": scaled_tanh}

@@ -50,15 +50,15 @@ class WrongSigmaDELM(DELM):
         return model_lib.build("delm", self.width, self.out_dim, gamma=self.gamma, sigma=self.backward_sigma,
                                formulation="transposed", solver="direct", init_scale=self.init_scale)
 
-    def apply(self, params, phi):
-        predictions, stats = super().apply(params, phi)
+    def apply(self, params, phi, warm=None):
+        predictions, solution = super().apply(params, phi, warm)
         wrong_predictions, _ = self._wrong().apply(params, phi)
-        return wrong_predictions + jax.lax.stop_gradient(predictions - wrong_predictions), stats
+        return wrong_predictions + jax.lax.stop_gradient(predictions - wrong_predictions), solution
 
-    def end_to_end_solution(self, params):
-        sol = super().end_to_end_solution(params)
+    def end_to_end_solution(self, params, warm=None):
+        W, solution = super().end_to_end_solution(params, warm)
         wrong = self._wrong().end_to_end(params)
-        return sol._replace(value=wrong + jax.lax.stop_gradient(sol.value - wrong))
+        return wrong + jax.lax.stop_gradient(W - wrong), solution
 
 
 def mutate_model(model: Any, mutation: Optional[str]) -> Any:

@@ -66,8 +66,8 @@ def train_one_fn(config: SweepConfig, key: GroupKey, width: int, out_dim: int) -
         # learning_rate is traced here; full_batch_gd builds optax.sgd from it as for a concrete rate
         params, history = train.full_batch_gd(model, key.loss, params, phi, y, learning_rate=c["learning_rate"],
                                               steps=config.steps)
-        (loss, stats), grads = jax.value_and_grad(train.objective(model, key.loss), has_aux=True)(params, phi, y)
-        final = _solver_fields(stats, dtype)
+        (loss, solution), grads = jax.value_and_grad(train.objective(model, key.loss), has_aux=True)(params, phi, y)
+        final = _solver_fields(None if solution is None else solution.stats, dtype)
         predictions, _ = model.apply(params, phi)
         predictions_test, _ = model.apply(params, phi_test)
         out = {
