@@ -68,8 +68,10 @@ def main(argv: list[str]) -> int:
         print(f"api docs: {problem}", file=sys.stderr)
     pages = sorted(str(path.relative_to(output)) for path in output.rglob("*.html") if path.name != "index.html")
     if problems:
-        print(f"api docs: FAILED, {len(problems)} problem(s) above ({len(pages)} pages written to {output})",
-              file=sys.stderr)
+        print(
+            f"api docs: FAILED, {len(problems)} problem(s) above ({len(pages)} pages written to {output})",
+            file=sys.stderr,
+        )
         return 1
     print(f"api docs: {len(pages)} pages in {output}: {', '.join(pages)}")
     return 0
