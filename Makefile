@@ -34,7 +34,7 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	@status=0; \
 	$(BIN)/ruff check . || status=1; \
-	$(BIN)/ruff format --check . || status=1; \
+	$(BIN)/ruff format --check --output-format concise . || status=1; \
 	$(BIN)/mypy || status=1; \
 	exit $$status
 
