@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    creates .venv, installs pinned dependencies, runs the main job on the embedded digits data
 #   make test   creates .venv, installs pinned dependencies, runs the test suite
+# CI (.ci/run) also runs `make lint` (ruff, mypy) and `make docs` (the API reference) before `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 # LAPACK/OpenBLAS threads fight XLA's own threads on small CPUs (see docs): one thread is faster
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: run test test-slow bench sweep venv clean
+.PHONY: run test test-slow lint docs bench sweep venv clean
 
 venv: $(STAMP)
 
@@ -28,6 +29,19 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m slow
 
+# the style, held by tools (configured in pyproject.toml): lint and formatting of the whole tree, types of the library;
+# all three run and report, then the target fails if any failed
+lint: $(STAMP)
+	@status=0; \
+	$(BIN)/ruff check . || status=1; \
+	$(BIN)/ruff format --check --output-format concise . || status=1; \
+	$(BIN)/mypy || status=1; \
+	exit $$status
+
+# the API reference from the docstrings, into docs/api/ (git-ignored); fails on any warning pdoc gives
+docs: $(STAMP)
+	$(BIN)/python tools/api_docs.py docs/api
+
 sweep: $(STAMP)
 	$(BIN)/python -m experiments sweep --config configs/sweep_digits.yaml
 
@@ -35,4 +49,4 @@ bench: $(STAMP)
 	$(BIN)/python -m experiments bench --suite step --publish
 
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) results docs/api .mypy_cache .ruff_cache

@@ -13,7 +13,8 @@ A map is any callable `f(z, params, x)`. Maps that are affine in `z` may also ex
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ Sigma = Callable[[Array], Array]
 
 
 # ----------------------------------------------------------------------------- weight nonlinearities sigma(A)
+
 
 def column_softmax(A: Array) -> Array:
     """`sigma(A)[i, j] = exp(A[i, j]) / sum_k exp(A[k, j])`: column-stochastic, so `rho(gamma sigma(A)) <= gamma`."""
@@ -48,8 +50,15 @@ SIGMAS: dict[str, Sigma] = {
 }
 
 
-def get_sigma(sigma: Union[str, Sigma]) -> Sigma:
-    """Resolve a weight nonlinearity by name (see `SIGMAS`) or pass a callable through."""
+def get_sigma(sigma: str | Sigma) -> Sigma:
+    """Resolve a weight nonlinearity by name (see `SIGMAS`) or pass a callable through.
+
+    Args:
+      sigma: a name from `SIGMAS` or a callable.
+
+    Returns:
+      The function `A -> sigma(A)`. Raises `ValueError` for an unknown name.
+    """
     if callable(sigma):
         return sigma
     _checks.check_choice("sigma", sigma, SIGMAS)
@@ -58,10 +67,20 @@ def get_sigma(sigma: Union[str, Sigma]) -> Sigma:
 
 # ----------------------------------------------------------------------------- feature maps phi(x)
 
+
 def random_projection(key: Array, in_dim: int, width: int, dtype: Any = jnp.float32) -> Array:
     """A fixed (untrained) random projection matrix `P` of shape `(in_dim, width)`, entries `N(0, 1/in_dim)`.
 
     The features are `phi(x) = x @ P`; any width works, including widths below the number of classes or samples.
+
+    Args:
+      key: a PRNG key.
+      in_dim: the input dimension.
+      width: the number of features `m`.
+      dtype: the floating dtype of `P`.
+
+    Returns:
+      `P`, `(in_dim, width)`.
     """
     _checks.check_positive("in_dim", in_dim, integer=True)
     _checks.check_positive("width", width, integer=True)
@@ -69,7 +88,15 @@ def random_projection(key: Array, in_dim: int, width: int, dtype: Any = jnp.floa
 
 
 def features(x: Array, projection: Array | None = None) -> Array:
-    """`phi(x)`: the identity when `projection` is None, else `x @ projection`."""
+    """`phi(x)`: the identity when `projection` is None, else `x @ projection`.
+
+    Args:
+      x: the inputs, `(..., in_dim)`.
+      projection: `None` or a matrix `(in_dim, m)` (e.g. `random_projection`).
+
+    Returns:
+      The features, `(..., m)`.
+    """
     if projection is None:
         return x
     _checks.check_shape("projection", projection, (x.shape[-1], None), "its first axis must match x's last axis")
@@ -77,6 +104,7 @@ def features(x: Array, projection: Array | None = None) -> Array:
 
 
 # ----------------------------------------------------------------------------- equilibrium maps
+
 
 def _check_gamma(gamma: Any) -> None:
     _checks.check_open_unit("gamma", gamma)
@@ -88,19 +116,42 @@ class DELMMap:
 
     `params` is a mapping with key `"A"` of shape `(m, m)`; `z` and `x` have shape `(m,)` or `(n, m)`.
     Hashable, so it can be a static argument of `jit`.
+
+    Attributes:
+      gamma: the weight of the linear term, in `(0, 1)`.
+      sigma: the weight nonlinearity, a name from `SIGMAS` or a callable `(m, m) -> (m, m)`.
     """
 
     gamma: float = 0.8
-    sigma: Union[str, Sigma] = "column_softmax"
+    sigma: str | Sigma = "column_softmax"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check_gamma(self.gamma)
         get_sigma(self.sigma)
 
     def __call__(self, z: Array, params: Any, x: Array) -> Array:
+        """Apply the map.
+
+        Args:
+          z: the state, `(m,)` or `(n, m)`.
+          params: `{"A": (m, m)}`.
+          x: the features `phi(x)`, shaped like `z`.
+
+        Returns:
+          `f(z, params, x)`, shaped like `z`.
+        """
         return self.gamma * z @ get_sigma(self.sigma)(params["A"]).T + x
 
     def affine(self, params: Any, x: Array) -> tuple[Array, Array]:
+        """The map as `f(z) = z @ M.T + c`, for the `direct` solver.
+
+        Args:
+          params: `{"A": (m, m)}`.
+          x: the features `phi(x)`, `(m,)` or `(n, m)`.
+
+        Returns:
+          `(M, c) = (gamma sigma(A), x)`.
+        """
         return self.gamma * get_sigma(self.sigma)(params["A"]), x
 
 
@@ -109,19 +160,42 @@ class DELMTransposedMap:
     """The end-to-end equilibrium `f(W, params, B) = B + gamma * W @ sigma(A)`, with fixed point `W = B U^{-1}`.
 
     `W` and `B` have shape `(m_y, m)`: `m_y` right-hand sides instead of one per sample (docs/theory.md, section 8).
+
+    Attributes:
+      gamma: the weight of the linear term, in `(0, 1)`.
+      sigma: the weight nonlinearity, a name from `SIGMAS` or a callable `(m, m) -> (m, m)`.
     """
 
     gamma: float = 0.8
-    sigma: Union[str, Sigma] = "column_softmax"
+    sigma: str | Sigma = "column_softmax"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check_gamma(self.gamma)
         get_sigma(self.sigma)
 
     def __call__(self, W: Array, params: Any, B: Array) -> Array:
+        """Apply the map.
+
+        Args:
+          W: the state, `(m_y, m)`.
+          params: `{"A": (m, m)}`.
+          B: the output matrix, `(m_y, m)`.
+
+        Returns:
+          `f(W, params, B)`, shaped like `W`.
+        """
         return B + self.gamma * W @ get_sigma(self.sigma)(params["A"])
 
     def affine(self, params: Any, B: Array) -> tuple[Array, Array]:
+        """The map as `f(W) = W @ M.T + c`, for the `direct` solver.
+
+        Args:
+          params: `{"A": (m, m)}`.
+          B: the output matrix, `(m_y, m)`.
+
+        Returns:
+          `(M, c) = (gamma sigma(A).T, B)`.
+        """
         return self.gamma * get_sigma(self.sigma)(params["A"]).T, B
 
 
@@ -132,21 +206,53 @@ class TanhMap:
     `W_c = W * min(1, c / |W|_F)`: since `|W_c|_2 <= |W_c|_F <= c < 1` and tanh is 1-Lipschitz, the map is a
     `c`-contraction in z for any parameters, so every solver has a unique fixed point to find.
     `params = {"W": (m, m), "U": (m, d), "b": (m,)}`; `z` is `(m,)` or `(n, m)`, `x` is `(d,)` or `(n, d)`.
+
+    Attributes:
+      contraction: the bound `c` in `(0, 1)` on `|W_c|_F`, hence the map's contraction factor.
     """
 
     contraction: float = 0.9
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _checks.check_open_unit("contraction", self.contraction)
 
     def weight(self, W: Array) -> Array:
+        """The contractive weight `W_c = W * min(1, c / |W|_F)`.
+
+        Args:
+          W: the raw weight, `(m, m)`.
+
+        Returns:
+          `W_c`, `(m, m)`, with `|W_c|_F <= c`.
+        """
         norm = jnp.sqrt(jnp.sum(W * W))
         return W * jnp.minimum(1.0, self.contraction / jnp.maximum(norm, jnp.finfo(W.dtype).tiny))
 
     def __call__(self, z: Array, params: Any, x: Array) -> Array:
+        """Apply the map.
+
+        Args:
+          z: the state, `(m,)` or `(n, m)`.
+          params: `{"W": (m, m), "U": (m, d), "b": (m,)}`.
+          x: the input, `(d,)` or `(n, d)`.
+
+        Returns:
+          `f(z, params, x)`, shaped like `z`.
+        """
         return jnp.tanh(z @ self.weight(params["W"]).T + x @ params["U"].T + params["b"])
 
     def init(self, key: Array, width: int, in_dim: int, dtype: Any = jnp.float32) -> dict:
+        """Random parameters: `W`, `U` with entries `N(0, 1/fan_in)`, `b` with entries `N(0, 0.01)`.
+
+        Args:
+          key: a PRNG key.
+          width: the state's width `m`.
+          in_dim: the input's width `d`.
+          dtype: the floating dtype of the parameters.
+
+        Returns:
+          `{"W": (m, m), "U": (m, d), "b": (m,)}`.
+        """
         _checks.check_positive("width", width, integer=True)
         _checks.check_positive("in_dim", in_dim, integer=True)
         kw, ku, kb = jax.random.split(key, 3)

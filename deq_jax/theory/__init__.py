@@ -25,25 +25,78 @@ computed in float64 where `jax_enable_x64` is on and warn with `PrecisionWarning
 """
 
 from deq_jax.theory._common import PrecisionWarning
-from deq_jax.theory.closed_form import (end_to_end, spectral_norm, u_inverse_norm, u_inverse_norm_bound, u_matrix,
-                                        u_norms)
-from deq_jax.theory.cross_entropy import (STATUSES, OptimumNotConverged, cross_entropy_gradient,
-                                          shallow_optimum_cross_entropy)
-from deq_jax.theory.dynamics import (delm_w_velocity, induced_preconditioner, parameter_gradient, predict_w_step,
-                                     preconditioner_matrix, w_step_check)
+from deq_jax.theory.closed_form import (
+    end_to_end,
+    spectral_norm,
+    u_inverse_norm,
+    u_inverse_norm_bound,
+    u_matrix,
+    u_norms,
+)
+from deq_jax.theory.cross_entropy import (
+    STATUSES,
+    OptimumNotConverged,
+    cross_entropy_gradient,
+    shallow_optimum_cross_entropy,
+)
+from deq_jax.theory.dynamics import (
+    delm_w_velocity,
+    induced_preconditioner,
+    parameter_gradient,
+    preconditioner_matrix,
+    predict_w_step,
+    w_step_check,
+)
 from deq_jax.theory.rates import fit_log_linear, flow_bound, gd_rate_bound
-from deq_jax.theory.shallow import (default_rtol, feature_gram, feature_spectrum, min_norm_solution,
-                                    shallow_optimum_square, square_loss_gradient)
+from deq_jax.theory.shallow import (
+    default_rtol,
+    feature_gram,
+    feature_spectrum,
+    min_norm_solution,
+    shallow_optimum_square,
+    square_loss_gradient,
+)
 from deq_jax.theory.step_size import learning_rate_limit, preconditioner_norm_bound, sigma_derivative_bound
 from deq_jax.theory.trust_region import trust_region_check
 
+# grouped by module, in the API reference's order
 __all__ = [
-    "PrecisionWarning", "OptimumNotConverged", "STATUSES",
-    "u_matrix", "end_to_end", "spectral_norm", "u_norms", "u_inverse_norm", "u_inverse_norm_bound",
-    "default_rtol", "feature_gram", "feature_spectrum", "min_norm_solution", "shallow_optimum_square",
-    "square_loss_gradient", "shallow_optimum_cross_entropy", "cross_entropy_gradient",
-    "gd_rate_bound", "flow_bound", "fit_log_linear",
-    "learning_rate_limit", "preconditioner_norm_bound", "sigma_derivative_bound",
-    "delm_w_velocity", "induced_preconditioner", "preconditioner_matrix", "parameter_gradient", "predict_w_step",
-    "w_step_check", "trust_region_check",
+    # warnings and results
+    "PrecisionWarning",
+    "OptimumNotConverged",
+    "STATUSES",
+    # closed_form
+    "u_matrix",
+    "end_to_end",
+    "spectral_norm",
+    "u_norms",
+    "u_inverse_norm",
+    "u_inverse_norm_bound",
+    # shallow
+    "default_rtol",
+    "feature_gram",
+    "feature_spectrum",
+    "min_norm_solution",
+    "shallow_optimum_square",
+    "square_loss_gradient",
+    # cross_entropy
+    "shallow_optimum_cross_entropy",
+    "cross_entropy_gradient",
+    # rates
+    "gd_rate_bound",
+    "flow_bound",
+    "fit_log_linear",
+    # step_size
+    "learning_rate_limit",
+    "preconditioner_norm_bound",
+    "sigma_derivative_bound",
+    # dynamics
+    "delm_w_velocity",
+    "induced_preconditioner",
+    "preconditioner_matrix",
+    "parameter_gradient",
+    "predict_w_step",
+    "w_step_check",
+    # trust_region
+    "trust_region_check",
 ]

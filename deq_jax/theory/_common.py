@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
-from typing import Any, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +30,7 @@ def check_params(params: Any, name: str = "params") -> tuple[Array, Array]:
     return A, B
 
 
-def check_AB(A: Any, B: Optional[Any] = None) -> None:
+def check_AB(A: Any, B: Any | None = None) -> None:
     """`A (m, m)` and, when given, `B (m_y, m)`."""
     _checks.check_float_array("A", A)
     _checks.check_ndim("A", A, (2,))
@@ -71,7 +73,7 @@ def check_rtol(rtol: Any) -> None:
 
 
 def x64_enabled() -> bool:
-    return bool(jax.config.jax_enable_x64)
+    return bool(jax.config.read("jax_enable_x64"))
 
 
 def as_float64(x: Any, what: str, *, stacklevel: int = 3) -> Array:
@@ -79,10 +81,13 @@ def as_float64(x: Any, what: str, *, stacklevel: int = 3) -> Array:
     if x64_enabled():
         return jnp.asarray(x, jnp.float64)
     x = jnp.asarray(x)
-    warnings.warn(f"jax_enable_x64 is off, so {what} is computed in {x.dtype} (about 7 digits): gaps L - L* below "
-                  f"~1e-6 relative, eigenvalues below ~1e-6 lambda_max and gradient norms below ~1e-6 are rounding "
-                  f"noise there. Enable float64 with jax.config.update('jax_enable_x64', True)",
-                  PrecisionWarning, stacklevel=stacklevel)
+    warnings.warn(
+        f"jax_enable_x64 is off, so {what} is computed in {x.dtype} (about 7 digits): gaps L - L* below "
+        f"~1e-6 relative, eigenvalues below ~1e-6 lambda_max and gradient norms below ~1e-6 are rounding "
+        f"noise there. Enable float64 with jax.config.update('jax_enable_x64', True)",
+        PrecisionWarning,
+        stacklevel=stacklevel,
+    )
     return x
 
 
@@ -98,21 +103,24 @@ def float_dtype(*xs: Any) -> Any:
 #: compiles (the main job's background precompile), about 1 executable in 20 kept a corrupt one, and then returned
 #: NaN on every call (docs/theory.md section 13). XLA's own CPU emitters do the same arithmetic.
 SAFE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-_options_supported: Optional[bool] = None
 _options_lock = threading.Lock()
+
+
+@functools.cache
+def _options_supported() -> bool:
+    """Whether this jaxlib knows `SAFE_COMPILER_OPTIONS`, by a tiny compile (once: the answer is cached)."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=SAFE_COMPILER_OPTIONS).lower(1.0).compile()
+    except Exception:
+        return False
+    return True
 
 
 def _compiler_options() -> dict:
     """`SAFE_COMPILER_OPTIONS` where this jaxlib knows them (probed once with a tiny compile), else none."""
-    global _options_supported
-    with _options_lock:
-        if _options_supported is None:
-            try:
-                jax.jit(lambda x: x + 1, compiler_options=SAFE_COMPILER_OPTIONS).lower(1.0).compile()
-                _options_supported = True
-            except Exception:  # noqa: BLE001 -- an XLA without the option (another version or backend)
-                _options_supported = False
-    return SAFE_COMPILER_OPTIONS if _options_supported else {}
+    with _options_lock:  # one probe, even when several threads compile their first program at once
+        supported = _options_supported()
+    return SAFE_COMPILER_OPTIONS if supported else {}
 
 
 class program:
@@ -120,13 +128,13 @@ class program:
     compiler options on the outermost program only; a nested one is inlined into it anyway). Options are resolved at
     the first call (no backend work at import). Use as `@program` or `@program(static_argnames=(...))`."""
 
-    def __init__(self, fn: Any = None, *, static_argnames: tuple = ()):
+    def __init__(self, fn: Callable[..., Any] | None = None, *, static_argnames: tuple[str, ...] = ()) -> None:
         self._fn, self._static = fn, static_argnames
-        self._top = None
-        self._plain = None if fn is None else jax.jit(fn, static_argnames=static_argnames)
+        self._top: Any = None  # a jax.jit wrapper (it has .lower), made at the first top-level call
+        self._plain: Callable[..., Any] | None = None if fn is None else jax.jit(fn, static_argnames=static_argnames)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self._fn is None:  # used as @program(static_argnames=...)
+        if self._plain is None:  # used as @program(static_argnames=...): this call decorates the function
             return program(args[0], static_argnames=self._static)
         if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((args, kwargs))):
             return self._plain(*args, **kwargs)
@@ -139,9 +147,13 @@ class program:
 
     @property
     def top(self) -> Any:
+        """The function compiled with `SAFE_COMPILER_OPTIONS`, for top-level calls (made at the first use)."""
+        if self._fn is None:
+            raise TypeError("program(static_argnames=...) must first be applied to a function")
         if self._top is None:
             self._top = jax.jit(self._fn, static_argnames=self._static, compiler_options=_compiler_options())
         return self._top
 
     def lower(self, *args: Any, **kwargs: Any) -> Any:
+        """`jax.jit(...).lower` of the top-level program, for ahead-of-time compilation and memory analysis."""
         return self.top.lower(*args, **kwargs)

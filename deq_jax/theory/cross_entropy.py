@@ -11,7 +11,8 @@ separate program (`cross_entropy_gradient`), so that a fault inside the solver's
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ STATUSES = ("converged", "max_iterations", "line_search_failed", "non_finite", "
 class OptimumNotConverged(RuntimeError):
     """`shallow_optimum_cross_entropy` stopped before its gradient norm reached `tol`; `.info` holds the details."""
 
-    def __init__(self, message: str, info: Optional[dict] = None):
+    def __init__(self, message: str, info: dict | None = None):
         super().__init__(message)
         self.info = info
 
@@ -56,7 +57,16 @@ def _hvp(V: Array, phi: Array, p: Array, weight: Array, l2: Any) -> Array:
 def cross_entropy_gradient(W: Array, phi: Array, targets: Array, l2: float = 0.0) -> Array:
     """`G = dL/dW = (softmax(phi W^T) - Y)^T phi / n + l2 W` of the regularised mean cross-entropy.
 
-    `targets` are one-hot / probability rows `(n, m_y)`. `O(n m m_y)` time, `O(n m_y)` extra memory.
+    `O(n m m_y)` time, `O(n m_y)` extra memory.
+
+    Args:
+      W: the end-to-end matrix, `(m_y, m)`.
+      phi: the features, `(n, m)`.
+      targets: one-hot or probability rows, `(n, m_y)`.
+      l2: the weight of the `(l2/2) |W|_F^2` penalty.
+
+    Returns:
+      `G`, `(m_y, m)`.
     """
     check_phi(phi)
     _checks.check_float_array("targets", targets)
@@ -72,7 +82,7 @@ def _ce_value_grad(W: Array, phi: Array, targets: Array, l2: Any) -> tuple[Array
     return _value_grad(W, phi, targets, l2)[:2]
 
 
-def _cg(hvp, b: Array, atol: Array, maxiter: Array) -> tuple[Array, Array]:
+def _cg(hvp: Callable[[Array], Array], b: Array, atol: Array, maxiter: Array) -> tuple[Array, Array]:
     """Conjugate gradients for `H x = b`, H symmetric positive definite; stops at `|r| <= atol`. `(x, iterations)`."""
 
     def cond(state):
@@ -107,8 +117,12 @@ def _newton_cg(phi, targets, l2, tol, maxiter, cg_maxiter):
         W, f, g, p, weight, k, cg_total, _ = state
         gnorm = jnp.linalg.norm(g)
         # forcing term min(0.5, sqrt|g|) |g|: superlinear convergence; the floor 0.1 tol lets |g| reach tol
-        d, cg_iters = _cg(lambda v: _hvp(v, phi, p, weight, l2), -g,
-                          jnp.maximum(jnp.minimum(0.5, jnp.sqrt(gnorm)) * gnorm, 0.1 * tol), cg_maxiter)
+        d, cg_iters = _cg(
+            lambda v: _hvp(v, phi, p, weight, l2),
+            -g,
+            jnp.maximum(jnp.minimum(0.5, jnp.sqrt(gnorm)) * gnorm, 0.1 * tol),
+            cg_maxiter,
+        )
         slope = jnp.vdot(g, d)
         slack = 8 * eps * jnp.maximum(jnp.abs(f), 1.0)  # near the optimum f's changes are rounding: take full steps
 
@@ -120,7 +134,7 @@ def _newton_cg(phi, targets, l2, tol, maxiter, cg_maxiter):
             t, _, j = ls
             return t / 2, fun(W + (t / 2) * d), j + 1
 
-        t, f_new, j = jax.lax.while_loop(ls_cond, ls_body, (jnp.ones((), phi.dtype), fun(W + d), 0))
+        t, f_new, _ = jax.lax.while_loop(ls_cond, ls_body, (jnp.ones((), phi.dtype), fun(W + d), 0))
         failed = (f_new > f + 1e-4 * t * slope + slack) | ~jnp.isfinite(f_new)
         W_new = jnp.where(failed, W, W + t * d)
         f_new, g_new, p_new, _ = _value_grad(W_new, phi, targets, l2)
@@ -137,9 +151,17 @@ def _newton_cg(phi, targets, l2, tol, maxiter, cg_maxiter):
 _newton_cg_jit = program(_newton_cg)
 
 
-def shallow_optimum_cross_entropy(phi: Array, labels: Array, num_classes: int, l2: float = 1e-4, tol: float = 1e-10,
-                                  maxiter: int = 10000, *, cg_maxiter: Optional[int] = None,
-                                  on_failure: str = "raise") -> tuple[Array, Array, dict]:
+def shallow_optimum_cross_entropy(
+    phi: Array,
+    labels: Array,
+    num_classes: int,
+    l2: float = 1e-4,
+    tol: float = 1e-10,
+    maxiter: int = 10000,
+    *,
+    cg_maxiter: int | None = None,
+    on_failure: str = "raise",
+) -> tuple[Array, Array, dict]:
     """`(W*, L*, info)` of `min_W (1/n) sum_i CE(W phi_i, label_i) + (l2/2) |W|_F^2`.
 
     `l2 > 0` makes the problem strongly convex, so the minimiser is unique (without it, separable data have no
@@ -155,6 +177,16 @@ def shallow_optimum_cross_entropy(phi: Array, labels: Array, num_classes: int, l
     If not converged: `on_failure="raise"` (default) raises `OptimumNotConverged` (with `.info`), `"warn"` warns,
     `"ignore"` only reports. Then `W` is the solver's last iterate and `L*` its objective (NaN when non-finite):
     a caller turns `info["grad_norm"] <= info["tol"]` into a claim, which a NaN never passes.
+
+    Args:
+      phi: the features, `(n, m)`.
+      labels: integer labels `(n,)` or one-hot / probability rows `(n, num_classes)`.
+      num_classes: the number of classes `m_y`.
+      l2: the weight of the penalty, `> 0`.
+      tol: the gradient norm at which the solve stops.
+      maxiter: the most Newton steps.
+      cg_maxiter: the most conjugate-gradient steps within one Newton step.
+      on_failure: `"raise"`, `"warn"` or `"ignore"`, when the solve does not converge.
     """
     check_phi(phi)
     _checks.check_positive("num_classes", num_classes, integer=True)
@@ -170,17 +202,20 @@ def shallow_optimum_cross_entropy(phi: Array, labels: Array, num_classes: int, l
     phi = as_float64(phi, "shallow_optimum_cross_entropy")
     if jnp.issubdtype(labels.dtype, jnp.integer):
         _checks.check_shape("labels", labels, (n,), "integer labels, one per row of phi")
-        if _checks.is_concrete(labels) and n and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
-            raise ValueError(f"labels must lie in [0, num_classes={num_classes}); got range "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+        if _checks.is_concrete(labels) and n and not (int(labels.min()) >= 0 and int(labels.max()) < num_classes):
+            raise ValueError(
+                f"labels must lie in [0, num_classes={num_classes}); got range "
+                f"[{int(labels.min())}, {int(labels.max())}]"
+            )
         targets = jax.nn.one_hot(labels, num_classes, dtype=phi.dtype)
     else:
         _checks.check_float_array("labels", labels)
         _checks.check_shape("labels", labels, (n, num_classes), "one-hot rows, one per row of phi")
         targets = labels.astype(phi.dtype)
 
-    W, _, solver_gnorm, k, cg_total, failed = _newton_cg_jit(phi, targets, float(l2), float(tol), jnp.int32(maxiter),
-                                                              jnp.int32(cg_maxiter))
+    W, _, solver_gnorm, k, cg_total, failed = _newton_cg_jit(
+        phi, targets, float(l2), float(tol), jnp.int32(maxiter), jnp.int32(cg_maxiter)
+    )
     # the independent check: objective and gradient at the returned W, from a separate program (closed form)
     f, g = _ce_value_grad(W, phi, targets, float(l2))
     gnorm, solver_gnorm, f = float(jnp.linalg.norm(g)), float(solver_gnorm), float(f)
@@ -195,14 +230,25 @@ def shallow_optimum_cross_entropy(phi: Array, labels: Array, num_classes: int, l
         status = "max_iterations"
     else:  # the solver stopped, believing |g| <= tol, but the independent check disagrees
         status = "not_verified"
-    info = {"status": status, "converged": status == "converged", "grad_norm": gnorm,
-            "solver_grad_norm": solver_gnorm, "iterations": int(k), "cg_iterations": int(cg_total),
-            "line_search_failed": bool(failed), "cross_entropy": f - 0.5 * float(l2) * float(jnp.sum(W * W)),
-            "l2": float(l2), "tol": float(tol), "method": "newton-cg"}
+    info = {
+        "status": status,
+        "converged": status == "converged",
+        "grad_norm": gnorm,
+        "solver_grad_norm": solver_gnorm,
+        "iterations": int(k),
+        "cg_iterations": int(cg_total),
+        "line_search_failed": bool(failed),
+        "cross_entropy": f - 0.5 * float(l2) * float(jnp.sum(W * W)),
+        "l2": float(l2),
+        "tol": float(tol),
+        "method": "newton-cg",
+    }
     if not info["converged"] and on_failure != "ignore":
-        message = (f"shallow_optimum_cross_entropy did not converge ({status}): |grad| = {gnorm:.3g} (tol {tol:g}) "
-                   f"after {info['iterations']} Newton steps ({info['cg_iterations']} CG steps); raise "
-                   f"maxiter/cg_maxiter, loosen tol or increase l2")
+        message = (
+            f"shallow_optimum_cross_entropy did not converge ({status}): |grad| = {gnorm:.3g} (tol {tol:g}) "
+            f"after {info['iterations']} Newton steps ({info['cg_iterations']} CG steps); raise "
+            f"maxiter/cg_maxiter, loosen tol or increase l2"
+        )
         if on_failure == "raise":
             raise OptimumNotConverged(message, info)
         warnings.warn(message, RuntimeWarning, stacklevel=2)

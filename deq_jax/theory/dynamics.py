@@ -14,7 +14,7 @@ its gradient error, orders of magnitude above the rounding floor an exact gradie
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +26,21 @@ from deq_jax.theory._common import Array, Params, check_params, program
 from deq_jax.theory.closed_form import _u, _w
 
 
-def delm_w_velocity(params: Params, grads: Params, gamma: Union[float, Array],
-                    sigma: Union[str, Sigma] = "column_softmax") -> Array:
+def delm_w_velocity(
+    params: Params, grads: Params, gamma: float | Array, sigma: str | Sigma = "column_softmax"
+) -> Array:
     """`dW/dt = d/dt W(A - t dL/dA, B - t dL/dB) at t = 0`: the velocity of `W = B U^{-1}` along the DELM's
-    gradient flow, by `jax.jvp` through the closed form (`end_to_end`). `grads = {"A": dL/dA, "B": dL/dB}`."""
+    gradient flow, by `jax.jvp` through the closed form (`end_to_end`).
+
+    Args:
+      params: `{"A": (m, m), "B": (m_y, m)}`, the DELM's parameters.
+      grads: `{"A": dL/dA, "B": dL/dB}`, shaped like `params`.
+      gamma: the DELM's `gamma`, in `(0, 1)`.
+      sigma: the weight nonlinearity, a name from `deq_jax.maps.SIGMAS` or a callable.
+
+    Returns:
+      `dW/dt`, `(m_y, m)`.
+    """
     A, B = check_params(params)
     gA, gB = check_params(grads, "grads")
     _checks.check_shape("grads['A']", gA, A.shape)
@@ -51,22 +62,41 @@ def _check_G(params: Params, G: Any, gamma: Any) -> tuple[Array, Array]:
     return A, B
 
 
-def induced_preconditioner(params: Params, G: Array, gamma: Union[float, Array],
-                           sigma: Union[str, Sigma] = "column_softmax") -> Array:
+def induced_preconditioner(
+    params: Params, G: Array, gamma: float | Array, sigma: str | Sigma = "column_softmax"
+) -> Array:
     """`P(G) = G (U U^T)^{-1} + K(K^*(G))`, so that the DELM's gradient flow moves `W` by `dW/dt = -P(G)`.
 
     `K(S) = gamma W Dsigma_A[S] U^{-1}` (`W = B U^{-1}`) is the change of W along a change S of A (a `jvp` of
     sigma) and `K^*(G) = Dsigma_A^*[gamma W^T G U^{-T}] = dL/dA` its adjoint (a `vjp` of sigma). The first term is
     `dL/dB U^{-1}` with `dL/dB = G U^{-T}`: `(U U^T)^{-1} = U^{-T} U^{-1}`, not `(U^T U)^{-1}` (docs/theory.md 5).
+
+    Args:
+      params: `{"A": (m, m), "B": (m_y, m)}`, the DELM's parameters.
+      G: `dL/dW` at `W = end_to_end(A, B)`, `(m_y, m)`.
+      gamma: the DELM's `gamma`, in `(0, 1)`.
+      sigma: the weight nonlinearity, a name from `deq_jax.maps.SIGMAS` or a callable.
+
+    Returns:
+      `P(G)`, `(m_y, m)`.
     """
     A, B = _check_G(params, G, gamma)
     return _precondition(A, B, G, gamma, get_sigma(sigma))
 
 
-def parameter_gradient(params: Params, G: Array, gamma: Union[float, Array],
-                       sigma: Union[str, Sigma] = "column_softmax") -> Params:
+def parameter_gradient(params: Params, G: Array, gamma: float | Array, sigma: str | Sigma = "column_softmax") -> Params:
     """The exact `{"A": dL/dA, "B": dL/dB}` from `G = dL/dW` by the chain rule (docs/theory.md sections 3 and 8):
-    `dL/dB = G U^{-T}`, `dL/dA = Dsigma_A^*[gamma W^T G U^{-T}] = K^*(G)`. Closed form, independent of any solver."""
+    `dL/dB = G U^{-T}`, `dL/dA = Dsigma_A^*[gamma W^T G U^{-T}] = K^*(G)`. Closed form, independent of any solver.
+
+    Args:
+      params: `{"A": (m, m), "B": (m_y, m)}`, the DELM's parameters.
+      G: `dL/dW` at `W = end_to_end(A, B)`, `(m_y, m)`.
+      gamma: the DELM's `gamma`, in `(0, 1)`.
+      sigma: the weight nonlinearity, a name from `deq_jax.maps.SIGMAS` or a callable.
+
+    Returns:
+      `{"A": dL/dA, "B": dL/dB}`, shaped like `params`.
+    """
     A, B = _check_G(params, G, gamma)
     gA, gB = _parameter_gradient(A, B, G, gamma, get_sigma(sigma))
     return {"A": gA, "B": gB}
@@ -111,8 +141,7 @@ def _precondition(A: Array, B: Array, G: Array, gamma: Any, sig: Sigma) -> Array
     return _precondition_parts(A, B, G, gamma, sig)[0]
 
 
-def preconditioner_matrix(params: Params, gamma: Union[float, Array],
-                          sigma: Union[str, Sigma] = "column_softmax") -> Array:
+def preconditioner_matrix(params: Params, gamma: float | Array, sigma: str | Sigma = "column_softmax") -> Array:
     """`P` as a dense `(m_y m) x (m_y m)` matrix acting on row-major `vec(G) = G.ravel()` (small problems only).
 
     Column k is `vec(P(E_k))` for the k-th basis matrix; `P = J J^*` (J the Jacobian of `(A, B) -> W`) is
@@ -133,6 +162,7 @@ def _preconditioner_matrix(A: Array, B: Array, gamma: Any, sigma: Sigma) -> Arra
 
 # ----------------------------------------------------------------------------- the per-step prediction
 
+
 def _curve_derivatives(A, B, G, gamma, sig):
     """`w(0) = W`, `w'(0) = -P(G)`, `w''(0)` of the GD curve `w(s) = W(A - s g_A, B - s g_B)` (g the exact gradient),
     and `w` itself. With `w U(s) = B(s)`: `B' = -g_B`, `B'' = 0`, `U' = gamma Dsigma[g_A]`,
@@ -148,14 +178,33 @@ def _curve_derivatives(A, B, G, gamma, sig):
     return W, v1, v2, w
 
 
-def predict_w_step(params: Params, G: Array, learning_rate: Union[float, Array], gamma: Union[float, Array],
-                   sigma: Union[str, Sigma] = "column_softmax", order: int = 2) -> Array:
+def predict_w_step(
+    params: Params,
+    G: Array,
+    learning_rate: float | Array,
+    gamma: float | Array,
+    sigma: str | Sigma = "column_softmax",
+    order: int = 2,
+) -> Array:
     """The `W` one exact GD step of size `eta` leads to, from the induced dynamics: `W - eta P(G)` (`order=1`) or
     `W - eta P(G) + (eta^2 / 2) w''(0)` (`order=2`, error `O(eta^3)`), `w(s) = W(A - s dL/dA, B - s dL/dB)` with the
-    exact gradient of `parameter_gradient`. `G = dL/dW` at `W = end_to_end(A, B)`. (docs/theory.md section 11.)"""
+    exact gradient of `parameter_gradient`. (docs/theory.md section 11.)
+
+    Args:
+      params: `{"A": (m, m), "B": (m_y, m)}`, the DELM's parameters.
+      G: `dL/dW` at `W = end_to_end(A, B)`, `(m_y, m)`.
+      learning_rate: the step size `eta`.
+      gamma: the DELM's `gamma`, in `(0, 1)`.
+      sigma: the weight nonlinearity, a name from `deq_jax.maps.SIGMAS` or a callable.
+      order: 1 or 2, the order of the prediction in `eta`.
+
+    Returns:
+      The predicted `W` after the step, `(m_y, m)`.
+    """
     A, B = _check_G(params, G, gamma)
     _checks.check_positive("learning_rate", learning_rate)
-    _checks.check_choice("order", order, (1, 2))
+    if order not in (1, 2):
+        raise ValueError(f"unknown order {order!r}; valid choices are 1, 2")
     return _predict(A, B, G, learning_rate, gamma, get_sigma(sigma), float(order == 2))
 
 
@@ -166,9 +215,16 @@ def _predict(A, B, G, eta, gamma, sig, second):
     return W + eta * v1 + second * 0.5 * eta * eta * v2
 
 
-def w_step_check(params: Params, W_next: Array, G: Array, learning_rate: Union[float, Array],
-                 gamma: Union[float, Array], sigma: Union[str, Sigma] = "column_softmax", *,
-                 rtol: float = 1e-6) -> dict:
+def w_step_check(
+    params: Params,
+    W_next: Array,
+    G: Array,
+    learning_rate: float | Array,
+    gamma: float | Array,
+    sigma: str | Sigma = "column_softmax",
+    *,
+    rtol: float = 1e-6,
+) -> dict:
     """Compare a trained step `W_t -> W_next` with the induced dynamics (docs/theory.md section 11).
 
     `params` are the DELM's parameters before the step (`W_t = end_to_end(params)`), `W_next` the trained end-to-end
@@ -188,6 +244,9 @@ def w_step_check(params: Params, W_next: Array, G: Array, learning_rate: Union[f
     - `tolerance`: `max(rtol, 10 rounding)` and `consistent`: `step_error <= tolerance` (`rtol`: the gradient
       accuracy the training path promises, e.g. its solver tolerance);
     - `step`: `|W_next - W_t|_F`, `predicted_step`: `|eta P(G)|_F`.
+
+    `gamma` and `sigma` are the DELM's (a name from `deq_jax.maps.SIGMAS` or a callable). Returns the dict of the
+    quantities above, arrays (shape `()`, or `(T,)` when batched).
     """
     A, B = _check_batched(params)
     _checks.check_float_array("W_next", W_next)
@@ -221,7 +280,7 @@ def _check_batched(params: Any) -> tuple[Array, Array]:
 
 
 @program(static_argnames=("sig",))
-def _step_check(A, B, W_next, G, eta, gamma, rtol, sig) -> dict:
+def _step_check(A: Array, B: Array, W_next: Array, G: Array, eta: Any, gamma: Any, rtol: Any, sig: Sigma) -> dict:
     W, v1, v2, w = _curve_derivatives(A, B, G, gamma, sig)
     eta = jnp.asarray(eta, W.dtype)
     norm = jnp.linalg.norm
@@ -232,7 +291,14 @@ def _step_check(A, B, W_next, G, eta, gamma, rtol, sig) -> dict:
     rounding = jnp.finfo(W.dtype).eps * (s[0] / s[-1]) * (norm(W) + norm(W_next)) / scale
     step_error = norm(W_next - W_gd) / scale
     tolerance = jnp.maximum(rtol, 10.0 * rounding)
-    return {"first_order_error": norm(W_next - first) / scale, "remainder": norm(W_gd - first) / scale,
-            "second_order_term": norm(0.5 * eta * eta * v2) / scale, "step_error": step_error,
-            "rounding": rounding, "tolerance": tolerance, "consistent": step_error <= tolerance,
-            "step": norm(W_next - W), "predicted_step": scale}
+    return {
+        "first_order_error": norm(W_next - first) / scale,
+        "remainder": norm(W_gd - first) / scale,
+        "second_order_term": norm(0.5 * eta * eta * v2) / scale,
+        "step_error": step_error,
+        "rounding": rounding,
+        "tolerance": tolerance,
+        "consistent": step_error <= tolerance,
+        "step": norm(W_next - W),
+        "predicted_step": scale,
+    }

@@ -7,7 +7,7 @@ window (section 9). Pure arithmetic on arrays (`gd_rate_bound`, `flow_bound`: ji
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,12 +15,19 @@ import numpy as np
 from deq_jax.theory._common import Array
 
 
-def gd_rate_bound(learning_rate: Union[float, Array], lambda_min_plus: Union[float, Array],
-                  U_norm2: Union[float, Array]) -> Array:
+def gd_rate_bound(learning_rate: float | Array, lambda_min_plus: float | Array, U_norm2: float | Array) -> Array:
     """Per-step contraction factor of the gap `L - L*`: `1 - 2 eta lambda_min^+ / |U|_2^2` (theory.md 4 and 9).
 
     The discrete form of `dL/dt <= -|G|^2 / |U|_2^2 <= -2 lambda_min^+ (L - L*) / |U|_2^2`; the claim checked is
     `gap_{t+1} / gap_t <= gd_rate_bound(eta, lambda_min^+, |U_t|_2)`. Broadcasts over all arguments.
+
+    Args:
+      learning_rate: the GD step size `eta`.
+      lambda_min_plus: `lambda_min^+` of `C = phi^T phi / n` (`feature_spectrum`).
+      U_norm2: `|U|_2` at the step's parameters (`u_norms`).
+
+    Returns:
+      The factor, broadcast over the arguments.
     """
     lr = jnp.asarray(learning_rate)
     lam = jnp.asarray(lambda_min_plus)
@@ -28,13 +35,23 @@ def gd_rate_bound(learning_rate: Union[float, Array], lambda_min_plus: Union[flo
     return 1.0 - 2.0 * lr * lam / (u * u)
 
 
-def flow_bound(gap0: Union[float, Array], lambda_min_plus: Union[float, Array], U_norm2_history: Array,
-               learning_rate: Union[float, Array]) -> Array:
+def flow_bound(
+    gap0: float | Array, lambda_min_plus: float | Array, U_norm2_history: Array, learning_rate: float | Array
+) -> Array:
     """The gap bound along a run, aligned with its history: `bound[t] = gap0 prod_{s<t} (1 - 2 eta lambda / |U_s|^2)`.
 
     `U_norm2_history[t]` is `|U_t|_2` at the parameters *before* step t (where `history["loss"][t]` is evaluated),
     so `bound[0] = gap0` and `bound` has the history's length T (the factor of the last step is not used).
     Computed as `exp(cumsum(log factor))`; a factor `<= 0` (a step size beyond the bound's range) gives 0 after it.
+
+    Args:
+      gap0: the initial gap `L_0 - L*`.
+      lambda_min_plus: `lambda_min^+` of `C = phi^T phi / n` (`feature_spectrum`).
+      U_norm2_history: `|U_t|_2` for every step t, a 1-D array of length T.
+      learning_rate: the GD step size `eta`.
+
+    Returns:
+      The bound on the gap at every step, shape `(T,)`.
     """
     u = jnp.asarray(U_norm2_history)
     if u.ndim != 1:
@@ -45,8 +62,15 @@ def flow_bound(gap0: Union[float, Array], lambda_min_plus: Union[float, Array], 
     return jnp.asarray(gap0) * jnp.exp(cum)
 
 
-def fit_log_linear(gaps: Any, start: Optional[int] = None, stop: Optional[int] = None,
-                   lo: Optional[float] = None, hi: Optional[float] = None, *, steps: Optional[Any] = None) -> dict:
+def fit_log_linear(
+    gaps: Any,
+    start: int | None = None,
+    stop: int | None = None,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    steps: Any | None = None,
+) -> dict:
     """Least-squares fit of `log(gap_t) = log(c) + slope * t` over an explicit window (theory.md section 9).
 
     Window: the index range `[start, stop)` (Python slice semantics, default all), narrowed, when `lo` and/or `hi`
@@ -74,12 +98,20 @@ def fit_log_linear(gaps: Any, start: Optional[int] = None, stop: Optional[int] =
         i1 = i0 + int(bad[0])
     points = i1 - i0
     if points < 3:
-        raise ValueError(f"fit_log_linear needs at least 3 positive, finite gaps in the window; the window "
-                         f"(start={start}, stop={stop}, lo={lo}, hi={hi}) selected indices [{i0}, {i1}) of {g.size}")
+        raise ValueError(
+            f"fit_log_linear needs at least 3 positive, finite gaps in the window; the window "
+            f"(start={start}, stop={stop}, lo={lo}, hi={hi}) selected indices [{i0}, {i1}) of {g.size}"
+        )
     x, z = x_all[i0:i1], np.log(g[i0:i1])
     slope, intercept = np.polyfit(x, z, 1)
     ss_res = float(np.sum((z - (intercept + slope * x)) ** 2))
     ss_tot = float(np.sum((z - z.mean()) ** 2))
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
-    return {"rate": float(np.exp(slope)), "slope": float(slope), "intercept": float(intercept), "r2": r2,
-            "window": (int(i0), int(i1)), "points": int(points)}
+    return {
+        "rate": float(np.exp(slope)),
+        "slope": float(slope),
+        "intercept": float(intercept),
+        "r2": r2,
+        "window": (int(i0), int(i1)),
+        "points": int(points),
+    }

@@ -25,16 +25,24 @@ SVD. Consequences:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax.numpy as jnp
 
 from deq_jax.losses import square
-from deq_jax.theory._common import Array, as_float64, check_W, check_phi, check_phi_y, check_rtol, program
+from deq_jax.theory._common import Array, as_float64, check_phi, check_phi_y, check_rtol, check_W, program
 
 
 def default_rtol(m: int, dtype: Any) -> float:
-    """The default relative eigenvalue cutoff of `C = phi^T phi / n`: `m eps` (NumPy's hermitian rank rule)."""
+    """The default relative eigenvalue cutoff of `C = phi^T phi / n`: `m eps` (NumPy's hermitian rank rule).
+
+    Args:
+      m: the number of features (columns of `phi`).
+      dtype: the floating dtype the spectrum is computed in.
+
+    Returns:
+      The cutoff, a float.
+    """
     return max(int(m), 1) * float(jnp.finfo(dtype).eps)
 
 
@@ -42,6 +50,12 @@ def feature_gram(phi: Array) -> Array:
     """`C = Phi Phi^T / n = phi^T phi / n`, `(m, m)`: the shallow square loss's Hessian per output (section 4).
 
     Float64 where x64 is enabled (a `PrecisionWarning` otherwise); `O(n m^2)` time, `O(m^2)` extra memory.
+
+    Args:
+      phi: the features, `(n, m)`.
+
+    Returns:
+      `C`, `(m, m)`.
     """
     check_phi(phi)
     return _gram(as_float64(phi, "feature_gram"))
@@ -52,7 +66,7 @@ def _gram(phi: Array) -> Array:
     return phi.T @ phi / phi.shape[0]
 
 
-def feature_spectrum(phi: Array, rtol: Optional[float] = None) -> dict:
+def feature_spectrum(phi: Array, rtol: float | None = None) -> dict:
     """Extreme eigenvalues of `C = phi^T phi / n` (the shallow square loss's Hessian per output), from the Gram matrix.
 
     Returns `{"lambda_max", "lambda_min_plus", "rank", "cutoff"}`: `lambda_min_plus` is the smallest eigenvalue
@@ -61,6 +75,10 @@ def feature_spectrum(phi: Array, rtol: Optional[float] = None) -> dict:
     resolves: singular values below `sqrt(rtol) s_max` count as zero). `min_norm_solution` uses the same cutoff, so
     `rank` is the rank that `W*` sees. A zero `phi` gives rank 0 and `lambda_min_plus = nan`.
     Float64 where x64 is enabled (a `PrecisionWarning` otherwise); `O(n m^2)` time, `O(m^2)` extra memory.
+
+    Args:
+      phi: the features, `(n, m)`.
+      rtol: the relative eigenvalue cutoff (default `default_rtol`).
     """
     check_phi(phi)
     phi = as_float64(phi, "feature_spectrum")
@@ -77,19 +95,29 @@ def _spectrum(phi: Array, rtol: Any) -> dict:
     cutoff = rtol * lambda_max
     above = eig > cutoff
     lambda_min_plus = jnp.min(jnp.where(above, eig, jnp.inf))
-    return {"lambda_max": lambda_max,
-            "lambda_min_plus": jnp.where(jnp.isfinite(lambda_min_plus), lambda_min_plus, jnp.nan),
-            "rank": jnp.sum(above).astype(jnp.int32),
-            "cutoff": cutoff}
+    return {
+        "lambda_max": lambda_max,
+        "lambda_min_plus": jnp.where(jnp.isfinite(lambda_min_plus), lambda_min_plus, jnp.nan),
+        "rank": jnp.sum(above).astype(jnp.int32),
+        "cutoff": cutoff,
+    }
 
 
-def min_norm_solution(phi: Array, y: Array, rtol: Optional[float] = None) -> Array:
+def min_norm_solution(phi: Array, y: Array, rtol: float | None = None) -> Array:
     """`W* = (C^+ phi^T y / n)^T`, `(m_y, m)`: the minimum-Frobenius-norm minimiser of the square loss.
 
     `C^+` keeps the eigenvalues of `C = phi^T phi / n` above `rtol lambda_max` (default `m eps`, as
     `feature_spectrum`), so `W*`'s rows lie in the span of those eigenvectors (the numerical row space of `phi`).
     One refinement step with the residual `y - phi W^T` follows (module docstring). Float64 where x64 is enabled;
     `O(n m (m + m_y))` time, `O(n m_y + m^2)` extra memory.
+
+    Args:
+      phi: the features, `(n, m)`.
+      y: the targets, `(n, m_y)`.
+      rtol: the relative eigenvalue cutoff (default `default_rtol`).
+
+    Returns:
+      `W*`, `(m_y, m)`.
     """
     check_phi_y(phi, y)
     phi = as_float64(phi, "min_norm_solution")
@@ -113,12 +141,20 @@ def _min_norm(phi: Array, y: Array, rtol: Any) -> Array:
     return W + solve((y - phi @ W.T).T @ phi / n)
 
 
-def shallow_optimum_square(phi: Array, y: Array, rtol: Optional[float] = None) -> tuple[Array, Array]:
+def shallow_optimum_square(phi: Array, y: Array, rtol: float | None = None) -> tuple[Array, Array]:
     """`(W*, L*)` of the convex shallow problem `min_W (1/n) sum_i 1/2 |W phi_i - y_i|^2` (the project's scaling).
 
     `W*` is the minimum-norm minimiser (`min_norm_solution`); `L* = (1/2n) |phi W*^T - y|_F^2` (from the residual,
     not from Gram quantities, which would cancel) is the DELM's global optimum too (same function class,
     docs/theory.md section 1). Float64 where x64 is enabled; `L*` is a 0-d array (use `float(L)` outside `jit`).
+
+    Args:
+      phi: the features, `(n, m)`.
+      y: the targets, `(n, m_y)`.
+      rtol: the relative eigenvalue cutoff of `min_norm_solution` (default `default_rtol`).
+
+    Returns:
+      `(W*, L*)`: `(m_y, m)` and a 0-d array.
     """
     W = min_norm_solution(phi, y, rtol)
     return W, _square_at(W, jnp.asarray(phi, W.dtype), jnp.asarray(y, W.dtype))
@@ -130,7 +166,16 @@ def _square_at(W: Array, phi: Array, y: Array) -> Array:
 
 
 def square_loss_gradient(W: Array, phi: Array, y: Array) -> Array:
-    """`G = dL/dW = (phi W^T - y)^T phi / n` for the square loss `L = (1/n) sum_i 1/2 |W phi_i - y_i|^2`."""
+    """`G = dL/dW = (phi W^T - y)^T phi / n` for the square loss `L = (1/n) sum_i 1/2 |W phi_i - y_i|^2`.
+
+    Args:
+      W: the end-to-end matrix, `(m_y, m)`.
+      phi: the features, `(n, m)`.
+      y: the targets, `(n, m_y)`.
+
+    Returns:
+      `G`, `(m_y, m)`.
+    """
     check_phi_y(phi, y)
     check_W(W, phi, y)
     return _sq_grad(W, phi, y)

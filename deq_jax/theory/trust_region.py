@@ -13,7 +13,7 @@ Dense `(m_y m) x (m_y m)` matrices: small problems only (m_y m up to ~1000).
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,13 +40,31 @@ def _square_velocities(A: Any, B: Any, phi: Any, y: Any, gamma: Any, sigma: Sigm
     return loss, G, _precondition(A, B, G, gamma, sigma), _velocity(A, B, gA, gB, gamma, sigma)
 
 
-def trust_region_check(params: Params, phi: Any, y: Any, learning_rate: float, gamma: Union[float, Any],
-                       sigma: Union[str, Sigma] = "column_softmax", *, lam: Union[float, str] = 1.0) -> dict:
+def trust_region_check(
+    params: Params,
+    phi: Any,
+    y: Any,
+    learning_rate: float,
+    gamma: float | Any,
+    sigma: str | Sigma = "column_softmax",
+    *,
+    lam: float | str = 1.0,
+) -> dict:
     """Measure at `params` what makes one DELM gradient step a trust-region Newton step of the shallow model.
 
     With `G = dL/dW`, `P` the induced preconditioner, `H(V) = V C` (`C = phi^T phi / n`) and `eta` the learning
     rate (module docstring for the meaning). `lam`: any `lam > 0` gives the same M up to scale; default `1.0`;
     `"balanced"` picks `lam = mean eigenvalue of (eta P)^{-1} - H`, so M's eigenvalues average 1.
+
+    Args:
+      params: `{"A": (m, m), "B": (m_y, m)}`, the DELM's parameters.
+      phi: the features, `(n, m)`.
+      y: the targets, `(n, m_y)` (square loss).
+      learning_rate: the GD step size `eta`.
+      gamma: the DELM's `gamma`, in `(0, 1)`.
+      sigma: the weight nonlinearity, a name from `deq_jax.maps.SIGMAS` or a callable.
+      lam: the trust-region multiplier, a positive number or `"balanced"`.
+
     Returns plain floats:
     - the relation's content: `M_min_eig`, `M_positive_definite`, `eta_limit` (`1 / lambda_max(P H)`),
       `step_size_ratio` (`eta / eta_limit`, < 1 iff M is positive definite), `newton_cosine`, `gd_newton_cosine`,

@@ -89,9 +89,9 @@ def test_models_under_vmap_over_seeds():
 
 
 def test_model_argument_errors():
-    phi = data(jnp.float64)
+    phi = data(jnp.float32)
     model = DELM(6, 4)
-    params = model.init(jax.random.PRNGKey(0), jnp.float64)
+    params = model.init(jax.random.PRNGKey(0), jnp.float32)
     with pytest.raises(ValueError, match=r"params\['A'\] must have shape \(6, 6\).*got shape \(5, 5\)"):
         model.apply({"A": jnp.zeros((5, 5)), "B": params["B"]}, phi)
     with pytest.raises(ValueError, match=r"params\['B'\] must have shape \(4, 6\).*got shape \(4, 5\)"):
