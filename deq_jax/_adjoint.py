@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.flatten_util
@@ -54,9 +55,9 @@ class Implicit:
     or is not measured at all (`"ignore"`, one map VJP cheaper); inside `deq_jax.value_and_grad` it is recorded.
     """
 
-    linear_solver: Optional[str] = None
-    tol: Optional[float] = None
-    maxiter: Optional[int] = None
+    linear_solver: str | None = None
+    tol: float | None = None
+    maxiter: int | None = None
     on_failure: str = "raise"
     max_dense: int = 4096
 
@@ -95,11 +96,11 @@ class Unrolled:
     """
 
 
-Backward = Union[Implicit, OneStep, Unrolled]
+Backward = Implicit | OneStep | Unrolled
 _BACKWARDS: dict[str, Callable[[], Backward]] = {"implicit": Implicit, "one_step": OneStep, "unrolled": Unrolled}
 
 
-def as_backward(backward: Union[str, Backward]) -> Backward:
+def as_backward(backward: str | Backward) -> Backward:
     """A backward strategy from its name (`"implicit"`, `"one_step"`, `"unrolled"`) or an instance."""
     if isinstance(backward, (Implicit, OneStep, Unrolled)):
         return backward
@@ -111,7 +112,7 @@ def as_backward(backward: Union[str, Backward]) -> Backward:
     return _BACKWARDS[backward]()
 
 
-def precision_scope(precision: Optional[str]) -> Any:
+def precision_scope(precision: str | None) -> Any:
     """`jax.default_matmul_precision(precision)`, or nothing for None."""
     return contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)
 
@@ -122,7 +123,7 @@ _PROBES: list = []  # trace-time stack: the probe of the innermost deq_jax.value
 _PROBE_SIZE = 5  # solves, failures, nonfinite, relative residual, iterations
 
 
-def value_and_grad(fun: Callable, argnums: Union[int, Sequence[int]] = 0, has_aux: bool = False) -> Callable:
+def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False) -> Callable:
     """`jax.value_and_grad` that also returns the implicit backward passes' `BackwardStats`.
 
     `value_and_grad(fun, argnums, has_aux)(*args) -> (value, grads, backward_stats)` where `value` is
@@ -149,9 +150,10 @@ def value_and_grad(fun: Callable, argnums: Union[int, Sequence[int]] = 0, has_au
         inner = jax.value_and_grad(with_probe, argnums=(0, *(p + 1 for p in positions)), has_aux=has_aux)
         value, grads = inner(probe, *args)
         ct = grads[0]
-        count = lambda i: jnp.round(ct[i]).astype(jnp.int32)  # noqa: E731
-        stats = BackwardStats(solves=count(0), failures=count(1), nonfinite=count(2), relative_residual=ct[3],
-                              iterations=count(4))
+        count = lambda i: jnp.round(ct[i]).astype(jnp.int32)
+        stats = BackwardStats(
+            solves=count(0), failures=count(1), nonfinite=count(2), relative_residual=ct[3], iterations=count(4)
+        )
         return value, (grads[1] if single else grads[1:]), stats
 
     return wrapped
@@ -182,6 +184,7 @@ def _report_backward_failure(failed: Any, residual: Any, limit: Any, description
 
 # ----------------------------------------------------------------------------- the one implicit adjoint
 
+
 @dataclasses.dataclass(frozen=True)
 class Representation:
     """How a solver sees the state: the pytree itself, or its flattening (`flat=True`)."""
@@ -211,9 +214,22 @@ def _ravel(tree: Any) -> Array:
     return jax.flatten_util.ravel_pytree(tree)[0]
 
 
-def implicit(spec: Implicit, solver: AbstractSolver, build: Callable[..., Problem], rep: Representation,
-             fz: Callable, rule: Rule, maxiter: int, tol_b: Any, precision: Optional[str], z0: Any, params: Any,
-             x: Any, carried: Any, u0: Any) -> Any:
+def implicit(
+    spec: Implicit,
+    solver: AbstractSolver,
+    build: Callable[..., Problem],
+    rep: Representation,
+    fz: Callable,
+    rule: Rule,
+    maxiter: int,
+    tol_b: Any,
+    precision: str | None,
+    z0: Any,
+    params: Any,
+    x: Any,
+    carried: Any,
+    u0: Any,
+) -> Any:
     """The forward solve wrapped in the custom VJP whose backward solves, measures and reports `(I - J^T) u = v`.
 
     `build(fn, params, x)` makes the solver's `Problem` for the map `fn(z, params, x)` on the representation `rep`.
@@ -223,7 +239,7 @@ def implicit(spec: Implicit, solver: AbstractSolver, build: Callable[..., Proble
     probe = _PROBES[-1] if collected else jnp.zeros((_PROBE_SIZE,), jnp.float32)
     route = spec.linear_solver or solver.default_linear_solver()
     description = f"Implicit(linear_solver={route!r}, tol={spec.tol}, maxiter={spec.maxiter})"
-    fn_of = lambda consts: (lambda z, p, xx: f_conv(z, p, xx, *consts))  # noqa: E731
+    fn_of = lambda consts: lambda z, p, xx: f_conv(z, p, xx, *consts)
 
     def forward(z0: Any, consts: Any, params: Any, x: Any, tols: Array, carried: Any) -> Any:
         r = dataclasses.replace(rule, tol=tols[0], atol=tols[1])
@@ -233,8 +249,7 @@ def implicit(spec: Implicit, solver: AbstractSolver, build: Callable[..., Proble
     def layer(z0: Any, consts: Any, params: Any, x: Any, tols: Array, carried: Any, u0: Any, probe: Array) -> Any:
         return forward(z0, consts, params, x, tols, carried)
 
-    def layer_fwd(z0: Any, consts: Any, params: Any, x: Any, tols: Array, carried: Any, u0: Any, probe: Array
-                  ) -> Any:
+    def layer_fwd(z0: Any, consts: Any, params: Any, x: Any, tols: Array, carried: Any, u0: Any, probe: Array) -> Any:
         out = forward(z0, consts, params, x, tols, carried)
         return out, (rep.back(out.value), consts, params, x, tols, carried, out.backward_state, u0, probe)
 
@@ -244,19 +259,27 @@ def implicit(spec: Implicit, solver: AbstractSolver, build: Callable[..., Proble
         f_here = fn_of(consts)
         with precision_scope(precision):  # the backward is traced after solve() returns: set the precision again
             u, iterations, relative, failed, nonfinite = _backward_solve(
-                spec, route, solver, build, rep, f_here, z, params, x, v, u0, bstate, tols[2], maxiter)
+                spec, route, solver, build, rep, f_here, z, params, x, v, u0, bstate, tols[2], maxiter
+            )
             _, vjp = jax.vjp(lambda c, p, xx: fn_of(c)(z, p, xx), consts, params, x)
             g_consts, g_params, g_x = vjp(u)
         # a residual that is not finite (u overflowed) counts as inf; divergence upstream adds nothing
         relative = jnp.where(nonfinite, 0, jnp.where(jnp.isnan(relative), jnp.inf, relative))
         if spec.on_failure != "ignore" and not collected:
-            jax.debug.callback(_report_backward_failure, failed, relative, FAILURE_MARGIN * tols[2], description,
-                               spec.on_failure)
-        stat = jnp.stack([jnp.ones((), jnp.float32), failed.astype(jnp.float32), nonfinite.astype(jnp.float32),
-                          relative.astype(jnp.float32), jnp.asarray(iterations, jnp.float32)])
-        zeros = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)  # noqa: E731
-        return (zeros(z), g_consts, g_params, g_x, zeros(tols), _float0_zeros(carried), u,
-                stat.astype(probe.dtype))
+            jax.debug.callback(
+                _report_backward_failure, failed, relative, FAILURE_MARGIN * tols[2], description, spec.on_failure
+            )
+        stat = jnp.stack(
+            [
+                jnp.ones((), jnp.float32),
+                failed.astype(jnp.float32),
+                nonfinite.astype(jnp.float32),
+                relative.astype(jnp.float32),
+                jnp.asarray(iterations, jnp.float32),
+            ]
+        )
+        zeros = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)
+        return (zeros(z), g_consts, g_params, g_x, zeros(tols), _float0_zeros(carried), u, stat.astype(probe.dtype))
 
     layer.defvjp(layer_fwd, layer_bwd)
     dtype = jnp.promote_types(jnp.result_type(*[leaf.dtype for leaf in jax.tree_util.tree_leaves(z0)]), jnp.float32)
@@ -264,25 +287,40 @@ def implicit(spec: Implicit, solver: AbstractSolver, build: Callable[..., Proble
     return layer(z0, consts, params, x, tols, carried, u0, probe)
 
 
-def _backward_solve(spec: Implicit, route: str, solver: AbstractSolver, build: Callable[..., Problem],
-                    rep: Representation, f: Callable, z: Any, params: Any, x: Any, v: Any, u0: Any, bstate: Any,
-                    tol: Array, maxiter: int) -> tuple[Any, Any, Array, Array, Array]:
+def _backward_solve(
+    spec: Implicit,
+    route: str,
+    solver: AbstractSolver,
+    build: Callable[..., Problem],
+    rep: Representation,
+    f: Callable,
+    z: Any,
+    params: Any,
+    x: Any,
+    v: Any,
+    u0: Any,
+    bstate: Any,
+    tol: Array,
+    maxiter: int,
+) -> tuple[Any, Any, Array, Array, Array]:
     """`u` with `(I - J^T) u = v`, the iterations it took, its relative residual, failed and non-finite flags."""
     flat_v, unravel = jax.flatten_util.ravel_pytree(v)
     flat_z = _ravel(z)
     _, vjp = jax.vjp(lambda w: f(w, params, x), z)
-    matvec = lambda w: w - _ravel(vjp(unravel(w))[0])  # noqa: E731
+    matvec = lambda w: w - _ravel(vjp(unravel(w))[0])
     iterations: Any = 0
     if route == "forward":
         problem = build(f, params, x)  # the forward's matrix K, should the adjoint factorise again
-        affine = None if problem.affine is None else (lambda: (problem.affine()[0], rep.to(v)))
-        adjoint = Problem(lambda w: rep.to(jax.tree_util.tree_map(jnp.add, v, vjp(rep.back(w))[0])), affine,
-                          transpose=True)
+        forward_affine = problem.affine
+        affine = None if forward_affine is None else (lambda: (forward_affine()[0], rep.to(v)))
+        adjoint = Problem(
+            lambda w: rep.to(jax.tree_util.tree_map(jnp.add, v, vjp(rep.back(w))[0])), affine, transpose=True
+        )
         rule = Rule(tol, 0.0, None, float("inf"), scale=norms(v))
         run = solver.run(adjoint, rep.to(u0), bstate, rule, spec.maxiter or maxiter)
         u, iterations = _ravel(rep.back(run.value)), run.iterations
     elif route == "lu":
-        g = lambda w: _ravel(f(unravel(w), params, x))  # noqa: E731
+        g = lambda w: _ravel(f(unravel(w), params, x))
         A_T = jnp.eye(flat_v.size, dtype=flat_v.dtype) - jax.jacfwd(g)(flat_z).T
         u = jnp.linalg.solve(A_T, flat_v)
     else:

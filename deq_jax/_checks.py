@@ -6,7 +6,8 @@ only shapes and dtypes can be checked, which these functions still do.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -95,7 +96,7 @@ def check_ndim(name: str, x: Any, ndims: Iterable[int]) -> None:
 def check_shape(name: str, x: Any, expected: tuple, explanation: str = "") -> None:
     """`expected` may hold None for an axis of any size."""
     shape = tuple(np.shape(x))
-    ok = len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape))
+    ok = len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape, strict=False))
     if not ok:
         want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
         extra = f" ({explanation})" if explanation else ""
@@ -103,6 +104,7 @@ def check_shape(name: str, x: Any, expected: tuple, explanation: str = "") -> No
 
 
 # ----------------------------------------------------------------------------- equilibrium-solve inputs
+
 
 def _leaf_kind(leaf: Any) -> str:
     """'float', 'int' or 'bool' for arrays and NumPy scalars (by dtype); 'scalar' for Python numbers; else 'other'."""
@@ -134,19 +136,23 @@ def as_state(name: str, tree: Any) -> Any:
         where = name + jax.tree_util.keystr(path)
         kind = _leaf_kind(leaf)
         if kind in ("scalar", "int"):
-            leaf = jnp.asarray(leaf, dtype=jnp.result_type(float))
+            array = jnp.asarray(leaf, dtype=jnp.result_type(float))
         elif kind == "float":
-            leaf = jnp.asarray(leaf)
+            array = jnp.asarray(leaf)
         elif kind == "bool":
-            raise TypeError(f"{where} must be a real number or a floating-point array; got a boolean "
-                            f"({_describe(leaf)}): an equilibrium state is iterated, so it must be real-valued")
+            raise TypeError(
+                f"{where} must be a real number or a floating-point array; got a boolean "
+                f"({_describe(leaf)}): an equilibrium state is iterated, so it must be real-valued"
+            )
         else:
-            raise TypeError(f"{where} must be a real number or a floating-point array (the state is iterated, "
-                            f"so it must be real-valued; split complex states into real and imaginary parts); "
-                            f"got {_describe(leaf)}")
-        if is_concrete(leaf) and not _all_finite(leaf):
-            raise ValueError(f"{where} contains NaN or infinite values ({_describe(leaf)})")
-        out.append(leaf)
+            raise TypeError(
+                f"{where} must be a real number or a floating-point array (the state is iterated, "
+                f"so it must be real-valued; split complex states into real and imaginary parts); "
+                f"got {_describe(leaf)}"
+            )
+        if is_concrete(array) and not _all_finite(array):
+            raise ValueError(f"{where} contains NaN or infinite values ({_describe(array)})")
+        out.append(array)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -163,11 +169,12 @@ def as_arguments(name: str, tree: Any) -> Any:
             raise TypeError(
                 f"{where} must be an array or a number (the solve differentiates through {name}); got "
                 f"{_describe(leaf) if hasattr(leaf, 'dtype') else type(leaf).__name__}. Pass configuration "
-                f"through the map itself (a dataclass field or a closure) instead")
-        leaf = jnp.asarray(leaf)
-        if kind in ("float", "scalar") and is_concrete(leaf) and not _all_finite(leaf):
-            raise ValueError(f"{where} contains NaN or infinite values ({_describe(leaf)})")
-        out.append(leaf)
+                f"through the map itself (a dataclass field or a closure) instead"
+            )
+        array = jnp.asarray(leaf)
+        if kind in ("float", "scalar") and is_concrete(array) and not _all_finite(array):
+            raise ValueError(f"{where} contains NaN or infinite values ({_describe(array)})")
+        out.append(array)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -180,10 +187,13 @@ def check_batch_axis(batch_axis: Any, state: Any) -> Any:
     sizes = set()
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         if not -leaf.ndim <= batch_axis < leaf.ndim:
-            raise ValueError(f"batch_axis={batch_axis} is not an axis of z0{jax.tree_util.keystr(path)} "
-                             f"({_describe(leaf)}); every leaf of the state needs the batch axis")
+            raise ValueError(
+                f"batch_axis={batch_axis} is not an axis of z0{jax.tree_util.keystr(path)} "
+                f"({_describe(leaf)}); every leaf of the state needs the batch axis"
+            )
         sizes.add(leaf.shape[batch_axis])
     if len(sizes) > 1:
-        raise ValueError(f"batch_axis={batch_axis} must have the same size in every leaf of z0; got sizes "
-                         f"{sorted(sizes)}")
+        raise ValueError(
+            f"batch_axis={batch_axis} must have the same size in every leaf of z0; got sizes {sorted(sizes)}"
+        )
     return int(batch_axis)

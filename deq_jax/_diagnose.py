@@ -9,7 +9,7 @@ the loss behaved, and fits the solver: iterative solvers have `maxiter`, a direc
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +38,7 @@ class DivergenceError(RuntimeError):
 GROWTH = 0.1
 
 
-def divergence(history: Metrics) -> Optional[str]:
+def divergence(history: Metrics) -> str | None:
     """What went wrong with the loss, or None: non-finite (the first step where it was), or grown from the first
     step to the last (for a mini-batch history `(epochs, batches)`, the first and last epochs' means)."""
     loss = np.asarray(history["loss"], dtype=float)
@@ -58,15 +58,16 @@ def _solver_advice(model: Any) -> str:
     solver = getattr(model, "solver", None)  # models without a solver (or without this field) get generic advice
     name = solver if isinstance(solver, str) else getattr(solver, "name", type(solver).__name__.lower())
     if name in ("direct", "refine"):
-        return (f"the {name} solve (an LU factorisation, no maxiter) left a residual above tol: U is close to "
-                "singular for this dtype (gamma near 1?) or tol is below its precision; use float64 or loosen tol")
+        return (
+            f"the {name} solve (an LU factorisation, no maxiter) left a residual above tol: U is close to "
+            "singular for this dtype (gamma near 1?) or tol is below its precision; use float64 or loosen tol"
+        )
     if solver is None:
         return "raise maxiter (iterative solvers), loosen tol or use another solver"
     return f"raise maxiter, loosen tol or use another solver than {name!r}"
 
 
-def check_converged(history: Metrics, on_failure: str = "warn", *, learning_rate: Any = None,
-                    model: Any = None) -> int:
+def check_converged(history: Metrics, on_failure: str = "warn", *, learning_rate: Any = None, model: Any = None) -> int:
     """Judge a concrete training history (outside `jit`); `on_failure` is `"warn"`, `"raise"` or `"ignore"`.
 
     - Divergence (loss NaN/inf, or grown): `DivergenceWarning` / `DivergenceError`, naming the step size
@@ -89,22 +90,30 @@ def check_converged(history: Metrics, on_failure: str = "warn", *, learning_rate
     diverged = divergence(history) if "loss" in history else None
     if diverged:
         rate = f"learning_rate={learning_rate:g}" if isinstance(learning_rate, (int, float)) else "the learning rate"
-        message = (f"training diverged: {diverged}. The step size is too large for this problem: lower {rate} "
-                   "(e.g. 10x) and run again.")
+        message = (
+            f"training diverged: {diverged}. The step size is too large for this problem: lower {rate} "
+            "(e.g. 10x) and run again."
+        )
         if failures:
-            message += (f" {failures} of {ok.size} steps had an equilibrium solve above its tolerance, which follows "
-                        "from the divergence (exploding or non-finite parameters), not from the solver.")
+            message += (
+                f" {failures} of {ok.size} steps had an equilibrium solve above its tolerance, which follows "
+                "from the divergence (exploding or non-finite parameters), not from the solver."
+            )
         if on_failure == "raise":
             raise DivergenceError(message)
         warnings.warn(message, DivergenceWarning, stacklevel=2)
         return failures
     if failures:
         worst = float(np.nanmax(np.asarray(history["relative_residual"])))
-        message = (f"{failures} of {ok.size} steps had an equilibrium solve that did not reach its tolerance "
-                   f"(worst forward relative residual {worst:.3g}): {_solver_advice(model)}")
+        message = (
+            f"{failures} of {ok.size} steps had an equilibrium solve that did not reach its tolerance "
+            f"(worst forward relative residual {worst:.3g}): {_solver_advice(model)}"
+        )
         if np.any(backward_failed):
-            message += (f"; in {int(np.sum(backward_failed))} steps the backward (adjoint) solve missed its "
-                        "tolerance: see Implicit(tol=..., maxiter=...)")
+            message += (
+                f"; in {int(np.sum(backward_failed))} steps the backward (adjoint) solve missed its "
+                "tolerance: see Implicit(tol=..., maxiter=...)"
+            )
         if on_failure == "raise":
             raise NonConvergenceError(message)
         warnings.warn(message, NonConvergenceWarning, stacklevel=2)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 Tree = Any
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jaxopt():
     with warnings.catch_warnings():
         # jaxopt 0.8.5 is its final release and warns on import; the library depends on it knowingly
@@ -32,11 +33,11 @@ def _sub(a: Tree, b: Tree) -> Tree:
     return jax.tree_util.tree_map(jnp.subtract, a, b)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _anderson_class():
     jaxopt, _ = _jaxopt()
 
-    class RelativeRidgeAnderson(jaxopt.AndersonAcceleration):
+    class RelativeRidgeAnderson(jaxopt.AndersonAcceleration):  # type: ignore[name-defined]  # lazy import
         """jaxopt's Anderson (its state and history) with a mixing step that is scale-invariant and keeps dtypes.
 
         - The ridge is relative to the residual Gram matrix's mean diagonal: jaxopt adds an absolute `ridge`, which
@@ -59,23 +60,32 @@ def _anderson_class():
                 combine = lambda h: jnp.tensordot(alpha.astype(h.dtype), h, axes=1)
                 return jax.tree_util.tree_map(
                     lambda p, r: combine(p) + jnp.asarray(self.beta, p.dtype) * combine(r),
-                    state.params_history, state.residuals_history)
+                    state.params_history,
+                    state.residuals_history,
+                )
 
             extrapolated = jax.lax.cond(mix_now, mix, lambda _: params, None)
             next_params, aux = self._value_with_aux(extrapolated, *args, **kwargs)
             residual = _sub(next_params, extrapolated)
             pos = state.iter_num % m
-            params_history = jax.tree_util.tree_map(lambda h, v: h.at[pos].set(v), state.params_history,
-                                                    extrapolated)
-            residuals_history = jax.tree_util.tree_map(lambda h, v: h.at[pos].set(v), state.residuals_history,
-                                                       residual)
-            row = jax.vmap(lambda hist: sum(jnp.vdot(a, b).astype(gram.dtype) for a, b in zip(
-                jax.tree_util.tree_leaves(hist), jax.tree_util.tree_leaves(residual))))(residuals_history)
+            params_history = jax.tree_util.tree_map(lambda h, v: h.at[pos].set(v), state.params_history, extrapolated)
+            residuals_history = jax.tree_util.tree_map(lambda h, v: h.at[pos].set(v), state.residuals_history, residual)
+            row = jax.vmap(
+                lambda hist: sum(
+                    jnp.vdot(a, b).astype(gram.dtype)
+                    for a, b in zip(jax.tree_util.tree_leaves(hist), jax.tree_util.tree_leaves(residual), strict=False)
+                )
+            )(residuals_history)
             gram = gram.at[pos, :].set(row).at[:, pos].set(row)
             next_state = state._replace(
-                iter_num=state.iter_num + 1, error=jnp.sqrt(gram[pos, pos]).astype(jnp.asarray(state.error).dtype),
-                params_history=params_history, residuals_history=residuals_history, residual_gram=gram, aux=aux,
-                num_fun_eval=state.num_fun_eval + 1)
+                iter_num=state.iter_num + 1,
+                error=jnp.sqrt(gram[pos, pos]).astype(jnp.asarray(state.error).dtype),
+                params_history=params_history,
+                residuals_history=residuals_history,
+                residual_gram=gram,
+                aux=aux,
+                num_fun_eval=state.num_fun_eval + 1,
+            )
             return jaxopt.OptStep(params=next_params, state=next_state)
 
     return RelativeRidgeAnderson

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ def _wide(leaf: Array) -> Array:
     return leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))  # norms of bfloat16 states in float32
 
 
-def norms(tree: Any, batch_axis: Optional[int] = None) -> Array:
+def norms(tree: Any, batch_axis: int | None = None) -> Array:
     """2-norm over the pytree, or per sample along `batch_axis` (shape `(n,)`)."""
 
     def sq(leaf: Array) -> Array:
@@ -61,7 +61,7 @@ class Rule:
 
     tol: Any
     atol: Any
-    batch_axis: Optional[int]
+    batch_axis: int | None
     growth: float
     scale: Any = None
 
@@ -80,8 +80,9 @@ class Rule:
         """The loops' stopping test: `(rule holds for every sample, diverged)`."""
         return jnp.all(self.measure(r, fz)[2]), self.diverged(r, fz, ref)
 
-    def stats(self, z: Any, fz: Any, iterations: Any, ref: Optional[Array], factorisations: Any = 0
-              ) -> tuple[SolveStats, Array]:
+    def stats(
+        self, z: Any, fz: Any, iterations: Any, ref: Array | None, factorisations: Any = 0
+    ) -> tuple[SolveStats, Array]:
         """The statistics and `Result` code of the returned value `z` with image `fz`, measured independently of
         the solver's bookkeeping."""
         z, fz = jax.lax.stop_gradient((z, fz))

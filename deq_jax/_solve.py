@@ -35,7 +35,8 @@ stall at maxiter without any sign of it. Every solve traces its map, its mixing 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.flatten_util
@@ -52,7 +53,7 @@ Map = Callable[[Any, Any, Any], Any]
 PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
 
 
-def as_solver(solver: Union[str, AbstractSolver]) -> AbstractSolver:
+def as_solver(solver: str | AbstractSolver) -> AbstractSolver:
     """A solver from its name (`"anderson"`, `"fixed_point"`, `"relaxed"`, `"broyden"`, `"direct"`, `"refine"`, or
     any registered solver's `name`) or an instance."""
     if isinstance(solver, AbstractSolver):
@@ -64,7 +65,7 @@ def as_solver(solver: Union[str, AbstractSolver]) -> AbstractSolver:
     return solver_class(solver)()
 
 
-def _with_precision(f: Map, precision: Optional[str]) -> Map:
+def _with_precision(f: Map, precision: str | None) -> Map:
     """`f` traced under the given matmul precision wherever it is traced: in the forward loop, and where the
     backward linearises it (transposed matmuls inherit the precision of the traced ones)."""
     if precision is None:
@@ -83,39 +84,44 @@ def _check_map(f: Map, z0: Any, params: Any, x: Any, has_aux: bool) -> None:
     if has_aux:
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise ValueError(
-                f"with has_aux=True, f must return a pair (z, aux); got {jax.tree_util.tree_structure(out)}")
+                f"with has_aux=True, f must return a pair (z, aux); got {jax.tree_util.tree_structure(out)}"
+            )
         out = out[0]
     problem = None
-    if jax.tree_util.tree_structure(out) != jax.tree_util.tree_structure(z0):
-        problem = (f"structure {jax.tree_util.tree_structure(out)} where z0 has "
-                   f"{jax.tree_util.tree_structure(z0)}")
+    if jax.tree_util.tree_structure(out) != jax.tree_util.tree_structure(z0):  # type: ignore[operator]
+        problem = f"structure {jax.tree_util.tree_structure(out)} where z0 has {jax.tree_util.tree_structure(z0)}"
         if not has_aux and isinstance(out, tuple) and len(out) == 2:
             problem += " (a map returning (z, aux) needs has_aux=True)"
     else:
-        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(out)[0], jax.tree_util.tree_leaves(z0)):
+        for (path, a), b in zip(
+            jax.tree_util.tree_flatten_with_path(out)[0], jax.tree_util.tree_leaves(z0), strict=False
+        ):
             if a.shape != b.shape or a.dtype != b.dtype:
-                problem = (f"leaf {jax.tree_util.keystr(path) or '(root)'} of shape {a.shape} and dtype {a.dtype} "
-                           f"where z0 has shape {b.shape} and dtype {b.dtype}")
+                problem = (
+                    f"leaf {jax.tree_util.keystr(path) or '(root)'} of shape {a.shape} and dtype {a.dtype} "
+                    f"where z0 has shape {b.shape} and dtype {b.dtype}"
+                )
                 break
     if problem:
-        raise ValueError(f"f(z0, params, x) must return a state of z0's structure, shapes and dtypes (the cast rule "
-                         f"gives z0 the default float dtype for Python numbers and integers); it returns {problem}")
+        raise ValueError(
+            f"f(z0, params, x) must return a state of z0's structure, shapes and dtypes (the cast rule "
+            f"gives z0 the default float dtype for Python numbers and integers); it returns {problem}"
+        )
 
 
 def _builder(f: Map, rep: Representation, z0: Any, uses_matrix: bool) -> Callable[..., Problem]:
     """`build(fn, params, x) -> Problem` on the solver's representation; for solvers that use the matrix, the
     equation `z K = c`: `K = I - M^T` from the map's `affine(params, x) -> (M, c)` (`f(z) = z M^T + c`), or from
     the dense Jacobian at zero on the flattened state."""
-    flat0 = rep.to(z0) if rep.flat else None
 
     def build(fn: Map, params: Any, x: Any) -> Problem:
-        on_rep = lambda z: rep.to(fn(rep.back(z), params, x))  # noqa: E731
+        on_rep = lambda z: rep.to(fn(rep.back(z), params, x))
         if not uses_matrix:
             return Problem(on_rep)
 
         def affine() -> tuple[jax.Array, jax.Array]:
             if rep.flat:
-                zero = jnp.zeros_like(flat0)
+                zero = jnp.zeros_like(rep.to(z0))
                 M, c = jax.jacfwd(on_rep)(zero), on_rep(zero)
             else:
                 M, c = f.affine(params, x)  # type: ignore[attr-defined]
@@ -132,14 +138,14 @@ def solve(
     params: Any,
     x: Any,
     *,
-    solver: Union[str, AbstractSolver] = "anderson",
-    backward: Union[str, Backward] = "implicit",
+    solver: str | AbstractSolver = "anderson",
+    backward: str | Backward = "implicit",
     tol: float = 1e-5,
     atol: float = 0.0,
     maxiter: int = 100,
-    precision: Optional[str] = "highest",
+    precision: str | None = "highest",
     has_aux: bool = False,
-    batch_axis: Optional[int] = None,
+    batch_axis: int | None = None,
     solver_state: Any = None,
     adjoint_start: Any = None,
 ) -> Solution:
@@ -200,12 +206,16 @@ def solve(
     is_array = jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(z0))  # one array, not a pytree
     dense = solver.uses_matrix and not (hasattr(map_with_affine, "affine") and is_array)
     if isinstance(backward, Implicit) and backward.linear_solver == "lu" and size > backward.max_dense:
-        raise ValueError(f"Implicit(linear_solver='lu') materialises a {size} x {size} Jacobian, above "
-                         f"Implicit.max_dense={backward.max_dense}; use 'gmres' or raise max_dense")
+        raise ValueError(
+            f"Implicit(linear_solver='lu') materialises a {size} x {size} Jacobian, above "
+            f"Implicit.max_dense={backward.max_dense}; use 'gmres' or raise max_dense"
+        )
     if dense and size > getattr(solver, "max_dense", 16384):
-        raise ValueError(f"solver {solver.name!r} on a map without an `affine(params, x)` method materialises a "
-                         f"{size} x {size} Jacobian, above its max_dense; give the map an `affine` method or use an "
-                         f"iterative solver")
+        raise ValueError(
+            f"solver {solver.name!r} on a map without an `affine(params, x)` method materialises a "
+            f"{size} x {size} Jacobian, above its max_dense; give the map an `affine` method or use an "
+            f"iterative solver"
+        )
     rep = Representation(solver.flat or dense, jax.flatten_util.ravel_pytree(z0)[1])
     build = _builder(map_with_affine, rep, z0, solver.uses_matrix)
 
@@ -214,8 +224,9 @@ def solve(
             tol_b = tol if backward.tol is None else backward.tol
             u0 = jax.tree_util.tree_map(jnp.zeros_like, z0) if adjoint_start is None else adjoint_start
             u0 = _checks.as_state("adjoint_start", u0)
-            run = implicit(backward, solver, build, rep, fz, rule, maxiter, tol_b, precision, z0, params, x,
-                           solver_state, u0)
+            run = implicit(
+                backward, solver, build, rep, fz, rule, maxiter, tol_b, precision, z0, params, x, solver_state, u0
+            )
         elif isinstance(backward, OneStep):
             p, xx = jax.lax.stop_gradient((params, x))
             run = solver.run(build(fz, p, xx), rep.to(z0), solver_state, rule, maxiter)
@@ -227,8 +238,12 @@ def solve(
 
 def _stop(run: Run) -> Run:
     """Everything but the value leaves the solve without a gradient (counts, scales, carried state)."""
-    return run._replace(**{k: jax.lax.stop_gradient(getattr(run, k)) for k in
-                           ("iterations", "ref", "state", "factorisations", "measured")})
+    return run._replace(
+        **{
+            k: jax.lax.stop_gradient(getattr(run, k))
+            for k in ("iterations", "ref", "state", "factorisations", "measured")
+        }
+    )
 
 
 def _finish(f: Map, has_aux: bool, rule: Rule, rep: Representation, run: Run, params: Any, x: Any) -> Solution:

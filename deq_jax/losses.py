@@ -5,7 +5,7 @@ All are convex in the predictions, so the shallow model's problem is convex (doc
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,9 @@ def cross_entropy(predictions: Array, targets: Array) -> Array:
 def logistic(predictions: Array, targets: Array) -> Array:
     """Binary logistic loss on logits `(n,)` or `(n, 1)` with targets in {0, 1} of the same shape."""
     if predictions.ndim == 2 and predictions.shape[-1] != 1:
-        raise ValueError(f"logistic loss needs one output (predictions of shape (n,) or (n, 1)); got {predictions.shape}")
+        raise ValueError(
+            f"logistic loss needs one output (predictions of shape (n,) or (n, 1)); got {predictions.shape}"
+        )
     _checks.check_shape("targets", targets, predictions.shape, "binary targets must match the predictions")
     return jnp.mean(optax.sigmoid_binary_cross_entropy(predictions, targets.astype(predictions.dtype)))
 
@@ -47,7 +49,7 @@ def logistic(predictions: Array, targets: Array) -> Array:
 LOSSES: dict[str, Loss] = {"square": square, "cross_entropy": cross_entropy, "logistic": logistic}
 
 
-def get_loss(loss: Union[str, Loss]) -> Loss:
+def get_loss(loss: str | Loss) -> Loss:
     """A loss by name (`LOSSES`) or a callable passed through."""
     if callable(loss):
         return loss

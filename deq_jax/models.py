@@ -2,8 +2,8 @@
 protocol that a user's own model (e.g. a tanh DEQ built on `deq_jax.solve`) follows to use the training helpers.
 
 All models act on features `phi` of shape `(n, m)` (samples as rows; `deq_jax.maps.features` computes them) and
-return predictions `(n, m_y)` plus the equilibrium solve's `Solution` (`None` for the explicit models). Each built-in model exposes
-its end-to-end matrix `W` of shape `(m_y, m)` with `predictions = phi @ W.T`.
+return predictions `(n, m_y)` plus the equilibrium solve's `Solution` (`None` for the explicit models). Each
+built-in model exposes its end-to-end matrix `W` of shape `(m_y, m)` with `predictions = phi @ W.T`.
 
 The model objects are frozen dataclasses (hashable), so they can be closed over or passed as static arguments.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, NamedTuple, Optional, Protocol, Union, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -64,14 +64,21 @@ class Model(Protocol):
     A step carries `Warm(solution.value, u, solution.state)` with `u` the backward solution (see `deq_jax.solve`).
     """
 
-    def init(self, key: Array, dtype: Any = jnp.float32) -> Any: ...
+    def init(self, key: Array, dtype: Any = jnp.float32) -> Any:
+        """Parameters: a pytree of float arrays."""
+        ...
 
-    def apply(self, params: Any, phi: Array, warm: Optional[Warm] = None) -> tuple[Array, Optional[Solution]]: ...
+    def apply(self, params: Any, phi: Array, warm: Warm | None = None) -> tuple[Array, Solution | None]:
+        """Predictions `(n, m_y)` for features `phi` `(n, m)`, and the solve's `Solution` (or None)."""
+        ...
 
-    def warm_start(self, params: Any, phi: Optional[Array] = None, previous: Optional[Warm] = None
-                   ) -> Optional[Warm]: ...
+    def warm_start(self, params: Any, phi: Array | None = None, previous: Warm | None = None) -> Warm | None:
+        """What the first step on `phi` carries (None: nothing)."""
+        ...
 
-    def end_to_end_solution(self, params: Any, warm: Optional[Warm] = None) -> tuple[Array, Optional[Solution]]: ...
+    def end_to_end_solution(self, params: Any, warm: Warm | None = None) -> tuple[Array, Solution | None]:
+        """The end-to-end matrix `W` with `predictions = phi @ W.T`, and its `Solution` (or None)."""
+        ...
 
 
 def _check_phi(phi: Any, width: int) -> None:
@@ -100,13 +107,13 @@ class DELM:
     width: int
     out_dim: int
     gamma: float = 0.8
-    sigma: Union[str, Sigma] = "column_softmax"
+    sigma: str | Sigma = "column_softmax"
     formulation: str = "transposed"
-    solver: Union[str, AbstractSolver] = "auto"
-    backward: Union[str, Backward] = "implicit"
+    solver: str | AbstractSolver = "auto"
+    backward: str | Backward = "implicit"
     tol: float = 1e-5
     maxiter: int = 100
-    precision: Optional[str] = "highest"
+    precision: str | None = "highest"
     init_scale: float = 0.1
 
     def __post_init__(self) -> None:
@@ -141,15 +148,27 @@ class DELM:
         _checks.check_shape("params['A']", params["A"], (m, m), f"A is m x m with m = width = {m}")
         _checks.check_shape("params['B']", params["B"], (m_y, m), f"B is m_y x m with m_y = out_dim = {m_y}, m = {m}")
 
-    def _solve(self, f: Any, z0: Array, params: Params, x: Array, warm: Optional[Warm],
-               batch_axis: Optional[int] = None) -> Solution:
+    def _solve(
+        self, f: Any, z0: Array, params: Params, x: Array, warm: Warm | None, batch_axis: int | None = None
+    ) -> Solution:
         warm = warm or Warm()
         start = z0 if warm.state is None else warm.state
-        return solve(f, start, {"A": params["A"]}, x, solver=self.solver, backward=self.backward, tol=self.tol,
-                     maxiter=self.maxiter, precision=self.precision, batch_axis=batch_axis,
-                     solver_state=warm.solver_state, adjoint_start=warm.adjoint)
+        return solve(
+            f,
+            start,
+            {"A": params["A"]},
+            x,
+            solver=self.solver,
+            backward=self.backward,
+            tol=self.tol,
+            maxiter=self.maxiter,
+            precision=self.precision,
+            batch_axis=batch_axis,
+            solver_state=warm.solver_state,
+            adjoint_start=warm.adjoint,
+        )
 
-    def end_to_end_solution(self, params: Params, warm: Optional[Warm] = None) -> tuple[Array, Solution]:
+    def end_to_end_solution(self, params: Params, warm: Warm | None = None) -> tuple[Array, Solution]:
         """The end-to-end matrix `W = B (I - gamma sigma(A))^{-1}` as the equilibrium `W = B + gamma W sigma(A)`,
         and its `Solution`."""
         self.check_params(params)
@@ -161,7 +180,7 @@ class DELM:
         """`W` `(m_y, m)` with `predictions = phi @ W.T` (a cold solve)."""
         return self.end_to_end_solution(params)[0]
 
-    def apply(self, params: Params, phi: Array, warm: Optional[Warm] = None) -> tuple[Array, Solution]:
+    def apply(self, params: Params, phi: Array, warm: Warm | None = None) -> tuple[Array, Solution]:
         """Predictions `(n, m_y)` and the solve's `Solution`, its solves started from `warm`."""
         self.check_params(params)
         _check_phi(phi, self.width)
@@ -172,8 +191,7 @@ class DELM:
         sol = self._solve(f, jnp.zeros_like(phi), params, phi, warm, batch_axis=0)
         return sol.value @ params["B"].T, sol
 
-    def warm_start(self, params: Params, phi: Optional[Array] = None, previous: Optional[Warm] = None
-                   ) -> Optional[Warm]:
+    def warm_start(self, params: Params, phi: Array | None = None, previous: Warm | None = None) -> Warm | None:
         """The state carried into the first step on `phi` (None: the end-to-end route, e.g. `GramData`).
 
         Carried: W and its adjoint `dL/dB` (end-to-end; kept from `previous` when the samples change) or z and u per
@@ -195,7 +213,8 @@ class DELM:
             return Warm(zeros, zeros)
         # the factors of the equation z K = c: K = U end-to-end (W U = B), K = U^T per sample (z U^T = phi)
         U = jnp.eye(self.width, dtype=params["A"].dtype) - self.gamma * get_sigma(self.sigma)(
-            jax.lax.stop_gradient(params["A"]))
+            jax.lax.stop_gradient(params["A"])
+        )
         with jax.default_matmul_precision(self.precision) if self.precision else contextlib.nullcontext():
             return Warm(zeros, zeros, solver.initial_state(U if end_to_end else U.T))
 
@@ -214,9 +233,11 @@ class Linear:
         _checks.check_positive("init_scale", self.init_scale)
 
     def init(self, key: Array, dtype: Any = jnp.float32) -> Params:
+        """`{"W": init_scale * N(0, 1)}` of shape `(m_y, m)`."""
         return {"W": self.init_scale * jax.random.normal(key, (self.out_dim, self.width), dtype)}
 
     def check_params(self, params: Params) -> None:
+        """Raise `ValueError` naming the problem unless `params` is `{"W": (m_y, m)}` of floats."""
         if not isinstance(params, dict) or set(params) != {"W"}:
             raise ValueError(f"params must be a dict with key 'W'; got {params!r:.80}")
         _checks.check_float_array("params", params)
@@ -226,15 +247,15 @@ class Linear:
         """`W` itself."""
         return params["W"]
 
-    def end_to_end_solution(self, params: Params, warm: Optional[Warm] = None) -> tuple[Array, None]:
+    def end_to_end_solution(self, params: Params, warm: Warm | None = None) -> tuple[Array, None]:
         """`(W, None)`: nothing is solved."""
         return self.end_to_end(params), None
 
-    def warm_start(self, params: Params, phi: Optional[Array] = None, previous: Optional[Warm] = None) -> None:
+    def warm_start(self, params: Params, phi: Array | None = None, previous: Warm | None = None) -> None:
         """None: an explicit model carries nothing between steps."""
         return None
 
-    def apply(self, params: Params, phi: Array, warm: Optional[Warm] = None) -> tuple[Array, None]:
+    def apply(self, params: Params, phi: Array, warm: Warm | None = None) -> tuple[Array, None]:
         """Predictions `phi @ W.T` and no solution."""
         self.check_params(params)
         _check_phi(phi, self.width)
@@ -252,7 +273,7 @@ class DeepLinear:
     width: int
     out_dim: int
     depth: int = 3
-    hidden: Optional[int] = None
+    hidden: int | None = None
     init_gain: float = 1.0
 
     def __post_init__(self):
@@ -264,24 +285,27 @@ class DeepLinear:
         _checks.check_positive("init_gain", self.init_gain)
 
     def shapes(self) -> list[tuple[int, int]]:
+        """The layers' shapes `(out, in)`, from `W_1` `(h, m)` to `W_H` `(m_y, h)`."""
         h = self.hidden or self.width
         dims = [self.width] + [h] * (self.depth - 1) + [self.out_dim]
         return [(dims[k + 1], dims[k]) for k in range(self.depth)]
 
     def init(self, key: Array, dtype: Any = jnp.float32) -> Params:
+        """`{"layers": [W_1, ..., W_H]}` with `W_k ~ N(0, init_gain^2 / fan_in)`."""
         keys = jax.random.split(key, self.depth)
         return {
             "layers": [
                 self.init_gain * jax.random.normal(k, s, dtype) / jnp.sqrt(jnp.asarray(s[1], dtype))
-                for k, s in zip(keys, self.shapes())
+                for k, s in zip(keys, self.shapes(), strict=False)
             ]
         }
 
     def check_params(self, params: Params) -> None:
+        """Raise `ValueError` naming the problem unless `params` holds `depth` layers of `shapes()`."""
         if not isinstance(params, dict) or set(params) != {"layers"} or len(params["layers"]) != self.depth:
             raise ValueError(f"params must be a dict {{'layers': [W_1, ..., W_{self.depth}]}} with depth={self.depth}")
         _checks.check_float_array("params", params)
-        for k, (W, s) in enumerate(zip(params["layers"], self.shapes())):
+        for k, (W, s) in enumerate(zip(params["layers"], self.shapes(), strict=False)):
             _checks.check_shape(f"params['layers'][{k}]", W, s)
 
     def end_to_end(self, params: Params) -> Array:
@@ -291,15 +315,15 @@ class DeepLinear:
             W = layer @ W
         return W
 
-    def end_to_end_solution(self, params: Params, warm: Optional[Warm] = None) -> tuple[Array, None]:
+    def end_to_end_solution(self, params: Params, warm: Warm | None = None) -> tuple[Array, None]:
         """`(W_H ... W_1, None)`: nothing is solved."""
         return self.end_to_end(params), None
 
-    def warm_start(self, params: Params, phi: Optional[Array] = None, previous: Optional[Warm] = None) -> None:
+    def warm_start(self, params: Params, phi: Array | None = None, previous: Warm | None = None) -> None:
         """None: an explicit model carries nothing between steps."""
         return None
 
-    def apply(self, params: Params, phi: Array, warm: Optional[Warm] = None) -> tuple[Array, None]:
+    def apply(self, params: Params, phi: Array, warm: Warm | None = None) -> tuple[Array, None]:
         """`phi @ (W_H ... W_1).T`: the product first (O(H m^2 h)), not layer by layer over samples (O(n H m h))."""
         self.check_params(params)
         _check_phi(phi, self.width)

@@ -21,7 +21,8 @@ Every step's metrics carry the solves' statistics; `check_converged` turns a his
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,7 @@ from deq_jax.models import Model, Warm
 
 Array = jax.Array
 Metrics = dict
-Penalty = Callable[[Any], Array]
+Penalty = Callable[[Any], Any]  # params -> a scalar (array or number)
 
 
 class TrainState(NamedTuple):
@@ -43,10 +44,11 @@ class TrainState(NamedTuple):
 
     params: Any
     opt_state: Any
-    warm: Optional[Warm] = None
+    warm: Warm | None = None
 
 
 # ----------------------------------------------------------------------------- the square loss's Gram route
+
 
 class GramData(NamedTuple):
     """The square loss's sufficient statistics: `C = Phi^T Phi / n` `(m, m)`, `D = Phi^T Y / n` `(m, m_y)` and
@@ -80,7 +82,8 @@ def _gram_square_loss(W: Array, gram: GramData) -> Array:
 
 # ----------------------------------------------------------------------------- one step
 
-def _penalty(penalty: Optional[Penalty]) -> Penalty:
+
+def _penalty(penalty: Penalty | None) -> Penalty:
     if penalty is None:
         return lambda params: 0.0
     if not callable(penalty):
@@ -88,26 +91,40 @@ def _penalty(penalty: Optional[Penalty]) -> Penalty:
     return penalty
 
 
-def _solver_metrics(sol: Optional[Solution], dtype: Any) -> Metrics:
+def _solver_metrics(sol: Solution | None, dtype: Any) -> Metrics:
     if sol is None:  # explicit models: nothing to solve
         zero = jnp.zeros((), dtype)
-        return {"iterations": jnp.zeros((), jnp.int32), "residual": zero, "relative_residual": zero,
-                "converged": jnp.ones((), bool), "factorisations": jnp.zeros((), jnp.int32)}
+        return {
+            "iterations": jnp.zeros((), jnp.int32),
+            "residual": zero,
+            "relative_residual": zero,
+            "converged": jnp.ones((), bool),
+            "factorisations": jnp.zeros((), jnp.int32),
+        }
     stats = sol.stats
-    return {"iterations": stats.iterations, "residual": stats.residual, "relative_residual": stats.relative_residual,
-            "converged": stats.converged, "factorisations": stats.factorisations}
+    return {
+        "iterations": stats.iterations,
+        "residual": stats.residual,
+        "relative_residual": stats.relative_residual,
+        "converged": stats.converged,
+        "factorisations": stats.factorisations,
+    }
 
 
-def _metrics(value: Array, grads: Any, sol: Optional[Solution], backward: Any) -> Metrics:
+def _metrics(value: Array, grads: Any, sol: Solution | None, backward: Any) -> Metrics:
     """A step's metrics, built here only: `loss` (before the update), `grad_norm`, the forward solve's
     `iterations`, `residual`, `relative_residual`, `converged`, `factorisations`, and the implicit backward's
     `backward_solves`, `backward_failures` (solves that missed their tolerance), `backward_nonfinite`,
     `backward_relative_residual` (summed over the solves) and `backward_iterations`."""
-    return {"loss": value, "grad_norm": optax.tree.norm(grads), **_solver_metrics(sol, value.dtype),
-            **backward.metrics()}
+    return {
+        "loss": value,
+        "grad_norm": optax.tree.norm(grads),
+        **_solver_metrics(sol, value.dtype),
+        **backward.metrics(),
+    }
 
 
-def _optimizer(optimizer: Optional[optax.GradientTransformation], learning_rate: Any) -> optax.GradientTransformation:
+def _optimizer(optimizer: optax.GradientTransformation | None, learning_rate: Any) -> optax.GradientTransformation:
     if optimizer is not None and learning_rate is not None:
         raise ValueError("pass either optimizer=... or learning_rate=... (plain SGD), not both; got both")
     if optimizer is None:
@@ -120,7 +137,7 @@ def _optimizer(optimizer: Optional[optax.GradientTransformation], learning_rate:
     return optimizer
 
 
-def objective(model: Model, loss: Union[str, Loss], penalty: Optional[Penalty] = None) -> Callable:
+def objective(model: Model, loss: str | Loss, penalty: Penalty | None = None) -> Callable:
     """`objective(params, phi, y, warm=None) -> (L, solution)`: the training loss `loss(predictions, y) +
     penalty(params)` of `model` on features `phi`, and its solve's `Solution` (None for explicit models).
 
@@ -128,7 +145,7 @@ def objective(model: Model, loss: Union[str, Loss], penalty: Optional[Penalty] =
     `lambda p: 0.5 * l2 * jnp.sum(model.end_to_end(p) ** 2)`."""
     loss_fn, pen = get_loss(loss), _penalty(penalty)
 
-    def fn(params: Any, phi: Array, y: Array, warm: Optional[Warm] = None) -> tuple[Array, Optional[Solution]]:
+    def fn(params: Any, phi: Array, y: Array, warm: Warm | None = None) -> tuple[Array, Solution | None]:
         predictions, sol = model.apply(params, phi, warm)
         return loss_fn(predictions, y) + pen(params), sol
 
@@ -152,12 +169,20 @@ class TrainStep:
     cold: Callable
 
     def __call__(self, params: Any, opt_state: Any, phi: Any, y: Any) -> tuple[Any, Any, Metrics]:
+        """One step with nothing carried: `(params, opt_state, metrics)`."""
         return self.cold(params, opt_state, phi, y)
 
 
-def make_step(model: Model, loss: Union[str, Loss], optimizer: Optional[optax.GradientTransformation] = None, *,
-              learning_rate: Any = None, penalty: Optional[Penalty] = None, warm_start: bool = True,
-              jit: bool = True) -> TrainStep:
+def make_step(
+    model: Model,
+    loss: str | Loss,
+    optimizer: optax.GradientTransformation | None = None,
+    *,
+    learning_rate: Any = None,
+    penalty: Penalty | None = None,
+    warm_start: bool = True,
+    jit: bool = True,
+) -> TrainStep:
     """The training step of `model` on `loss(predictions, y) + penalty(params)`.
 
     Args:
@@ -176,19 +201,20 @@ def make_step(model: Model, loss: Union[str, Loss], optimizer: Optional[optax.Gr
     optimizer = _optimizer(optimizer, learning_rate)
     on_samples = objective(model, loss, penalty)
 
-    def objective_(params: Any, phi: Any, y: Any, warm: Optional[Warm]) -> tuple[Array, Optional[Solution]]:
+    def objective_(params: Any, phi: Any, y: Any, warm: Warm | None) -> tuple[Array, Solution | None]:
         if isinstance(phi, GramData):
             if loss_fn is not square:
-                raise ValueError("GramData (C = Phi^T Phi / n, D = Phi^T Y / n) serves the square loss only; "
-                                 f"got loss {getattr(loss, '__name__', loss)!r}: pass the features and targets")
+                raise ValueError(
+                    "GramData (C = Phi^T Phi / n, D = Phi^T Y / n) serves the square loss only; "
+                    f"got loss {getattr(loss, '__name__', loss)!r}: pass the features and targets"
+                )
             W, sol = model.end_to_end_solution(params, warm)
             return _gram_square_loss(W, phi) + pen(params), sol
         return on_samples(params, phi, y, warm)
 
-    def gradient(params: Any, phi: Any, y: Any, warm: Optional[Warm]) -> tuple[Any, ...]:
+    def gradient(params: Any, phi: Any, y: Any, warm: Warm | None) -> tuple[Any, ...]:
         if warm is None:
-            (value, sol), grads, backward = value_and_grad(
-                lambda p: objective_(p, phi, y, None), has_aux=True)(params)
+            (value, sol), grads, backward = value_and_grad(lambda p: objective_(p, phi, y, None), has_aux=True)(params)
             return value, grads, sol, backward, None
         # the backward solution leaves the implicit solve as the cotangent of its start: carried on
         (value, sol), (grads, adjoint), backward = value_and_grad(
@@ -225,8 +251,10 @@ def make_step(model: Model, loss: Union[str, Loss], optimizer: Optional[optax.Gr
 
 # ----------------------------------------------------------------------------- many steps
 
-def make_chunk(step: TrainStep, length: int, *, record: Optional[Callable[[Any], Metrics]] = None,
-               jit: bool = True) -> Callable:
+
+def make_chunk(
+    step: TrainStep, length: int, *, record: Callable[[Any], Metrics] | None = None, jit: bool = True
+) -> Callable:
     """`run(state, phi, y) -> (state, history)`: `length` steps in one `lax.scan` (one compiled program).
 
     `history[k]` has a leading axis of length `length`; `record(params) -> dict` adds arrays computed at the params
@@ -245,10 +273,20 @@ def make_chunk(step: TrainStep, length: int, *, record: Optional[Callable[[Any],
     return jax.jit(run) if jit else run
 
 
-def full_batch_gd(model: Model, loss: Union[str, Loss], params: Any, phi: Array, y: Array, *, steps: int,
-                  learning_rate: Any = None, optimizer: Optional[optax.GradientTransformation] = None,
-                  penalty: Optional[Penalty] = None, warm_start: bool = True, gram: bool = False
-                  ) -> tuple[Any, Metrics]:
+def full_batch_gd(
+    model: Model,
+    loss: str | Loss,
+    params: Any,
+    phi: Array,
+    y: Array,
+    *,
+    steps: int,
+    learning_rate: Any = None,
+    optimizer: optax.GradientTransformation | None = None,
+    penalty: Penalty | None = None,
+    warm_start: bool = True,
+    gram: bool = False,
+) -> tuple[Any, Metrics]:
     """Full-batch gradient descent (the theory's setting) for `steps` steps, as one `lax.scan`.
 
     `learning_rate` (plain SGD) or `optimizer`, exactly one. `gram=True` (square loss, models with `end_to_end`):
@@ -258,8 +296,9 @@ def full_batch_gd(model: Model, loss: Union[str, Loss], params: Any, phi: Array,
     """
     _checks.check_positive("steps", steps, integer=True)
     _check_data(phi, y)
-    step = make_step(model, loss, optimizer, learning_rate=learning_rate, penalty=penalty, warm_start=warm_start,
-                     jit=False)
+    step = make_step(
+        model, loss, optimizer, learning_rate=learning_rate, penalty=penalty, warm_start=warm_start, jit=False
+    )
     data = square_gram(phi, y) if gram else phi
     state, history = make_chunk(step, steps, jit=False)(step.init(params, data), data, y)
     return state.params, history

@@ -14,7 +14,8 @@ export in `deq_jax/__init__.py`: the class registers its `name` for `solve(..., 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ class Problem(NamedTuple):
     equation `z K = c` (`f(z) = c + z (I - K)`; `transpose=True`: `z K^T = c`, the backward's equation)."""
 
     fn: Callable[[Tree], Tree]
-    affine: Optional[Callable[[], tuple[Array, Array]]] = None
+    affine: Callable[[], tuple[Array, Array]] | None = None
     transpose: bool = False
 
 
@@ -44,10 +45,10 @@ class Run(NamedTuple):
 
     value: Tree
     iterations: Array
-    ref: Optional[Array]
+    ref: Array | None
     state: Any
     factorisations: Array
-    measured: Optional[tuple[Tree, Tree]] = None
+    measured: tuple[Tree, Tree] | None = None
     backward_state: Any = None  # what the implicit backward may reuse (e.g. the forward's LU factors)
 
 
@@ -64,7 +65,7 @@ class AbstractSolver:
         if cls.name:
             _REGISTRY[cls.name] = cls
 
-    def init(self, problem: Problem, z0: Tree, carried: Any) -> tuple[Any, Optional[tuple[Tree, Tree]]]:
+    def init(self, problem: Problem, z0: Tree, carried: Any) -> tuple[Any, tuple[Tree, Tree] | None]:
         """The solver's state for a run from `z0` (`carried`: what an earlier solve left, or None)."""
         raise NotImplementedError
 
@@ -113,7 +114,7 @@ def _like(new: Any, old: Any) -> Any:
     return new.astype(old.dtype) if hasattr(new, "astype") and hasattr(old, "dtype") else new
 
 
-def _start(z0: Tree, state: Any, first: Optional[tuple[Tree, Tree]], rule: Rule) -> _Loop:
+def _start(z0: Tree, state: Any, first: tuple[Tree, Tree] | None, rule: Rule) -> _Loop:
     ref = max_abs(z0)
     zero = jnp.zeros((), jnp.int32)
     if first is None:  # the rule is first checked on f(z0), which the first step computes

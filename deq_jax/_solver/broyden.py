@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 from deq_jax import _checks, _jaxopt
 from deq_jax._solver._base import AbstractSolver, Problem
@@ -21,7 +21,7 @@ class Broyden(AbstractSolver):
     name = "broyden"
     flat = True
     inverse_jacobian_init: float = -1.0
-    history_size: Optional[int] = None
+    history_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.history_size is not None:
@@ -29,8 +29,9 @@ class Broyden(AbstractSolver):
 
     def _jaxopt(self, problem: Problem) -> Any:
         # solve() binds history_size=None to maxiter before the solver runs
-        return _jaxopt.make("broyden", lambda v: problem.fn(v) - v, gamma=self.inverse_jacobian_init,
-                            history_size=self.history_size)
+        return _jaxopt.make(
+            "broyden", lambda v: problem.fn(v) - v, gamma=self.inverse_jacobian_init, history_size=self.history_size
+        )
 
     def init(self, problem: Problem, z0: Any, carried: Any) -> tuple[Any, tuple[Any, Any]]:
         state = self._jaxopt(problem).init_state(z0)

@@ -56,7 +56,7 @@ class Refine(AbstractSolver):
 
     def run(self, problem: Problem, z0: Any, carried: Any, rule: Rule, maxiter: int) -> Run:
         assert problem.affine is not None
-        K = lambda: problem.affine()[0]  # noqa: E731 (traced only where a factorisation runs)
+        K = lambda: problem.affine()[0]
         if carried is None:
             factors, made = factor(K()), jnp.ones((), jnp.int32)
         else:

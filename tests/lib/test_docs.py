@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 DOCUMENTS = ["README.md", "docs/theory.md", "docs/benchmarks.md"]
 FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
-RUNNER = r'''
+RUNNER = r"""
 import json, sys, traceback, warnings
 blocks = json.load(open(sys.argv[1]))
 warnings.simplefilter("always")
@@ -37,7 +37,7 @@ for index, (line, code) in enumerate(blocks):
         print(f"FAILED {sys.argv[2]} block {index + 1} (line {line}) warned: {loud[0].message}", file=sys.stderr)
         sys.exit(1)
     print(f"ok block {index + 1} (line {line})")
-'''
+"""
 
 
 def blocks(document: str) -> list:
@@ -58,8 +58,14 @@ def test_python_blocks_run_as_written(document, tmp_path):
     spec.write_text(json.dumps(found))
     env = dict(os.environ)
     env.pop("JAX_ENABLE_X64", None)  # as a user runs it: x64 off unless the block turns it on
-    out = subprocess.run([sys.executable, "-c", RUNNER, str(spec), document], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(spec), document],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     assert out.stdout.count("ok block") == len(found)
     assert "nan" not in out.stdout.lower().replace("nonfinite", ""), out.stdout[-2000:]

@@ -12,10 +12,17 @@ def test_compose_example_trains_every_seed():
     env = dict(os.environ)
     # the example compiles one vmapped training program; XLA's lowest optimisation level compiles it about 3x
     # faster (measured: 28 -> 10 CPU-s) and changes no result this test checks
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-                        " --xla_llvm_disable_expensive_passes=true").strip()
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "compose.py"), "--small"], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    ).strip()
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "compose.py"), "--small"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith("seed ")]
     assert len(lines) == 2

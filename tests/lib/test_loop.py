@@ -46,6 +46,13 @@ def test_stop_on_divergence():
     model = Linear(5, 2)
     step = make_step(model, "square", learning_rate=100.0)
     run = make_chunk(step, 4)
-    result = fit(run, step.init(model.init(jax.random.PRNGKey(2)), phi), phi, y, steps=400, chunk=4,
-                 callbacks=[stop_on_divergence])
+    result = fit(
+        run,
+        step.init(model.init(jax.random.PRNGKey(2)), phi),
+        phi,
+        y,
+        steps=400,
+        chunk=4,
+        callbacks=[stop_on_divergence],
+    )
     assert result.stopped and result.steps < 400 and not np.isfinite(result.history["loss"][-1])

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import compile_events
 
 from deq_jax import parallel
-from helpers import compile_events
 
 FAST = {"xla_backend_optimization_level": 0}  # compile time, not results: these tests compile small programs
 N = 7  # configurations: a multiple of neither 2 nor 4 devices
@@ -27,8 +27,9 @@ def gd(config, shared):
     w = jax.random.normal(config["key"], (X.shape[1],), X.dtype)
     for _ in range(5):
         w = w - config["lr"] * X.T @ (X @ w - y) / X.shape[0]
-    total, _ = jax.lax.while_loop(lambda c: c[1] < 3, lambda c: (c[0] + config["lr"], c[1] + 1),
-                                  (jnp.zeros((), X.dtype), 0))
+    total, _ = jax.lax.while_loop(
+        lambda c: c[1] < 3, lambda c: (c[0] + config["lr"], c[1] + 1), (jnp.zeros((), X.dtype), 0)
+    )
     return {"loss": jnp.mean((X @ w - y) ** 2), "w": w, "step": total}
 
 
@@ -36,8 +37,10 @@ def _problem(n=N, seed=0):
     rng = np.random.default_rng(seed)
     X = rng.normal(size=(11, 3))
     y = X @ np.array([1.0, -2.0, 0.5]) + 0.1 * rng.normal(size=11)
-    per_config = {"key": np.stack([np.asarray(jax.random.PRNGKey(s)) for s in range(n)]),
-                  "lr": np.linspace(0.05, 0.4, n)}
+    per_config = {
+        "key": np.stack([np.asarray(jax.random.PRNGKey(s)) for s in range(n)]),
+        "lr": np.linspace(0.05, 0.4, n),
+    }
     return per_config, (X, y)
 
 
@@ -91,8 +94,9 @@ def test_chunked_sharded_run_equals_a_loop_and_shares_one_program(engine, refere
 def test_vmap_and_map_per_device_agree(engine, reference):
     per_config, shared, want = reference
     other = {"vmap": "map", "map": "vmap"}[engine.batching]  # the engine's own way is checked above
-    got = parallel.parallel_map(gd, per_config, shared, batching=other, compiler_options=FAST,
-                                bytes_per_config=1000, budget_bytes=2**24)
+    got = parallel.parallel_map(
+        gd, per_config, shared, batching=other, compiler_options=FAST, bytes_per_config=1000, budget_bytes=2**24
+    )
     np.testing.assert_allclose(got["loss"], want["loss"], rtol=RTOL, err_msg=other)
     np.testing.assert_allclose(got["w"], want["w"], rtol=RTOL, err_msg=other)
 
@@ -134,20 +138,32 @@ def _typed_keys():
     return lambda: parallel.parallel_map(gd, {"key": keys, "lr": np.zeros(3)})
 
 
-@pytest.mark.parametrize("setup, error, match", [
-    (lambda: lambda: parallel.ParallelMap("gd"), TypeError, "fn must be a callable"),
-    (lambda: lambda: parallel.ParallelMap(gd, batching="pmap"), ValueError, "batching must be one of"),
-    (lambda: lambda: parallel.ParallelMap(gd, devices=[]), ValueError, "devices must name at least one device"),
-    (lambda: lambda: parallel.parallel_map(gd, {"key": np.zeros((3, 2), np.uint32), "lr": np.zeros(4)}),
-     ValueError, r"share a leading configuration axis; got shapes \[\(3, 2\), \(4,\)\]"),
-    (lambda: lambda: parallel.parallel_map(gd, {}), ValueError, "at least one array"),
-    (lambda: lambda: parallel.parallel_map(gd, {"key": np.zeros((0, 2), np.uint32), "lr": np.zeros(0)}),
-     ValueError, "at least one configuration"),
-    (_typed_keys, TypeError, "raw uint32 key data"),
-    (lambda: lambda: parallel.parallel_map(gd, *_problem(), budget_bytes=-1), ValueError, "budget_bytes must be"),
-    (lambda: lambda: parallel.parallel_map(gd, *_problem(), max_chunk_size=0), ValueError,
-     "max_chunk_size must be"),
-])
+@pytest.mark.parametrize(
+    ("setup", "error", "match"),
+    [
+        (lambda: lambda: parallel.ParallelMap("gd"), TypeError, "fn must be a callable"),
+        (lambda: lambda: parallel.ParallelMap(gd, batching="pmap"), ValueError, "batching must be one of"),
+        (lambda: lambda: parallel.ParallelMap(gd, devices=[]), ValueError, "devices must name at least one device"),
+        (
+            lambda: lambda: parallel.parallel_map(gd, {"key": np.zeros((3, 2), np.uint32), "lr": np.zeros(4)}),
+            ValueError,
+            r"share a leading configuration axis; got shapes \[\(3, 2\), \(4,\)\]",
+        ),
+        (lambda: lambda: parallel.parallel_map(gd, {}), ValueError, "at least one array"),
+        (
+            lambda: lambda: parallel.parallel_map(gd, {"key": np.zeros((0, 2), np.uint32), "lr": np.zeros(0)}),
+            ValueError,
+            "at least one configuration",
+        ),
+        (_typed_keys, TypeError, "raw uint32 key data"),
+        (lambda: lambda: parallel.parallel_map(gd, *_problem(), budget_bytes=-1), ValueError, "budget_bytes must be"),
+        (
+            lambda: lambda: parallel.parallel_map(gd, *_problem(), max_chunk_size=0),
+            ValueError,
+            "max_chunk_size must be",
+        ),
+    ],
+)
 def test_bad_input_is_refused_before_compiling(setup, error, match):
     call = setup()
     events, stop = compile_events()

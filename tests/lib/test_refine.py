@@ -5,12 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import GAMMA, delm_problem, u_matrix
 
 from deq_jax import DELM, DELMTransposedMap, Refine, make_step, solve
 from deq_jax._rule import holds
 from deq_jax._solver._lu import factor, right_solve
 from deq_jax._solver.refine import RefineState
-from helpers import GAMMA, delm_problem, u_matrix
 
 pytestmark = pytest.mark.float32  # the whole file also runs with x64 off (float32), as users run JAX
 
@@ -34,8 +34,9 @@ def test_right_solve_both_ways_against_numpy():
 
 def _refined(A, B, start, state, maxiter=50, refine=Refine(max_sweeps=50)):
     """`W U = B` (the transposed DELM map, K = U) by `Refine` from `start`, with the carried `state`."""
-    return solve(DELMTransposedMap(GAMMA), start, {"A": A}, B, solver=refine, tol=TOL, maxiter=maxiter,
-                 solver_state=state)
+    return solve(
+        DELMTransposedMap(GAMMA), start, {"A": A}, B, solver=refine, tol=TOL, maxiter=maxiter, solver_state=state
+    )
 
 
 def test_refine_converges_with_stale_factors_and_judges_the_returned_value_only():

@@ -13,13 +13,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import (
+    DTYPE,
+    GAMMA,
+    X64,
+    closed_form_equilibrium,
+    closed_form_loss,
+    delm_problem,
+    rel_err,
+    requires_x64,
+    u_matrix,
+)
 from jax.test_util import check_grads
 
-from deq_jax import (Anderson, Broyden, Direct, DELMMap, DELMTransposedMap, FixedPoint, Implicit, OneStep, TanhMap,
-                     Unrolled, solve)
+from deq_jax import (
+    Anderson,
+    Broyden,
+    DELMMap,
+    DELMTransposedMap,
+    Direct,
+    FixedPoint,
+    Implicit,
+    OneStep,
+    TanhMap,
+    Unrolled,
+    solve,
+)
 from deq_jax.maps import column_softmax
-from helpers import (DTYPE, GAMMA, X64, closed_form_equilibrium, closed_form_loss, delm_problem, rel_err,
-                     requires_x64, u_matrix)
 
 ITERATIVE = ["fixed_point", "anderson", "broyden"]
 # float32: a relative residual of 1e-6 is reachable above float32 rounding (eps 1.2e-7); the gradient error it leaves
@@ -29,37 +49,62 @@ GRAD_RTOL = 1e-9 if X64 else 1e-4
 EPS = float(jnp.finfo(DTYPE).eps)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def solved_loss(formulation, solver, backward, tol=TOL, maxiter=400, gamma=GAMMA, precision="highest"):
     """The DELM square loss through `solve` (one function object per configuration, so that every test that jits
     the same configuration shares one compiled program)."""
+
     def loss(A, B, phi, y):
         if formulation == "transposed":
-            sol = solve(DELMTransposedMap(gamma), jnp.zeros_like(B), {"A": A}, B, solver=solver, backward=backward,
-                        tol=tol, maxiter=maxiter, precision=precision)
+            sol = solve(
+                DELMTransposedMap(gamma),
+                jnp.zeros_like(B),
+                {"A": A},
+                B,
+                solver=solver,
+                backward=backward,
+                tol=tol,
+                maxiter=maxiter,
+                precision=precision,
+            )
             pred = phi @ sol.value.T
         else:
-            sol = solve(DELMMap(gamma), jnp.zeros_like(phi), {"A": A}, phi, solver=solver, backward=backward,
-                        tol=tol, maxiter=maxiter, precision=precision, batch_axis=0)
+            sol = solve(
+                DELMMap(gamma),
+                jnp.zeros_like(phi),
+                {"A": A},
+                phi,
+                solver=solver,
+                backward=backward,
+                tol=tol,
+                maxiter=maxiter,
+                precision=precision,
+                batch_axis=0,
+            )
             pred = sol.value @ B.T
         return 0.5 * jnp.mean(jnp.sum((pred - y) ** 2, axis=1)), sol.stats
 
     return loss
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def value_and_grads(*config):
     """`(loss, stats), (dA, dB, dphi)` of `solved_loss(*config)`, one function object per configuration."""
     return jax.value_and_grad(solved_loss(*config), argnums=(0, 1, 2), has_aux=True)
 
 
-_STARTS = jax.jit(lambda A, phi, z0, solver: solve(DELMMap(GAMMA), z0, {"A": A}, phi, solver=solver, tol=1e-5,
-                                                  maxiter=400, batch_axis=0), static_argnums=3)
+_STARTS = jax.jit(
+    lambda A, phi, z0, solver: solve(
+        DELMMap(GAMMA), z0, {"A": A}, phi, solver=solver, tol=1e-5, maxiter=400, batch_axis=0
+    ),
+    static_argnums=3,
+)
 
 
 # ----------------------------------------------------------------------------- the convergence rule
 
-@pytest.mark.parametrize("solver", ITERATIVE + ["direct"])
+
+@pytest.mark.parametrize("solver", [*ITERATIVE, "direct"])
 def test_converged_means_close_to_the_equilibrium_from_any_start(solver):
     """Far (1e8), zero and warm starts are judged by one rule on the returned value: converged implies
     |z - z*| <= |U^{-1}|_2 |f(z) - z| <= |U^{-1}|_2 tol |f(z)| (per sample), whatever the start."""
@@ -108,13 +153,18 @@ def test_iteration_counts_and_broyden_sign():
 # ----------------------------------------------------------------------------- gradients vs the closed form
 
 # every solver and every linear solver once, both formulations (a backward only sees z*, so pairing them is enough)
-GRADIENT_CASES = [("per_sample", "anderson", Implicit()), ("per_sample", "fixed_point", Implicit("bicgstab")),
-                  ("per_sample", "broyden", Implicit("lu")), ("transposed", "anderson", Implicit("normal_cg")),
-                  ("per_sample", "direct", Implicit()), ("transposed", "direct", Implicit())]
+GRADIENT_CASES = [
+    ("per_sample", "anderson", Implicit()),
+    ("per_sample", "fixed_point", Implicit("bicgstab")),
+    ("per_sample", "broyden", Implicit("lu")),
+    ("transposed", "anderson", Implicit("normal_cg")),
+    ("per_sample", "direct", Implicit()),
+    ("transposed", "direct", Implicit()),
+]
 
 
 @pytest.mark.float32
-@pytest.mark.parametrize("formulation, solver, backward", GRADIENT_CASES)
+@pytest.mark.parametrize(("formulation", "solver", "backward"), GRADIENT_CASES)
 def test_implicit_gradients_match_the_closed_form(formulation, solver, backward):
     """dL/dA, dL/dB and dL/dphi through the implicit backward against autodiff of W = B U^{-1}."""
     A, B, phi, y = delm_problem(DTYPE)
@@ -122,7 +172,7 @@ def test_implicit_gradients_match_the_closed_form(formulation, solver, backward)
     (value, stats), grads = jax.jit(value_and_grads(formulation, solver, backward))(A, B, phi, y)
     assert bool(stats.converged)
     np.testing.assert_allclose(value, closed_form_loss(A, B, phi, y), rtol=GRAD_RTOL)
-    for g, r in zip(grads, ref):
+    for g, r in zip(grads, ref, strict=False):
         assert g.dtype == DTYPE
         assert rel_err(g, r) <= GRAD_RTOL
 
@@ -132,8 +182,9 @@ def test_unrolled_and_one_step_gradients():
     dL/dB exact (B acts after the solve), dL/dA = sigma-chain of gamma E^T z* without U^{-T}."""
     A, B, phi, y = delm_problem(DTYPE)
     ref_A, ref_B = jax.grad(closed_form_loss, argnums=(0, 1))(A, B, phi, y)
-    (gA, gB), stats = jax.jit(jax.grad(solved_loss("per_sample", "fixed_point", "unrolled", maxiter=300),
-                                       argnums=(0, 1), has_aux=True))(A, B, phi, y)
+    (gA, gB), stats = jax.jit(
+        jax.grad(solved_loss("per_sample", "fixed_point", "unrolled", maxiter=300), argnums=(0, 1), has_aux=True)
+    )(A, B, phi, y)
     assert bool(stats.converged)
     assert rel_err(gA, ref_A) <= GRAD_RTOL and rel_err(gB, ref_B) <= GRAD_RTOL
     z = closed_form_equilibrium(A, phi)
@@ -141,8 +192,9 @@ def test_unrolled_and_one_step_gradients():
     _, vjp = jax.vjp(column_softmax, A)
     (jfb_A,) = vjp(GAMMA * E.T @ z)
     for solver in ["direct", "fixed_point"]:
-        (gA, gB), _ = jax.jit(jax.grad(solved_loss("per_sample", solver, "one_step"), argnums=(0, 1),
-                                       has_aux=True))(A, B, phi, y)
+        (gA, gB), _ = jax.jit(jax.grad(solved_loss("per_sample", solver, "one_step"), argnums=(0, 1), has_aux=True))(
+            A, B, phi, y
+        )
         assert rel_err(gB, ref_B) <= GRAD_RTOL
         assert rel_err(gA, jfb_A) <= GRAD_RTOL
         assert rel_err(gA, ref_A) > 1e-3  # an approximation, not the exact gradient
@@ -152,8 +204,9 @@ def test_unrolled_and_one_step_gradients():
 @requires_x64
 def test_finite_differences_float64():
     A, B, phi, y = delm_problem(jnp.float64, m=3, n=4, m_y=2)
-    implicit = lambda A, B: solved_loss("per_sample", "fixed_point", Implicit("gmres", tol=1e-13), 1e-13)(A, B, phi,
-                                                                                                         y)[0]
+    implicit = lambda A, B: solved_loss("per_sample", "fixed_point", Implicit("gmres", tol=1e-13), 1e-13)(A, B, phi, y)[
+        0
+    ]
     check_grads(jax.jit(implicit), (A, B), order=1, modes=("rev",), eps=1e-5)
 
 
@@ -164,15 +217,16 @@ def test_nonlinear_map_implicit_matches_unrolled():
     target = jax.random.normal(jax.random.PRNGKey(5), (5, 6), DTYPE)
 
     def loss(params, x, backward):
-        sol = solve(f, jnp.zeros((5, 6), DTYPE), params, x, solver="fixed_point", backward=backward, tol=TOL,
-                    maxiter=300)
+        sol = solve(
+            f, jnp.zeros((5, 6), DTYPE), params, x, solver="fixed_point", backward=backward, tol=TOL, maxiter=300
+        )
         return jnp.sum((sol.value - target) ** 2), sol.stats
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)
     g_imp, s_imp = grad(params, x, Implicit("lu"))
     g_unr, s_unr = grad(params, x, "unrolled")
     assert bool(s_imp.converged) and bool(s_unr.converged)
-    for a, b in zip(jax.tree_util.tree_leaves(g_imp), jax.tree_util.tree_leaves(g_unr)):
+    for a, b in zip(jax.tree_util.tree_leaves(g_imp), jax.tree_util.tree_leaves(g_unr), strict=False):
         assert rel_err(a, b) <= 10 * GRAD_RTOL
 
 
@@ -192,6 +246,7 @@ def test_forward_mode_support():
 
 # ----------------------------------------------------------------------------- transformations
 
+
 class JitEqualsEagerTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_value_grad_and_stats(self):
@@ -200,7 +255,7 @@ class JitEqualsEagerTest(chex.TestCase):
         (value, stats), grads = self.variant(value_and_grads("transposed", "fixed_point", Implicit("lu")))(A, B, phi, y)
         (ref_value, _), ref = jax.jit(value_and_grads("transposed", "direct", Implicit()))(A, B, phi, y)
         chex.assert_trees_all_close(value, ref_value, rtol=GRAD_RTOL)
-        for g, r in zip(grads, ref):
+        for g, r in zip(grads, ref, strict=False):
             chex.assert_shape(g, r.shape)
             assert rel_err(g, r) <= GRAD_RTOL
         chex.assert_shape(stats.iterations, ())
@@ -209,8 +264,9 @@ class JitEqualsEagerTest(chex.TestCase):
 
 def test_vmap_over_inputs_equals_loop():
     A, _, phi, _ = delm_problem(DTYPE)
-    one = jax.jit(lambda x: solve(DELMMap(GAMMA), jnp.zeros_like(x), {"A": A}, x, solver="fixed_point", tol=TOL,
-                                  maxiter=400))
+    one = jax.jit(
+        lambda x: solve(DELMMap(GAMMA), jnp.zeros_like(x), {"A": A}, x, solver="fixed_point", tol=TOL, maxiter=400)
+    )
     batched = jax.vmap(one)(phi)  # one solve per sample, each with its own statistics
     chex.assert_shape(batched.stats.iterations, (phi.shape[0],))
     for i in range(0, phi.shape[0], 4):
@@ -230,8 +286,19 @@ def test_vmap_over_parameter_sets_and_grad_of_vmap():
     assert bool(jnp.all(stats.converged))
 
     def batch_loss(A):  # per-sample solves vmapped inside the differentiated function
-        one = lambda x, t: 0.5 * jnp.sum((solve(DELMMap(GAMMA), jnp.zeros_like(x), {"A": A}, x, tol=TOL,
-                                                solver="fixed_point", maxiter=400).value @ B.T - t) ** 2)
+        one = lambda x, t: (
+            0.5
+            * jnp.sum(
+                (
+                    solve(
+                        DELMMap(GAMMA), jnp.zeros_like(x), {"A": A}, x, tol=TOL, solver="fixed_point", maxiter=400
+                    ).value
+                    @ B.T
+                    - t
+                )
+                ** 2
+            )
+        )
         return jnp.mean(jax.vmap(one)(phi, y))
 
     g = jax.jit(jax.grad(batch_loss))(As[0])
@@ -267,6 +334,7 @@ def test_direct_dense_fallback_for_maps_without_affine():
 
 # ----------------------------------------------------------------------------- precision
 
+
 def _dot_precisions(jaxpr):
     found = []
 
@@ -275,7 +343,7 @@ def _dot_precisions(jaxpr):
             if eqn.primitive.name == "dot_general":
                 found.append(eqn.params["precision"])
             for v in eqn.params.values():
-                for item in (v if isinstance(v, (tuple, list)) else (v,)):
+                for item in v if isinstance(v, (tuple, list)) else (v,):
                     inner = getattr(item, "jaxpr", None)
                     if inner is not None:
                         walk(inner if hasattr(inner, "eqns") else inner.jaxpr)
@@ -307,6 +375,7 @@ def test_matmuls_inside_solves_run_at_highest_precision(solver):
 
 # ----------------------------------------------------------------------------- inputs: cast rule, has_aux, errors
 
+
 @pytest.mark.float32
 def test_python_scalars_integers_and_has_aux():
     """An integer start is cast to the default float dtype; an integer x is data passed to the map (no gradient);
@@ -318,14 +387,14 @@ def test_python_scalars_integers_and_has_aux():
     np.testing.assert_allclose(g, 3 / (1 + 0.5 * np.sin(float(value))), rtol=10 * GRAD_RTOL)  # x / (1 - f'(z*))
 
     def fa(z, p, x):
-        return 0.5 * jnp.cos(z) + p, {"square": z ** 2, "p": p}
+        return 0.5 * jnp.cos(z) + p, {"square": z**2, "p": p}
 
     def aux_loss(p):
         sol = solve(fa, 0.0, p, 0.0, has_aux=True, tol=TOL)
         return sol.aux["square"], sol
 
     (square, sol), g = jax.jit(jax.value_and_grad(aux_loss, has_aux=True))(jnp.asarray(0.25, DTYPE))
-    np.testing.assert_allclose(square, sol.value ** 2, rtol=10 * TOL)
+    np.testing.assert_allclose(square, sol.value**2, rtol=10 * TOL)
     assert sol.aux["p"].dtype == DTYPE and bool(sol.stats.converged)
     # d(z*^2)/dp = 2 z* dz*/dp = 2 z* / (1 + 0.5 sin z*)
     np.testing.assert_allclose(g, 2 * sol.value / (1 + 0.5 * np.sin(float(sol.value))), rtol=10 * GRAD_RTOL)
@@ -342,22 +411,33 @@ def test_argument_errors():
         (ValueError, "tol must be a positive number; got 0", lambda: solve(f, z0, p, phi, tol=0)),
         (ValueError, "atol must be a number >= 0; got -1", lambda: solve(f, z0, p, phi, atol=-1)),
         (ValueError, "maxiter must be a positive integer; got 2.5", lambda: solve(f, z0, p, phi, maxiter=2.5)),
-        (ValueError, r"x contains NaN or infinite values \(array of shape \(11, 7\)",
-         lambda: solve(f, z0, p, phi.at[2, 3].set(jnp.inf))),
+        (
+            ValueError,
+            r"x contains NaN or infinite values \(array of shape \(11, 7\)",
+            lambda: solve(f, z0, p, phi.at[2, 3].set(jnp.inf)),
+        ),
         (ValueError, r"params\['A'\] contains NaN", lambda: solve(f, z0, {"A": A.at[0, 0].set(jnp.nan)}, phi)),
         (ValueError, r"z0 contains NaN", lambda: solve(f, z0.at[0, 0].set(jnp.nan), p, phi)),
-        (TypeError, "z0 must be a real number or a floating-point array.*boolean",
-         lambda: solve(f, jnp.zeros((11, 7), bool), p, phi)),
+        (
+            TypeError,
+            "z0 must be a real number or a floating-point array.*boolean",
+            lambda: solve(f, jnp.zeros((11, 7), bool), p, phi),
+        ),
         (TypeError, r"z0\[1\] must be a real number.*complex", lambda: solve(f, (z0, 1j), p, phi)),
-        (TypeError, r"params\['name'\] must be an array or a number.*str",
-         lambda: solve(f, z0, {"A": A, "name": "x"}, phi)),
-        (ValueError, "must return a state of z0's structure.*shape \\(7,\\)",
-         lambda: solve(f, z0[0], p, phi)),
+        (
+            TypeError,
+            r"params\['name'\] must be an array or a number.*str",
+            lambda: solve(f, z0, {"A": A, "name": "x"}, phi),
+        ),
+        (ValueError, "must return a state of z0's structure.*shape \\(7,\\)", lambda: solve(f, z0[0], p, phi)),
         (ValueError, "needs has_aux=True", lambda: solve(lambda z, p, x: (z, 1.0), z0, p, phi)),
         (ValueError, "has_aux=True, f must return a pair", lambda: solve(f, z0, p, phi, has_aux=True)),
         (ValueError, "batch_axis=2 is not an axis of z0", lambda: solve(f, z0, p, phi, batch_axis=2)),
-        (ValueError, "linear_solver='lu'.*Jacobian.*max_dense=10",
-         lambda: solve(f, z0, p, phi, backward=Implicit("lu", max_dense=10))),
+        (
+            ValueError,
+            "linear_solver='lu'.*Jacobian.*max_dense=10",
+            lambda: solve(f, z0, p, phi, backward=Implicit("lu", max_dense=10)),
+        ),
         (ValueError, r"gamma must be a number in the open interval \(0, 1\); got 1.0", lambda: DELMMap(1.0)),
         (ValueError, "unknown sigma 'relu'", lambda: DELMMap(0.5, sigma="relu")),
         (ValueError, "history_size must be an integer >= 2; got 1", lambda: Anderson(history_size=1)),
@@ -374,8 +454,11 @@ def test_argument_errors():
 def test_anderson_keeps_low_precision_dtypes(dtype):
     """jaxopt's own mixing step fails on bfloat16 (and on float32 under x64); deq_jax's keeps the state's dtype."""
     A, _, phi, _ = delm_problem(jnp.float32)
-    sol = jax.jit(lambda A, phi: solve(DELMMap(GAMMA), jnp.zeros_like(phi), {"A": A}, phi, solver="anderson",
-                                       tol=5e-2, maxiter=50))(A.astype(dtype), phi.astype(dtype))
+    sol = jax.jit(
+        lambda A, phi: solve(
+            DELMMap(GAMMA), jnp.zeros_like(phi), {"A": A}, phi, solver="anderson", tol=5e-2, maxiter=50
+        )
+    )(A.astype(dtype), phi.astype(dtype))
     assert sol.value.dtype == dtype
     assert bool(sol.stats.converged)
     assert float(sol.stats.relative_residual) <= 5e-2
@@ -384,15 +467,20 @@ def test_anderson_keeps_low_precision_dtypes(dtype):
 def test_solver_instances_and_options():
     A, _, phi, _ = delm_problem(DTYPE)
     f, z0, p = DELMMap(GAMMA), jnp.zeros_like(phi), {"A": A}
-    for solver, backward in [(FixedPoint(), Implicit("bicgstab", tol=1e-5, maxiter=200)),
-                             (Anderson(history_size=3, beta=0.9), OneStep()), (Broyden(history_size=10), Unrolled())]:
+    for solver, backward in [
+        (FixedPoint(), Implicit("bicgstab", tol=1e-5, maxiter=200)),
+        (Anderson(history_size=3, beta=0.9), OneStep()),
+        (Broyden(history_size=10), Unrolled()),
+    ]:
         sol = jax.jit(lambda p: solve(f, z0, p, phi, solver=solver, backward=backward, tol=1e-5, maxiter=300))(p)
         assert bool(sol.stats.converged)
 
 
 def test_import_deq_jax_imports_neither_yaml_scipy_nor_sklearn():
     """jaxopt imports scipy at import time: deq_jax imports it only inside the first solve."""
-    code = ("import sys, deq_jax; bad = [m for m in ('yaml', 'scipy', 'sklearn', 'jaxopt') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, deq_jax; bad = [m for m in ('yaml', 'scipy', 'sklearn', 'jaxopt') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr

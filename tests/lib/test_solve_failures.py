@@ -8,10 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-from deq_jax import DELM, DELMMap, Implicit, solve, value_and_grad
-from deq_jax import make_step
 from helpers import DTYPE, GAMMA, closed_form_equilibrium, closed_form_loss, delm_problem, rel_err
+
+from deq_jax import DELM, DELMMap, Implicit, make_step, solve, value_and_grad
 
 FAILED = "implicit backward did not solve \\(I - J\\^T\\) u = v"
 
@@ -20,8 +19,17 @@ def delm_loss(backward, gamma=GAMMA, tol=1e-5, dtype=DTYPE):
     A, B, phi, y = delm_problem(dtype)
 
     def loss(A, phi):
-        sol = solve(DELMMap(gamma), jnp.zeros_like(phi), {"A": A}, phi, solver="fixed_point", tol=tol, maxiter=300,
-                    backward=backward, batch_axis=0)
+        sol = solve(
+            DELMMap(gamma),
+            jnp.zeros_like(phi),
+            {"A": A},
+            phi,
+            solver="fixed_point",
+            tol=tol,
+            maxiter=300,
+            backward=backward,
+            batch_axis=0,
+        )
         return 0.5 * jnp.mean(jnp.sum((sol.value @ B.T - y) ** 2, axis=1)), sol.stats
 
     return loss, (A, phi), (B, y)
@@ -33,7 +41,7 @@ def test_starved_backward_solves_are_counted_then_raised(backward):
     """The repros: a backward solve cut short gave dL/dA 4-13% wrong with every statistic saying converged. Inside
     value_and_grad it is counted with its residual; under plain jax.grad (jit) it raises and says what to change."""
     loss, args, (B, y) = delm_loss(backward)
-    (value, stats), grads, backward_stats = jax.jit(value_and_grad(loss, argnums=(0, 1), has_aux=True))(*args)
+    (_value, stats), grads, backward_stats = jax.jit(value_and_grad(loss, argnums=(0, 1), has_aux=True))(*args)
     assert bool(stats.converged)  # the forward solve was fine: only the backward failed
     ref = jax.grad(closed_form_loss, argnums=(0, 2))(args[0], B, args[1], y)
     assert rel_err(grads[0], ref[0]) > 1e-3  # the gradient really is wrong...
@@ -96,7 +104,7 @@ def test_backward_stats_add_up_over_the_solves_of_a_step(check):
         return jnp.sum(jax.vmap(lambda x: solve(f, 0.0, p, x, backward=backward, tol=1e-6).value)(xs))
 
     p, xs = jnp.asarray(0.5, DTYPE), jnp.linspace(0, 1, 5, dtype=DTYPE)
-    value, g, stats = jax.jit(value_and_grad(loss))(p, xs)
+    _value, g, stats = jax.jit(value_and_grad(loss))(p, xs)
     assert int(stats.solves) == 5 and int(stats.failures) == 0 and int(stats.nonfinite) == 0
     # one contraction per sample: dz*/dp = x / (1 + 0.5 sin z*)
     z = jax.vmap(lambda x: solve(f, 0.0, p, x, tol=1e-6).value)(xs)
@@ -116,9 +124,12 @@ def test_one_bad_sample_among_many_is_seen():
     phi = jax.random.normal(jax.random.PRNGKey(1), (51, 7), DTYPE).at[-1].multiply(1e-4)
     z_star = closed_form_equilibrium(A, phi)
     z0 = z_star.at[-1].set(1.0)
-    run = jax.jit(lambda tol, batch_axis, maxiter: solve(DELMMap(GAMMA), z0, {"A": A}, phi, solver="fixed_point",
-                                                         tol=tol, maxiter=maxiter, batch_axis=batch_axis),
-                  static_argnums=(1, 2))
+    run = jax.jit(
+        lambda tol, batch_axis, maxiter: solve(
+            DELMMap(GAMMA), z0, {"A": A}, phi, solver="fixed_point", tol=tol, maxiter=maxiter, batch_axis=batch_axis
+        ),
+        static_argnums=(1, 2),
+    )
     hidden = run(1e-2, None, 2)
     assert bool(hidden.stats.converged)  # the bad sample vanishes in the batch's norm...
     assert float(rel_err(hidden.value[-1], z_star[-1])) > 0.1
@@ -133,7 +144,7 @@ def test_one_bad_sample_among_many_is_seen():
 def test_diverged_iterates_never_pass_for_an_equilibrium():
     """A map whose iterates run off to 1e16, where f(z) - z is exactly zero (as Broyden's runaway was), and a map
     that overflows: both report diverged, not converged, and stop at once instead of running to maxiter."""
-    big = 1e30 if DTYPE == jnp.float32 else 1e16
+    big = 1e30 if jnp.float32 == DTYPE else 1e16
     # no equilibrium (2|z| + 1 > z), but exactly f(z) = z once |z| >= big
     runaway = lambda z, p, x: jnp.where(jnp.abs(z) >= big, z, 2 * jnp.abs(z) + x)
     for solver in ["fixed_point", "anderson", "broyden"]:
@@ -141,15 +152,22 @@ def test_diverged_iterates_never_pass_for_an_equilibrium():
         assert not bool(sol.stats.converged), solver
         if solver == "fixed_point":  # the iterates double until |z| = big: stopped at the guard, not at maxiter
             assert bool(sol.stats.diverged) and int(sol.stats.iterations) < 60
-    sol = solve(lambda z, p, x: jnp.exp(z) + x, jnp.zeros(3, DTYPE), 0.0, jnp.ones(3, DTYPE), solver="fixed_point",
-                maxiter=200)
+    sol = solve(
+        lambda z, p, x: jnp.exp(z) + x, jnp.zeros(3, DTYPE), 0.0, jnp.ones(3, DTYPE), solver="fixed_point", maxiter=200
+    )
     assert bool(sol.stats.diverged) and not bool(sol.stats.converged) and int(sol.stats.iterations) < 10
 
 
 def test_make_step_metrics_carry_the_backward_statistics():
     """The one edit in train.make_step: its metrics carry backward_solves / backward_failures / ... ."""
-    model = DELM(width=7, out_dim=3, formulation="per_sample", solver="anderson", tol=1e-5,
-                 backward=Implicit("bicgstab", maxiter=1))
+    model = DELM(
+        width=7,
+        out_dim=3,
+        formulation="per_sample",
+        solver="anderson",
+        tol=1e-5,
+        backward=Implicit("bicgstab", maxiter=1),
+    )
     _, _, phi, y = delm_problem(DTYPE)
     params = model.init(jax.random.PRNGKey(0), DTYPE)
     optimizer = optax.sgd(0.1)

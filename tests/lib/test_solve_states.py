@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import DTYPE, X64, requires_x64, tree_rel_err
 
 from deq_jax import Broyden, Implicit, solve
-from helpers import DTYPE, X64, requires_x64, tree_rel_err
 
 Pair = collections.namedtuple("Pair", "u v")
 SOLVERS = ["fixed_point", "anderson", "broyden", "direct"]
@@ -46,16 +46,22 @@ def coupled(z, p, x):
 def _inputs(state):
     leaves, treedef = jax.tree_util.tree_flatten(state)
     n = sum(leaf.size for leaf in leaves)
-    x = jax.tree_util.tree_unflatten(treedef, [
-        ((1 + jnp.arange(leaf.size, dtype=DTYPE)).reshape(leaf.shape) / n + 0.1 * i).astype(leaf.dtype)
-        for i, leaf in enumerate(leaves)])
+    x = jax.tree_util.tree_unflatten(
+        treedef,
+        [
+            ((1 + jnp.arange(leaf.size, dtype=DTYPE)).reshape(leaf.shape) / n + 0.1 * i).astype(leaf.dtype)
+            for i, leaf in enumerate(leaves)
+        ],
+    )
     w = jax.tree_util.tree_map(lambda leaf: jnp.cos(1.0 + jnp.arange(leaf.size, dtype=DTYPE)).reshape(leaf.shape), x)
     return jnp.asarray([0.3, 0.2], DTYPE), x, w
 
 
 def _loss(w, z):
-    return sum(jnp.sum(wl * zl.astype(DTYPE)) for wl, zl in zip(jax.tree_util.tree_leaves(w),
-                                                                  jax.tree_util.tree_leaves(z)))
+    return sum(
+        jnp.sum(wl * zl.astype(DTYPE))
+        for wl, zl in zip(jax.tree_util.tree_leaves(w), jax.tree_util.tree_leaves(z), strict=False)
+    )
 
 
 def _reference(state, one_step):
@@ -74,7 +80,7 @@ def _reference(state, one_step):
     return jax.grad(lambda p, x: _loss(w, z_star(p, x)), (0, 1))(p, x)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _grad(kind, solver, backward):
     state = _states()[kind]
 
@@ -101,40 +107,51 @@ def _check_pair(kind, solver, backward):
 KINDS = ["scalar", "rank3", "pytree"]
 # A covering subset: every (solver, backward), (solver, state) and (backward, state) pair once (a Latin square);
 # the implicit pairs use the dense LU backward, the one that crashed on 0-d, rank-3 and pytree states.
-COVER = [(solver, backward, KINDS[(b + i) % 3]) for i, solver in enumerate(SOLVERS)
-         for b, backward in enumerate(BACKWARDS)]
+COVER = [
+    (solver, backward, KINDS[(b + i) % 3]) for i, solver in enumerate(SOLVERS) for b, backward in enumerate(BACKWARDS)
+]
 
 
 # also run with x64 off: every solver, backward and state once
-FLOAT32 = {("fixed_point", "implicit", "scalar"), ("anderson", "unrolled", "scalar"), ("broyden", "implicit", "pytree"),
-           ("direct", "one_step", "rank3"), ("anderson", "one_step", "pytree")}
+FLOAT32 = {
+    ("fixed_point", "implicit", "scalar"),
+    ("anderson", "unrolled", "scalar"),
+    ("broyden", "implicit", "pytree"),
+    ("direct", "one_step", "rank3"),
+    ("anderson", "one_step", "pytree"),
+}
 
 
-@pytest.mark.parametrize("solver, backward, kind", [
-    pytest.param(*case, marks=[pytest.mark.float32] if case in FLOAT32 else []) for case in COVER])
+@pytest.mark.parametrize(
+    ("solver", "backward", "kind"),
+    [pytest.param(*case, marks=[pytest.mark.float32] if case in FLOAT32 else []) for case in COVER],
+)
 def test_pairs_cover_every_state(solver, backward, kind):
     _check_pair(kind, solver, Implicit("lu") if backward == "implicit" else backward)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backward", BACKWARDS + [Implicit("lu")])
+@pytest.mark.parametrize("backward", [*BACKWARDS, Implicit("lu")])
 @pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_pair_on_every_state(kind, solver, backward):
     _check_pair(kind, solver, backward)
 
 
-@pytest.mark.parametrize("linear_solver", ["gmres", pytest.param("bicgstab", marks=pytest.mark.slow),
-                                           pytest.param("normal_cg", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "linear_solver",
+    ["gmres", pytest.param("bicgstab", marks=pytest.mark.slow), pytest.param("normal_cg", marks=pytest.mark.slow)],
+)
 def test_every_linear_solver_on_a_pytree_state(linear_solver):
     state = _states()["pytree"]
     p, x, w = _inputs(state)
-    (gp, gx), stats = _grad("pytree", "anderson", Implicit(linear_solver))(p, x, w)
+    (gp, gx), _stats = _grad("pytree", "anderson", Implicit(linear_solver))(p, x, w)
     ref = _reference(state, False)
     assert tree_rel_err(gp, ref[0]) <= 1e-4 and tree_rel_err(gx, ref[1]) <= 1e-4
 
 
 # ----------------------------------------------------------------------------- the peers' test problems
+
 
 @pytest.mark.parametrize("solver", [pytest.param("fixed_point", marks=pytest.mark.float32), "anderson", "broyden"])
 def test_unrolled_gradient_from_the_fixed_point_itself(solver):
@@ -144,8 +161,11 @@ def test_unrolled_gradient_from_the_fixed_point_itself(solver):
     f = lambda z, theta, x: jnp.cos(z) + theta
     theta = jnp.asarray([0.0, jnp.pi / 2], DTYPE)
     z_star = jnp.asarray([0.7390851332151607, jnp.pi / 2], DTYPE)
-    run = lambda backward: jax.jit(jax.grad(lambda t: jnp.sum(solve(f, z_star, t, 0.0, solver=solver, tol=1e-6,
-                                                                    backward=backward, maxiter=40).value)))
+    run = lambda backward: jax.jit(
+        jax.grad(
+            lambda t: jnp.sum(solve(f, z_star, t, 0.0, solver=solver, tol=1e-6, backward=backward, maxiter=40).value)
+        )
+    )
     truth = 1 / (1 + jnp.sin(z_star))
     np.testing.assert_allclose(run("unrolled")(theta), truth, rtol=1e-5)
 
@@ -164,8 +184,16 @@ def test_jaxopt_problems():
     assert bool(sol.stats.converged) and float(jnp.linalg.norm(sol.value)) < 1e-5
     # has_aux with a flat landscape: f(x, theta) = (theta * x, x)
     flat = lambda z, theta, x: (theta * z, z)
-    sol = solve(flat, jnp.asarray([1.0, -0.5], DTYPE), jnp.asarray([0.05, 0.2], DTYPE), 0.0, solver="broyden",
-                has_aux=True, tol=1e-6, atol=1e-12)
+    sol = solve(
+        flat,
+        jnp.asarray([1.0, -0.5], DTYPE),
+        jnp.asarray([0.05, 0.2], DTYPE),
+        0.0,
+        solver="broyden",
+        has_aux=True,
+        tol=1e-6,
+        atol=1e-12,
+    )
     assert bool(sol.stats.converged)
     np.testing.assert_allclose(sol.aux, sol.value, atol=1e-12)
 
@@ -196,24 +224,30 @@ def test_optimistix_problems():
 
     def robertson(y, k1=0.04, k2=3e7, k3=1e4):
         y, unflatten = jax.flatten_util.ravel_pytree(y)
-        return unflatten(jnp.stack([-k1 * y[0] + k3 * y[1] * y[2], k1 * y[0] - k2 * y[1] ** 2 - k3 * y[1] * y[2],
-                                    k2 * y[1] ** 2]))
+        return unflatten(
+            jnp.stack([-k1 * y[0] + k3 * y[1] * y[2], k1 * y[0] - k2 * y[1] ** 2 - k3 * y[1] * y[2], k2 * y[1] ** 2])
+        )
 
     grid = jnp.linspace(-1, 1, 100, dtype=DTYPE)
-    y0, f0 = grid ** 2, (1 - grid ** 2) * grid ** 2
+    y0, f0 = grid**2, (1 - grid**2) * grid**2
     problems = [
         ("exponential", lambda z, c, x: tm(lambda v: jnp.exp(-c * v), z), ones, "fixed_point"),
         ("cosine", lambda z, c, x: tm(lambda v: jnp.cos(c * v), z), ones, "anderson"),
-        ("robertson", lambda z, c, x: tm(lambda v: 1e-8 * v, robertson(z)),
-         (jnp.ones(2, DTYPE), {"b": jnp.ones((), DTYPE)}), "fixed_point"),
+        (
+            "robertson",
+            lambda z, c, x: tm(lambda v: 1e-8 * v, robertson(z)),
+            (jnp.ones(2, DTYPE), {"b": jnp.ones((), DTYPE)}),
+            "fixed_point",
+        ),
         ("heat", lambda z, c, x: c * (y0 + 0.5 * ((1 - z) * z + f0)), jnp.ones(100, DTYPE), Broyden(history_size=20)),
     ]
     for i, (name, f, z0, solver) in enumerate(problems):
         has_aux = i % 2 == 1
         fn = (lambda f: lambda z, c, x: (f(z, c, x), {"smoke": jnp.ones(2)}))(f) if has_aux else f
-        sol = solve(fn, z0, jnp.asarray(1.0, DTYPE), 0.0, solver=solver, tol=1e-6, atol=1e-6, maxiter=1000,
-                    has_aux=has_aux)
+        sol = solve(
+            fn, z0, jnp.asarray(1.0, DTYPE), 0.0, solver=solver, tol=1e-6, atol=1e-6, maxiter=1000, has_aux=has_aux
+        )
         assert bool(sol.stats.converged), name
         fz = f(sol.value, 1.0, 0.0)
-        for a, b in zip(jax.tree_util.tree_leaves(sol.value), jax.tree_util.tree_leaves(fz)):
+        for a, b in zip(jax.tree_util.tree_leaves(sol.value), jax.tree_util.tree_leaves(fz), strict=False):
             np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=name)

@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import DTYPE, X64
 
 from deq_jax import Relaxed, solve
-from helpers import DTYPE, X64
 
 pytestmark = pytest.mark.float32
 
@@ -22,8 +22,10 @@ def oscillating(z, p, x):
 def test_damping_converges_where_plain_iteration_oscillates():
     x, p = jnp.linspace(-1.0, 1.0, 5, dtype=DTYPE), jnp.asarray(0.95, DTYPE)
     z_star = x / (1 + p)
-    run = jax.jit(lambda solver: solve(oscillating, jnp.zeros_like(x), p, x, solver=solver, tol=TOL, maxiter=2000),
-                  static_argnums=0)
+    run = jax.jit(
+        lambda solver: solve(oscillating, jnp.zeros_like(x), p, x, solver=solver, tol=TOL, maxiter=2000),
+        static_argnums=0,
+    )
     relaxed, plain = run(Relaxed(0.5)), run("fixed_point")
     assert bool(relaxed.stats.converged) and bool(plain.stats.converged)
     # |1 - d(1 + p)| = 0.025 per step against 0.95: a handful of steps against hundreds

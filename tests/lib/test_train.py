@@ -9,11 +9,30 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-from deq_jax import (DELM, DeepLinear, DivergenceError, DivergenceWarning, Implicit, Linear, Model, NonConvergenceError,
-                     NonConvergenceWarning, TanhMap, Warm, check_converged, cross_entropy, full_batch_gd, logistic,
-                     make_chunk, make_step, solve, square, square_gram)
 from helpers import rel_err
+
+from deq_jax import (
+    DELM,
+    DeepLinear,
+    DivergenceError,
+    DivergenceWarning,
+    Implicit,
+    Linear,
+    Model,
+    NonConvergenceError,
+    NonConvergenceWarning,
+    TanhMap,
+    Warm,
+    check_converged,
+    cross_entropy,
+    full_batch_gd,
+    logistic,
+    make_chunk,
+    make_step,
+    solve,
+    square,
+    square_gram,
+)
 
 pytestmark = pytest.mark.float32  # the whole file also runs with x64 off (float32), as users run JAX
 
@@ -67,18 +86,36 @@ def test_step_with_penalty_equals_a_manual_gradient_step():
     new, _, metrics = step(params, optax.sgd(0.1).init(params), phi, labels)
     assert rel_err(new, state.params) < 1e-13
     # the forward solve's statistics, and the implicit backward passes' (counted by deq_jax.value_and_grad)
-    assert set(metrics) == {"loss", "grad_norm", "iterations", "residual", "relative_residual", "converged",
-                            "factorisations", "backward_solves", "backward_failures", "backward_nonfinite",
-                            "backward_relative_residual", "backward_iterations"}
+    assert set(metrics) == {
+        "loss",
+        "grad_norm",
+        "iterations",
+        "residual",
+        "relative_residual",
+        "converged",
+        "factorisations",
+        "backward_solves",
+        "backward_failures",
+        "backward_nonfinite",
+        "backward_relative_residual",
+        "backward_iterations",
+    }
     assert int(metrics["backward_failures"]) == 0 and int(metrics["backward_nonfinite"]) == 0
 
 
-@pytest.mark.parametrize("model", [DELM(8, 3, gamma=0.8), DELM(8, 3, solver="refine", formulation="per_sample"),
-                                   Linear(8, 3), DeepLinear(8, 3, depth=3)])
+@pytest.mark.parametrize(
+    "model",
+    [
+        DELM(8, 3, gamma=0.8),
+        DELM(8, 3, solver="refine", formulation="per_sample"),
+        Linear(8, 3),
+        DeepLinear(8, 3, depth=3),
+    ],
+)
 def test_full_batch_gd_decreases_the_loss(model):
     phi, _, y = problem(jnp.float32)
     params = model.init(jax.random.PRNGKey(3))
-    final, history = jax.jit(lambda p: full_batch_gd(model, "square", p, phi, y, learning_rate=0.05, steps=60))(params)
+    _final, history = jax.jit(lambda p: full_batch_gd(model, "square", p, phi, y, learning_rate=0.05, steps=60))(params)
     loss = np.asarray(history["loss"])
     assert loss.shape == (60,)
     assert loss[-1] < 0.9 * loss[0]
@@ -127,8 +164,9 @@ def test_gram_route_gives_the_same_trajectory():
     phi, _, y = problem(jnp.float64)
     model = DELM(8, 3, gamma=0.8, solver="refine", tol=1e-13)
     params = model.init(jax.random.PRNGKey(4), jnp.float64)
-    run = lambda gram, warm: full_batch_gd(model, "square", params, phi, y, learning_rate=0.05, steps=25,
-                                            gram=gram, warm_start=warm)
+    run = lambda gram, warm: full_batch_gd(
+        model, "square", params, phi, y, learning_rate=0.05, steps=25, gram=gram, warm_start=warm
+    )
     final_g, hist_g = jax.jit(lambda: run(True, True))()
     final_p, hist_p = jax.jit(lambda: run(False, False))()
     # float64; the Gram form's loss is a difference of O(1) terms: 1e-12 relative is rounding
@@ -150,13 +188,24 @@ class TanhDEQ:
 
     def init(self, key, dtype=jnp.float32):
         k1, k2 = jax.random.split(key)
-        return {"f": self.map.init(k1, self.width, self.width, dtype),
-                "B": jax.random.normal(k2, (self.out_dim, self.width), dtype) / self.width}
+        return {
+            "f": self.map.init(k1, self.width, self.width, dtype),
+            "B": jax.random.normal(k2, (self.out_dim, self.width), dtype) / self.width,
+        }
 
     def apply(self, params, phi, warm=None):
         warm = warm or Warm(jnp.zeros_like(phi))
-        sol = solve(self.map, warm.state, params["f"], phi, solver=self.solver, backward=self.backward,
-                    tol=1e-12, maxiter=300, adjoint_start=warm.adjoint)
+        sol = solve(
+            self.map,
+            warm.state,
+            params["f"],
+            phi,
+            solver=self.solver,
+            backward=self.backward,
+            tol=1e-12,
+            maxiter=300,
+            adjoint_start=warm.adjoint,
+        )
         return sol.value @ params["B"].T, sol
 
     def warm_start(self, params, phi=None, previous=None):
@@ -182,8 +231,9 @@ def test_a_users_own_model_trains_through_the_library():
     loss = jax.jit(lambda p: square(model.apply(p, phi)[0], y))
     flat, unravel = jax.flatten_util.ravel_pytree(params)
     h = 1e-6  # float64 central differences: truncation ~h^2, rounding ~1e-16/h, both below 1e-8 relative
-    fd = np.array([(loss(unravel(flat.at[i].add(h))) - loss(unravel(flat.at[i].add(-h)))) / (2 * h)
-                   for i in range(flat.size)])
+    fd = np.array(
+        [(loss(unravel(flat.at[i].add(h))) - loss(unravel(flat.at[i].add(-h)))) / (2 * h) for i in range(flat.size)]
+    )
     after = jax.tree_util.tree_map(lambda a: a[1], history["params"])
     grads = jax.flatten_util.ravel_pytree(jax.tree_util.tree_map(jnp.subtract, params, after))[0] / 0.1
     np.testing.assert_allclose(grads, fd, rtol=1e-6, atol=1e-9)
@@ -196,9 +246,12 @@ def test_non_convergence_is_surfaced_by_training():
     _, history = full_batch_gd(model, "square", params, phi, y, learning_rate=0.01, steps=4)
     assert not np.any(history["converged"]) and np.all(history["iterations"] == 5)
     assert np.all(history["relative_residual"] > 1e-6)
-    with pytest.warns(NonConvergenceWarning, match="4 of 4 steps had an equilibrium solve that did not reach its "
-                                                   "tolerance .*raise maxiter, loosen tol or use another solver "
-                                                   "than 'fixed_point'"):
+    with pytest.warns(
+        NonConvergenceWarning,
+        match="4 of 4 steps had an equilibrium solve that did not reach its "
+        "tolerance .*raise maxiter, loosen tol or use another solver "
+        "than 'fixed_point'",
+    ):
         assert check_converged(history, model=model) == 4
     with pytest.raises(NonConvergenceError, match="did not reach"):
         check_converged(history, on_failure="raise")
@@ -210,20 +263,31 @@ def test_non_convergence_is_surfaced_by_training():
 def test_divergence_is_reported_as_divergence_with_the_step_size():
     phi, _, y = problem(jnp.float32)
     model = Linear(8, 3)
-    _, history = full_batch_gd(model, "square", model.init(jax.random.PRNGKey(0)), phi, y, learning_rate=50.0,
-                               steps=30)
-    with pytest.warns(DivergenceWarning, match=r"training diverged: the loss became (NaN|infinite) at step \d+ .*"
-                                               r"lower learning_rate=50"):
+    _, history = full_batch_gd(model, "square", model.init(jax.random.PRNGKey(0)), phi, y, learning_rate=50.0, steps=30)
+    with pytest.warns(
+        DivergenceWarning,
+        match=r"training diverged: the loss became (NaN|infinite) at step \d+ .*"
+        r"lower learning_rate=50",
+    ):
         check_converged(history, learning_rate=50.0)
     # a growing but finite loss is divergence too; solver failures after it are blamed on it, not on the solver
-    grown = {"loss": np.array([1.0, 3.0, 9.0]), "converged": np.array([True, False, False]),
-             "relative_residual": np.array([0.0, 1.0, 1.0])}
-    with pytest.raises(DivergenceError, match="the loss grew from 1 to 9.*2 of 3 steps had an equilibrium solve "
-                                              "above its tolerance, which follows from the divergence"):
+    grown = {
+        "loss": np.array([1.0, 3.0, 9.0]),
+        "converged": np.array([True, False, False]),
+        "relative_residual": np.array([0.0, 1.0, 1.0]),
+    }
+    with pytest.raises(
+        DivergenceError,
+        match="the loss grew from 1 to 9.*2 of 3 steps had an equilibrium solve "
+        "above its tolerance, which follows from the divergence",
+    ):
         check_converged(grown, on_failure="raise")
     # a direct solve has no maxiter: its advice says what can be wrong with it
-    stalled = {"loss": np.array([1.0, 0.5]), "converged": np.array([True, False]),
-               "relative_residual": np.array([0.0, 1e-3])}
+    stalled = {
+        "loss": np.array([1.0, 0.5]),
+        "converged": np.array([True, False]),
+        "relative_residual": np.array([0.0, 1e-3]),
+    }
     with pytest.warns(NonConvergenceWarning, match="the direct solve .*no maxiter.* use float64 or loosen tol") as rec:
         check_converged(stalled, model=DELM(8, 3))
     assert "raise maxiter" not in str(rec[0].message)

@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from deq_jax import models, train
-from deq_jax import Implicit
+from deq_jax import Implicit, models, train
 
 
 def _step(backward):

@@ -8,12 +8,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import (
+    GAMMA,
+    closed_form_end_to_end,
+    closed_form_equilibrium,
+    closed_form_loss,
+    delm_problem,
+    rel_err,
+    u_matrix,
+)
 
 from deq_jax import DELM, Implicit, TrainState, Warm, make_step
 from deq_jax._solver._lu import factor
 from deq_jax._solver.refine import RefineState
-from helpers import (GAMMA, closed_form_end_to_end, closed_form_equilibrium, closed_form_loss, delm_problem, rel_err,
-                     u_matrix)
 
 pytestmark = pytest.mark.float32  # the whole file also runs with x64 off (float32), as users run JAX
 
@@ -24,12 +31,20 @@ X64 = jax.config.read("jax_enable_x64")
 DTYPE, TOL, GRAD_RTOL = (jnp.float64, 1e-12, 1e-10) if X64 else (jnp.float32, 1e-5, 2e-3)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def step_of(formulation, solver, tol=TOL, maxiter=400):
     """One compiled warm step per configuration, shared by the tests below. The backward equation is solved by the
     forward solver (`Implicit("forward")`), started from the carried adjoint and capped by the same maxiter."""
-    model = DELM(7, 3, gamma=GAMMA, formulation=formulation, solver=solver, tol=tol, maxiter=maxiter,
-                 backward=Implicit("forward"))
+    model = DELM(
+        7,
+        3,
+        gamma=GAMMA,
+        formulation=formulation,
+        solver=solver,
+        tol=tol,
+        maxiter=maxiter,
+        backward=Implicit("forward"),
+    )
     return model, make_step(model, "square", learning_rate=LR)
 
 
@@ -39,11 +54,12 @@ def reference(params, phi, y):
     return jax.value_and_grad(lambda p: closed_form_loss(p["A"], p["B"], phi, y))(params)
 
 
-@pytest.mark.parametrize("formulation, solver", [("transposed", "refine"), ("transposed", "anderson"),
-                                                 ("per_sample", "fixed_point")])
+@pytest.mark.parametrize(
+    ("formulation", "solver"), [("transposed", "refine"), ("transposed", "anderson"), ("per_sample", "fixed_point")]
+)
 def test_warm_gradients_are_exact_along_a_trajectory(formulation, solver):
     A, B, phi, y = delm_problem(DTYPE)
-    model, step = step_of(formulation, solver)
+    _model, step = step_of(formulation, solver)
     state, seen, history = step.init({"A": A, "B": B}, phi), [], []
     for _ in range(4):
         seen.append(state.params)
@@ -115,7 +131,7 @@ def test_rebatch_keeps_what_does_not_depend_on_the_samples():
 
     out = carried(params, phi, other)
     before, after = out["transposed"]
-    for kept, was in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(before)):
+    for kept, was in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(before), strict=False):
         np.testing.assert_array_equal(kept, was)  # W, dL/dB and the LU factors carry over to other samples
     before, after = out["per_sample"]
     assert after.state.shape == other.shape and not np.any(after.state) and not np.any(after.adjoint)  # from zero
