@@ -199,7 +199,7 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
             try:
                 re.compile(getattr(args, name))
             except re.error as err:
-                raise UserError(f"--{name} must be a regular expression; got {getattr(args, name)!r} ({err})")
+                raise UserError(f"--{name} must be a regular expression; got {getattr(args, name)!r} ({err})") from err
     if args.data_dir is not None and args.data == "random":
         raise UserError("--data-dir names where Fashion-MNIST is; --data random reads no files (drop one of them)")
     if args.render and (args.list or args.publish is not None):

@@ -126,8 +126,9 @@ def transposed_step_vs_lu(limit: float = 0.7) -> Goal:
     (against float64) is within max(tol, 10x the direct step's at the same parameters): "as accurate as the direct
     step" up to the solve tolerance. A stateless row is compared with the stateless direct step (both at the initial
     parameters), a training-run row with the direct training run (both at the same step of the same trajectory:
-    there the gradient is smaller and its float32 error larger), or, without that run, with the stateless one. A new transposed row (another solver, a warm
-    start) is a candidate without touching this goal; faster rows left out for accuracy are named."""
+    there the gradient is smaller and its float32 error larger), or, without that run, with the stateless one. A new
+    transposed row (another solver, a warm start) is a candidate without touching this goal; faster rows left out for
+    accuracy are named."""
 
     def measure(run):
         rows, tol = run["rows"], run["tol"]

@@ -319,10 +319,11 @@ def inline_delm(p: Problem, formulation: str, solver: str, *, device: Any, preci
         B = params["B"]
         if solver == "direct":
             U = jnp.eye(m, dtype=S.dtype) - gamma * S
-            if formulation == "transposed":
-                state = jnp.linalg.solve(U.T, B.T).T  # W U = B
-            else:
-                state = jnp.linalg.solve(U, phi.T).T  # U z_i = phi_i for every sample
+            state = (
+                jnp.linalg.solve(U.T, B.T).T  # W U = B
+                if formulation == "transposed"
+                else jnp.linalg.solve(U, phi.T).T  # U z_i = phi_i for every sample
+            )
             aux = {"iterations": jnp.zeros((), jnp.int32), "converged": None}
         else:
             if formulation == "transposed":

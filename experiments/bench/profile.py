@@ -331,6 +331,11 @@ BACKWARD_SOLVERS = (
 )
 
 
+def _solution_of(solve: Callable) -> Callable:
+    """`solve`'s solution alone (the solvers return `(x, info)`), as the program to compile."""
+    return lambda b, S: solve(b, S)[0]
+
+
 def backward_solvers(
     p: Problem, names: tuple[str, ...] = BACKWARD_SOLVERS, *, device: Any, precision, repeats: int = 2
 ) -> list[dict]:
@@ -377,7 +382,7 @@ def backward_solvers(
         interrupts.check()
         solve = solvers[name]
         with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
-            run = jax.jit(lambda b, S: solve(b, S)[0]).lower(v, S).compile()
+            run = jax.jit(_solution_of(solve)).lower(v, S).compile()
         jax.block_until_ready(run(v, S))
         times = []
         for _ in range(repeats):

@@ -133,6 +133,7 @@ def training_table(rows: list[dict]) -> str:
         return ""
     ok = lambda r: r.get("status") == "ok"
     lu = next((r for r in rows if r.get("solver") == "lu_factor" and ok(r)), None)
+    mean = lambda r, key: "-" if r.get(key) is None else f"{r[key]:.1f}"
     twin = lambda r: next(
         (
             z
@@ -160,7 +161,6 @@ def training_table(rows: list[dict]) -> str:
             reason = r.get("error") or r.get("note")
             lines.append(f"| {r['name']} | {r['status']}: {reason} |" + " |" * (len(header) - 2))
             continue
-        mean = lambda key: "-" if r.get(key) is None else f"{r[key]:.1f}"
         refactor = (
             "-" if r.get("refactorisations") is None else f"{r['refactorisations']} ({r['refactorisations_timed']})"
         )
@@ -173,7 +173,7 @@ def training_table(rows: list[dict]) -> str:
         cells = [
             r["name"],
             f"{r['steps']} ({len(r['times_s'])})",
-            (f"{mean('iterations_mean')} + {mean('backward_iterations_mean')}"),
+            f"{mean(r, 'iterations_mean')} + {mean(r, 'backward_iterations_mean')}",
             refactor,
             fmt_ms(r["min_s"]),
             fmt_ms(r["median_s"]),

@@ -210,6 +210,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
             capture_output=True,
             text=True,
             cwd=ROOT,
+            check=False,  # a failure is reported with the worker's stderr, below
         )
         if proc.returncode != 0:
             raise RuntimeError(f"the {count}-device worker failed:\n{proc.stderr[-4000:]}")

@@ -14,9 +14,9 @@ Each row
   refactorisations for "refine", the loss), the timed ones marked;
 - is checked independently twice, before its timed steps and after them: a separate program computes the step's
   gradient at the run's current state through the same library path (`deq_jax.value_and_grad` of the loss through
-  `DELM.apply` with the carried `Warm`, started from the same carried state) and returns the equilibrium, whose float64 residual and gradients (against the float64
-  closed form at the run's current parameters) are judged like every other row's. A warm start that passed a
-  non-converged solve would be flagged.
+  `DELM.apply` with the carried `Warm`, started from the same carried state) and returns the equilibrium, whose
+  float64 residual and gradients (against the float64 closed form at the run's current parameters) are judged like
+  every other row's. A warm start that passed a non-converged solve would be flagged.
 """
 
 from __future__ import annotations

@@ -48,9 +48,9 @@ def atomic_path(path: os.PathLike | str, suffix: str = ".tmp") -> Iterator[pathl
 
 
 def write_bytes(path: os.PathLike | str, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:  # no fsync: os.replace is atomic against a killed process, which is the concern
-            fh.write(data)
+    # no fsync: os.replace is atomic against a killed process, which is the concern
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
 
 
 def write_text(path: os.PathLike | str, text: str) -> None:

@@ -253,8 +253,8 @@ def report_markdown(summary: dict, results: dict, figures: dict, config_yaml: st
         f"# Reproduction report: `{summary['run_name']}`",
         "",
         (
-            "Kawaguchi (ICLR 2021), *On the Theory of Implicit Deep Learning: Global Convergence with Implicit Layers*: "
-            "the deep equilibrium linear model (DELM) against the linear model and deep linear networks. The "
+            "Kawaguchi (ICLR 2021), *On the Theory of Implicit Deep Learning: Global Convergence with Implicit "
+            "Layers*: the deep equilibrium linear model (DELM) against the linear model and deep linear networks. The "
             "mathematics and what each claim checks: docs/theory.md."
         ),
         "",
@@ -354,7 +354,8 @@ def report_markdown(summary: dict, results: dict, figures: dict, config_yaml: st
         "",
         (
             "Files: `config.yaml` (the resolved configuration), `metrics.csv` (every step of every run), "
-            "`summary.json` (claims and measurements), `figures/`, `checkpoints/` (for resuming; `--fresh` clears them)."
+            "`summary.json` (claims and measurements), `figures/`, `checkpoints/` (for resuming; `--fresh` clears "
+            "them)."
         ),
         "",
         "<details><summary>Resolved configuration</summary>",
@@ -420,8 +421,8 @@ def _section_convergence(o: Any, figures: list[str], cfg: dict) -> list[str]:
             "backward) must follow its path. The square loss trains through its Gram form (`C = phi^T phi / n`, "
             "`D = phi^T Y / n`: n-independent per step, same gradients; the per-sample variant uses the samples "
             "themselves); cross-entropy needs every sample at every step. Dashed: the bound "
-            "`(L_0 - L*) prod_s (1 - eta lambda / |U_s|_2^2)^2` from the DELM's own `|U_t|_2`; dotted: the log-linear fit "
-            f"over gaps in ({c['fit_lo']:g}, {c['fit_hi']:g}). Runs stop once the normalised gap stays below "
+            "`(L_0 - L*) prod_s (1 - eta lambda / |U_s|_2^2)^2` from the DELM's own `|U_t|_2`; dotted: the log-linear "
+            f"fit over gaps in ({c['fit_lo']:g}, {c['fit_hi']:g}). Runs stop once the normalised gap stays below "
             f"{c['stop_gap']:g} for a whole chunk. Step size: `eta = scale / lambda_max(P_0 H)` (the column "
             "`eta lambda_max(P_0 H)`)."
         ),
@@ -492,12 +493,13 @@ def _section_trust_region(o: Any, figures: list[str]) -> list[str]:
             f"descent on the shallow model from the same `W_0 = B_0 U_0^-1`, both with eta = {fmt(o.learning_rate)} "
             f"(eta lambda_max(P_0 H) = {fmt(o.stiffness0)} at the stiffest start) on the square loss, width m = "
             f"{o.width}. At every step the change of `W = B U^-1` along the update training applied is compared with "
-            f"`-eta P_t(G_t)` (forward mode and central differences through the closed form), the trained step with the "
-            f"exact GD step `W(theta_t - eta g_t)` to all orders (`deq_jax.theory.w_step_check`), and the W-path with "
-            f"the path integrated from the second-order predictions (`deq_jax.theory.predict_w_step`). Every {o.check_every} steps (while the gap is above rounding "
-            f"level) `deq_jax.theory.trust_region_check` builds the trust-region norm `M = ((eta P)^-1 - H) / lambda` "
-            f"densely ((m_y m)^2 matrices: feasible widths only). Top: the paths projected on the plane through `W*` "
-            f"spanned by `W_0 - W*` and the DELM path's largest deviation from that line."
+            f"`-eta P_t(G_t)` (forward mode and central differences through the closed form), the trained step with "
+            f"the exact GD step `W(theta_t - eta g_t)` to all orders (`deq_jax.theory.w_step_check`), and the W-path "
+            f"with the path integrated from the second-order predictions (`deq_jax.theory.predict_w_step`). Every "
+            f"{o.check_every} steps (while the gap is above rounding level) `deq_jax.theory.trust_region_check` builds "
+            f"the trust-region norm `M = ((eta P)^-1 - H) / lambda` densely ((m_y m)^2 matrices: feasible widths "
+            f"only). Top: the paths projected on the plane through `W*` spanned by `W_0 - W*` and the DELM path's "
+            f"largest deviation from that line."
         ),
         "",
         *_figs(figures, "DELM and GD paths in W-space"),

@@ -121,7 +121,8 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
             initialization_timeout=args.init_timeout,
         )
     except (ValueError, TypeError) as err:  # nothing detected and not given
-        raise cli.UserError(f"--distributed: {err} (pass --coordinator HOST:PORT --num-processes N --process-id I)")
+        hint = "pass --coordinator HOST:PORT --num-processes N --process-id I"
+        raise cli.UserError(f"--distributed: {err} ({hint})") from err
     except jax.errors.JaxRuntimeError as err:  # e.g. the coordinator never answered
         raise cli.UserError(
             f"--distributed: the processes could not meet at {args.coordinator or 'the coordinator'}"

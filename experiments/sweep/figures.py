@@ -93,21 +93,22 @@ def make_figure(rows: Sequence[Mapping]) -> Any:
             color = colors[i % len(colors)]
             style = ("-", "--", ":")[(i // len(colors)) % 3]
             marks = {}
+            x, y, y_low, y_high = steps, mean, low, high  # what is drawn
             if agg["diverged_runs"]:
                 # the line ends in a red cross: where its last seed still had a finite loss, or where it left the
                 # axis; the cross is part of the line, so the legend entry shows it too
                 above = np.flatnonzero(mean > top)
                 if above.size:
                     k = int(above[0])
-                    steps, mean = steps[: k + 1], np.append(mean[:k], top)
-                    low, high = low[: k + 1], np.minimum(high[: k + 1], top)
+                    x, y = steps[: k + 1], np.append(mean[:k], top)
+                    y_low, y_high = low[: k + 1], np.minimum(high[: k + 1], top)
                     cut = True
                     end = k
                 else:
                     end = int(finite[-1])
                 marks = dict(marker="x", markevery=[end], ms=9, mew=2, mec=DIVERGED_COLOR, clip_on=False)
-            ax_curve.plot(steps, mean, label=label, lw=1.4, color=color, linestyle=style, **marks)
-            ax_curve.fill_between(steps, low, high, color=color, alpha=0.15, lw=0)
+            ax_curve.plot(x, y, label=label, lw=1.4, color=color, linestyle=style, **marks)
+            ax_curve.fill_between(x, y_low, y_high, color=color, alpha=0.15, lw=0)
         if cut:
             ax_curve.set_ylim(top=top)
         diverged_at_once = [

@@ -112,9 +112,10 @@ def write_summary(result: Any, files: dict[str, pathlib.Path]) -> pathlib.Path:
         "## Groups",
         "",
         (
-            "Memory per device for one chunk: the formula's estimate (`experiments.sweep.programs.estimate_config_bytes`,"
-            " with its safety factor) and XLA's `memory_analysis()` of the compiled program. Groups of equal structure "
-            "share compiled programs: a group that reused another's compiled none."
+            "Memory per device for one chunk: the formula's estimate "
+            "(`experiments.sweep.programs.estimate_config_bytes`, with its safety factor) and XLA's "
+            "`memory_analysis()` of the compiled program. Groups of equal structure share compiled programs: a group "
+            "that reused another's compiled none."
         ),
         "",
         (

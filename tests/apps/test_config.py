@@ -1,4 +1,5 @@
-"""experiments.common.config: strict YAML -> dataclass validation; and the main job's config (experiments/reproduce/config.py)."""
+"""experiments.common.config: strict YAML -> dataclass validation; and the main job's config
+(experiments/reproduce/config.py)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ CONFIGS = sorted(
 )
 
 
-# --------------------------------------------------------------------------------------------- experiments.common.config
+# ------------------------------------------------------------------------------------------ experiments.common.config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +114,7 @@ def test_overrides():
         parse_override("inner.steps")
     with pytest.raises(ConfigError, match="'name' is not a section"):
         apply_overrides({"name": "x"}, ["name.sub=1"])
-    with pytest.raises(ConfigError, match="inner.stepz"):
+    with pytest.raises(ConfigError, match=r"inner\.stepz"):
         from_dict(Outer, {"name": "x"}, overrides=["inner.stepz=1"])
 
 

@@ -172,7 +172,7 @@ def test_corrupt_cache_redownloads_or_errors(server: Server, tmp_path: pathlib.P
     bad = cache / "fashion_mnist" / "t10k-images-idx3-ubyte.gz"
     bad.write_bytes(b"truncated")
 
-    with pytest.raises(ChecksumError, match="t10k-images-idx3-ubyte.gz"):
+    with pytest.raises(ChecksumError, match=r"t10k-images-idx3-ubyte\.gz"):
         data.load_dataset("fashion_mnist", cache_dir=cache, download=False)
     assert bad.read_bytes() == b"truncated"
 

@@ -84,8 +84,8 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(case, tmp_path, capsy
 def _help_examples(text: str) -> list[list[str]]:
     """The commands of the --help text's examples, continuation lines joined, comments dropped."""
     commands, current = [], ""
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].rstrip()
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].rstrip()
         if current or line.strip().startswith(".venv/bin/python -m experiments"):
             current += " " + line.strip().rstrip("\\")
             if not line.endswith("\\"):

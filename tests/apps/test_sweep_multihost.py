@@ -25,14 +25,15 @@ TIMEOUT_S = 240  # a hang fails the test instead of stalling the suite; a health
 # named by SWEEP_TEST_DIE_AFTER_FIRST_CHUNK (process 0's chunk folder) is SIGKILLed once process 0 has saved that
 # chunk. Killed as soon as it had its own outputs, it could take process 0 down inside the same chunk's collectives
 # (measured on a loaded 2-core machine: nothing saved), which tests a different failure than the one meant here.
-LAUNCH = """
+# After TIMEOUT_S // 2 without that chunk it dies anyway: the test then fails on the number of saved chunks.
+LAUNCH = f"""
 import glob, os, signal, sys, time
 from experiments.sweep import cli, run
 chunks = os.environ.get("SWEEP_TEST_DIE_AFTER_FIRST_CHUNK")
 if chunks:
     original = run.run_sweep
     def die(report):
-        deadline = time.monotonic() + %d
+        deadline = time.monotonic() + {TIMEOUT_S // 2}
         while not glob.glob(os.path.join(chunks, "chunk-*.npz")) and time.monotonic() < deadline:
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -40,7 +41,7 @@ if chunks:
         return original(*args, on_chunk=die, **kwargs)
     run.run_sweep = run_sweep
 sys.exit(cli.main(sys.argv[1:]))
-""" % (TIMEOUT_S // 2)  # after that, die anyway: the test then fails on the number of saved chunks
+"""
 
 # TINY's linear groups (equal programs, so one compile per process): 2 data sets x 2 learning rates x 3 seeds, in
 # chunks of 4 (one configuration per device): 2 chunks per group, 4 in all

@@ -19,7 +19,6 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Optional
 
 from experiments.common.cli import UserError
 
@@ -62,7 +61,7 @@ SETTINGS: dict[str, Setting] = {
     "pca_dim": Setting(key="data.pca_dim"),
 }
 
-SettingsArg = Optional[Mapping[str, Setting | str]]
+SettingsArg = Mapping[str, Setting | str] | None
 
 
 def resolve_settings(overrides: SettingsArg) -> dict[str, Setting]:
@@ -74,11 +73,10 @@ def resolve_settings(overrides: SettingsArg) -> dict[str, Setting]:
         raise ValueError(
             f"argument 'settings' must be a mapping from setting name to Setting; received {type(overrides).__name__}"
         )
-    for name, value in overrides.items():
+    for name, given in overrides.items():
         if name not in SETTINGS:
             raise ValueError(f"argument 'settings' has an unknown setting {name!r}; known: {sorted(SETTINGS)}")
-        if isinstance(value, str):
-            value = Setting(key=value)
+        value = Setting(key=given) if isinstance(given, str) else given
         if not isinstance(value, Setting):
             raise ValueError(
                 f"argument 'settings'[{name!r}] must be a Setting or a config key string; received {value!r}"

@@ -327,17 +327,19 @@ class Resolver:
         """Stream `url` into `tmp`; the MD5 of what was received. Network failures: `DatasetNotFoundError`."""
         h = _hasher("md5")
         try:
-            with open(tmp, "wb") as out:
-                # Any scheme urllib supports is allowed (a file:// mirror too); integrity comes from the checksum.
-                with contextlib.closing(urllib.request.urlopen(url, timeout=self.timeout)) as resp:
-                    total = resp.headers.get("Content-Length")
-                    with _progress_bar(self.progress, total, f"{self.spec.name}/{unit}") as update:
-                        while chunk := resp.read(1 << 20):
-                            out.write(chunk)
-                            h.update(chunk)
-                            update(len(chunk))
-                    if total is not None and total.isdigit() and out.tell() != int(total):
-                        raise OSError(f"incomplete read: got {out.tell()} of {total} bytes")
+            # Any scheme urllib supports is allowed (a file:// mirror too); integrity comes from the checksum.
+            with (
+                open(tmp, "wb") as out,
+                contextlib.closing(urllib.request.urlopen(url, timeout=self.timeout)) as resp,
+            ):
+                total = resp.headers.get("Content-Length")
+                with _progress_bar(self.progress, total, f"{self.spec.name}/{unit}") as update:
+                    while chunk := resp.read(1 << 20):
+                        out.write(chunk)
+                        h.update(chunk)
+                        update(len(chunk))
+                if total is not None and total.isdigit() and out.tell() != int(total):
+                    raise OSError(f"incomplete read: got {out.tell()} of {total} bytes")
         except urllib.error.HTTPError as err:
             raise self.not_found(
                 still_missing, reason=f"downloading {url} failed (HTTP {err.code} {err.reason})", setting=None

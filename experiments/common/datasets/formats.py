@@ -11,7 +11,7 @@ import importlib.util
 import pathlib
 import pickle
 import zlib
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -46,7 +46,7 @@ class Dataset(NamedTuple):
     image_shape: tuple
 
 
-Where = Union[str, Any]  # a path, or "archive:member", for messages
+Where = str | Any  # a path, or "archive:member", for messages
 
 
 def gunzip(raw_or_path: Any, where: Where) -> bytes:
