@@ -62,7 +62,7 @@ def figure(payload: dict):
     ys = np.array([len(rows) - 1 - i + (gap if i < n_exact else 0.0) for i in range(len(rows))], float)
     drawn: list[str] = []  # the legend's entries, in the order they first appear
     any_approximate = False
-    for y, row in zip(ys, rows):
+    for y, row in zip(ys, rows, strict=True):
         if row["status"] != "ok":
             reason = row.get("error") or row.get("note") or ""
             ax.text(
@@ -102,12 +102,12 @@ def figure(payload: dict):
             fontsize=10,
             style="italic",
         )
-    ok = [(y, r) for y, r in zip(ys, rows) if r["status"] == "ok"]
+    ok = [(y, r) for y, r in zip(ys, rows, strict=True) if r["status"] == "ok"]
     if ok:
         ax.scatter([r["median_s"] * 1e3 for _, r in ok], [y for y, _ in ok], marker="|", color="black", s=140, zorder=3)
     ax.set_yticks(ys)
     ax.set_yticklabels([_label(r, tol) for r in rows], fontsize=10)
-    for tick, row in zip(ax.get_yticklabels(), rows):
+    for tick, row in zip(ax.get_yticklabels(), rows, strict=True):
         if row["status"] == "ok" and not row.get("converged") and row.get("tol", tol) >= tol:
             tick.set_color("tab:red")  # did not reach the tolerance it was asked for
         elif row.get("approximate_gradient") or row["status"] != "ok":

@@ -215,7 +215,7 @@ def gauss_newton_lambda_max(p: Problem, iterations: int = 300, rtol: float = 1e-
     U_inv = np.linalg.inv(U)
     C = phi.T @ phi / p.n
     softmax_t = lambda dS: S * (dS - np.sum(S * dS, axis=0, keepdims=True))  # symmetric per column
-    dot = lambda a, b: sum(float(np.sum(x * y)) for x, y in zip(a, b))
+    dot = lambda a, b: sum(float(np.sum(x * y)) for x, y in zip(a, b, strict=True))
 
     def operator(v):
         dA, dB = v

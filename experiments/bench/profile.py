@@ -375,6 +375,7 @@ def backward_solvers(
                 lambda b, S: jssl.bicgstab(matvec_of(S), b, tol=tol, atol=0.0),
                 lambda b, S: (jaxopt_linear_solve.solve_normal_cg(matvec_of(S), b, tol=tol, atol=0.0), None),
             ),
+            strict=True,
         )
     )
     out = []

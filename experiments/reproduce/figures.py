@@ -212,7 +212,7 @@ def implicit_bias(result: Any, path: pathlib.Path) -> None:
     ]
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.4))
     rng = np.random.default_rng(0)  # jitter of the per-seed dots only
-    for ax, (name, get, ref) in zip(axes, panels):
+    for ax, (name, get, ref) in zip(axes, panels, strict=True):
         lo = np.inf
         for i, label in enumerate(labels):
             vals = np.array([get(r) for r in runs if r.model == label])

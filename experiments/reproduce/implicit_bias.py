@@ -206,7 +206,7 @@ def run(cfg: ReproduceConfig, ctx: Context, p: BiasPlan) -> ImplicitBiasResult:
     feats = p.feats
     m = feats.phi_train.shape[1]
     runs, references = [], []
-    for seed, job in zip(ib.seeds, p.measured or [None] * len(ib.seeds)):
+    for seed, job in zip(ib.seeds, p.measured or [None] * len(ib.seeds), strict=True):
         idx, W_mn, null, spectrum, inits, lr = compiling.wait(job) if job is not None else _measure(cfg, p, seed)
         phi, Y = feats.phi_train[idx], feats.Y_train[idx]
         rank = spectrum["rank"]

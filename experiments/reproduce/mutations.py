@@ -94,10 +94,10 @@ def relative_noise(relative: float, seed: int = 0) -> optax.GradientTransformati
         del params
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), count), len(leaves))
-        noise = [jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
+        noise = [jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves, strict=True)]
         norm = lambda xs: jnp.sqrt(sum(jnp.sum(x * x) for x in xs))
         scale = relative * norm(leaves) / norm(noise)
-        noisy = [leaf + scale * z for leaf, z in zip(leaves, noise)]
+        noisy = [leaf + scale * z for leaf, z in zip(leaves, noise, strict=True)]
         return jax.tree_util.tree_unflatten(treedef, noisy), count + 1
 
     return optax.GradientTransformation(init, update)

@@ -232,7 +232,7 @@ def run(cfg: ReproduceConfig, ctx: Context, p: TrustRegionPlan) -> TrustRegionRe
     W_star, L_star = g.W_star, g.L_star
 
     scales = []
-    for s, params0 in zip(t.a_scales, inits):
+    for s, params0 in zip(t.a_scales, inits, strict=True):
         base = f"{NAME}/A{s:g}"
         res = run_gd(
             p.delm,

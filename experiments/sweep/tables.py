@@ -187,7 +187,7 @@ def aggregate(rows: Sequence[Mapping]) -> list[dict]:
         test_loss = _stats([r["test_loss"] for r in group])
         out.append(
             {
-                **dict(zip(SETTING_COLUMNS, key)),
+                **dict(zip(SETTING_COLUMNS, key, strict=True)),
                 "n_seeds": len(group),
                 "train_loss_mean": loss[0],
                 "train_loss_std": loss[1],

@@ -134,7 +134,7 @@ def check_against_standalone(result, models_for: dict, *, n_expected: int):
         assert np.all(np.isfinite(got)) and got[-1] < got[0], "trained, not diverged"
         np.testing.assert_allclose(got, want, rtol=RTOL, err_msg=f"config {c.config_id} losses")
         for leaf, ref in zip(
-            jax.tree_util.tree_leaves(result.final_params[c.config_id]), jax.tree_util.tree_leaves(params)
+            jax.tree_util.tree_leaves(result.final_params[c.config_id]), jax.tree_util.tree_leaves(params), strict=True
         ):
             np.testing.assert_allclose(leaf, ref, rtol=RTOL, atol=1e-12, err_msg=f"config {c.config_id} params")
         compared += 1
@@ -191,7 +191,7 @@ class TanhDEQ:
 
 def figure_rows(setting: dict, accuracies: list, losses: list) -> list[dict]:
     rows = []
-    for seed, (acc, curve) in enumerate(zip(accuracies, losses)):
+    for seed, (acc, curve) in enumerate(zip(accuracies, losses, strict=True)):
         for step, loss in enumerate(curve):
             final = step == len(curve) - 1
             diverged = loss is None

@@ -324,7 +324,7 @@ def outcomes(tmp_path_factory) -> dict[str, dict]:
         if not done.exists():
             _tree(shared)
             with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
-                results = dict(zip([c.id for c in CASES], pool.map(lambda c: _run(c, shared), CASES)))
+                results = dict(zip([c.id for c in CASES], pool.map(lambda c: _run(c, shared), CASES), strict=True))
             done.write_text(json.dumps(results))
         return json.loads(done.read_text())
 

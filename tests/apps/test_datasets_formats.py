@@ -152,7 +152,7 @@ def test_digits() -> None:
         random_state=0,
         stratify=bunch.target,
     )
-    for got, ref in zip((ds.x_train, ds.x_test, ds.y_train, ds.y_test), want):
+    for got, ref in zip((ds.x_train, ds.x_test, ds.y_train, ds.y_test), want, strict=True):
         np.testing.assert_array_equal(got, ref)
     y = np.repeat(np.arange(7), [5, 9, 2, 13, 4, 4, 6])  # ties in the per-class remainders: drawn by the seed
     for seed in range(5):

@@ -35,7 +35,7 @@ def test_chunked_runner_equals_full_batch_gd_on_the_samples():
     res = gd_runs.run_gd(run_spec(model), params, train.square_gram(phi, Y), None, learning_rate=0.05, steps=100)
     assert res.history["loss"][-1] < 0.5 * res.history["loss"][0]  # a converging run: rounding cannot grow
     np.testing.assert_allclose(res.history["loss"], np.asarray(ref["loss"]), rtol=1e-12)
-    for a, b in zip(jax.tree_util.tree_leaves(res.params), jax.tree_util.tree_leaves(ref_params)):
+    for a, b in zip(jax.tree_util.tree_leaves(res.params), jax.tree_util.tree_leaves(ref_params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-11, atol=1e-14)
     np.testing.assert_allclose(res.W_final, np.asarray(model.end_to_end(ref_params)), rtol=1e-11, atol=1e-14)
     np.testing.assert_allclose(res.W0, np.asarray(model.end_to_end(params)), rtol=1e-12, atol=1e-15)
