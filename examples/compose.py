@@ -46,9 +46,11 @@ class Composed:
     def init(self, key, dtype=jnp.float32):
         k1, k2, k3, k4 = jax.random.split(key, 4)
         return {
-            "mlp": {"W": jax.random.normal(k1, (self.in_dim, self.hidden), dtype) / jnp.sqrt(self.in_dim),
-                    "b": jnp.zeros((self.hidden,), dtype),
-                    "W2": jax.random.normal(k2, (self.hidden, self.hidden), dtype) / jnp.sqrt(self.hidden)},
+            "mlp": {
+                "W": jax.random.normal(k1, (self.in_dim, self.hidden), dtype) / jnp.sqrt(self.in_dim),
+                "b": jnp.zeros((self.hidden,), dtype),
+                "W2": jax.random.normal(k2, (self.hidden, self.hidden), dtype) / jnp.sqrt(self.hidden),
+            },
             "deq": self.deq.init(k3, self.head.width, self.hidden, dtype),
             "head": self.head.init(k4, dtype),
         }
@@ -74,9 +76,12 @@ def train(model: Composed, key, x, labels, *, steps: int, learning_rate: float):
         params, opt_state = carry
         (loss, (logits, (deq_stats, head_stats))), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, axis=-1) == labels),
-                   "converged": jnp.logical_and(deq_stats.converged, head_stats.converged),
-                   "iterations": deq_stats.iterations}
+        metrics = {
+            "loss": loss,
+            "accuracy": jnp.mean(jnp.argmax(logits, axis=-1) == labels),
+            "converged": jnp.logical_and(deq_stats.converged, head_stats.converged),
+            "iterations": deq_stats.iterations,
+        }
         return (optax.apply_updates(params, updates), opt_state), metrics
 
     params = model.init(key)
@@ -94,10 +99,12 @@ def main(argv=None) -> dict:
     run = jax.jit(jax.vmap(lambda key: train(model, key, x, labels, steps=steps, learning_rate=1e-2)))
     _, history = run(jax.random.split(jax.random.PRNGKey(1), seeds))
     for s in range(seeds):
-        print(f"seed {s}: loss {float(history['loss'][s, 0]):.3f} -> {float(history['loss'][s, -1]):.3f}, "
-              f"train accuracy {100 * float(history['accuracy'][s, -1]):.1f}% (at the last step), tanh-DEQ "
-              f"iterations per step {float(history['iterations'][s].mean()):.1f}, every solve converged: "
-              f"{bool(history['converged'][s].all())}")
+        print(
+            f"seed {s}: loss {float(history['loss'][s, 0]):.3f} -> {float(history['loss'][s, -1]):.3f}, "
+            f"train accuracy {100 * float(history['accuracy'][s, -1]):.1f}% (at the last step), tanh-DEQ "
+            f"iterations per step {float(history['iterations'][s].mean()):.1f}, every solve converged: "
+            f"{bool(history['converged'][s].all())}"
+        )
     return history
 
 

@@ -51,8 +51,8 @@ def closed_form_equilibrium(A, phi, gamma=GAMMA, sigma=column_softmax):
 def rel_err(a, b) -> float:
     """`|a - b| / |b|` over whole pytrees."""
     la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    num = sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(la, lb))
-    den = sum(float(jnp.sum(y ** 2)) for y in lb)
+    num = sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(la, lb, strict=True))
+    den = sum(float(jnp.sum(y**2)) for y in lb)
     return (num / den) ** 0.5
 
 
@@ -72,8 +72,8 @@ def tree_rel_err(a, b) -> float:
 
     la = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(a)]
     lb = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(b)]
-    num = sum(float(np.sum((x - y) ** 2)) for x, y in zip(la, lb))
-    den = sum(float(np.sum(y ** 2)) for y in lb)
+    num = sum(float(np.sum((x - y) ** 2)) for x, y in zip(la, lb, strict=True))
+    den = sum(float(np.sum(y**2)) for y in lb)
     return (num / den) ** 0.5
 
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from experiments.bench import jax_cases as bj
 from experiments.bench import torch_cases as bt
@@ -36,8 +37,13 @@ MEMORY_LABEL = f"{MEMORY_ITERATIONS} it"
 #: (formulation, solver, with a zero-start twin): the training runs of the step suite. "refine" keeps LU factors
 #: across steps; "direct" factorises at every step (its warm path, the yardstick of "refine"); the iterative solvers
 #: are run twice, warm and from zero, so that their ratio is the warm start's gain
-TRAINING_RUNS = (("transposed", "refine", False), ("transposed", "direct", False), ("transposed", "anderson", True),
-                 ("per_sample", "fixed_point", True), ("per_sample", "anderson", True))
+TRAINING_RUNS = (
+    ("transposed", "refine", False),
+    ("transposed", "direct", False),
+    ("transposed", "anderson", True),
+    ("per_sample", "fixed_point", True),
+    ("per_sample", "anderson", True),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +51,7 @@ class Where:
     """Where the rows run: the JAX device, the matmul precision, and the torch device ("cpu" or "gpu")."""
 
     device: Any
-    precision: Optional[str]
+    precision: str | None
     torch_device: str = "cpu"
 
     @property
@@ -53,13 +59,22 @@ class Where:
         return {"device": self.device, "precision": self.precision}
 
 
-def _memory_row(p: Problem, w: Where, formulation: str, backward: str, linear_solver: Optional[str] = None) -> Case:
+def _memory_row(p: Problem, w: Where, formulation: str, backward: str, linear_solver: str | None = None) -> Case:
     """A fixed-point row that runs exactly MEMORY_ITERATIONS iterations (the XLA temporary memory comparison)."""
     return bj.deq_jax_delm(
-        p, formulation, "fixed_point", backward, tol=MEMORY_TOL, maxiter=MEMORY_ITERATIONS, **w.jax,
-        linear_solver=linear_solver, backward_tol=p.tol if backward == "implicit" else None, label=MEMORY_LABEL,
+        p,
+        formulation,
+        "fixed_point",
+        backward,
+        tol=MEMORY_TOL,
+        maxiter=MEMORY_ITERATIONS,
+        **w.jax,
+        linear_solver=linear_solver,
+        backward_tol=p.tol if backward == "implicit" else None,
+        label=MEMORY_LABEL,
         note=f"forward tol {MEMORY_TOL:g}: runs all {MEMORY_ITERATIONS} iterations by design (memory comparison); "
-             f"implicit backward at tol {p.tol:g}")
+        f"implicit backward at tol {p.tol:g}",
+    )
 
 
 def step_suite(p: Problem, w: Where) -> list[Case]:
@@ -119,10 +134,9 @@ def peer_suite(p: Problem, w: Where) -> list[Case]:
 
 
 #: suite name -> its rows (the `profile` and `sweep` suites are not lists of training steps)
-SUITES: dict[str, Callable[[Problem, Where], list[Case]]] = {"step": step_suite, "peer": peer_suite,
-                                                              "gpu": peer_suite}
+SUITES: dict[str, Callable[[Problem, Where], list[Case]]] = {"step": step_suite, "peer": peer_suite, "gpu": peer_suite}
 
 
-def select(cases: list[Case], rows: Optional[str], skip: Optional[str]) -> list[Case]:
+def select(cases: list[Case], rows: str | None, skip: str | None) -> list[Case]:
     """The cases whose name matches the regular expression `rows` (all if None) and not `skip`."""
     return [c for c in cases if (rows is None or re.search(rows, c.name)) and not (skip and re.search(skip, c.name))]

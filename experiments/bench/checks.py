@@ -16,20 +16,19 @@ equilibrium's norm (`equilibrium_norm`), so that they stop by the same rule as d
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deq_jax.maps import TanhMap
 from deq_jax import Implicit, solve
-
+from deq_jax.maps import TanhMap
 from experiments.bench.problem import Problem, closed_form
 from experiments.bench.protocol import Check
 
 
-def delm_reference(p: Problem, params: Optional[dict] = None) -> dict:
+def delm_reference(p: Problem, params: dict | None = None) -> dict:
     """The DELM's loss and gradients in float64 from the closed form (docs/theory.md sections 3 and 8), in numpy.
 
     `W = B U^{-1}`, `G = dL/dW = (phi W^T - Y)^T phi / n`, `dL/dB = G U^{-T}`, `dL/dS = gamma W^T dL/dB`,
@@ -61,27 +60,37 @@ def tanh_reference(p: Problem) -> dict:
     if "tanh" in p.references:
         return p.references["tanh"]
 
-
     with jax.enable_x64(True):
         params = {k: jnp.asarray(v, jnp.float64) for k, v in p.tanh.items()}
         phi, y = jnp.asarray(p.phi, jnp.float64), jnp.asarray(p.y, jnp.float64)
 
         def loss(params):
             inner = {k: params[k] for k in ("W", "U", "b")}
-            sol = solve(TanhMap(p.contraction), jnp.zeros((p.n, p.m), jnp.float64), inner, phi,
-                        solver="fixed_point", backward=Implicit("gmres", tol=1e-12), tol=1e-12, maxiter=5000)
+            sol = solve(
+                TanhMap(p.contraction),
+                jnp.zeros((p.n, p.m), jnp.float64),
+                inner,
+                phi,
+                solver="fixed_point",
+                backward=Implicit("gmres", tol=1e-12),
+                tol=1e-12,
+                maxiter=5000,
+            )
             r = sol.value @ params["B"].T - y
             return 0.5 * jnp.mean(jnp.sum(r * r, axis=1)), (sol.stats, jnp.linalg.norm(sol.value))
 
         (value, (stats, z_norm)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
         if not bool(stats.converged):
             raise RuntimeError(f"the float64 tanh reference did not converge: {stats}")
-        p.references["tanh"] = {"loss": float(value), "grads": {k: np.asarray(v) for k, v in grads.items()},
-                                "z_norm": float(z_norm)}
+        p.references["tanh"] = {
+            "loss": float(value),
+            "grads": {k: np.asarray(v) for k, v in grads.items()},
+            "z_norm": float(z_norm),
+        }
     return p.references["tanh"]
 
 
-def reference(p: Problem, problem: str, params: Optional[dict] = None) -> dict:
+def reference(p: Problem, problem: str, params: dict | None = None) -> dict:
     if problem == "delm":
         return delm_reference(p, params)
     if params is not None:
@@ -104,15 +113,17 @@ def equilibrium_norm(p: Problem, problem: str, formulation: str) -> float:
     return p.references[key]
 
 
-def relative_residual(p: Problem, problem: str, formulation: str, state: np.ndarray, device: Any = None,
-                      params: Optional[dict] = None) -> float:
+def relative_residual(
+    p: Problem, problem: str, formulation: str, state: np.ndarray, device: Any = None, params: dict | None = None
+) -> float:
     """`|f(z) - z| / |f(z)|` in float64 over the whole state for the returned equilibrium `state`, the DELM at
     `params` (default: the problem's initial parameters)."""
     return residuals(p, problem, formulation, state, device, params)[0]
 
 
-def residuals(p: Problem, problem: str, formulation: str, state: np.ndarray, device: Any = None,
-              params: Optional[dict] = None) -> tuple[float, Optional[float]]:
+def residuals(
+    p: Problem, problem: str, formulation: str, state: np.ndarray, device: Any = None, params: dict | None = None
+) -> tuple[float, float | None]:
     """`(|f(z) - z| / |f(z)|` over the whole state, the worst sample's `|f(z_i) - z_i| / |f(z_i)|` (per-sample
     states; None for the transposed W))`, in float64.
 
@@ -132,7 +143,7 @@ def residuals(p: Problem, problem: str, formulation: str, state: np.ndarray, dev
         return float(whole), None if problem == "delm" and formulation == "transposed" else float(worst)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _residual_function(kind: str):
     """The jitted relative residuals of each map (one compilation per kind and shape, shared by the rows)."""
 
@@ -149,8 +160,11 @@ def _residual_function(kind: str):
         Wc = W * jnp.minimum(1.0, contraction / jnp.linalg.norm(W))
         return ratios(jnp.tanh(z @ Wc.T + x @ U.T + b), z)
 
-    functions = {"delm_transposed": functools.partial(delm, transposed=True),
-                 "delm_per_sample": functools.partial(delm, transposed=False), "tanh": tanh}
+    functions = {
+        "delm_transposed": functools.partial(delm, transposed=True),
+        "delm_per_sample": functools.partial(delm, transposed=False),
+        "tanh": tanh,
+    }
     return jax.jit(functions[kind])
 
 
@@ -172,14 +186,17 @@ def _judge(chk: Check, p: Problem, problem: str, formulation: str, tol: float, d
     (at the parameters the check's step was taken at)."""
     ref = reference(p, problem, chk.params)
     residual, worst = residuals(p, problem, formulation, chk.state, device, chk.params)
-    out = {"relative_residual": residual, "converged": bool(np.isfinite(residual) and residual <= tol),
-           "grad_error": relative_errors(chk.grads, ref["grads"])}
+    out = {
+        "relative_residual": residual,
+        "converged": bool(np.isfinite(residual) and residual <= tol),
+        "grad_error": relative_errors(chk.grads, ref["grads"]),
+    }
     if worst is not None:
         out["worst_sample_relative_residual"] = worst
     return out
 
 
-def verify(row: dict, chk: Check, p: Problem, tol: float, direct: Optional[dict], device: Any) -> None:
+def verify(row: dict, chk: Check, p: Problem, tol: float, direct: dict | None, device: Any) -> None:
     """Fill `row` with the independent verdict on what the row's computation returned (`chk`)."""
     row["iterations"] = chk.iterations
     row["converged_own"] = chk.converged

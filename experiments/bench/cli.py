@@ -37,17 +37,16 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # On a GPU, JAX would grab 75% of the memory up front and leave none to the PyTorch rows of the same process.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import argparse  # noqa: E402
-import pathlib  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from typing import Optional  # noqa: E402
+import argparse
+import pathlib
+import re
+import sys
+import time
 
-from experiments.bench import run, sweep_bench  # noqa: E402
-from experiments.common import cli as common_cli  # noqa: E402
-from experiments.common import interrupts  # noqa: E402
-from experiments.common.cli import UserError  # noqa: E402
+from experiments.bench import run, sweep_bench
+from experiments.common import cli as common_cli
+from experiments.common import interrupts
+from experiments.common.cli import UserError
 
 PROG = "python -m experiments bench"
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -74,8 +73,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=__doc__, epilog=EXAMPLES,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog=PROG, description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add = parser.add_argument
     add("--suite", choices=SUITES, default="step", help="which benchmark (default: step)")
     add("--list", action="store_true", help="print the row names of the suite and exit")
@@ -83,46 +83,98 @@ def build_parser() -> argparse.ArgumentParser:
     add("--skip", default=None, help="leave out rows whose name matches this regular expression")
     add("--out", default=None, help="JSON output path (default results/bench/<suite>.json)")
     add("--plot", default=None, help="also write a PNG bar chart of the step times here (step, peer, gpu)")
-    add("--publish", nargs="?", const="", default=None, metavar="NAME",
+    add(
+        "--publish",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="NAME",
         help="write docs/results/bench-NAME.json (NAME defaults to the suite) and docs/benchmarks_NAME.png, and "
-             "re-render docs/benchmarks.md's blocks from the committed JSONs (instead of --out/--plot)")
-    add("--render", action="store_true",
-        help="run nothing: re-render docs/benchmarks.md's generated blocks from docs/results/bench-*.json")
-    add("--docs-dir", default=str(ROOT / "docs"), help="the folder of benchmarks.md and results/ (for --publish "
-                                                       "and --render; default: the repository's docs/)")
-    add("--device", choices=("cpu", "gpu"), default=None,
-        help="where to run (default: gpu for --suite gpu, else cpu); gpu errors if there is none")
+        "re-render docs/benchmarks.md's blocks from the committed JSONs (instead of --out/--plot)",
+    )
+    add(
+        "--render",
+        action="store_true",
+        help="run nothing: re-render docs/benchmarks.md's generated blocks from docs/results/bench-*.json",
+    )
+    add(
+        "--docs-dir",
+        default=str(ROOT / "docs"),
+        help="the folder of benchmarks.md and results/ (for --publish and --render; default: the repository's docs/)",
+    )
+    add(
+        "--device",
+        choices=("cpu", "gpu"),
+        default=None,
+        help="where to run (default: gpu for --suite gpu, else cpu); gpu errors if there is none",
+    )
     add("--n", type=int, default=None, help="batch size (default 1024; 60000 for --suite gpu)")
     add("--width", type=int, default=784, help="model width m (default 784)")
     add("--classes", type=int, default=10, help="number of classes m_y (default 10)")
     add("--gamma", type=float, default=0.9, help="DELM gamma (default 0.9)")
     add("--tol", type=float, default=1e-5, help="relative tolerance of every solve (default 1e-5)")
-    add("--maxiter", type=int, default=200, help="iteration cap of every solve (default 200: fixed-point iteration "
-                                                 "needs ~110 at gamma 0.9, tol 1e-5)")
-    add("--learning-rate", type=float, default=None,
+    add(
+        "--maxiter",
+        type=int,
+        default=200,
+        help="iteration cap of every solve (default 200: fixed-point iteration needs ~110 at gamma 0.9, tol 1e-5)",
+    )
+    add(
+        "--learning-rate",
+        type=float,
+        default=None,
         help="SGD step size (default: 1 / the largest eigenvalue of the square loss's Gauss-Newton matrix at the "
-             "initial parameters, half the step at which gradient descent becomes unstable)")
-    add("--data", choices=("auto", "fashion_mnist", "random"), default="auto",
-        help="auto: Fashion-MNIST if on disk, else random (default auto)")
-    add("--data-dir", default=None,
+        "initial parameters, half the step at which gradient descent becomes unstable)",
+    )
+    add(
+        "--data",
+        choices=("auto", "fashion_mnist", "random"),
+        default="auto",
+        help="auto: Fashion-MNIST if on disk, else random (default auto)",
+    )
+    add(
+        "--data-dir",
+        default=None,
         help="a folder holding Fashion-MNIST's four IDX files (.gz or uncompressed), searched before the cache and "
-             "/usr/share/datasets/fashion-mnist")
-    add("--precision", choices=("highest", "default"), default="highest",
-        help="matmul precision of every row (GPUs: 'default' is TF32) (default highest)")
+        "/usr/share/datasets/fashion-mnist",
+    )
+    add(
+        "--precision",
+        choices=("highest", "default"),
+        default="highest",
+        help="matmul precision of every row (GPUs: 'default' is TF32) (default highest)",
+    )
     add("--repeats", type=int, default=5, help="timed steps per row (default 5; at least 5 for the profile)")
     add("--slow-repeats", type=int, default=3, help="timed steps for rows whose first step took over 1 s (default 3)")
     add("--warmup", type=int, default=1, help="untimed steps per row after compiling (default 1)")
-    add("--warm-steps", type=int, default=5,
+    add(
+        "--warm-steps",
+        type=int,
+        default=5,
         help="untimed steps of each training-run row (warm / zero start) before its timed steps, the first from "
-             "zero (default 5)")
-    add("--settle", type=float, default=0.25,
+        "zero (default 5)",
+    )
+    add(
+        "--settle",
+        type=float,
+        default=0.25,
         help="seconds to pause (untimed) before each timed step, so that the previous row's idle threads (PyTorch's "
-             "OpenMP threads spin after each parallel region) have stopped (default 0.25)")
-    add("--note", action="append", default=[], metavar="TEXT",
-        help="a remark recorded with the result and shown in the docs (repeatable), e.g. how busy the machine was")
-    add("--max-temp-gb", type=float, default=None,
+        "OpenMP threads spin after each parallel region) have stopped (default 0.25)",
+    )
+    add(
+        "--note",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a remark recorded with the result and shown in the docs (repeatable), e.g. how busy the machine was",
+    )
+    add(
+        "--max-temp-gb",
+        type=float,
+        default=None,
         help="do not run rows whose XLA temporary memory exceeds this many GiB (default: 4 on a CPU, half the "
-             "GPU's memory on a GPU)")
+        "GPU's memory on a GPU)",
+    )
     return parser
 
 
@@ -147,7 +199,7 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
             try:
                 re.compile(getattr(args, name))
             except re.error as err:
-                raise UserError(f"--{name} must be a regular expression; got {getattr(args, name)!r} ({err})")
+                raise UserError(f"--{name} must be a regular expression; got {getattr(args, name)!r} ({err})") from err
     if args.data_dir is not None and args.data == "random":
         raise UserError("--data-dir names where Fashion-MNIST is; --data random reads no files (drop one of them)")
     if args.render and (args.list or args.publish is not None):
@@ -169,7 +221,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return validate(build_parser().parse_args(argv))
 
 
-def _suite_of(argv: list[str]) -> Optional[str]:
+def _suite_of(argv: list[str]) -> str | None:
     for i, arg in enumerate(argv):
         if arg == "--suite" and i + 1 < len(argv):
             return argv[i + 1]
@@ -215,7 +267,7 @@ def _body(argv: list[str]) -> int:
         return common_cli.EXIT_OK
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run a benchmark suite (see the module docstring); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     return common_cli.run(PROG, lambda: _body(argv), interrupted=INTERRUPTED)

@@ -27,7 +27,8 @@ def resolve(kind: str) -> Any:
             f"--device gpu: JAX finds no GPU on this machine (jax.devices() = {jax.devices()}, jaxlib "
             f"{version('jaxlib')}). Run on a machine with an NVIDIA GPU and a CUDA build of jax "
             f"(pip install 'jax[cuda12]' or 'jax[cuda13]'), or pass --device cpu (with a small --n) to exercise the "
-            f"same code path on the CPU.")
+            f"same code path on the CPU."
+        )
     return gpus[0]
 
 
@@ -47,14 +48,24 @@ def blas_threadpools() -> Any:
         import threadpoolctl  # optional: recorded where installed, never required
     except ImportError:
         return "threadpoolctl not installed"
-    return [{"api": d.get("internal_api"), "threads": d.get("num_threads"),
-             "library": os.path.basename(d.get("filepath", ""))} for d in threadpoolctl.threadpool_info()]
+    return [
+        {
+            "api": d.get("internal_api"),
+            "threads": d.get("num_threads"),
+            "library": os.path.basename(d.get("filepath", "")),
+        }
+        for d in threadpoolctl.threadpool_info()
+    ]
 
 
 def record(device: Any, torch_info: dict) -> dict:
     """What a result records about where it ran, next to the common environment record."""
-    out = {"jax_device": str(device), "jax_device_kind": getattr(device, "device_kind", str(device)),
-           "platform": device.platform, "blas_threadpools": blas_threadpools()}
+    out = {
+        "jax_device": str(device),
+        "jax_device_kind": getattr(device, "device_kind", str(device)),
+        "platform": device.platform,
+        "blas_threadpools": blas_threadpools(),
+    }
     if torch_info:
         out["torch"] = torch_info
     return out

@@ -21,7 +21,8 @@ import dataclasses
 import functools
 import time
 import warnings
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,7 @@ with warnings.catch_warnings():
     from jaxopt import linear_solve
 
 
-def precision_context(precision: Optional[str]):
+def precision_context(precision: str | None):
     """`jax.default_matmul_precision(precision)`, or nothing for None (JAX's own default)."""
     return contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)
 
@@ -56,8 +57,16 @@ def _to_numpy(tree: dict) -> dict:
     return {k: np.asarray(v) for k, v in tree.items()}
 
 
-def _prepare(step: Callable, params: dict, data: tuple, check_fn: Callable, info: Callable[[Any], tuple],
-             device: Any, precision: Optional[str], learning_rate: float) -> Prepared:
+def _prepare(
+    step: Callable,
+    params: dict,
+    data: tuple,
+    check_fn: Callable,
+    info: Callable[[Any], tuple],
+    device: Any,
+    precision: str | None,
+    learning_rate: float,
+) -> Prepared:
     """Compile `step(params, opt_state, phi, y)` for `device`. The (untimed) check runs the jitted
     `check_fn(params, phi, y) -> (grads, aux, equilibrium)` (one program: gradients and the returned equilibrium
     in one compile); `info(aux) -> (iterations, converged)`."""
@@ -96,8 +105,17 @@ def _delm_check(model, gamma: float) -> Callable:
         grads, stats = jax.grad(_square_objective(model), has_aux=True)(params, phi, y)
         if model.formulation == "transposed":
             return grads, stats, model.end_to_end(params)
-        state = solve(DELMMap(gamma), jnp.zeros_like(phi), {"A": params["A"]}, phi, solver=model.solver,
-                      backward=model.backward, tol=model.tol, maxiter=model.maxiter, precision=model.precision).value
+        state = solve(
+            DELMMap(gamma),
+            jnp.zeros_like(phi),
+            {"A": params["A"]},
+            phi,
+            solver=model.solver,
+            backward=model.backward,
+            tol=model.tol,
+            maxiter=model.maxiter,
+            precision=model.precision,
+        ).value
         return grads, stats, state
 
     return jax.jit(check)
@@ -126,15 +144,39 @@ def _square_objective(model) -> Callable:
 
 # ----------------------------------------------------------------------------- deq_jax rows
 
-def _delm_model(p: Problem, formulation: str, solver: str, backward: Any, tol: float, maxiter: int,
-                precision: Optional[str]):
-    return model_lib.build("delm", p.m, p.m_y, gamma=p.gamma, formulation=formulation, solver=solver,
-                           backward=backward, tol=tol, maxiter=maxiter, precision=precision)
+
+def _delm_model(
+    p: Problem, formulation: str, solver: str, backward: Any, tol: float, maxiter: int, precision: str | None
+):
+    return model_lib.build(
+        "delm",
+        p.m,
+        p.m_y,
+        gamma=p.gamma,
+        formulation=formulation,
+        solver=solver,
+        backward=backward,
+        tol=tol,
+        maxiter=maxiter,
+        precision=precision,
+    )
 
 
-def deq_jax_delm(p: Problem, formulation: str, solver: str, backward: str, *, device: Any, precision: Optional[str],
-                 tol: Optional[float] = None, maxiter: Optional[int] = None, linear_solver: Optional[str] = None,
-                 backward_tol: Optional[float] = None, label: str = "", note: str = "") -> Case:
+def deq_jax_delm(
+    p: Problem,
+    formulation: str,
+    solver: str,
+    backward: str,
+    *,
+    device: Any,
+    precision: str | None,
+    tol: float | None = None,
+    maxiter: int | None = None,
+    linear_solver: str | None = None,
+    backward_tol: float | None = None,
+    label: str = "",
+    note: str = "",
+) -> Case:
     """The DELM step through `deq_jax.models.DELM` + `deq_jax.train.make_step`.
 
     `linear_solver` / `backward_tol` choose the implicit backward's linear solver and its tolerance (default: the
@@ -149,8 +191,16 @@ def deq_jax_delm(p: Problem, formulation: str, solver: str, backward: str, *, de
 
     def prepare() -> Prepared:
         model = _delm_model(p, formulation, solver, backward_arg, tol, maxiter, precision)
-        return _prepare(_library_step(model), p.delm, (p.phi, p.y), _delm_check(model, p.gamma), _stats_info,
-                        device, precision, p.learning_rate)
+        return _prepare(
+            _library_step(model),
+            p.delm,
+            (p.phi, p.y),
+            _delm_check(model, p.gamma),
+            _stats_info,
+            device,
+            precision,
+            p.learning_rate,
+        )
 
     name_backward = f"implicit[{linear_solver}]" if linear_solver else backward
     return Case("deq_jax", "delm", formulation, solver, name_backward, prepare, label=label, note=note, tol=tol)
@@ -166,7 +216,7 @@ class _TanhModel:
     backward: Any
     tol: float
     maxiter: int
-    precision: Optional[str]
+    precision: str | None
 
     def apply(self, params, phi, warm=None):
         sol = self.solve(params, phi)
@@ -180,16 +230,25 @@ class _TanhModel:
 
     def solve(self, params, phi):
         inner = {k: params[k] for k in ("W", "U", "b")}
-        return solve(TanhMap(self.contraction), jnp.zeros((phi.shape[0], self.width), phi.dtype), inner, phi,
-                     solver=self.solver, backward=self.backward, tol=self.tol, maxiter=self.maxiter,
-                     precision=self.precision)
+        return solve(
+            TanhMap(self.contraction),
+            jnp.zeros((phi.shape[0], self.width), phi.dtype),
+            inner,
+            phi,
+            solver=self.solver,
+            backward=self.backward,
+            tol=self.tol,
+            maxiter=self.maxiter,
+            precision=self.precision,
+        )
 
     def solution(self, params, phi):
         return self.solve(params, phi).value
 
 
-def deq_jax_tanh(p: Problem, solver: str, backward: str, *, device: Any, precision: Optional[str],
-                 linear_solver: Optional[str] = None) -> Case:
+def deq_jax_tanh(
+    p: Problem, solver: str, backward: str, *, device: Any, precision: str | None, linear_solver: str | None = None
+) -> Case:
     """The tanh DEQ step through `deq_jax.solve` + `deq_jax.train.make_step` (`linear_solver`: the implicit
     backward's, default the library's GMRES)."""
 
@@ -202,14 +261,17 @@ def deq_jax_tanh(p: Problem, solver: str, backward: str, *, device: Any, precisi
             grads, stats = jax.grad(_square_objective(model), has_aux=True)(params, phi, y)
             return grads, stats, model.solution(params, phi)
 
-        return _prepare(_library_step(model), p.tanh, (p.phi, p.y), jax.jit(check), _stats_info, device,
-                        precision, p.learning_rate)
+        return _prepare(
+            _library_step(model), p.tanh, (p.phi, p.y), jax.jit(check), _stats_info, device, precision, p.learning_rate
+        )
 
-    return Case("deq_jax", "tanh", "per_sample", solver, f"implicit[{linear_solver}]" if linear_solver else backward,
-                prepare)
+    return Case(
+        "deq_jax", "tanh", "per_sample", solver, f"implicit[{linear_solver}]" if linear_solver else backward, prepare
+    )
 
 
 # ----------------------------------------------------------------------------- the inline baseline
+
 
 def _jaxopt_solver(solver: str, f: Callable, tol_abs, maxiter: int, tol: float):
     """A jaxopt solver with its own implicit differentiation and a GMRES backward at relative tolerance `tol`."""
@@ -248,7 +310,7 @@ def _inline_info(aux) -> tuple:
     return iterations, (None if aux["converged"] is None else bool(aux["converged"]))
 
 
-def inline_delm(p: Problem, formulation: str, solver: str, *, device: Any, precision: Optional[str]) -> Case:
+def inline_delm(p: Problem, formulation: str, solver: str, *, device: Any, precision: str | None) -> Case:
     """The DELM step written by hand: `jnp.linalg.solve` for direct, a jaxopt solver otherwise."""
     gamma, tol, maxiter, m = p.gamma, p.tol, p.maxiter, p.m
 
@@ -257,10 +319,11 @@ def inline_delm(p: Problem, formulation: str, solver: str, *, device: Any, preci
         B = params["B"]
         if solver == "direct":
             U = jnp.eye(m, dtype=S.dtype) - gamma * S
-            if formulation == "transposed":
-                state = jnp.linalg.solve(U.T, B.T).T  # W U = B
-            else:
-                state = jnp.linalg.solve(U, phi.T).T  # U z_i = phi_i for every sample
+            state = (
+                jnp.linalg.solve(U.T, B.T).T  # W U = B
+                if formulation == "transposed"
+                else jnp.linalg.solve(U, phi.T).T  # U z_i = phi_i for every sample
+            )
             aux = {"iterations": jnp.zeros((), jnp.int32), "converged": None}
         else:
             if formulation == "transposed":
@@ -274,13 +337,21 @@ def inline_delm(p: Problem, formulation: str, solver: str, *, device: Any, preci
         return _square(predictions, y), dict(aux, state=state)
 
     def prepare() -> Prepared:
-        return _prepare(_inline_step(loss), p.delm, (p.phi, p.y), _inline_check(loss), _inline_info, device,
-                        precision, p.learning_rate)
+        return _prepare(
+            _inline_step(loss),
+            p.delm,
+            (p.phi, p.y),
+            _inline_check(loss),
+            _inline_info,
+            device,
+            precision,
+            p.learning_rate,
+        )
 
     return Case("inline", "delm", formulation, solver, "autodiff" if solver == "direct" else "implicit", prepare)
 
 
-def inline_tanh(p: Problem, solver: str, *, device: Any, precision: Optional[str]) -> Case:
+def inline_tanh(p: Problem, solver: str, *, device: Any, precision: str | None) -> Case:
     """The tanh DEQ step written by hand with a jaxopt solver (injection `U x + b` computed once)."""
     c, tol, maxiter = p.contraction, p.tol, p.maxiter
 
@@ -290,21 +361,31 @@ def inline_tanh(p: Problem, solver: str, *, device: Any, precision: Optional[str
         injection = phi @ params["U"].T + params["b"]
         f = lambda z, Wc, injection: jnp.tanh(z @ Wc.T + injection)
         tol_abs = tol * equilibrium_norm(p, "tanh", "per_sample")  # deq_jax's rule at the solution
-        state, st = _jaxopt_solver(solver, f, tol_abs, maxiter, tol).run(jnp.zeros((phi.shape[0], p.m), phi.dtype),
-                                                                         Wc, injection)
+        state, st = _jaxopt_solver(solver, f, tol_abs, maxiter, tol).run(
+            jnp.zeros((phi.shape[0], p.m), phi.dtype), Wc, injection
+        )
         aux = {"iterations": st.iter_num, "converged": st.error <= tol_abs, "state": state}
         return _square(state @ params["B"].T, y), aux
 
     def prepare() -> Prepared:
-        return _prepare(_inline_step(loss), p.tanh, (p.phi, p.y), _inline_check(loss), _inline_info, device,
-                        precision, p.learning_rate)
+        return _prepare(
+            _inline_step(loss),
+            p.tanh,
+            (p.phi, p.y),
+            _inline_check(loss),
+            _inline_info,
+            device,
+            precision,
+            p.learning_rate,
+        )
 
     return Case("inline", "tanh", "per_sample", solver, "implicit", prepare)
 
 
 # ----------------------------------------------------------------------------- yardsticks
 
-def lu_factor(p: Problem, *, device: Any, precision: Optional[str]) -> Case:
+
+def lu_factor(p: Problem, *, device: Any, precision: str | None) -> Case:
     """The bare m x m LU factorisation of the transposed step, `jax.scipy.linalg.lu_factor(U^T)` (getrf and its
     pivots), with `U = I - gamma sigma(A)` computed outside the timed call: the yardstick a transposed training step
     is measured against (a direct step costs one such factorisation plus O(m m_y n) products).
@@ -330,14 +411,25 @@ def lu_factor(p: Problem, *, device: Any, precision: Optional[str]) -> Case:
                 W = solve(*compiled(U_T), B_T).T  # U^T W^T = B^T
             return Check(iterations=0, converged=None, state=np.asarray(W), grads={})
 
-        return Prepared(run=lambda: jax.block_until_ready(compiled(U_T)), check=check, compile_s=compile_s,
-                        temp_bytes=None if memory is None else int(memory.temp_size_in_bytes))
+        return Prepared(
+            run=lambda: jax.block_until_ready(compiled(U_T)),
+            check=check,
+            compile_s=compile_s,
+            temp_bytes=None if memory is None else int(memory.temp_size_in_bytes),
+        )
 
-    return Case("inline", "delm", "transposed", "lu_factor", "", prepare,
-                note="the bare m x m LU factorisation (jax.scipy.linalg.lu_factor), no gradient: the yardstick")
+    return Case(
+        "inline",
+        "delm",
+        "transposed",
+        "lu_factor",
+        "",
+        prepare,
+        note="the bare m x m LU factorisation (jax.scipy.linalg.lu_factor), no gradient: the yardstick",
+    )
 
 
-def direct_gradients(p: Problem, *, device: Any, precision: Optional[str]) -> dict:
+def direct_gradients(p: Problem, *, device: Any, precision: str | None) -> dict:
     """deq_jax's float32 direct (closed-form) DELM gradients: the reference of the tables' "vs direct" column.
 
     The same model, hence the same compiled check, as the `deq_jax delm transposed direct implicit` row."""

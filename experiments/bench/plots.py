@@ -11,13 +11,17 @@ is grey; the legend lists only what is drawn.
 from __future__ import annotations
 
 import io
-from typing import Optional
 
 import numpy as np
 
 YARDSTICK = "bare LU factorisation (no gradient)"
-COLOURS = {"deq_jax": "tab:blue", "inline": "tab:orange", "torchdeq": "tab:red", "torch": "tab:purple",
-           YARDSTICK: "tab:gray"}
+COLOURS = {
+    "deq_jax": "tab:blue",
+    "inline": "tab:orange",
+    "torchdeq": "tab:red",
+    "torch": "tab:purple",
+    YARDSTICK: "tab:gray",
+}
 
 
 def _label(row: dict, problem_tol: float) -> str:
@@ -58,33 +62,52 @@ def figure(payload: dict):
     ys = np.array([len(rows) - 1 - i + (gap if i < n_exact else 0.0) for i in range(len(rows))], float)
     drawn: list[str] = []  # the legend's entries, in the order they first appear
     any_approximate = False
-    for y, row in zip(ys, rows):
+    for y, row in zip(ys, rows, strict=True):
         if row["status"] != "ok":
             reason = row.get("error") or row.get("note") or ""
-            ax.text(0.01, y, f"not run: {reason[:90]}", transform=ax.get_yaxis_transform(), va="center",
-                    fontsize=10, color="dimgray")
+            ax.text(
+                0.01,
+                y,
+                f"not run: {reason[:90]}",
+                transform=ax.get_yaxis_transform(),
+                va="center",
+                fontsize=10,
+                color="dimgray",
+            )
             continue
         kind = row["impl"] if row.get("grad_error") else YARDSTICK
         colour = COLOURS.get(kind, "grey")
         approximate = bool(row.get("approximate_gradient"))
         any_approximate |= approximate
-        ax.barh(y, row["min_s"] * 1e3, color="white" if approximate else colour, edgecolor=colour,
-                hatch="///" if approximate else None, linewidth=1.2)
+        ax.barh(
+            y,
+            row["min_s"] * 1e3,
+            color="white" if approximate else colour,
+            edgecolor=colour,
+            hatch="///" if approximate else None,
+            linewidth=1.2,
+        )
         if kind not in drawn:
             drawn.append(kind)
     if gap:
         rule = len(rows) - n_exact + gap - 0.6  # just below the last exact row
         ax.axhline(rule, color="black", linewidth=0.8)
-        ax.text(0.01, rule - 0.65, "approximate gradient (one-step backward): fast because they skip the\nbackward "
-                "solve; not comparable with the rows above", transform=ax.get_yaxis_transform(), va="center",
-                fontsize=10, style="italic")
-    ok = [(y, r) for y, r in zip(ys, rows) if r["status"] == "ok"]
+        ax.text(
+            0.01,
+            rule - 0.65,
+            "approximate gradient (one-step backward): fast because they skip the\nbackward "
+            "solve; not comparable with the rows above",
+            transform=ax.get_yaxis_transform(),
+            va="center",
+            fontsize=10,
+            style="italic",
+        )
+    ok = [(y, r) for y, r in zip(ys, rows, strict=True) if r["status"] == "ok"]
     if ok:
-        ax.scatter([r["median_s"] * 1e3 for _, r in ok], [y for y, _ in ok], marker="|", color="black", s=140,
-                   zorder=3)
+        ax.scatter([r["median_s"] * 1e3 for _, r in ok], [y for y, _ in ok], marker="|", color="black", s=140, zorder=3)
     ax.set_yticks(ys)
     ax.set_yticklabels([_label(r, tol) for r in rows], fontsize=10)
-    for tick, row in zip(ax.get_yticklabels(), rows):
+    for tick, row in zip(ax.get_yticklabels(), rows, strict=True):
         if row["status"] == "ok" and not row.get("converged") and row.get("tol", tol) >= tol:
             tick.set_color("tab:red")  # did not reach the tolerance it was asked for
         elif row.get("approximate_gradient") or row["status"] != "ok":
@@ -97,23 +120,28 @@ def figure(payload: dict):
     ax.set_xlabel("step time, ms (bar: min, tick: median; log scale)", fontsize=11)
     ax.tick_params(axis="x", labelsize=10)
     problem, env = payload["problem"], payload["environment"]
-    fig.suptitle(f"{payload['suite']} suite: one training step (value and gradient + SGD update), n={problem['n']}, "
-                 f"m={problem['m']}, m_y={problem['m_y']}, float32\n{env['machine']['cpu_model']} "
-                 f"({env['machine']['cpu_cores']} cores), {payload['device']['jax_device_kind']}, "
-                 f"{payload['date'][:10]}", fontsize=11.5, x=0.01, ha="left")
+    fig.suptitle(
+        f"{payload['suite']} suite: one training step (value and gradient + SGD update), n={problem['n']}, "
+        f"m={problem['m']}, m_y={problem['m_y']}, float32\n{env['machine']['cpu_model']} "
+        f"({env['machine']['cpu_cores']} cores), {payload['device']['jax_device_kind']}, "
+        f"{payload['date'][:10]}",
+        fontsize=11.5,
+        x=0.01,
+        ha="left",
+    )
     handles = [Patch(facecolor=COLOURS.get(kind, "grey"), label=kind) for kind in drawn]
     if any_approximate:
-        handles.append(Patch(facecolor="white", edgecolor="black", hatch="///",
-                             label="approximate gradient (one-step backward)"))
+        handles.append(
+            Patch(facecolor="white", edgecolor="black", hatch="///", label="approximate gradient (one-step backward)")
+        )
     if ok:
         handles.append(ax.scatter([], [], marker="|", color="black", s=140, label="median"))
-    fig.legend(handles=handles, fontsize=10.5, loc="outside lower center", ncol=min(len(handles), 4),
-               frameon=False)
+    fig.legend(handles=handles, fontsize=10.5, loc="outside lower center", ncol=min(len(handles), 4), frameon=False)
     ax.grid(axis="x", which="both", alpha=0.3)
     return fig
 
 
-def png(payload: dict, dpi: int = 110) -> Optional[bytes]:
+def png(payload: dict, dpi: int = 110) -> bytes | None:
     """The figure as PNG bytes (rendered in memory, so that a failed or interrupted plot writes nothing)."""
     import matplotlib.pyplot as plt  # with the figure only (see `figure`)
 

@@ -19,7 +19,7 @@ gain from small moves. (At m = 784 on Fashion-MNIST a fixed 1e-3 diverges in the
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
@@ -45,21 +45,31 @@ class Problem:
     contraction: float
     data: str  # where phi came from, in words
     learning_rate_rule: str = "given (--learning-rate)"
-    gauss_newton_lambda_max: Optional[float] = None  # lambda_max(J^T H J) at the initial parameters, if computed
+    gauss_newton_lambda_max: float | None = None  # lambda_max(J^T H J) at the initial parameters, if computed
     references: dict = dataclasses.field(default_factory=dict)  # problem name -> float64 reference (filled lazily)
 
     def describe(self) -> dict:
         """The JSON record of the problem (what the goals' applicability is judged on)."""
-        return {"n": self.n, "m": self.m, "m_y": self.m_y, "gamma": self.gamma, "tol": self.tol,
-                "maxiter": self.maxiter, "learning_rate": self.learning_rate,
-                "learning_rate_rule": self.learning_rate_rule,
-                "gauss_newton_lambda_max": self.gauss_newton_lambda_max, "dtype": "float32", "data": self.data,
-                "loss": "square (one-hot targets)", "sigma": "column softmax",
-                "stopping_rule": "|f(z) - z|_2 <= tol * |f(z)|_2 (deq_jax: over the whole state, per sample in the "
-                                 "per-sample form; jaxopt and torchdeq: absolute tolerance tol * |z*|_2, |z*| the "
-                                 "float64 equilibrium's norm)",
-                "tanh_contraction": self.contraction,
-                "reference": "float64: DELM closed form (numpy); tanh DEQ solved to 1e-12"}
+        return {
+            "n": self.n,
+            "m": self.m,
+            "m_y": self.m_y,
+            "gamma": self.gamma,
+            "tol": self.tol,
+            "maxiter": self.maxiter,
+            "learning_rate": self.learning_rate,
+            "learning_rate_rule": self.learning_rate_rule,
+            "gauss_newton_lambda_max": self.gauss_newton_lambda_max,
+            "dtype": "float32",
+            "data": self.data,
+            "loss": "square (one-hot targets)",
+            "sigma": "column softmax",
+            "stopping_rule": "|f(z) - z|_2 <= tol * |f(z)|_2 (deq_jax: over the whole state, per sample in the "
+            "per-sample form; jaxopt and torchdeq: absolute tolerance tol * |z*|_2, |z*| the "
+            "float64 equilibrium's norm)",
+            "tanh_contraction": self.contraction,
+            "reference": "float64: DELM closed form (numpy); tanh DEQ solved to 1e-12",
+        }
 
 
 def _settings() -> dict:
@@ -68,7 +78,7 @@ def _settings() -> dict:
     return {"data_dir": Setting(flag="--data-dir"), "n_train": Setting(flag="--n")}
 
 
-def _fashion_mnist(n: int, data_dir: Optional[str], required: bool) -> Optional[tuple[np.ndarray, np.ndarray, str]]:
+def _fashion_mnist(n: int, data_dir: str | None, required: bool) -> tuple[np.ndarray, np.ndarray, str] | None:
     """The first `n` of a seeded permutation of Fashion-MNIST's training set (raw pixels in [0, 1]), if on disk.
 
     Searched in `data_dir` (--data-dir) first, then the cache and /usr/share/datasets. A file that is there but
@@ -81,20 +91,35 @@ def _fashion_mnist(n: int, data_dir: Optional[str], required: bool) -> Optional[
         if err.setting == "data_dir":  # a --data-dir that is not there: its own message names the flag
             raise
         if required:
-            raise UserError("--data fashion_mnist: Fashion-MNIST is not on disk (apt-get install "
-                            "dataset-fashion-mnist, or pass --data-dir with its four IDX files); or use --data "
-                            "random") from None
+            raise UserError(
+                "--data fashion_mnist: Fashion-MNIST is not on disk (apt-get install "
+                "dataset-fashion-mnist, or pass --data-dir with its four IDX files); or use --data "
+                "random"
+            ) from None
         return None  # not on this machine: the caller falls back to random data (and says so)
     if n > ds.x_train.shape[0]:
-        raise UserError(f"--n must be at most the {ds.x_train.shape[0]} Fashion-MNIST training images; got {n} "
-                        f"(or pass --data random)")
+        raise UserError(
+            f"--n must be at most the {ds.x_train.shape[0]} Fashion-MNIST training images; got {n} "
+            f"(or pass --data random)"
+        )
     pp = preprocess(ds, n_train=n, n_test=1, features="raw", add_bias=False, seed=0)
     return pp.x_train, pp.y_train, f"Fashion-MNIST train, {n} images (seeded permutation), raw pixels in [0, 1]"
 
 
-def make_problem(*, n: int, width: int, classes: int, gamma: float, tol: float, maxiter: int,
-                 learning_rate: Optional[float], data: str, seed: int = 0, contraction: float = 0.9,
-                 data_dir: Optional[str] = None) -> Problem:
+def make_problem(
+    *,
+    n: int,
+    width: int,
+    classes: int,
+    gamma: float,
+    tol: float,
+    maxiter: int,
+    learning_rate: float | None,
+    data: str,
+    seed: int = 0,
+    contraction: float = 0.9,
+    data_dir: str | None = None,
+) -> Problem:
     """Build the shared problem. `data`: "auto" (Fashion-MNIST if on disk, else random), "fashion_mnist", "random".
     `learning_rate=None`: `1 / lambda_max` of the Gauss-Newton matrix at the initial parameters (module docstring).
 
@@ -128,17 +153,34 @@ def make_problem(*, n: int, width: int, classes: int, gamma: float, tol: float, 
     y = np.eye(classes, dtype=np.float32)[labels]
     f32 = lambda a: np.asarray(a, np.float32)
     delm = {"A": f32(0.1 * rng.standard_normal((width, width))), "B": f32(0.1 * rng.standard_normal((classes, width)))}
-    tanh = {"W": f32(rng.standard_normal((width, width)) / np.sqrt(width)),
-            "U": f32(rng.standard_normal((width, width)) / np.sqrt(width)),
-            "b": f32(0.1 * rng.standard_normal(width)), "B": delm["B"]}
-    p = Problem(n=n, m=width, m_y=classes, gamma=gamma, tol=tol, maxiter=maxiter,
-                learning_rate=0.0 if learning_rate is None else learning_rate, phi=x, y=y, delm=delm, tanh=tanh,
-                contraction=contraction, data=description)
+    tanh = {
+        "W": f32(rng.standard_normal((width, width)) / np.sqrt(width)),
+        "U": f32(rng.standard_normal((width, width)) / np.sqrt(width)),
+        "b": f32(0.1 * rng.standard_normal(width)),
+        "B": delm["B"],
+    }
+    p = Problem(
+        n=n,
+        m=width,
+        m_y=classes,
+        gamma=gamma,
+        tol=tol,
+        maxiter=maxiter,
+        learning_rate=0.0 if learning_rate is None else learning_rate,
+        phi=x,
+        y=y,
+        delm=delm,
+        tanh=tanh,
+        contraction=contraction,
+        data=description,
+    )
     if learning_rate is None:
         lam = gauss_newton_lambda_max(p)
         p.learning_rate, p.gauss_newton_lambda_max = 1.0 / lam, lam
-        p.learning_rate_rule = ("1 / lambda_max(J^T H J) at the initial parameters (the Gauss-Newton matrix of the "
-                                "square loss; GD is linearly unstable above twice this)")
+        p.learning_rate_rule = (
+            "1 / lambda_max(J^T H J) at the initial parameters (the Gauss-Newton matrix of the "
+            "square loss; GD is linearly unstable above twice this)"
+        )
     return p
 
 
@@ -173,7 +215,7 @@ def gauss_newton_lambda_max(p: Problem, iterations: int = 300, rtol: float = 1e-
     U_inv = np.linalg.inv(U)
     C = phi.T @ phi / p.n
     softmax_t = lambda dS: S * (dS - np.sum(S * dS, axis=0, keepdims=True))  # symmetric per column
-    dot = lambda a, b: sum(float(np.sum(x * y)) for x, y in zip(a, b))
+    dot = lambda a, b: sum(float(np.sum(x * y)) for x, y in zip(a, b, strict=True))
 
     def operator(v):
         dA, dB = v

@@ -30,8 +30,9 @@ import dataclasses
 import functools
 import re
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +58,7 @@ def _count_primitive(jaxpr, name: str) -> int:
         if eqn.primitive.name == name:
             count += 1
         for value in eqn.params.values():
-            for sub in (value if isinstance(value, (list, tuple)) else [value]):
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
                 inner = getattr(sub, "jaxpr", None)
                 if inner is not None:
                     count += _count_primitive(inner if hasattr(inner, "eqns") else inner.jaxpr, name)
@@ -138,12 +139,14 @@ def _step(p: Problem, precision, which: str) -> Callable:
 
     optimizer = optax.sgd(p.learning_rate)
     if which == "deq_jax":
-        model = model_lib.build("delm", p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="direct",
-                                precision=precision)
+        model = model_lib.build(
+            "delm", p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="direct", precision=precision
+        )
         return make_step(model, "square", optimizer, jit=False)
     if which == "refine":
-        model = model_lib.build("delm", p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="refine",
-                                precision=precision)
+        model = model_lib.build(
+            "delm", p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="refine", precision=precision
+        )
         return make_step(model, "square", optimizer, jit=False).update
 
     def inline_loss(params, phi, y):
@@ -162,17 +165,21 @@ def _step(p: Problem, precision, which: str) -> Callable:
     return step
 
 
-STEPS = {"deq_jax": "deq_jax step (DELM + make_step)", "inline": "inline step (jnp.linalg.solve + autodiff)",
-         "hand": "hand-written step (closed-form gradients, one lu_factor)",
-         "refine": "deq_jax refine step, warm (TrainStep.update after 5 training steps)"}
+STEPS = {
+    "deq_jax": "deq_jax step (DELM + make_step)",
+    "inline": "inline step (jnp.linalg.solve + autodiff)",
+    "hand": "hand-written step (closed-form gradients, one lu_factor)",
+    "refine": "deq_jax refine step, warm (TrainStep.update after 5 training steps)",
+}
 WARM_STEPS = 5  # training steps before the refine step is timed: past the first, large moves of the run
 
 
 def _warm_state(p: Problem, precision, a: SimpleNamespace):
     """The refine step's training state after `WARM_STEPS` steps from the problem's initial parameters."""
 
-    model = model_lib.build("delm", p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="refine",
-                            precision=precision)
+    model = model_lib.build(
+        "delm", p.m, p.m_y, gamma=p.gamma, formulation="transposed", solver="refine", precision=precision
+    )
     step = make_step(model, "square", optax.sgd(p.learning_rate))
     state = step.init(a.params, a.phi)
     for _ in range(WARM_STEPS):
@@ -194,35 +201,77 @@ def entries(p: Problem, precision) -> list[Entry]:
     """Every component and whole step of the profile, in table order (nothing is computed until `make` runs)."""
     m, n, m_y, gamma = p.m, p.n, p.m_y, p.gamma
     sgd = optax.sgd(p.learning_rate)
-    steps = [Entry(name, "step", functools.partial(
-        lambda which, a: (_step(p, precision, which), (a.params, a.opt_state, a.phi, a.y), 0.0), which))
-        for which, name in STEPS.items() if which != "refine"]
-    steps.append(Entry(STEPS["refine"], "step", lambda a: (_step(p, precision, "refine"),
-                                                            (_warm_state(p, precision, a), a.phi, a.y), 0.0)))
+    steps = [
+        Entry(
+            name,
+            "step",
+            functools.partial(
+                lambda which, a: (_step(p, precision, which), (a.params, a.opt_state, a.phi, a.y), 0.0), which
+            ),
+        )
+        for which, name in STEPS.items()
+        if which != "refine"
+    ]
+    steps.append(
+        Entry(
+            STEPS["refine"],
+            "step",
+            lambda a: (_step(p, precision, "refine"), (_warm_state(p, precision, a), a.phi, a.y), 0.0),
+        )
+    )
     return [
         Entry("softmax sigma(A) (column)", "component", lambda a: (lambda A: jax.nn.softmax(A, axis=0), (a.A,), 0.0)),
-        Entry("LU factorisation of U (lax.linalg.lu: getrf + permutation)", "component",
-              lambda a: (jax.lax.linalg.lu, (a.U.T,), 2 / 3 * m**3)),
-        Entry("  of which pivots -> permutation loop", "component",
-              lambda a: (lambda piv: jax.lax.linalg.lu_pivots_to_permutation(piv, m), (a.pivots,), 0.0)),
-        Entry("jnp.linalg.solve(U^T, B^T): LU + 2 triangular solves (forward)", "component",
-              lambda a: (lambda U, B: jnp.linalg.solve(U.T, B.T), (a.U, a.B), 2 / 3 * m**3 + 2 * m * m * m_y)),
-        Entry("predictions phi W^T (n x m x m_y)", "component",
-              lambda a: (lambda phi, W: phi @ W.T, (a.phi, a.W), 2 * n * m * m_y)),
-        Entry("G = R^T phi / n (m_y x n x m)", "component",
-              lambda a: (lambda R, phi: R.T @ phi / n, (a.R, a.phi), 2 * n * m * m_y)),
-        Entry("dL/dsigma = gamma W^T dB (outer, m x m_y x m)", "component",
-              lambda a: (lambda W, G: gamma * W.T @ G, (a.W, a.G), 2 * m * m * m_y)),
-        Entry("softmax transpose S * (dS - 1 1^T (S * dS))", "component",
-              lambda a: (lambda S, dS: S * (dS - jnp.sum(S * dS, axis=0, keepdims=True)), (a.S, a.S), 0.0)),
-        Entry("optax SGD update", "component",
-              lambda a: (lambda g, s, prm: sgd.update(g, s, prm), (a.params, a.opt_state, a.params), 0.0)),
-        Entry("deq_jax residual check W sigma(A) (m_y x m x m)", "component",
-              lambda a: (lambda W, S, B: B + gamma * W @ S, (a.W, a.S, a.B), 2 * m * m * m_y)),
-        Entry("one refinement sweep W + (B - W U) U_old^{-1} (2 triangular solves + m_y x m x m)", "component",
-              lambda a: (_sweep(p), (_factors(a.U), a.W, a.S, a.B), 2 * m * m * m_y * 2)),
-        Entry(f"dense matmul {m}^3 (the machine's matmul rate)", "component",
-              lambda a: (lambda S: S @ S, (a.S,), 2.0 * m**3)),
+        Entry(
+            "LU factorisation of U (lax.linalg.lu: getrf + permutation)",
+            "component",
+            lambda a: (jax.lax.linalg.lu, (a.U.T,), 2 / 3 * m**3),
+        ),
+        Entry(
+            "  of which pivots -> permutation loop",
+            "component",
+            lambda a: (lambda piv: jax.lax.linalg.lu_pivots_to_permutation(piv, m), (a.pivots,), 0.0),
+        ),
+        Entry(
+            "jnp.linalg.solve(U^T, B^T): LU + 2 triangular solves (forward)",
+            "component",
+            lambda a: (lambda U, B: jnp.linalg.solve(U.T, B.T), (a.U, a.B), 2 / 3 * m**3 + 2 * m * m * m_y),
+        ),
+        Entry(
+            "predictions phi W^T (n x m x m_y)",
+            "component",
+            lambda a: (lambda phi, W: phi @ W.T, (a.phi, a.W), 2 * n * m * m_y),
+        ),
+        Entry(
+            "G = R^T phi / n (m_y x n x m)",
+            "component",
+            lambda a: (lambda R, phi: R.T @ phi / n, (a.R, a.phi), 2 * n * m * m_y),
+        ),
+        Entry(
+            "dL/dsigma = gamma W^T dB (outer, m x m_y x m)",
+            "component",
+            lambda a: (lambda W, G: gamma * W.T @ G, (a.W, a.G), 2 * m * m * m_y),
+        ),
+        Entry(
+            "softmax transpose S * (dS - 1 1^T (S * dS))",
+            "component",
+            lambda a: (lambda S, dS: S * (dS - jnp.sum(S * dS, axis=0, keepdims=True)), (a.S, a.S), 0.0),
+        ),
+        Entry("optax SGD update", "component", lambda a: (sgd.update, (a.params, a.opt_state, a.params), 0.0)),
+        Entry(
+            "deq_jax residual check W sigma(A) (m_y x m x m)",
+            "component",
+            lambda a: (lambda W, S, B: B + gamma * W @ S, (a.W, a.S, a.B), 2 * m * m * m_y),
+        ),
+        Entry(
+            "one refinement sweep W + (B - W U) U_old^{-1} (2 triangular solves + m_y x m x m)",
+            "component",
+            lambda a: (_sweep(p), (_factors(a.U), a.W, a.S, a.B), 2 * m * m * m_y * 2),
+        ),
+        Entry(
+            f"dense matmul {m}^3 (the machine's matmul rate)",
+            "component",
+            lambda a: (lambda S: S @ S, (a.S,), 2.0 * m**3),
+        ),
         *steps,
     ]
 
@@ -247,7 +296,8 @@ def run_profile(p: Problem, chosen: list[Entry], *, device: Any, precision, repe
             elif entry.name == STEPS["hand"]:
                 _, hand = jax.jit(_closed_form(p))(a.params, a.phi, a.y)
                 facts["hand_written_grad_error_vs_f64"] = relative_errors(
-                    {k: np.asarray(v) for k, v in hand.items()}, delm_reference(p)["grads"])
+                    {k: np.asarray(v) for k, v in hand.items()}, delm_reference(p)["grads"]
+                )
     for c, args, _, _ in compiled.values():
         jax.block_until_ready(c(*args))
     times: dict[str, list] = {name: [] for name in compiled}
@@ -260,17 +310,35 @@ def run_profile(p: Problem, chosen: list[Entry], *, device: Any, precision, repe
     rows = []
     for name, (_, _, flops, kind) in compiled.items():
         t = np.asarray(times[name])
-        rows.append({"name": name, "kind": kind, "times_s": t.tolist(), "min_s": float(t.min()),
-                     "median_s": float(np.median(t)), "gflops_at_min": (flops / t.min() / 1e9) if flops else None})
+        rows.append(
+            {
+                "name": name,
+                "kind": kind,
+                "times_s": t.tolist(),
+                "min_s": float(t.min()),
+                "median_s": float(np.median(t)),
+                "gflops_at_min": (flops / t.min() / 1e9) if flops else None,
+            }
+        )
     return {"rows": rows, "facts": facts}
 
 
-BACKWARD_SOLVERS = ("gmres, batched (jax default; deq_jax's default backward)", "gmres, incremental", "bicgstab",
-                    "normal_cg (jaxopt; counts the A products, each CG step also applies A^T)")
+BACKWARD_SOLVERS = (
+    "gmres, batched (jax default; deq_jax's default backward)",
+    "gmres, incremental",
+    "bicgstab",
+    "normal_cg (jaxopt; counts the A products, each CG step also applies A^T)",
+)
 
 
-def backward_solvers(p: Problem, names: tuple[str, ...] = BACKWARD_SOLVERS, *, device: Any, precision,
-                     repeats: int = 2) -> list[dict]:
+def _solution_of(solve: Callable) -> Callable:
+    """`solve`'s solution alone (the solvers return `(x, info)`), as the program to compile."""
+    return lambda b, S: solve(b, S)[0]
+
+
+def backward_solvers(
+    p: Problem, names: tuple[str, ...] = BACKWARD_SOLVERS, *, device: Any, precision, repeats: int = 2
+) -> list[dict]:
     """Time and count the matrix-vector products of each linear solver on the per-sample backward system."""
 
     if not names:
@@ -298,17 +366,24 @@ def backward_solvers(p: Problem, names: tuple[str, ...] = BACKWARD_SOLVERS, *, d
         return matvec
 
     tol = p.tol
-    solvers = dict(zip(BACKWARD_SOLVERS, (
-        lambda b, S: jssl.gmres(matvec_of(S), b, tol=tol, atol=0.0, solve_method="batched"),
-        lambda b, S: jssl.gmres(matvec_of(S), b, tol=tol, atol=0.0, solve_method="incremental"),
-        lambda b, S: jssl.bicgstab(matvec_of(S), b, tol=tol, atol=0.0),
-        lambda b, S: (jaxopt_linear_solve.solve_normal_cg(matvec_of(S), b, tol=tol, atol=0.0), None))))
+    solvers = dict(
+        zip(
+            BACKWARD_SOLVERS,
+            (
+                lambda b, S: jssl.gmres(matvec_of(S), b, tol=tol, atol=0.0, solve_method="batched"),
+                lambda b, S: jssl.gmres(matvec_of(S), b, tol=tol, atol=0.0, solve_method="incremental"),
+                lambda b, S: jssl.bicgstab(matvec_of(S), b, tol=tol, atol=0.0),
+                lambda b, S: (jaxopt_linear_solve.solve_normal_cg(matvec_of(S), b, tol=tol, atol=0.0), None),
+            ),
+            strict=True,
+        )
+    )
     out = []
     for name in names:
         interrupts.check()
         solve = solvers[name]
         with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
-            run = jax.jit(lambda b, S: solve(b, S)[0]).lower(v, S).compile()
+            run = jax.jit(_solution_of(solve)).lower(v, S).compile()
         jax.block_until_ready(run(v, S))
         times = []
         for _ in range(repeats):

@@ -8,7 +8,8 @@ suite can list every row, torch rows included, on a machine without torch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 #: backward modes whose gradient is an approximation by design (the Jacobian-free one-step gradient)
 APPROXIMATE_BACKWARDS = ("one_step",)
@@ -18,12 +19,12 @@ APPROXIMATE_BACKWARDS = ("one_step",)
 class Check:
     """What one row's computation returned, gathered outside the timed step."""
 
-    iterations: Optional[int]  # forward iterations (0 for direct solves)
-    converged: Optional[bool]  # the implementation's own verdict (None where it has none)
+    iterations: int | None  # forward iterations (0 for direct solves)
+    converged: bool | None  # the implementation's own verdict (None where it has none)
     state: Any  # the equilibrium (z for per-sample, W for transposed), a numpy array
     grads: dict  # parameter name -> gradient (numpy); empty for rows that compute no gradient
     extra: dict = dataclasses.field(default_factory=dict)  # e.g. torchdeq's backward iterations
-    params: Optional[dict] = None  # the parameters the gradient was taken at (numpy); None: the problem's initial
+    params: dict | None = None  # the parameters the gradient was taken at (numpy); None: the problem's initial
 
 
 @dataclasses.dataclass
@@ -32,14 +33,14 @@ class Prepared:
 
     run: Callable[[], Any]
     check: Callable[[], Check]
-    compile_s: Optional[float] = None  # jax: trace + XLA compile of the whole step
-    temp_bytes: Optional[int] = None  # XLA temporary memory of the compiled step
-    reset: Optional[Callable[[], None]] = None  # untimed, before each timed step (torch: restore the parameters)
-    peak_memory: Optional[Callable[[], Optional[int]]] = None  # device peak bytes after a step, where measurable
+    compile_s: float | None = None  # jax: trace + XLA compile of the whole step
+    temp_bytes: int | None = None  # XLA temporary memory of the compiled step
+    reset: Callable[[], None] | None = None  # untimed, before each timed step (torch: restore the parameters)
+    peak_memory: Callable[[], int | None] | None = None  # device peak bytes after a step, where measurable
     # a training run (state carried from step to step): how many untimed steps before its timed ones (instead of
     # the suite's --warmup), and, after the timed steps, its per-step record and a second check at its then state
-    warmup: Optional[int] = None
-    after_timing: Optional[Callable[[int], tuple[dict, Check]]] = None  # (index of the first timed step)
+    warmup: int | None = None
+    after_timing: Callable[[int], tuple[dict, Check]] | None = None  # (index of the first timed step)
 
 
 @dataclasses.dataclass
@@ -54,7 +55,7 @@ class Case:
     prepare: Callable[[], Prepared]
     label: str = ""  # extra words for the row name (e.g. "100 it")
     note: str = ""
-    tol: Optional[float] = None  # the row's relative tolerance if not the problem's
+    tol: float | None = None  # the row's relative tolerance if not the problem's
 
     @property
     def name(self) -> str:

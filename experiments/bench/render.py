@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-from typing import Optional
 
 from experiments.bench import report
 from experiments.common import io
@@ -35,7 +34,7 @@ def result_path(results_dir: pathlib.Path, name: str) -> pathlib.Path:
     return results_dir / f"bench-{name}.json"
 
 
-def load_result(path: pathlib.Path) -> Optional[dict]:
+def load_result(path: pathlib.Path) -> dict | None:
     """A committed result, None if there is none; `UserError` naming the file if it is not a benchmark result."""
     if not path.exists():
         return None
@@ -45,8 +44,9 @@ def load_result(path: pathlib.Path) -> Optional[dict]:
         raise UserError(f"{path}: not valid JSON ({err}); rerun the benchmark command that writes it") from None
     missing = [key for key in REQUIRED if not isinstance(data, dict) or key not in data]
     if missing:
-        raise UserError(f"{path}: not a benchmark result (missing {', '.join(missing)}); rerun the benchmark "
-                        f"command that writes it")
+        raise UserError(
+            f"{path}: not a benchmark result (missing {', '.join(missing)}); rerun the benchmark command that writes it"
+        )
     return data
 
 
@@ -56,36 +56,49 @@ def _summary(name: str, data: dict) -> str:
     load_before, load_after = machine.get("load_average_1_5_15"), dev.get("load_average_after")
     load = "-" if not load_before else f"{load_before[0]:.1f}" + (f" -> {load_after[0]:.1f}" if load_after else "")
     wall = data.get("wall_s")
-    return (f"Measured {data['date']} with `{data['command']}` "
-            f"(JSON: [docs/results/bench-{name}.json](results/bench-{name}.json)): "
-            f"{machine['cpu_model']}, {machine['cpu_cores']} cores, {dev.get('jax_device_kind', '-')}; "
-            f"jax {versions.get('jax')}, jaxlib {versions.get('jaxlib')}"
-            + (f", torch {versions['torch']}, torchdeq {versions.get('torchdeq')}" if versions.get("torch") else "")
-            + f"; OPENBLAS_NUM_THREADS={variables.get('OPENBLAS_NUM_THREADS')}; load average {load}"
-            + ("" if wall is None else f"; wall time {wall / 60:.1f} min")
-            + f". Problem: n={pr['n']}, m={pr['m']}, m_y={pr.get('m_y')}, gamma={pr.get('gamma')}, "
-              f"tol={pr.get('tol')}, float32, data: {pr.get('data')}"
-            + ("" if pr.get("learning_rate") is None else f"; SGD step {pr['learning_rate']:.3g}"
-               + (f" (1 / lambda_max of the Gauss-Newton matrix, {pr['gauss_newton_lambda_max']:.4g})"
-                  if pr.get("gauss_newton_lambda_max") else ""))
-            + "." + "".join(f"\n\nNote: {note.rstrip('.')}." for note in data.get("notes", [])))
+    return (
+        f"Measured {data['date']} with `{data['command']}` "
+        f"(JSON: [docs/results/bench-{name}.json](results/bench-{name}.json)): "
+        f"{machine['cpu_model']}, {machine['cpu_cores']} cores, {dev.get('jax_device_kind', '-')}; "
+        f"jax {versions.get('jax')}, jaxlib {versions.get('jaxlib')}"
+        + (f", torch {versions['torch']}, torchdeq {versions.get('torchdeq')}" if versions.get("torch") else "")
+        + f"; OPENBLAS_NUM_THREADS={variables.get('OPENBLAS_NUM_THREADS')}; load average {load}"
+        + ("" if wall is None else f"; wall time {wall / 60:.1f} min")
+        + f". Problem: n={pr['n']}, m={pr['m']}, m_y={pr.get('m_y')}, gamma={pr.get('gamma')}, "
+        f"tol={pr.get('tol')}, float32, data: {pr.get('data')}"
+        + (
+            ""
+            if pr.get("learning_rate") is None
+            else f"; SGD step {pr['learning_rate']:.3g}"
+            + (
+                f" (1 / lambda_max of the Gauss-Newton matrix, {pr['gauss_newton_lambda_max']:.4g})"
+                if pr.get("gauss_newton_lambda_max")
+                else ""
+            )
+        )
+        + "."
+        + "".join(f"\n\nNote: {note.rstrip('.')}." for note in data.get("notes", []))
+    )
 
 
-def block(name: str, part: str, data: Optional[dict]) -> str:
+def block(name: str, part: str, data: dict | None) -> str:
     """The text of one generated block (without its markers)."""
     if part not in PARTS:
         raise UserError(f"docs: unknown block part {part!r} for {name!r}; parts: {', '.join(PARTS)}")
     if data is None:
         if part == "summary" and name.startswith("gpu"):
-            return (f"*Not measured (no GPU in this environment): `docs/results/bench-{name}.json` is not committed. "
-                    f"On a machine with a GPU, the command above writes it and fills in this section's blocks.*\n")
+            return (
+                f"*Not measured (no GPU in this environment): `docs/results/bench-{name}.json` is not committed. "
+                f"On a machine with a GPU, the command above writes it and fills in this section's blocks.*\n"
+            )
         if part == "summary":
-            return (f"*Not measured with this code yet: `docs/results/bench-{name}.json` is not committed (the "
-                    f"command above writes it and fills in this section's blocks).*\n")
+            return (
+                f"*Not measured with this code yet: `docs/results/bench-{name}.json` is not committed (the "
+                f"command above writes it and fills in this section's blocks).*\n"
+            )
         if part == "figure":
             return ""
-        return "*(not measured: no GPU in this environment)*\n" if name.startswith("gpu") else \
-            "*(not measured yet)*\n"
+        return "*(not measured: no GPU in this environment)*\n" if name.startswith("gpu") else "*(not measured yet)*\n"
     if part == "summary":
         text = _summary(name, data)
     elif part == "goals":
@@ -102,7 +115,7 @@ def block(name: str, part: str, data: Optional[dict]) -> str:
 
 def render_text(text: str, results_dir: pathlib.Path) -> tuple[str, int]:
     """`text` with every generated block rewritten from the JSONs in `results_dir`; and the number of blocks."""
-    cache: dict[str, Optional[dict]] = {}
+    cache: dict[str, dict | None] = {}
     count = 0
 
     def replace(match: re.Match) -> str:

@@ -10,7 +10,7 @@ import datetime
 import json
 import shlex
 import time
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -18,17 +18,17 @@ from experiments.bench.training import WARM, ZERO_START
 from experiments.common.env import load_average
 
 
-def fmt_s(x: Optional[float]) -> str:
+def fmt_s(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f} s"
 
 
-def fmt_ms(x: Optional[float]) -> str:
+def fmt_ms(x: float | None) -> str:
     if x is None:
         return "-"
     return f"{x * 1e3:.1f}" if x < 10 else f"{x * 1e3:.0f}"
 
 
-def fmt_bytes(x: Optional[int]) -> str:
+def fmt_bytes(x: int | None) -> str:
     if x is None:
         return "-"
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
@@ -37,7 +37,7 @@ def fmt_bytes(x: Optional[int]) -> str:
     return f"{x} B"
 
 
-def fmt_e(x: Optional[float]) -> str:
+def fmt_e(x: float | None) -> str:
     return "-" if x is None else f"{x:.1e}"
 
 
@@ -78,8 +78,19 @@ def _grad_cell(row: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     """A Markdown table of a suite's rows (what the command prints and docs/benchmarks.md shows)."""
-    header = ["row", "min ms", "median ms", "compile", "iters", "converged", "rel. residual", "grad err (1st, 2nd)",
-              "vs direct", "XLA temp", "RSS peak +"]
+    header = [
+        "row",
+        "min ms",
+        "median ms",
+        "compile",
+        "iters",
+        "converged",
+        "rel. residual",
+        "grad err (1st, 2nd)",
+        "vs direct",
+        "XLA temp",
+        "RSS peak +",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
         name = row["name"]
@@ -88,16 +99,24 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {name} | {row['status']}: {reason} |" + " |" * (len(header) - 2))
             continue
         vs = row.get("grad_error_vs_direct_f32")
-        cells = [name, fmt_ms(row["min_s"]), fmt_ms(row["median_s"]), fmt_s(row.get("compile_s")),
-                 _iterations_cell(row),
-                 _converged_cell(row), fmt_e(row["relative_residual"]), _grad_cell(row),
-                 fmt_e(max(vs.values())) if vs else "-", fmt_bytes(row.get("temp_bytes")),
-                 fmt_bytes(row.get("device_peak_bytes") or row.get("rss_peak_delta_bytes"))]
+        cells = [
+            name,
+            fmt_ms(row["min_s"]),
+            fmt_ms(row["median_s"]),
+            fmt_s(row.get("compile_s")),
+            _iterations_cell(row),
+            _converged_cell(row),
+            fmt_e(row["relative_residual"]),
+            _grad_cell(row),
+            fmt_e(max(vs.values())) if vs else "-",
+            fmt_bytes(row.get("temp_bytes")),
+            fmt_bytes(row.get("device_peak_bytes") or row.get("rss_peak_delta_bytes")),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _paired(a: Optional[dict], b: Optional[dict]) -> str:
+def _paired(a: dict | None, b: dict | None) -> str:
     """`a`'s time over `b`'s, the median over the timing rounds (both ran back to back in each round)."""
     if a is None or b is None or not a.get("times_s") or not b.get("times_s"):
         return "-"
@@ -114,31 +133,56 @@ def training_table(rows: list[dict]) -> str:
         return ""
     ok = lambda r: r.get("status") == "ok"
     lu = next((r for r in rows if r.get("solver") == "lu_factor" and ok(r)), None)
-    twin = lambda r: next((z for z in runs if z["label"] == ZERO_START and ok(z)
-                           and (z["formulation"], z["solver"]) == (r["formulation"], r["solver"])), None)
-    header = ["training run (consecutive steps of TrainStep.update)", "steps (timed)", "iterations per timed step: "
-              "forward + backward", "LU refactorisations (timed)", "min ms", "median ms", "compile",
-              "zero start / warm, paired", "/ bare LU, paired", "independent checks: residual before, after",
-              "grad err before, after (max)"]
+    mean = lambda r, key: "-" if r.get(key) is None else f"{r[key]:.1f}"
+    twin = lambda r: next(
+        (
+            z
+            for z in runs
+            if z["label"] == ZERO_START and ok(z) and (z["formulation"], z["solver"]) == (r["formulation"], r["solver"])
+        ),
+        None,
+    )
+    header = [
+        "training run (consecutive steps of TrainStep.update)",
+        "steps (timed)",
+        ("iterations per timed step: forward + backward"),
+        "LU refactorisations (timed)",
+        "min ms",
+        "median ms",
+        "compile",
+        "zero start / warm, paired",
+        "/ bare LU, paired",
+        "independent checks: residual before, after",
+        "grad err before, after (max)",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in runs:
         if not ok(r):
             reason = r.get("error") or r.get("note")
             lines.append(f"| {r['name']} | {r['status']}: {reason} |" + " |" * (len(header) - 2))
             continue
-        mean = lambda key: "-" if r.get(key) is None else f"{r[key]:.1f}"
-        refactor = "-" if r.get("refactorisations") is None else \
-            f"{r['refactorisations']} ({r['refactorisations_timed']})"
+        refactor = (
+            "-" if r.get("refactorisations") is None else f"{r['refactorisations']} ({r['refactorisations_timed']})"
+        )
         after = r.get("check_after_timing", {})
         error = lambda e: fmt_e(max(e.values())) if e else "-"
-        checks = f"{fmt_e(r['relative_residual'])}, {fmt_e(after.get('relative_residual'))}" + \
-            ("" if r.get("converged") else " (NOT converged)")
+        checks = f"{fmt_e(r['relative_residual'])}, {fmt_e(after.get('relative_residual'))}" + (
+            "" if r.get("converged") else " (NOT converged)"
+        )
         speedup = _paired(twin(r), r) if r["label"] == WARM else "-"
-        cells = [r["name"], f"{r['steps']} ({len(r['times_s'])})", f"{mean('iterations_mean')} + "
-                 f"{mean('backward_iterations_mean')}", refactor, fmt_ms(r["min_s"]), fmt_ms(r["median_s"]),
-                 fmt_s(r.get("compile_s")), speedup,
-                 _paired(r, lu) if r["formulation"] == "transposed" else "-", checks,
-                 f"{error(r['grad_error'])}, {error(after.get('grad_error'))}"]
+        cells = [
+            r["name"],
+            f"{r['steps']} ({len(r['times_s'])})",
+            f"{mean(r, 'iterations_mean')} + {mean(r, 'backward_iterations_mean')}",
+            refactor,
+            fmt_ms(r["min_s"]),
+            fmt_ms(r["median_s"]),
+            fmt_s(r.get("compile_s")),
+            speedup,
+            _paired(r, lu) if r["formulation"] == "transposed" else "-",
+            checks,
+            f"{error(r['grad_error'])}, {error(after.get('grad_error'))}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -157,8 +201,10 @@ def profile_table(rows: list[dict]) -> str:
 
 
 def backward_table(rows: list[dict]) -> str:
-    lines = ["| per-sample backward linear solve | min ms | matrix-vector products | relative residual |",
-             "|---|---|---|---|"]
+    lines = [
+        "| per-sample backward linear solve | min ms | matrix-vector products | relative residual |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(f"| {r['name']} | {r['min_s'] * 1e3:.0f} | {r['products']} | {r['relative_residual']:.1e} |")
     return "\n".join(lines)
@@ -198,13 +244,37 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def payload(*, suite: str, argv: list[str], started: float, environment: dict, device: dict, problem: dict,
-            settings: dict, notes: list[str], goals: list[dict], rows: list[dict], **extra: Any) -> dict:
+def payload(
+    *,
+    suite: str,
+    argv: list[str],
+    started: float,
+    environment: dict,
+    device: dict,
+    problem: dict,
+    settings: dict,
+    notes: list[str],
+    goals: list[dict],
+    rows: list[dict],
+    **extra: Any,
+) -> dict:
     """The JSON record of one run: what ran, where, on what, and every row's measurements."""
 
     device = dict(device, load_average_after=load_average())
-    return jsonable({
-        "suite": suite, "command": command(argv), "argv": list(argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": time.time() - started, "environment": environment, "device": device, "problem": problem,
-        "settings": settings, "notes": notes, "goals": goals, "rows": rows, **extra})
+    return jsonable(
+        {
+            "suite": suite,
+            "command": command(argv),
+            "argv": list(argv),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "wall_s": time.time() - started,
+            "environment": environment,
+            "device": device,
+            "problem": problem,
+            "settings": settings,
+            "notes": notes,
+            "goals": goals,
+            "rows": rows,
+            **extra,
+        }
+    )

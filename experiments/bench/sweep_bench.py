@@ -29,17 +29,16 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from deq_jax import parallel, train
-from experiments.common import cli
+from experiments.common import cli, io, models
 from experiments.common import datasets as data
 from experiments.common import env as env_lib
-from experiments.common import io, models
 from experiments.common.config import from_dict
 from experiments.sweep import programs
 from experiments.sweep.config import SweepConfig
@@ -67,8 +66,11 @@ def worker(repeats: int) -> dict:
     keys = np.stack([np.asarray(jax.random.PRNGKey(s)) for s in range(SEEDS)])
 
     # loop: the main job's code path, once per seed
-    run = jax.jit(lambda params, phi, y: train.full_batch_gd(model, "square", params, phi, y,
-                                                            learning_rate=LEARNING_RATE, steps=STEPS))
+    run = jax.jit(
+        lambda params, phi, y: train.full_batch_gd(
+            model, "square", params, phi, y, learning_rate=LEARNING_RATE, steps=STEPS
+        )
+    )
     t0 = time.perf_counter()
     run_c = run.lower(model.init(jax.random.PRNGKey(0), dtype), phi, Y).compile()
     compile_loop = time.perf_counter() - t0
@@ -79,8 +81,9 @@ def worker(repeats: int) -> dict:
 
     # vmap: the same function over the seeds' keys
     def one(key, phi, y):
-        return train.full_batch_gd(model, "square", model.init(key, dtype), phi, y, learning_rate=LEARNING_RATE,
-                                   steps=STEPS)
+        return train.full_batch_gd(
+            model, "square", model.init(key, dtype), phi, y, learning_rate=LEARNING_RATE, steps=STEPS
+        )
 
     t0 = time.perf_counter()
     vmap_c = jax.jit(jax.vmap(one, in_axes=(0, None, None))).lower(keys, phi, Y).compile()
@@ -90,12 +93,17 @@ def worker(repeats: int) -> dict:
         return jax.block_until_ready(vmap_c(keys, phi, Y))
 
     # sweep: the sweep's group program through the parallel engine, sharded over every device
-    cfg = from_dict(SweepConfig, {"name": "bench", "datasets": [{"dataset": "digits", "features": "raw"}],
-                                  "steps": STEPS, "log_every": 1})
+    cfg = from_dict(
+        SweepConfig,
+        {"name": "bench", "datasets": [{"dataset": "digits", "features": "raw"}], "steps": STEPS, "log_every": 1},
+    )
     key = GroupKey("digits", None, "square", "delm", None, "column_softmax")
     engine = parallel.ParallelMap(programs.train_one_fn(cfg, key, m, ds.num_classes))
-    per_config = {"key": keys, "learning_rate": np.full(SEEDS, LEARNING_RATE, np.float32),
-                  "gamma": np.full(SEEDS, GAMMA, np.float32)}
+    per_config = {
+        "key": keys,
+        "learning_rate": np.full(SEEDS, LEARNING_RATE, np.float32),
+        "gamma": np.full(SEEDS, GAMMA, np.float32),
+    }
     shared = (x, y, labels, x[:1], y[:1], labels[:1])  # a one-row test set: the benchmark is about training
     t0 = time.perf_counter()
     plan = engine.plan(SEEDS, per_config, shared, budget_bytes=2**40)  # one chunk: all 64 seeds at once
@@ -115,35 +123,59 @@ def worker(repeats: int) -> dict:
     loop_final = np.asarray([float(h["loss"][-1]) for _, h in results["loop"]])
     vmap_final = np.asarray(results["vmap"][1]["loss"][:, -1])
     sweep_final = np.asarray(results["sweep"]["log_loss"][:, -1])  # before the last update, as the history
-    agree = {"vmap_vs_loop_max_rel": float(np.max(np.abs(vmap_final - loop_final) / np.abs(loop_final))),
-             "sweep_vs_loop_max_rel": float(np.max(np.abs(sweep_final - loop_final) / np.abs(loop_final)))}
+    agree = {
+        "vmap_vs_loop_max_rel": float(np.max(np.abs(vmap_final - loop_final) / np.abs(loop_final))),
+        "sweep_vs_loop_max_rel": float(np.max(np.abs(sweep_final - loop_final) / np.abs(loop_final))),
+    }
     devices = jax.devices()
     out = {
-        "devices": len(devices), "device_kind": devices[0].device_kind, "platform": devices[0].platform,
-        "n": n, "m": m, "seeds": SEEDS, "steps": STEPS, "chunk": plan.chunk_size, "repeats": repeats,
+        "devices": len(devices),
+        "device_kind": devices[0].device_kind,
+        "platform": devices[0].platform,
+        "n": n,
+        "m": m,
+        "seeds": SEEDS,
+        "steps": STEPS,
+        "chunk": plan.chunk_size,
+        "repeats": repeats,
         "batching": engine.batching,
         "compile_s": {"loop": compile_loop, "vmap": compile_vmap, "sweep": compile_sweep},
         "run": {k: _summary(v) for k, v in times.items()},
-        "final_loss_mean": float(loop_final.mean()), "agreement": agree,
+        "final_loss_mean": float(loop_final.mean()),
+        "agreement": agree,
     }
-    out["speedup_vs_loop"] = {k: {"min": out["run"]["loop"]["min_s"] / out["run"][k]["min_s"],
-                                  "median": out["run"]["loop"]["median_s"] / out["run"][k]["median_s"]}
-                              for k in ("vmap", "sweep")}
+    out["speedup_vs_loop"] = {
+        k: {
+            "min": out["run"]["loop"]["min_s"] / out["run"][k]["min_s"],
+            "median": out["run"]["loop"]["median_s"] / out["run"][k]["median_s"],
+        }
+        for k in ("vmap", "sweep")
+    }
     return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.bench.sweep_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (default 5)")
-    p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4],
-                   help="device counts (default 1 2 4); above 1 means forced host (CPU) devices")
-    p.add_argument("--out", "--output", dest="out", default=str(ROOT / "results" / "bench" / "sweep.json"),
-                   help="JSON output path (default results/bench/sweep.json)")
+    p.add_argument(
+        "--devices",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4],
+        help="device counts (default 1 2 4); above 1 means forced host (CPU) devices",
+    )
+    p.add_argument(
+        "--out",
+        "--output",
+        dest="out",
+        default=str(ROOT / "results" / "bench" / "sweep.json"),
+        help="JSON output path (default results/bench/sweep.json)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """`python -m experiments bench --suite sweep`: print the table, write the JSON; the exit status of
     `experiments.common.cli` (0 done, 2 usage error, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -172,25 +204,40 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         if count > 1:
             env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={count}", JAX_PLATFORMS="cpu")
         print(f"running with {count} device(s) ...", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, "-m", "experiments.bench.sweep_bench", "--worker", "--repeats",
-                               str(args.repeats)], env=env, capture_output=True, text=True, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, "-m", "experiments.bench.sweep_bench", "--worker", "--repeats", str(args.repeats)],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=False,  # a failure is reported with the worker's stderr, below
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"the {count}-device worker failed:\n{proc.stderr[-4000:]}")
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     environment = env_lib.environment()
-    header = (f"{'devices':>7} {'variant':>10} {'min s':>8} {'median s':>9} {'x loop (min)':>13} "
-              f"{'x loop (median)':>16} {'compile s':>10}")
-    lines = [f"64-seed DELM sweep, n={runs[0]['n']}, m={runs[0]['m']}, {STEPS} GD steps, direct solve, float32; "
-             f"{environment['devices']['description']}, "
-             f"OPENBLAS_NUM_THREADS={env_base['OPENBLAS_NUM_THREADS']}", header]
+    header = (
+        f"{'devices':>7} {'variant':>10} {'min s':>8} {'median s':>9} {'x loop (min)':>13} "
+        f"{'x loop (median)':>16} {'compile s':>10}"
+    )
+    lines = [
+        (
+            f"64-seed DELM sweep, n={runs[0]['n']}, m={runs[0]['m']}, {STEPS} GD steps, direct solve, float32; "
+            f"{environment['devices']['description']}, "
+            f"OPENBLAS_NUM_THREADS={env_base['OPENBLAS_NUM_THREADS']}"
+        ),
+        header,
+    ]
     for r in runs:
         where = f"{r['devices']} {r['platform']}"
         for variant in ("loop", "vmap", "sweep"):
             label = f"sweep/{r['batching']}" if variant == "sweep" else variant
             run = r["run"][variant]
             speed = r["speedup_vs_loop"].get(variant, {"min": 1.0, "median": 1.0})
-            lines.append(f"{where:>7} {label:>10} {run['min_s']:8.3f} {run['median_s']:9.3f} "
-                         f"{speed['min']:13.2f} {speed['median']:16.2f} {r['compile_s'][variant]:10.2f}")
+            lines.append(
+                f"{where:>7} {label:>10} {run['min_s']:8.3f} {run['median_s']:9.3f} "
+                f"{speed['min']:13.2f} {speed['median']:16.2f} {r['compile_s'][variant]:10.2f}"
+            )
     print("\n".join(lines))
     io.write_json(args.out, {"command": command, "environment": environment, "runs": runs, "table": lines})
     print(f"wrote {args.out}")

@@ -16,7 +16,8 @@ import os
 import threading
 import time
 import traceback
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +53,7 @@ class RssPeak:
     """
 
     def __init__(self):
-        self.delta: Optional[int] = None
+        self.delta: int | None = None
 
     def __enter__(self):
         if not os.path.exists("/proc/self/statm"):
@@ -80,13 +81,30 @@ class RssPeak:
 
 
 def _row_base(case: Case, tol: float) -> dict:
-    return {"name": case.name, "impl": case.impl, "problem": case.problem, "formulation": case.formulation,
-            "solver": case.solver, "backward": case.backward, "label": case.label, "note": case.note,
-            "approximate_gradient": case.approximate_gradient, "tol": tol, "status": "ok", "times_s": []}
+    return {
+        "name": case.name,
+        "impl": case.impl,
+        "problem": case.problem,
+        "formulation": case.formulation,
+        "solver": case.solver,
+        "backward": case.backward,
+        "label": case.label,
+        "note": case.note,
+        "approximate_gradient": case.approximate_gradient,
+        "tol": tol,
+        "status": "ok",
+        "times_s": [],
+    }
 
 
-def run_cases(cases: list[Case], p: Problem, settings: Settings, direct: Optional[dict], device: Any,
-              log: Callable[[str], None] = print) -> list[dict]:
+def run_cases(
+    cases: list[Case],
+    p: Problem,
+    settings: Settings,
+    direct: dict | None,
+    device: Any,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     """Prepare (compile), warm up and check every row, then time them round-robin. A row that fails is recorded
     with its error (status "error") and the others still run; a row over the memory limit is "skipped"."""
     rows, ready = [], []
@@ -101,8 +119,10 @@ def run_cases(cases: list[Case], p: Problem, settings: Settings, direct: Optiona
             row["temp_bytes"] = prepared.temp_bytes
             if prepared.temp_bytes is not None and prepared.temp_bytes > settings.max_temp_gb * 2**30:
                 row["status"] = "skipped"
-                row["note"] = (f"XLA temporary memory {prepared.temp_bytes / 2**30:.1f} GiB exceeds --max-temp-gb "
-                               f"{settings.max_temp_gb:g}; compiled, not run")
+                row["note"] = (
+                    f"XLA temporary memory {prepared.temp_bytes / 2**30:.1f} GiB exceeds --max-temp-gb "
+                    f"{settings.max_temp_gb:g}; compiled, not run"
+                )
                 log(f"  skip  {case.name}: {row['note']}")
                 continue
             if prepared.reset:
@@ -135,8 +155,10 @@ def run_cases(cases: list[Case], p: Problem, settings: Settings, direct: Optiona
         row["repeats"] = min(settings.repeats, settings.slow_repeats) if slow else settings.repeats
         ready.append((row, prepared))
         compile_s = "-" if row.get("compile_s") is None else f"{row['compile_s']:.2f} s"
-        log(f"  ready {case.name}: compile {compile_s}, first step {row['first_step_s']:.3f} s, "
-            f"iterations {row['iterations']}, residual {row['relative_residual']:.2e}")
+        log(
+            f"  ready {case.name}: compile {compile_s}, first step {row['first_step_s']:.3f} s, "
+            f"iterations {row['iterations']}, residual {row['relative_residual']:.2e}"
+        )
     rounds = max((row["repeats"] for row, _ in ready), default=0)
     for r in range(rounds):
         for row, prepared in ready:
@@ -171,8 +193,10 @@ def _finish_training_run(row: dict, prepared: Any, p: Problem, device: Any, log:
         log(f"  ERROR {row['name']}: {row['error']}")
         return
     if not row["loss_fell"]:
-        row["note"] = (row.get("note", "") + f"; the loss did not fall over the run ({row['loss_first']:.4g} -> "
-                       f"{row['loss_last']:.4g})").lstrip("; ")
+        row["note"] = (
+            row.get("note", "") + f"; the loss did not fall over the run ({row['loss_first']:.4g} -> "
+            f"{row['loss_last']:.4g})"
+        ).lstrip("; ")
 
 
 def paired_ratio(a: dict, b: dict) -> float:

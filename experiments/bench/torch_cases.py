@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-from typing import Any, Optional
-
+from typing import Any
 
 from experiments.bench.checks import equilibrium_norm
 from experiments.bench.problem import Problem
@@ -34,8 +33,10 @@ def availability() -> dict:
     for package in ("torch", "torchdeq"):
         if importlib.util.find_spec(package) is None:
             skipped = "torch and torchdeq rows" if package == "torch" else "torchdeq rows"
-            out["note"] = (f"{package} is not installed; {skipped} skipped. Install the optional extra: "
-                           f"pip install -e '.[peer]' (torch==2.13.0, torchdeq==0.1.0)")
+            out["note"] = (
+                f"{package} is not installed; {skipped} skipped. Install the optional extra: "
+                f"pip install -e '.[peer]' (torch==2.13.0, torchdeq==0.1.0)"
+            )
             return out
         out[package] = True
         out["versions"][package] = importlib.metadata.version(package)
@@ -46,14 +47,17 @@ def torch_device_info(device: str) -> dict:
     """Threads and device name of the torch side."""
     import torch  # optional ('peer' extra) and seconds to import: only for the torch rows
 
-    info = {"num_threads": torch.get_num_threads(), "mkl": bool(torch.backends.mkl.is_available()),
-            "cuda_available": bool(torch.cuda.is_available())}
+    info = {
+        "num_threads": torch.get_num_threads(),
+        "mkl": bool(torch.backends.mkl.is_available()),
+        "cuda_available": bool(torch.cuda.is_available()),
+    }
     if device == "gpu" and torch.cuda.is_available():
         info["device_name"] = torch.cuda.get_device_name(0)
     return info
 
 
-def set_precision(precision: Optional[str]) -> None:
+def set_precision(precision: str | None) -> None:
     """On GPUs, TF32 matmuls off for "highest" (the JAX rows' precision), PyTorch's default otherwise."""
     import torch  # optional ('peer' extra) and seconds to import: only for the torch rows
 
@@ -105,7 +109,7 @@ class _Setup:
         if self.device.type != "cuda":
             return None
 
-        def measure() -> Optional[int]:
+        def measure() -> int | None:
             self.reset()
             self.torch.cuda.reset_peak_memory_stats()
             self.step(forward)
@@ -120,22 +124,38 @@ def _make_deq(p: Problem, solver: str, backward: str, abs_tol: float) -> tuple[A
     from torchdeq.solver import get_solver
 
     name = TORCHDEQ_SOLVERS[solver]
-    settings = dict(f_solver=name, b_solver=name, f_max_iter=p.maxiter, b_max_iter=p.maxiter, f_tol=abs_tol,
-                    f_stop_mode="abs", b_tol=p.tol, b_stop_mode="rel", ift=(backward == "implicit"), grad=1)
+    settings = dict(
+        f_solver=name,
+        b_solver=name,
+        f_max_iter=p.maxiter,
+        b_max_iter=p.maxiter,
+        f_tol=abs_tol,
+        f_stop_mode="abs",
+        b_tol=p.tol,
+        b_stop_mode="rel",
+        ift=(backward == "implicit"),
+        grad=1,
+    )
     deq = torchdeq.get_deq(**settings)
     read_back = {
-        "f_solver": deq.f_solver is get_solver(name), "b_solver": deq.b_solver is get_solver(name),
-        "f_max_iter": deq.f_max_iter == p.maxiter, "b_max_iter": deq.b_max_iter == p.maxiter,
-        "f_tol": deq.f_tol == abs_tol, "b_tol": deq.b_tol == p.tol,
-        "f_stop_mode": deq.f_stop_mode == "abs", "b_stop_mode": deq.b_stop_mode == "rel",
+        "f_solver": deq.f_solver is get_solver(name),
+        "b_solver": deq.b_solver is get_solver(name),
+        "f_max_iter": deq.f_max_iter == p.maxiter,
+        "b_max_iter": deq.b_max_iter == p.maxiter,
+        "f_tol": deq.f_tol == abs_tol,
+        "b_tol": deq.b_tol == p.tol,
+        "f_stop_mode": deq.f_stop_mode == "abs",
+        "b_stop_mode": deq.b_stop_mode == "rel",
         "backward": ("func_ift" in deq.produce_grad[-1].__qualname__) == (backward == "implicit"),
         "training_mode": bool(deq.training),
     }
     if not all(read_back.values()):
         bad = [k for k, ok in read_back.items() if not ok]
         raise RuntimeError(f"torchdeq did not take the settings {bad} (asked for {settings})")
-    return deq, {"settings": {k: (float(v) if isinstance(v, float) else v) for k, v in settings.items()},
-                 "settings_read_back": "all verified on the module"}
+    return deq, {
+        "settings": {k: (float(v) if isinstance(v, float) else v) for k, v in settings.items()},
+        "settings_read_back": "all verified on the module",
+    }
 
 
 def _torchdeq_check(setup: _Setup, forward, abs_tol: float, maxiter: int, writer_box: dict, config: dict) -> Check:
@@ -154,8 +174,9 @@ def _torchdeq_check(setup: _Setup, forward, abs_tol: float, maxiter: int, writer
         extra["backward_iterations"] = int(back["nstep"].max().item())
         extra["backward_rel_residual"] = float(back["rel_lowest"].max().item())
         extra["backward_converged"] = bool(extra["backward_rel_residual"] < config["settings"]["b_tol"])
-    return Check(iterations=nstep, converged=abs_lowest < abs_tol, state=state.detach().cpu().numpy(), grads=grads,
-                 extra=extra)
+    return Check(
+        iterations=nstep, converged=abs_lowest < abs_tol, state=state.detach().cpu().numpy(), grads=grads, extra=extra
+    )
 
 
 def torchdeq_delm(p: Problem, formulation: str, solver: str, backward: str, *, device: str) -> Case:
@@ -181,8 +202,12 @@ def torchdeq_delm(p: Problem, formulation: str, solver: str, backward: str, *, d
             z = z_out[-1][0]
             return setup.loss(phi @ z.T if transposed else z @ B.T), z, info
 
-        return Prepared(run=lambda: setup.step(forward), reset=setup.reset, peak_memory=setup.peak(forward),
-                        check=lambda: _torchdeq_check(setup, forward, abs_tol, p.maxiter, box, config))
+        return Prepared(
+            run=lambda: setup.step(forward),
+            reset=setup.reset,
+            peak_memory=setup.peak(forward),
+            check=lambda: _torchdeq_check(setup, forward, abs_tol, p.maxiter, box, config),
+        )
 
     return Case("torchdeq", "delm", formulation, solver, backward, prepare)
 
@@ -202,13 +227,18 @@ def torchdeq_tanh(p: Problem, solver: str, backward: str, *, device: str) -> Cas
             Wc = W * torch.clamp(p.contraction / torch.sqrt((W * W).sum()), max=1.0)
             injection = phi @ prm["U"].T + prm["b"]
             f = lambda z: torch.tanh(z @ Wc.T + injection)
-            z_out, info = deq(f, torch.zeros(1, p.n, p.m, device=setup.device),
-                              backward_writer=lambda i: box.__setitem__("info", i))
+            z_out, info = deq(
+                f, torch.zeros(1, p.n, p.m, device=setup.device), backward_writer=lambda i: box.__setitem__("info", i)
+            )
             z = z_out[-1][0]
             return setup.loss(z @ prm["B"].T), z, info
 
-        return Prepared(run=lambda: setup.step(forward), reset=setup.reset, peak_memory=setup.peak(forward),
-                        check=lambda: _torchdeq_check(setup, forward, abs_tol, p.maxiter, box, config))
+        return Prepared(
+            run=lambda: setup.step(forward),
+            reset=setup.reset,
+            peak_memory=setup.peak(forward),
+            check=lambda: _torchdeq_check(setup, forward, abs_tol, p.maxiter, box, config),
+        )
 
     return Case("torchdeq", "tanh", "per_sample", solver, backward, prepare)
 
@@ -237,7 +267,8 @@ def torch_direct_delm(p: Problem, formulation: str, *, device: str) -> Case:
             setup.reset()
             return Check(iterations=0, converged=None, state=state.detach().cpu().numpy(), grads=grads)
 
-        return Prepared(run=lambda: setup.step(forward), reset=setup.reset, peak_memory=setup.peak(forward),
-                        check=check)
+        return Prepared(
+            run=lambda: setup.step(forward), reset=setup.reset, peak_memory=setup.peak(forward), check=check
+        )
 
     return Case("torch", "delm", formulation, "direct", "autodiff", prepare)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 from experiments.common import interrupts
 
@@ -38,7 +38,7 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> Union[argparse.Namespace, int]:
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace | int:
     """`parser.parse_args`, returning argparse's exit status (0 for --help, 2 for a usage error) instead of exiting
     (with `ArgumentParser` a usage error is a `UserError` instead, for `run` to report in one line)."""
     try:
@@ -47,8 +47,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -
         return int(exit_.code or 0)
 
 
-def run(prog: str, body: Callable[[], Optional[int]], *,
-        interrupted: Union[str, Callable[[], str], None] = None) -> int:
+def run(prog: str, body: Callable[[], int | None], *, interrupted: str | Callable[[], str] | None = None) -> int:
     """Run `body()` and turn its outcome into an exit status (see the table above).
 
     `UserError` (and its subclasses, e.g. `ConfigError`) prints `prog: error: <message>` on one line;

@@ -20,7 +20,8 @@ import pathlib
 import re
 import types
 import typing
-from typing import Any, Literal, Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -31,7 +32,7 @@ class ConfigError(UserError, ValueError):
     """A configuration that does not validate; the message names the key."""
 
 
-def load_yaml(path: Union[str, pathlib.Path]) -> dict:
+def load_yaml(path: str | pathlib.Path) -> dict:
     """The mapping in a YAML file; a missing, unreadable or malformed file is a one-line `ConfigError`."""
     path = pathlib.Path(path)
     if not path.is_file():
@@ -117,8 +118,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if value not in args:
             hint = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(f"{where}: {value!r} is not a valid choice{extra}; valid choices: "
-                              + ", ".join(repr(a) for a in args))
+            raise ConfigError(
+                f"{where}: {value!r} is not a valid choice{extra}; valid choices: " + ", ".join(repr(a) for a in args)
+            )
         return value
     if origin in (tuple, list, Sequence, typing.Sequence) or tp in (tuple, list):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):

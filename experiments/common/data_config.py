@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Literal, Optional
+from typing import Literal
 
 from experiments.common.datasets.registry import DATASETS, FEATURES
 
@@ -20,14 +20,16 @@ FeatureKind = Literal[FEATURES]
 _LABEL = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-def check_pca(features: Optional[str], pca_dim: Optional[int], *, key: str = "pca_dim") -> None:
+def check_pca(features: str | None, pca_dim: int | None, *, key: str = "pca_dim") -> None:
     """`pca_dim` (spelt `key`) is required for "pca_whiten" and only there."""
     if features == "pca_whiten":
         if pca_dim is None or pca_dim < 1:
             raise ValueError(f"{key} must be a positive integer when features is 'pca_whiten'; got {pca_dim!r}")
     elif pca_dim is not None:
-        raise ValueError(f"{key} applies only to features 'pca_whiten'; set it to null for features {features!r} "
-                         f"(got {key}={pca_dim!r})")
+        raise ValueError(
+            f"{key} applies only to features 'pca_whiten'; set it to null for features {features!r} "
+            f"(got {key}={pca_dim!r})"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,16 +46,16 @@ class DataConfig:
     """
 
     dataset: DatasetName = "digits"
-    label: Optional[str] = None
-    n_train: Optional[int] = None
-    n_test: Optional[int] = None
-    features: Optional[FeatureKind] = None
-    pca_dim: Optional[int] = None
+    label: str | None = None
+    n_train: int | None = None
+    n_test: int | None = None
+    features: FeatureKind | None = None
+    pca_dim: int | None = None
     add_bias: bool = True
     seed: int = 0
     projection_seed: int = 0
-    data_dir: Optional[str] = None
-    cache_dir: Optional[str] = None
+    data_dir: str | None = None
+    cache_dir: str | None = None
     download: bool = True
 
     def __post_init__(self):
@@ -76,7 +78,7 @@ class DataConfig:
         """The data set's name in results: `label`, else `dataset`."""
         return self.label or self.dataset
 
-    def with_default_features(self, features: str, pca_dim: Optional[int] = None) -> "DataConfig":
+    def with_default_features(self, features: str, pca_dim: int | None = None) -> DataConfig:
         """This config with the command's default preprocessing where `features` is null (`pca_dim`, for
         "pca_whiten", where it is null too)."""
         if self.features is not None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 
@@ -17,11 +18,20 @@ import jax
 PACKAGES = ("deq_jax", "jax", "jaxlib", "jaxopt", "optax", "chex", "numpy", "scipy", "scikit-learn", "matplotlib")
 
 #: environment variables that change speed or numerics
-VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS", "JAX_PLATFORMS",
-             "JAX_ENABLE_X64", "JAX_DEFAULT_MATMUL_PRECISION", "XLA_PYTHON_CLIENT_PREALLOCATE", "CUDA_VISIBLE_DEVICES")
+VARIABLES = (
+    "OPENBLAS_NUM_THREADS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "XLA_FLAGS",
+    "JAX_PLATFORMS",
+    "JAX_ENABLE_X64",
+    "JAX_DEFAULT_MATMUL_PRECISION",
+    "XLA_PYTHON_CLIENT_PREALLOCATE",
+    "CUDA_VISIBLE_DEVICES",
+)
 
 
-def version(package: str) -> Optional[str]:
+def version(package: str) -> str | None:
     """The installed version of `package`, or None."""
     try:
         return importlib.metadata.version(package)
@@ -41,7 +51,7 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def load_average() -> Optional[list[float]]:
+def load_average() -> list[float] | None:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
@@ -57,13 +67,22 @@ def environment(extra_packages: Iterable[str] = ()) -> dict[str, Any]:
     variables["jax_enable_x64"] = bool(jax.config.jax_enable_x64)
     variables["jax_default_matmul_precision"] = jax.config.jax_default_matmul_precision
     return {
-        "machine": {"cpu_model": cpu_model(), "cpu_cores": os.cpu_count(), "platform": platform.platform(),
-                    "architecture": platform.machine(), "load_average_1_5_15": load_average()},
-        "devices": {"platform": devices[0].platform, "kinds": kinds, "count": len(devices),
-                    "local_count": jax.local_device_count(), "process_count": jax.process_count(),
-                    "names": [str(d) for d in devices[:16]],
-                    "description": f"{len(devices)} x {', '.join(kinds)} (jax {jax.__version__}; "
-                                   f"{os.cpu_count()} CPU cores)"},
+        "machine": {
+            "cpu_model": cpu_model(),
+            "cpu_cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "architecture": platform.machine(),
+            "load_average_1_5_15": load_average(),
+        },
+        "devices": {
+            "platform": devices[0].platform,
+            "kinds": kinds,
+            "count": len(devices),
+            "local_count": jax.local_device_count(),
+            "process_count": jax.process_count(),
+            "names": [str(d) for d in devices[:16]],
+            "description": f"{len(devices)} x {', '.join(kinds)} (jax {jax.__version__}; {os.cpu_count()} CPU cores)",
+        },
         "versions": versions,
         "variables": variables,
     }

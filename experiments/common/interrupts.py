@@ -21,7 +21,7 @@ import contextlib
 import signal
 import sys
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 RERAISE_S = 0.05  # after a swallowed interrupt: long enough to leave the callback that swallowed it
 
@@ -58,8 +58,10 @@ def handled() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _handler),
-                signal.SIGALRM: signal.signal(signal.SIGALRM, _handler)}
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, _handler),
+        signal.SIGALRM: signal.signal(signal.SIGALRM, _handler),
+    }
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, _handler)
     hook = sys.unraisablehook

@@ -16,7 +16,8 @@ import pathlib
 import re
 import shutil
 import tempfile
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -47,9 +48,9 @@ def atomic_path(path: os.PathLike | str, suffix: str = ".tmp") -> Iterator[pathl
 
 
 def write_bytes(path: os.PathLike | str, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:  # no fsync: os.replace is atomic against a killed process, which is the concern
-            fh.write(data)
+    # no fsync: os.replace is atomic against a killed process, which is the concern
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
 
 
 def write_text(path: os.PathLike | str, text: str) -> None:
@@ -102,7 +103,8 @@ class CheckpointStore:
             if found != fingerprint:
                 raise CheckpointMismatch(
                     f"the checkpoints in {self.root} were written with another configuration (fingerprint {found}, "
-                    f"this one {fingerprint}); rerun with --fresh to discard them, or pick another --run-name")
+                    f"this one {fingerprint}); rerun with --fresh to discard them, or pick another --run-name"
+                )
             return len(list(self.root.glob("*.npz")))
         self.root.mkdir(parents=True, exist_ok=True)
         write_text(stamp, fingerprint + "\n")
@@ -111,14 +113,14 @@ class CheckpointStore:
     def _path(self, key: str) -> pathlib.Path:
         return self.root / (_KEY_RE.sub("_", key) + ".npz")
 
-    def save(self, key: str, arrays: dict[str, Any], meta: Optional[dict] = None) -> None:
+    def save(self, key: str, arrays: dict[str, Any], meta: dict | None = None) -> None:
         payload = {f"a:{k}": np.asarray(v) for k, v in arrays.items()}
         payload["meta"] = np.asarray(json.dumps(meta or {}, sort_keys=True))
         buf = io.BytesIO()
         np.savez(buf, **payload)
         write_bytes(self._path(key), buf.getvalue())
 
-    def load(self, key: str) -> Optional[tuple[dict[str, np.ndarray], dict]]:
+    def load(self, key: str) -> tuple[dict[str, np.ndarray], dict] | None:
         path = self._path(key)
         if not path.exists():
             return None

@@ -26,7 +26,8 @@ it is concrete; the sweep checks it on the grid). `build` runs inside the traced
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from experiments.common import registry
 
@@ -51,8 +52,8 @@ class ModelSpec(NamedTuple):
     width: int
     out_dim: int
     config: Any
-    sigma: Optional[str] = None
-    depth: Optional[int] = None
+    sigma: str | None = None
+    depth: int | None = None
     gamma: Any = None
 
 
@@ -72,8 +73,9 @@ class ModelKind:
 
 
 def _delm(spec: ModelSpec) -> Any:
-    return build("delm", spec.width, spec.out_dim, gamma=spec.gamma, sigma=spec.sigma,
-                 **dataclasses.asdict(spec.config.delm))
+    return build(
+        "delm", spec.width, spec.out_dim, gamma=spec.gamma, sigma=spec.sigma, **dataclasses.asdict(spec.config.delm)
+    )
 
 
 def _linear(spec: ModelSpec) -> Any:
@@ -117,10 +119,20 @@ def build_model(name: str, spec: ModelSpec) -> Any:
     methods = ("init", "apply", "warm_start", "end_to_end_solution")
     missing = [m for m in methods if not callable(getattr(model, m, None))]
     if missing:
-        raise TypeError(f"model kind {name!r} built {type(model).__name__}, which lacks {', '.join(missing)}: a "
-                        f"sweep model needs the methods of deq_jax.Model ({', '.join(methods)})")
+        raise TypeError(
+            f"model kind {name!r} built {type(model).__name__}, which lacks {', '.join(missing)}: a "
+            f"sweep model needs the methods of deq_jax.Model ({', '.join(methods)})"
+        )
     return model
 
 
-__all__ = ["KINDS", "MODEL_AXES", "ModelKind", "ModelSpec", "build", "build_model", "register_model",
-           "unregister_model"]
+__all__ = [
+    "KINDS",
+    "MODEL_AXES",
+    "ModelKind",
+    "ModelSpec",
+    "build",
+    "build_model",
+    "register_model",
+    "unregister_model",
+]

@@ -14,10 +14,24 @@ library's keyword arguments of those names accept.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from deq_jax import (DELM, AbstractSolver, DeepLinear, Implicit, Linear, OneStep, Unrolled, column_softmax,
-                     cross_entropy, logistic, row_softmax, scaled_tanh, square)
+from deq_jax import (
+    DELM,
+    AbstractSolver,
+    DeepLinear,
+    Implicit,
+    Linear,
+    OneStep,
+    Unrolled,
+    column_softmax,
+    cross_entropy,
+    logistic,
+    row_softmax,
+    scaled_tanh,
+    square,
+)
 
 #: every solver the library has, by its registered name (a new solver file appears here by itself)
 DELM_SOLVERS: dict[str, Callable[[], Any]] = AbstractSolver.registered()
@@ -28,8 +42,7 @@ BACKWARDS: dict[str, Callable[[], Any]] = {"implicit": Implicit, "one_step": One
 #: the implicit backward's linear solvers (`deq_jax.Implicit(linear_solver=...)`)
 LINEAR_SOLVERS: tuple[str, ...] = ("forward", "gmres", "bicgstab", "normal_cg", "lu")
 #: weight nonlinearities sigma(A) of the DELM, by name
-SIGMAS: dict[str, Callable] = {"column_softmax": column_softmax, "row_softmax": row_softmax,
-                               "scaled_tanh": scaled_tanh}
+SIGMAS: dict[str, Callable] = {"column_softmax": column_softmax, "row_softmax": row_softmax, "scaled_tanh": scaled_tanh}
 #: losses `loss(predictions, targets) -> scalar`, by name
 LOSSES: dict[str, Callable] = {"square": square, "cross_entropy": cross_entropy, "logistic": logistic}
 #: the DELM's formulations (`deq_jax.DELM(formulation=...)`)
@@ -42,5 +55,15 @@ BATCHINGS: tuple[str, ...] = ("auto", "vmap", "map")
 MODELS: dict[str, Callable[..., Any]] = {"delm": DELM, "linear": Linear, "deep_linear": DeepLinear}
 
 
-__all__ = ["BACKWARDS", "BATCHINGS", "DELM_SOLVERS", "FORMULATIONS", "LINEAR_SOLVERS", "LOSSES", "MODELS",
-           "PRECISIONS", "SIGMAS", "SOLVERS"]
+__all__ = [
+    "BACKWARDS",
+    "BATCHINGS",
+    "DELM_SOLVERS",
+    "FORMULATIONS",
+    "LINEAR_SOLVERS",
+    "LOSSES",
+    "MODELS",
+    "PRECISIONS",
+    "SIGMAS",
+    "SOLVERS",
+]

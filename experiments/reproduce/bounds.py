@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -29,8 +29,9 @@ class BoundAnalysis:
     U_norm2_range: tuple
 
 
-def bound_analysis(loss_hist: np.ndarray, U_norm2: np.ndarray, L_star: float, learning_rate: float, pl: float,
-                   floor: float) -> BoundAnalysis:
+def bound_analysis(
+    loss_hist: np.ndarray, U_norm2: np.ndarray, L_star: float, learning_rate: float, pl: float, floor: float
+) -> BoundAnalysis:
     """Observed per-step ratios `gap_{t+1} / gap_t` against the bound from the run's own `|U_t|_2`.
 
     `theory.gd_rate_bound` gives the gradient-flow bound per step, `r_t = 1 - 2 x_t` with
@@ -53,12 +54,18 @@ def bound_analysis(loss_hist: np.ndarray, U_norm2: np.ndarray, L_star: float, le
     checked_mask = np.zeros(gap.shape, bool)
     checked_mask[:-1] = valid
     return BoundAnalysis(
-        ratio=ratio, checked=checked_mask, bound_ratio=bound_ratio, flow_ratio=flow_ratio,
-        cumulative_bound=cumulative, max_excess=finite_max(excess), max_flow_excess=finite_max(flow_excess),
+        ratio=ratio,
+        checked=checked_mask,
+        bound_ratio=bound_ratio,
+        flow_ratio=flow_ratio,
+        cumulative_bound=cumulative,
+        max_excess=finite_max(excess),
+        max_flow_excess=finite_max(flow_excess),
         checked_steps=int(valid.sum()),
         median_ratio=float(np.median(ratio[:-1][valid])) if valid.any() else math.nan,
         median_bound_ratio=float(np.median(bound_ratio[:-1][valid])) if valid.any() else math.nan,
-        U_norm2_range=(float(np.min(U_norm2)), float(np.max(U_norm2))) if np.size(U_norm2) else (math.nan, math.nan))
+        U_norm2_range=(float(np.min(U_norm2)), float(np.max(U_norm2))) if np.size(U_norm2) else (math.nan, math.nan),
+    )
 
 
 def gd_rate_bound(learning_rate: float, pl: float, U_norm2: Any) -> np.ndarray:
@@ -68,7 +75,7 @@ def gd_rate_bound(learning_rate: float, pl: float, U_norm2: Any) -> np.ndarray:
     return 1.0 - 2.0 * learning_rate * pl / (u * u)
 
 
-def rate_factor(fit: Optional[dict], bound: Optional[BoundAnalysis]) -> float:
+def rate_factor(fit: dict | None, bound: BoundAnalysis | None) -> float:
     """How many times faster than its bound the gap decays over the fit window: the fitted log-rate over the mean
     log of the per-step bound there (>= 1 when the bound holds; large when the bound says little)."""
     if fit is None or bound is None:

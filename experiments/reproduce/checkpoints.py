@@ -10,7 +10,8 @@ and another run's store can be read safely (`FallbackStore`).
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -52,10 +53,27 @@ def digest(*arrays: Any) -> str:
     return "-".join(parts)
 
 
-def run_identity(spec: Any, params0: Any, phi: Any, y: Any, learning_rate: float, steps: int,
-                 stop_id: Any, keep: Sequence[str], snapshots: bool) -> str:
+def run_identity(
+    spec: Any,
+    params0: Any,
+    phi: Any,
+    y: Any,
+    learning_rate: float,
+    steps: int,
+    stop_id: Any,
+    keep: Sequence[str],
+    snapshots: bool,
+) -> str:
     """The fingerprint of everything a run's numbers depend on (and nothing else)."""
-    return fingerprint({"spec": spec.identity(), "learning_rate": repr(float(learning_rate)), "steps": int(steps),
-                        "stop": repr(stop_id), "keep": sorted(keep), "snapshots": bool(snapshots),
-                        "data": digest(*jax.tree_util.tree_leaves((phi, y))),
-                        "params0": digest(*jax.tree_util.tree_leaves(params0))})
+    return fingerprint(
+        {
+            "spec": spec.identity(),
+            "learning_rate": repr(float(learning_rate)),
+            "steps": int(steps),
+            "stop": repr(stop_id),
+            "keep": sorted(keep),
+            "snapshots": bool(snapshots),
+            "data": digest(*jax.tree_util.tree_leaves((phi, y))),
+            "params0": digest(*jax.tree_util.tree_leaves(params0)),
+        }
+    )

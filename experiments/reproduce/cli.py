@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import pathlib
 import shlex
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 
@@ -54,8 +56,13 @@ EXAMPLES = (
     ("--config configs/tiny.yaml --fresh", "every experiment at tiny sizes, from scratch: under a minute"),
     ("--mutation one_step", "train the DELMs with the one-step gradient: the gradient-sensitive claims must fail"),
     ("--mutation-table", "the honest run and every mutation: which claims fail under which (MUTATIONS.md)"),
-    ("--config configs/fashion_mnist_full.yaml", "all 60000 Fashion-MNIST training images (offline from the "
-                                                 "Debian package dataset-fashion-mnist): 5-10 minutes on 2 CPU cores"),
+    (
+        "--config configs/fashion_mnist_full.yaml",
+        (
+            "all 60000 Fashion-MNIST training images (offline from the "
+            "Debian package dataset-fashion-mnist): 5-10 minutes on 2 CPU cores"
+        ),
+    ),
 )
 
 
@@ -69,33 +76,66 @@ EXIT_STATUSES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    epilog = ("examples:\n" + "\n".join(f"  {PROG} {args}".rstrip() + f"\n      {what}" for args, what in EXAMPLES)
-              + "\n\nexit status:\n" + "\n".join(f"  {code:<4} {what}" for code, what in EXIT_STATUSES))
-    p = common_cli.ArgumentParser(prog=PROG, description="Reproduce the paper's claims: convergence, trust-region "
-                                                       "relation, implicit bias.", epilog=epilog,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None,
-                   help=f"YAML config (default: {DEFAULT_CONFIG} if it exists, else the built-in defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key, e.g. --set convergence.steps=1000 (repeatable)")
+    epilog = (
+        "examples:\n"
+        + "\n".join(f"  {PROG} {args}".rstrip() + f"\n      {what}" for args, what in EXAMPLES)
+        + "\n\nexit status:\n"
+        + "\n".join(f"  {code:<4} {what}" for code, what in EXIT_STATUSES)
+    )
+    p = common_cli.ArgumentParser(
+        prog=PROG,
+        description="Reproduce the paper's claims: convergence, trust-region relation, implicit bias.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help=f"YAML config (default: {DEFAULT_CONFIG} if it exists, else the built-in defaults)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set convergence.steps=1000 (repeatable)",
+    )
     p.add_argument("--out", default="results", help="results root directory (default: results)")
-    p.add_argument("--run-name", default=None,
-                   help="results subdirectory (default: the config's name, plus _<mutation> with --mutation)")
+    p.add_argument(
+        "--run-name",
+        default=None,
+        help="results subdirectory (default: the config's name, plus _<mutation> with --mutation)",
+    )
     p.add_argument("--data-dir", default=None, help="directory holding the data set's files (overrides data.data_dir)")
-    p.add_argument("--cache-dir", default=None,
-                   help="download cache (overrides data.cache_dir; default $DEQ_JAX_DATA_DIR or "
-                        "~/.cache/deq_jax/datasets)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="download cache (overrides data.cache_dir; default $DEQ_JAX_DATA_DIR or ~/.cache/deq_jax/datasets)",
+    )
     mut = p.add_mutually_exclusive_group()
-    mut.add_argument("--mutation", choices=MUTATIONS, default=None,
-                     help="train the DELMs under test with a deliberately wrong gradient (the mutation test)")
-    mut.add_argument("--mutation-table", action="store_true",
-                     help="run the honest job and every mutation, and write which claims fail under which")
-    p.add_argument("--dry-run", action="store_true",
-                   help="read the config and the data, print the plan, and stop (writes nothing)")
+    mut.add_argument(
+        "--mutation",
+        choices=MUTATIONS,
+        default=None,
+        help="train the DELMs under test with a deliberately wrong gradient (the mutation test)",
+    )
+    mut.add_argument(
+        "--mutation-table",
+        action="store_true",
+        help="run the honest job and every mutation, and write which claims fail under which",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="read the config and the data, print the plan, and stop (writes nothing)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--resume", dest="fresh", action="store_false",
-                       help="continue from the checkpoints of an interrupted run (default)")
+    group.add_argument(
+        "--resume",
+        dest="fresh",
+        action="store_false",
+        help="continue from the checkpoints of an interrupted run (default)",
+    )
     group.add_argument("--fresh", dest="fresh", action="store_true", help="discard checkpoints and start over")
     p.set_defaults(fresh=False)
     return p
@@ -114,20 +154,27 @@ def resolve_config(args: argparse.Namespace) -> ReproduceConfig:
     return dataclasses.replace(cfg, data=data, mutation=args.mutation or cfg.mutation)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = common_cli.parse_args(build_parser(), argv)
     except common_cli.UserError as err:  # a usage error: one line, reported by the same runner as every other error
-        return common_cli.run("reproduce", lambda: _raise(err))
+        # partial binds the error now: the name `err` is unbound once the except block ends
+        return common_cli.run("reproduce", functools.partial(_raise, err))
     if isinstance(args, int):
         return args
     where: dict[str, Any] = {}
 
     def hint() -> str:
         out = where.get("out")
-        return (f"checkpoints are in {out / 'checkpoints'}; run the same command again to resume (or add --fresh "
-                f"to start over)") if out else "nothing was written"
+        return (
+            (
+                f"checkpoints are in {out / 'checkpoints'}; run the same command again to resume (or add --fresh "
+                f"to start over)"
+            )
+            if out
+            else "nothing was written"
+        )
 
     return common_cli.run("reproduce", lambda: _main(args, argv, where), interrupted=hint)
 
@@ -151,8 +198,7 @@ def _main_trapped(args: argparse.Namespace, argv: list[str], where: dict) -> int
     where["honest"] = args.run_name or cfg.name
     for mutation in (None, *MUTATIONS):
         cfg_m = dataclasses.replace(cfg, mutation=mutation)
-        name = _default_name(cfg_m) if args.run_name is None else (
-            args.run_name + (f"_{mutation}" if mutation else ""))
+        name = _default_name(cfg_m) if args.run_name is None else (args.run_name + (f"_{mutation}" if mutation else ""))
         summaries[mutation] = _run_one(cfg_m, args, argv, name, where)
     if args.dry_run:
         return common_cli.EXIT_OK
@@ -171,11 +217,14 @@ def _one_line(cfg: ReproduceConfig, err: Exception) -> UserError:
         missing = ", ".join(getattr(err, "missing", ()) or ())
         searched = ", ".join(str(p) for p in getattr(err, "searched", ()) or ())
         what = lines[0].rstrip(".") if lines else f"data set {cfg.data.dataset!r} not found"
-        return UserError(f"{what}" + (f"; missing {missing}" if missing else "")
-                         + (f"; looked in {searched}" if searched else "")
-                         + "; put the files into a directory and pass --data-dir DIR (config key data.data_dir), or "
-                           "into the download cache (--cache-dir DIR or $DEQ_JAX_DATA_DIR)"
-                         + ("" if cfg.data.download else ", or allow downloading (data.download: true)"))
+        return UserError(
+            f"{what}"
+            + (f"; missing {missing}" if missing else "")
+            + (f"; looked in {searched}" if searched else "")
+            + "; put the files into a directory and pass --data-dir DIR (config key data.data_dir), or "
+            "into the download cache (--cache-dir DIR or $DEQ_JAX_DATA_DIR)"
+            + ("" if cfg.data.download else ", or allow downloading (data.download: true)")
+        )
     return UserError(" ".join(lines))
 
 
@@ -201,8 +250,9 @@ def plan_experiments(cfg: ReproduceConfig, ctx: Any) -> dict:
     return {name: _module(name).plan(cfg, ctx) for name in EXPERIMENTS if getattr(cfg, name).enabled}
 
 
-def run_experiments(cfg: ReproduceConfig, ctx: Any, plans: dict, *, log: Any,
-                    precompile: Callable[[Any], bool] = lambda spec: True) -> dict:
+def run_experiments(
+    cfg: ReproduceConfig, ctx: Any, plans: dict, *, log: Any, precompile: Callable[[Any], bool] = lambda spec: True
+) -> dict:
     """Precompile the plans' programs that `precompile(spec)` selects in a background thread and run the
     experiments in order (all numerics run here; a program not precompiled is compiled when a run needs it).
     Returns the typed results by experiment name."""
@@ -216,8 +266,10 @@ def run_experiments(cfg: ReproduceConfig, ctx: Any, plans: dict, *, log: Any,
             t0 = time.perf_counter()
             results[name] = _module(name).run(cfg, ctx, p)
             claims = results[name].claims
-            log(f"reproduce: [{name}] {sum(c.passed for c in claims)}/{len(claims)} claims passed "
-                f"({time.perf_counter() - t0:.1f} s)")
+            log(
+                f"reproduce: [{name}] {sum(c.passed for c in claims)}/{len(claims)} claims passed "
+                f"({time.perf_counter() - t0:.1f} s)"
+            )
     finally:
         gd_runs.stop_precompiling()
     return results
@@ -228,11 +280,13 @@ def _run_one(cfg: ReproduceConfig, args: argparse.Namespace, argv: list[str], ru
     # float64 for the claims: gaps of 1e-6 relative and discrepancies at rounding level need it
     jax.config.update("jax_enable_x64", True)
 
-    log = (lambda msg: print(msg, flush=True))  # stdout: stderr carries only errors and interrupts
+    log = lambda msg: print(msg, flush=True)  # stdout: stderr carries only errors and interrupts
     progress = not args.no_progress
     dataset, feats = _load(cfg, progress)  # before anything is written: a data error leaves no folder behind
-    log(f"reproduce: {feats.info['dataset']}: {feats.phi_train.shape[0]} train / {feats.phi_test.shape[0]} test "
-        f"samples, width m = {feats.phi_train.shape[1]}")
+    log(
+        f"reproduce: {feats.info['dataset']}: {feats.phi_train.shape[0]} train / {feats.phi_test.shape[0]} test "
+        f"samples, width m = {feats.phi_train.shape[1]}"
+    )
     ctx = Context(dataset=dataset, features=feats, store=NullStore(), progress=progress, log=log, data_config=cfg.data)
     plans = plan_experiments(cfg, ctx)
     if args.dry_run:
@@ -248,8 +302,11 @@ def _run_one(cfg: ReproduceConfig, args: argparse.Namespace, argv: list[str], ru
     store = CheckpointStore(out / "checkpoints")
     fp = fingerprint({"checkpoint_format": CHECKPOINT_FORMAT})
     honest = pathlib.Path(args.out) / where.get("honest", cfg.name) / "checkpoints"
-    if cfg.mutation and (honest / "fingerprint.txt").is_file() and \
-            (honest / "fingerprint.txt").read_text().strip() == fp:  # reuse the honest run's unmutated runs
+    if (
+        cfg.mutation
+        and (honest / "fingerprint.txt").is_file()
+        and (honest / "fingerprint.txt").read_text().strip() == fp
+    ):  # reuse the honest run's unmutated runs
         store = FallbackStore(out / "checkpoints", CheckpointStore(honest))
     try:
         found = store.open(fp, fresh=args.fresh)
@@ -259,16 +316,19 @@ def _run_one(cfg: ReproduceConfig, args: argparse.Namespace, argv: list[str], ru
         (out / stale).unlink(missing_ok=True)
     config_yaml = dump_yaml(cfg)
     write_text(out / "config.yaml", config_yaml)
-    log(f"reproduce: {run_name} -> {out}" + (f" (found {report.plural(found, 'checkpoint file')})" if found else "")
-        + (f"; MUTATION: {mutations.DESCRIPTIONS[cfg.mutation]}" if cfg.mutation else ""))
+    log(
+        f"reproduce: {run_name} -> {out}"
+        + (f" (found {report.plural(found, 'checkpoint file')})" if found else "")
+        + (f"; MUTATION: {mutations.DESCRIPTIONS[cfg.mutation]}" if cfg.mutation else "")
+    )
 
     ctx.store = store
     if found:  # resuming: most runs come from checkpoints, so compile only what a run needs, when it needs it
-        wanted = lambda spec: False  # noqa: E731
+        wanted = lambda spec: False
     elif isinstance(store, FallbackStore):  # a mutation run: the unmutated runs come from the honest run's store
-        wanted = lambda spec: spec.mutation is not None  # noqa: E731
+        wanted = lambda spec: spec.mutation is not None
     else:
-        wanted = lambda spec: True  # noqa: E731
+        wanted = lambda spec: True
     results = run_experiments(cfg, ctx, plans, log=log, precompile=wanted)
     interrupts.check()  # not a half-finished report: interrupted is interrupted
     t_out = time.perf_counter()
@@ -307,11 +367,19 @@ def _run_one(cfg: ReproduceConfig, args: argparse.Namespace, argv: list[str], ru
     print(f"\nClaims ({summary['claims_passed']}/{len(claims)} passed) -- {out / 'REPORT.md'}")
     print(report.claims_text(claims))
     if cfg.mutation:
-        print(f"\nMUTATION {cfg.mutation}: {summary['sensitive_failed']} of {len(sensitive)} gradient-sensitive "
-              f"claims failed" + (" (the wrong gradient was caught)" if caught else
-                                  " -- some gradient-sensitive claims PASSED with a wrong gradient"))
-    print(f"\nwall time {summary['wall_time_s']:.1f} s; {ctx.runs_loaded} of "
-          f"{report.plural(ctx.runs_total, 'training run')} loaded from checkpoints; results in {out}/")
+        print(
+            f"\nMUTATION {cfg.mutation}: {summary['sensitive_failed']} of {len(sensitive)} gradient-sensitive "
+            f"claims failed"
+            + (
+                " (the wrong gradient was caught)"
+                if caught
+                else " -- some gradient-sensitive claims PASSED with a wrong gradient"
+            )
+        )
+    print(
+        f"\nwall time {summary['wall_time_s']:.1f} s; {ctx.runs_loaded} of "
+        f"{report.plural(ctx.runs_total, 'training run')} loaded from checkpoints; results in {out}/"
+    )
     summary["exit_code"] = common_cli.EXIT_OK if (caught if cfg.mutation else all_passed) else common_cli.EXIT_FAILED
     return summary
 

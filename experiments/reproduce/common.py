@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,18 +45,25 @@ class Context:
     log: Callable[[str], None] = lambda msg: None
     runs_loaded: int = 0
     runs_total: int = 0
-    data_config: Optional[DataConfig] = None
+    data_config: DataConfig | None = None
     _cache: dict = dataclasses.field(default_factory=dict)
 
-    def square_problem(self, phi: np.ndarray, Y: np.ndarray) -> "SquareProblem":
+    def square_problem(self, phi: np.ndarray, Y: np.ndarray) -> SquareProblem:
         """`square_problem(phi, Y)`, computed once per pair of arrays (experiments that share features share it)."""
         key = ("square_problem", id(phi), id(Y))
         if key not in self._cache:
             self._cache[key] = (phi, Y, square_problem(phi, Y))  # the arrays are kept, so their ids stay theirs
         return self._cache[key][2]
 
-    def features_for(self, features: Optional[str], pca_dim: Optional[int] = None,
-                     normalize_rows: bool = False, *, section: str = "data", pca_key: str = "pca_dim") -> Features:
+    def features_for(
+        self,
+        features: str | None,
+        pca_dim: int | None = None,
+        normalize_rows: bool = False,
+        *,
+        section: str = "data",
+        pca_key: str = "pca_dim",
+    ) -> Features:
         """The data set preprocessed another way (null `features`: the data section's), computed once per setting.
         `section.features` / `section.pca_key` are how the user set them (named in error messages).
 
@@ -70,28 +78,45 @@ class Context:
             out = base
         elif features == "pca_whiten" and cfg.features == "pca_whiten" and pca_dim <= cfg.pca_dim:
             cols = list(range(pca_dim)) + ([base.phi_train.shape[1] - 1] if cfg.add_bias else [])
-            out = base._replace(phi_train=base.phi_train[:, cols], phi_test=base.phi_test[:, cols],
-                                info={**base.info, "pca_dim": pca_dim, "output_dim": len(cols),
-                                      "sliced_from_pca_dim": cfg.pca_dim})
+            out = base._replace(
+                phi_train=base.phi_train[:, cols],
+                phi_test=base.phi_test[:, cols],
+                info={**base.info, "pca_dim": pca_dim, "output_dim": len(cols), "sliced_from_pca_dim": cfg.pca_dim},
+            )
         else:
-            out = make_features(self.dataset, cfg, features=features, pca_dim=pca_dim,
-                                settings={"features": f"{section}.features", "pca_dim": f"{section}.{pca_key}"})
+            out = make_features(
+                self.dataset,
+                cfg,
+                features=features,
+                pca_dim=pca_dim,
+                settings={"features": f"{section}.features", "pca_dim": f"{section}.{pca_key}"},
+            )
         if normalize_rows:
-            out = out._replace(phi_train=_normalize_rows(out.phi_train, cfg.add_bias),
-                               phi_test=_normalize_rows(out.phi_test, cfg.add_bias),
-                               info={**out.info, "normalize_rows": True})
+            out = out._replace(
+                phi_train=_normalize_rows(out.phi_train, cfg.add_bias),
+                phi_test=_normalize_rows(out.phi_test, cfg.add_bias),
+                info={**out.info, "normalize_rows": True},
+            )
         self._cache[key] = out
         return out
 
 
 def load_dataset(cfg: DataConfig, *, progress: bool = False) -> Any:
     """`experiments.common.datasets.load_dataset` as the config says (its errors pass through)."""
-    return dq_data.load_dataset(cfg.dataset, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, download=cfg.download,
-                                progress=progress)
+    return dq_data.load_dataset(
+        cfg.dataset, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, download=cfg.download, progress=progress
+    )
 
 
-def make_features(ds: Any, cfg: DataConfig, *, features: Optional[str] = None, pca_dim: Optional[int] = None,
-                  normalize_rows: bool = False, settings: Optional[dict] = None) -> Features:
+def make_features(
+    ds: Any,
+    cfg: DataConfig,
+    *,
+    features: str | None = None,
+    pca_dim: int | None = None,
+    normalize_rows: bool = False,
+    settings: dict | None = None,
+) -> Features:
     """`experiments.common.datasets.preprocess` with the config's subset and seed, and its feature settings unless
     given.
 
@@ -101,16 +126,31 @@ def make_features(ds: Any, cfg: DataConfig, *, features: Optional[str] = None, p
     """
     if features is None:
         features, pca_dim = cfg.features, cfg.pca_dim
-    pp = dq_data.preprocess(ds, n_train=cfg.n_train, n_test=cfg.n_test, features=features,
-                            pca_dim=pca_dim if features == "pca_whiten" else None, add_bias=cfg.add_bias,
-                            seed=cfg.seed, settings=settings)
+    pp = dq_data.preprocess(
+        ds,
+        n_train=cfg.n_train,
+        n_test=cfg.n_test,
+        features=features,
+        pca_dim=pca_dim if features == "pca_whiten" else None,
+        add_bias=cfg.add_bias,
+        seed=cfg.seed,
+        settings=settings,
+    )
     x_train, x_test, info = pp.x_train, pp.x_test, dict(pp.info)
     if normalize_rows:
         x_train, x_test = (_normalize_rows(x, cfg.add_bias) for x in (x_train, x_test))
         info["normalize_rows"] = True
     k = pp.num_classes
-    return Features(x_train, pp.y_train, dq_data.one_hot(pp.y_train, k).astype(np.float64),
-                    x_test, pp.y_test, dq_data.one_hot(pp.y_test, k).astype(np.float64), k, info)
+    return Features(
+        x_train,
+        pp.y_train,
+        dq_data.one_hot(pp.y_train, k).astype(np.float64),
+        x_test,
+        pp.y_test,
+        dq_data.one_hot(pp.y_test, k).astype(np.float64),
+        k,
+        info,
+    )
 
 
 def _normalize_rows(x: np.ndarray, has_bias: bool) -> np.ndarray:
@@ -122,6 +162,7 @@ def _normalize_rows(x: np.ndarray, has_bias: bool) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ the shallow square problem
+
 
 class SquareProblem(NamedTuple):
     """The shallow square-loss problem `L(W) = (1/2n) |phi W^T - Y|_F^2` of a feature set, from the library.
@@ -163,11 +204,15 @@ _square_gram = compiling.jit(square_gram)  # compiled with the job's safe option
 def spectrum_of(phi: Any) -> dict:
     """`lambda_max`, `lambda_min_plus` and `rank` of `C = phi^T phi / n` (`theory.feature_spectrum`), as numbers."""
     s = theory.feature_spectrum(jnp.asarray(phi, jnp.float64))
-    return {"lambda_max": float(s["lambda_max"]), "lambda_min_plus": float(s["lambda_min_plus"]),
-            "rank": int(s["rank"])}
+    return {
+        "lambda_max": float(s["lambda_max"]),
+        "lambda_min_plus": float(s["lambda_min_plus"]),
+        "rank": int(s["rank"]),
+    }
 
 
 # --------------------------------------------------------------------------------------------- models
+
 
 def build_models(names: tuple, width: int, out_dim: int, cfg: ModelConfig) -> list[tuple[str, Model]]:
     """`(label, model)` for each name; `deep_linear` expands into one model per depth of `cfg.depths`. The DELM is
@@ -175,15 +220,37 @@ def build_models(names: tuple, width: int, out_dim: int, cfg: ModelConfig) -> li
     out: list[tuple[str, Model]] = []
     for name in names:
         if name == "delm":
-            out.append(("DELM", model_lib.build("delm", width, out_dim, gamma=cfg.gamma, sigma=cfg.sigma,
-                                                solver="direct", init_scale=cfg.init_scale)))
+            out.append(
+                (
+                    "DELM",
+                    model_lib.build(
+                        "delm",
+                        width,
+                        out_dim,
+                        gamma=cfg.gamma,
+                        sigma=cfg.sigma,
+                        solver="direct",
+                        init_scale=cfg.init_scale,
+                    ),
+                )
+            )
         elif name == "linear":
             out.append(("linear", model_lib.build("linear", width, out_dim, init_scale=cfg.init_scale)))
         elif name == "deep_linear":
             for depth in cfg.depths:
-                out.append((f"deep linear H={depth}", model_lib.build("deep_linear", width, out_dim, depth=depth,
-                                                                      hidden=cfg.deep_hidden,
-                                                                      init_gain=cfg.deep_init_gain)))
+                out.append(
+                    (
+                        f"deep linear H={depth}",
+                        model_lib.build(
+                            "deep_linear",
+                            width,
+                            out_dim,
+                            depth=depth,
+                            hidden=cfg.deep_hidden,
+                            init_gain=cfg.deep_init_gain,
+                        ),
+                    )
+                )
         else:  # the config's Literal type rules this out
             raise ValueError(f"unknown model {name!r}")
     return out
@@ -199,9 +266,11 @@ def heldout_metrics(W: Any, phi: np.ndarray, labels: np.ndarray, Y: np.ndarray) 
     pred = np.asarray(phi, np.float64) @ np.asarray(W, np.float64).T
     shifted = pred - pred.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
-    return {"square_loss": float(np.mean(0.5 * np.sum((pred - Y) ** 2, axis=1))),
-            "cross_entropy": float(-np.mean(log_probs[np.arange(len(labels)), labels])),
-            "accuracy": float(np.mean(np.argmax(pred, axis=1) == labels))}
+    return {
+        "square_loss": float(np.mean(0.5 * np.sum((pred - Y) ** 2, axis=1))),
+        "cross_entropy": float(-np.mean(log_probs[np.arange(len(labels)), labels])),
+        "accuracy": float(np.mean(np.argmax(pred, axis=1) == labels)),
+    }
 
 
 def dtype_of(name: str):
@@ -232,7 +301,7 @@ class Claim:
     experiment: str
     key: str
     name: str
-    measured: Optional[float]
+    measured: float | None
     threshold: float
     op: str
     detail: str = ""
@@ -251,9 +320,17 @@ class Claim:
         return {"<=": m <= t, ">=": m >= t, ">": m > t, "<": m < t, "|x| <=": abs(m) <= t}[self.op]
 
     def as_dict(self) -> dict:
-        return {"experiment": self.experiment, "key": self.key, "name": self.name, "passed": bool(self.passed),
-                "measured": _num(self.measured), "threshold": _num(self.threshold), "comparison": self.op,
-                "gradient_sensitive": self.sensitive, "detail": self.detail}
+        return {
+            "experiment": self.experiment,
+            "key": self.key,
+            "name": self.name,
+            "passed": bool(self.passed),
+            "measured": _num(self.measured),
+            "threshold": _num(self.threshold),
+            "comparison": self.op,
+            "gradient_sensitive": self.sensitive,
+            "detail": self.detail,
+        }
 
 
 def _num(x: Any) -> Any:
@@ -263,8 +340,16 @@ def _num(x: Any) -> Any:
     return x if math.isfinite(x) else str(x)
 
 
-def checked(experiment: str, key: str, name: str, threshold: float, op: str, measure: Callable[[], tuple],
-            *, sensitive: bool = False) -> Claim:
+def checked(
+    experiment: str,
+    key: str,
+    name: str,
+    threshold: float,
+    op: str,
+    measure: Callable[[], tuple],
+    *,
+    sensitive: bool = False,
+) -> Claim:
     """A claim whose measurement cannot crash the job: `measure()` returns `(value, detail)`; an empty measurement,
     a NaN or an exception becomes a failed claim that says why."""
     try:

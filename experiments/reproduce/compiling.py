@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ SAFE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 #: same execution time to within noise (measured on the digits config's DELM programs: 4.4 -> 3.4 s, 10.0 -> 8.1 s;
 #: per chunk 10.9 -> 10.0 ms, 43.6 -> 40.7 ms); compilation is most of `make run`
 DEFAULT_OPTIONS = {"xla_backend_optimization_level": 1}
-_supported: Optional[bool] = None
+_supported: bool | None = None
 _probe_lock = threading.Lock()
 
 #: background compile threads: one, in the plan's order, so that the program needed next is the one compiling
@@ -37,11 +38,11 @@ _probe_lock = threading.Lock()
 WORKERS = 1
 _COMPILED: dict = {}  # signature -> Future (being compiled in the background) or a compiled program
 _COMPILED_LOCK = threading.Lock()
-_EXECUTOR: Optional[concurrent.futures.ThreadPoolExecutor] = None
-_MEASURE: Optional[concurrent.futures.ThreadPoolExecutor] = None
+_EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
+_MEASURE: concurrent.futures.ThreadPoolExecutor | None = None
 
 
-def options(extra: Optional[dict] = None) -> dict:
+def options(extra: dict | None = None) -> dict:
     """`SAFE_OPTIONS` and `DEFAULT_OPTIONS` where this jaxlib and backend accept them (probed once with a tiny
     compile), then `extra` (which may override them)."""
     global _supported
@@ -50,18 +51,22 @@ def options(extra: Optional[dict] = None) -> dict:
             try:
                 jax.jit(lambda x: x + 1).lower(1.0).compile(compiler_options={**SAFE_OPTIONS, **DEFAULT_OPTIONS})
                 _supported = True
-            except Exception:  # noqa: BLE001 -- another XLA version or backend without the options
+            except Exception:  # another XLA version or backend without the options
                 _supported = False
     return {**({**SAFE_OPTIONS, **DEFAULT_OPTIONS} if _supported else {}), **(extra or {})}
 
 
-def signature(program: Callable, args: tuple, opts: Optional[dict]) -> tuple:
+def signature(program: Callable, args: tuple, opts: dict | None) -> tuple:
     leaves, treedef = jax.tree_util.tree_flatten(args)
-    return (program, treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype), bool(getattr(x, "weak_type", False)))
-                                    for x in leaves), repr(opts))
+    return (
+        program,
+        treedef,
+        tuple((tuple(x.shape), jnp.dtype(x.dtype), bool(getattr(x, "weak_type", False))) for x in leaves),
+        repr(opts),
+    )
 
 
-def precompile(jobs: Sequence[tuple[Callable, tuple, Optional[dict]]]) -> None:
+def precompile(jobs: Sequence[tuple[Callable, tuple, dict | None]]) -> None:
     """Start compiling `(program, abstract_args, extra_options)` jobs, in order, in one background thread
     (duplicates are skipped)."""
     global _EXECUTOR
@@ -73,7 +78,8 @@ def precompile(jobs: Sequence[tuple[Callable, tuple, Optional[dict]]]) -> None:
             sig = signature(program, args, opts)
             if sig not in _COMPILED:
                 _COMPILED[sig] = _EXECUTOR.submit(
-                    lambda p=program, a=args, o=opts: p.lower(*a).compile(compiler_options=o))
+                    lambda p=program, a=args, o=opts: p.lower(*a).compile(compiler_options=o)
+                )
 
 
 class Job:
@@ -119,7 +125,7 @@ def stop_precompiling() -> None:
             del _COMPILED[sig]
 
 
-def compiled(program: Callable, args: tuple, extra: Optional[dict] = None) -> Callable:
+def compiled(program: Callable, args: tuple, extra: dict | None = None) -> Callable:
     """The compiled `program` for these (concrete or abstract) arguments: precompiled, or compiled here (and kept)."""
     opts = options(extra)
     sig = signature(program, args, opts)
@@ -133,7 +139,7 @@ def compiled(program: Callable, args: tuple, extra: Optional[dict] = None) -> Ca
             interrupts.check()
         try:
             entry = entry.result()
-        except Exception:  # noqa: BLE001 -- compiling again here raises the error in context, if it is real
+        except Exception:  # compiling again here raises the error in context, if it is real
             entry = None
     if entry is None:
         entry = program.lower(*args).compile(compiler_options=opts)

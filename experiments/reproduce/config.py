@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-from typing import Literal, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Literal
 
 from experiments.common import registry
 from experiments.common.config import ConfigError, from_dict, load_yaml
@@ -48,7 +49,7 @@ def _unit(name: str, value: float) -> None:
         raise ValueError(f"{name} must lie in the open interval (0, 1); got {value!r}")
 
 
-def _nonempty_unique(name: str, values: tuple, choices: Optional[tuple] = None) -> None:
+def _nonempty_unique(name: str, values: tuple, choices: tuple | None = None) -> None:
     if not values:
         extra = f" (valid choices: {', '.join(map(repr, choices))})" if choices else ""
         raise ValueError(f"{name} must list at least one entry{extra}; got an empty list")
@@ -58,8 +59,9 @@ def _nonempty_unique(name: str, values: tuple, choices: Optional[tuple] = None) 
 
 def _multiple(name: str, steps: int, chunk: int) -> None:
     if steps % chunk:
-        raise ValueError(f"{name} ({steps}) must be a multiple of chunk ({chunk}), so every compiled chunk has one "
-                         f"length")
+        raise ValueError(
+            f"{name} ({steps}) must be a multiple of chunk ({chunk}), so every compiled chunk has one length"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +78,7 @@ class ModelConfig:
     sigma: SigmaName = "column_softmax"
     init_scale: float = 0.1
     depths: tuple[int, ...] = (2, 3)
-    deep_hidden: Optional[int] = None
+    deep_hidden: int | None = None
     deep_init_gain: float = 1.0
 
     def __post_init__(self):
@@ -86,8 +88,9 @@ class ModelConfig:
         if self.deep_hidden is not None:
             _positive("deep_hidden", self.deep_hidden, integer=True)
         if len(set(self.depths)) != len(self.depths) or any(d < 2 for d in self.depths):
-            raise ValueError(f"depths must be distinct integers >= 2 (depth 1 is the linear model); got "
-                             f"{list(self.depths)}")
+            raise ValueError(
+                f"depths must be distinct integers >= 2 (depth 1 is the linear model); got {list(self.depths)}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +116,7 @@ class LearningRateConfig:
 
     rule: Literal["measured", "bound", "fixed"] = "measured"
     scale: float = 1.0
-    value: Optional[float] = None
+    value: float | None = None
 
     def __post_init__(self):
         _positive("scale", self.scale)
@@ -122,8 +125,10 @@ class LearningRateConfig:
                 raise ValueError("value must be set (a positive number) when rule is 'fixed'; got null")
             _positive("value", self.value)
         elif self.value is not None:
-            raise ValueError(f"value applies only to rule 'fixed' (rule is {self.rule!r}, eta = scale / "
-                             f"lambda_max(P_0 H) or its bound); got value={self.value!r}")
+            raise ValueError(
+                f"value applies only to rule 'fixed' (rule is {self.rule!r}, eta = scale / "
+                f"lambda_max(P_0 H) or its bound); got value={self.value!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,12 +164,12 @@ class FeatureSetConfig:
     """
 
     features: Literal["data", "projection", "pca_whiten", "standardize"] = "data"
-    width: Optional[int] = None
+    width: int | None = None
     losses: tuple[LossName, ...] = ("square", "cross_entropy")
     models: tuple[ModelName, ...] = ("delm", "linear", "deep_linear")
     variants: tuple[VariantConfig, ...] = ()
     reaches_optimum: bool = True
-    steps: Optional[int] = None
+    steps: int | None = None
 
     def __post_init__(self):
         if self.features in ("projection", "pca_whiten"):
@@ -172,8 +177,10 @@ class FeatureSetConfig:
                 raise ValueError(f"width must be a positive integer for features {self.features!r}; got null")
             _positive("width", self.width, integer=True)
         elif self.width is not None:
-            raise ValueError(f"width applies only to features 'projection' and 'pca_whiten'; set it to null for "
-                             f"features {self.features!r} (got width={self.width!r})")
+            raise ValueError(
+                f"width applies only to features 'projection' and 'pca_whiten'; set it to null for "
+                f"features {self.features!r} (got width={self.width!r})"
+            )
         _nonempty_unique("losses", self.losses, ("square", "cross_entropy"))
         _nonempty_unique("models", self.models, ("delm", "linear", "deep_linear"))
         if "delm" not in self.models:
@@ -220,8 +227,12 @@ class ConvergenceConfig:
     enabled: bool = True
     feature_sets: tuple[FeatureSetConfig, ...] = (
         FeatureSetConfig(variants=(VariantConfig("transposed"),)),
-        FeatureSetConfig(features="projection", width=5, models=("delm", "linear"),
-                         variants=(VariantConfig("per_sample", linear_solver="bicgstab"),)),
+        FeatureSetConfig(
+            features="projection",
+            width=5,
+            models=("delm", "linear"),
+            variants=(VariantConfig("per_sample", linear_solver="bicgstab"),),
+        ),
     )
     steps: int = 3000
     chunk: int = 50
@@ -281,8 +292,8 @@ class TrustRegionConfig:
     """
 
     enabled: bool = True
-    features: Optional[FeatureKind] = None
-    pca_dim: Optional[int] = None
+    features: FeatureKind | None = None
+    pca_dim: int | None = None
     a_scales: tuple[float, ...] = (0.1, 1.0, 3.0)
     b_scale: float = 0.1
     steps: int = 400
@@ -335,8 +346,8 @@ class ImplicitBiasConfig:
     """
 
     enabled: bool = True
-    features: Optional[FeatureKind] = "pca_whiten"
-    pca_dim: Optional[int] = 60
+    features: FeatureKind | None = "pca_whiten"
+    pca_dim: int | None = 60
     normalize_rows: bool = True
     n_train: int = 20
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -345,8 +356,8 @@ class ImplicitBiasConfig:
     max_steps: int = 20000
     chunk: int = 500
     learning_rate: LearningRateConfig = LearningRateConfig()
-    init_scale: Optional[float] = 0.001
-    deep_init_gain: Optional[float] = 0.5
+    init_scale: float | None = 0.001
+    deep_init_gain: float | None = 0.5
     thresholds: ImplicitBiasThresholds = ImplicitBiasThresholds()
 
     def __post_init__(self):
@@ -382,7 +393,7 @@ class ReproduceConfig:
     name: str = "digits"
     seed: int = 0
     dtype: Literal["float64", "float32"] = "float64"
-    mutation: Optional[MutationName] = None
+    mutation: MutationName | None = None
     fast_compile: bool = False
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -397,16 +408,28 @@ class ReproduceConfig:
         if self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer; got {self.seed!r}")
         if not (self.convergence.enabled or self.trust_region.enabled or self.implicit_bias.enabled):
-            raise ValueError("at least one of convergence.enabled, trust_region.enabled, implicit_bias.enabled "
-                             "must be true")
+            raise ValueError(
+                "at least one of convergence.enabled, trust_region.enabled, implicit_bias.enabled must be true"
+            )
 
 
-def load_config(path: Union[str, pathlib.Path, None], overrides: Sequence[str] = ()) -> ReproduceConfig:
+def load_config(path: str | pathlib.Path | None, overrides: Sequence[str] = ()) -> ReproduceConfig:
     """Read and validate a YAML config (None: all defaults) with `section.key=value` overrides applied on top."""
     data = {} if path is None else load_yaml(path)
     return from_dict(ReproduceConfig, data, overrides=list(overrides))
 
 
-__all__ = ["ConfigError", "ConvergenceConfig", "DataConfig", "FeatureSetConfig", "ImplicitBiasConfig",
-           "LearningRateConfig", "ModelConfig", "MUTATIONS", "ReproduceConfig", "TrustRegionConfig", "VariantConfig",
-           "load_config"]
+__all__ = [
+    "ConfigError",
+    "ConvergenceConfig",
+    "DataConfig",
+    "FeatureSetConfig",
+    "ImplicitBiasConfig",
+    "LearningRateConfig",
+    "ModelConfig",
+    "MUTATIONS",
+    "ReproduceConfig",
+    "TrustRegionConfig",
+    "VariantConfig",
+    "load_config",
+]

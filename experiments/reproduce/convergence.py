@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import jax.numpy as jnp
 import numpy as np
@@ -33,24 +33,45 @@ import numpy as np
 from deq_jax import Implicit, theory
 from deq_jax.maps import random_projection
 from deq_jax.models import DELM
-
 from experiments.reproduce import compiling, dynamics
 from experiments.reproduce.bounds import BoundAnalysis, bound_analysis, rate_factor
-from experiments.reproduce.common import (Claim, Context, Features, SquareProblem, build_models, checked, dtype_of,
-                                          finite_max, fold, heldout_metrics, slug, spectrum_of)
+from experiments.reproduce.common import (
+    Claim,
+    Context,
+    Features,
+    SquareProblem,
+    build_models,
+    checked,
+    dtype_of,
+    finite_max,
+    fold,
+    heldout_metrics,
+    slug,
+    spectrum_of,
+)
 from experiments.reproduce.config import FeatureSetConfig, ReproduceConfig, VariantConfig
 from experiments.reproduce.runs import RunSpec, Trace, run_gd
 
 NAME = "convergence"
 #: per-step metrics kept: the step's, the implicit backward's (variants), |U_t|_2 (the reference)
-KEEP = ("loss", "grad_norm", "relative_residual", "converged", "U_norm2", "backward_solves", "backward_failures",
-        "backward_nonfinite", "backward_relative_residual")
+KEEP = (
+    "loss",
+    "grad_norm",
+    "relative_residual",
+    "converged",
+    "U_norm2",
+    "backward_solves",
+    "backward_failures",
+    "backward_nonfinite",
+    "backward_relative_residual",
+)
 LOSS_TITLES = {"square": "square loss", "cross_entropy": "cross-entropy + L2"}
 #: the linearised W-dynamics contract in every direction iff eta lambda_max(P_t H) < 2
 STABILITY_LIMIT = 2.0
 
 
 # --------------------------------------------------------------------------------------------- typed results
+
 
 @dataclasses.dataclass
 class ConvergenceRun:
@@ -64,7 +85,7 @@ class ConvergenceRun:
     learning_rate: float
     steps: int
     stopped_early: bool
-    mutation: Optional[str]
+    mutation: str | None
     loss_history: np.ndarray
     normalised_gap: np.ndarray
     grad_norm: np.ndarray
@@ -80,12 +101,12 @@ class ConvergenceRun:
     distance_to_optimum: float
     train: dict
     test: dict
-    fit: Optional[dict] = None
-    bound: Optional[BoundAnalysis] = None
-    U_norm2: Optional[np.ndarray] = None
-    stiffness: Optional[np.ndarray] = None  # eta lambda_max(P_t H) at the logged steps
-    certified_stiffness: Optional[np.ndarray] = None  # its upper bound from measured norms, where it is estimated
-    path_deviation: Optional[np.ndarray] = None  # |W_t - W_t^ref| / |W_0 - W*| at the logged steps
+    fit: dict | None = None
+    bound: BoundAnalysis | None = None
+    U_norm2: np.ndarray | None = None
+    stiffness: np.ndarray | None = None  # eta lambda_max(P_t H) at the logged steps
+    certified_stiffness: np.ndarray | None = None  # its upper bound from measured norms, where it is estimated
+    path_deviation: np.ndarray | None = None  # |W_t - W_t^ref| / |W_0 - W*| at the logged steps
 
     @property
     def is_delm(self) -> bool:
@@ -134,14 +155,24 @@ class ConvergenceResult:
             for r in g.runs:
                 bound = r.bound.bound_ratio if r.bound is not None else None
                 for t in range(len(r.loss_history)):
-                    yield {"experiment": NAME, "run": r.key, "loss_fn": g.loss, "model": r.label, "width": g.width,
-                           "step": t, "loss": r.loss_history[t], "normalised_gap": r.normalised_gap[t],
-                           "grad_norm": r.grad_norm[t], "solver_relative_residual": r.relative_residual[t],
-                           "U_norm2": None if r.U_norm2 is None else r.U_norm2[t],
-                           "bound_ratio": None if bound is None else bound[t]}
+                    yield {
+                        "experiment": NAME,
+                        "run": r.key,
+                        "loss_fn": g.loss,
+                        "model": r.label,
+                        "width": g.width,
+                        "step": t,
+                        "loss": r.loss_history[t],
+                        "normalised_gap": r.normalised_gap[t],
+                        "grad_norm": r.grad_norm[t],
+                        "solver_relative_residual": r.relative_residual[t],
+                        "U_norm2": None if r.U_norm2 is None else r.U_norm2[t],
+                        "bound_ratio": None if bound is None else bound[t],
+                    }
 
 
 # --------------------------------------------------------------------------------------------- measurements
+
 
 def _stop_at_floor(L_star: float, stop_gap: float):
     def stop(history: dict, chunk: dict, start: int):
@@ -153,27 +184,40 @@ def _stop_at_floor(L_star: float, stop_gap: float):
     return stop
 
 
-def _optimum(loss: str, phi: np.ndarray, feats: Features, problem: Optional[SquareProblem], l2: float) -> tuple:
+def _optimum(loss: str, phi: np.ndarray, feats: Features, problem: SquareProblem | None, l2: float) -> tuple:
     """`(W*, L*, info)` from `deq_jax.theory`, checked by the gradient at `W*` relative to the gradient at 0, both
     recomputed from the samples (`square_loss_gradient`; the optimum's own independent check for cross-entropy).
     A solve that fails is data (its status in `info`, a NaN or large ratio: a failed claim), never a crash."""
     phi_j, Y = jnp.asarray(phi, jnp.float64), jnp.asarray(feats.Y_train, jnp.float64)
     if loss == "square":
         zero = jnp.zeros_like(jnp.asarray(problem.W_star))
-        g_star, g_zero = (float(jnp.linalg.norm(theory.square_loss_gradient(W, phi_j, Y)))
-                          for W in (jnp.asarray(problem.W_star), zero))
-        return problem.W_star, problem.L_star, {
-            "method": "minimum-norm least squares from C = phi^T phi / n (deq_jax.theory.shallow_optimum_square)",
-            "status": "converged", "gradient_ratio": _ratio(g_star, g_zero)}
-    W, L, info = theory.shallow_optimum_cross_entropy(phi_j, jnp.asarray(feats.labels_train), feats.num_classes,
-                                                      l2=l2, on_failure="ignore")
+        g_star, g_zero = (
+            float(jnp.linalg.norm(theory.square_loss_gradient(W, phi_j, Y)))
+            for W in (jnp.asarray(problem.W_star), zero)
+        )
+        return (
+            problem.W_star,
+            problem.L_star,
+            {
+                "method": "minimum-norm least squares from C = phi^T phi / n (deq_jax.theory.shallow_optimum_square)",
+                "status": "converged",
+                "gradient_ratio": _ratio(g_star, g_zero),
+            },
+        )
+    W, L, info = theory.shallow_optimum_cross_entropy(
+        phi_j, jnp.asarray(feats.labels_train), feats.num_classes, l2=l2, on_failure="ignore"
+    )
     g_zero = float(jnp.linalg.norm(theory.cross_entropy_gradient(jnp.zeros_like(W), phi_j, Y, l2)))
     ratio = _ratio(info["grad_norm"], g_zero) if info["status"] != "non_finite" else math.nan
-    return np.asarray(W), float(L), {**info, "method": "Newton-CG (deq_jax.theory.shallow_optimum_cross_entropy)",
-                                     "gradient_ratio": ratio}
+    return (
+        np.asarray(W),
+        float(L),
+        {**info, "method": "Newton-CG (deq_jax.theory.shallow_optimum_cross_entropy)", "gradient_ratio": ratio},
+    )
 
 
 # --------------------------------------------------------------------------------------------- the plan
+
 
 @dataclasses.dataclass
 class PlannedRun:
@@ -181,7 +225,7 @@ class PlannedRun:
     role: str
     spec: RunSpec
     description: str
-    variant: Optional[VariantConfig] = None
+    variant: VariantConfig | None = None
 
 
 @dataclasses.dataclass
@@ -193,7 +237,7 @@ class GroupPlan:
     phi_test: np.ndarray
     square: bool  # the square loss (its problem is computed by `run`: plans stay cheap, so compiling starts early)
     runs: list
-    measured: Optional[compiling.Job] = None  # `_measure`, started by `prepare`
+    measured: compiling.Job | None = None  # `_measure`, started by `prepare`
 
     @property
     def width(self) -> int:
@@ -201,8 +245,14 @@ class GroupPlan:
 
 
 def _variant_model(base: DELM, v: VariantConfig) -> DELM:
-    return dataclasses.replace(base, formulation=v.formulation, solver=v.solver, tol=v.tol, maxiter=v.maxiter,
-                               backward=Implicit(v.linear_solver, tol=v.tol, maxiter=None))
+    return dataclasses.replace(
+        base,
+        formulation=v.formulation,
+        solver=v.solver,
+        tol=v.tol,
+        maxiter=v.maxiter,
+        backward=Implicit(v.linear_solver, tol=v.tol, maxiter=None),
+    )
 
 
 def _describe_variant(v: VariantConfig) -> str:
@@ -222,8 +272,12 @@ def _feature_sets(cfg: ReproduceConfig, ctx: Context) -> list[tuple[FeatureSetCo
             P = np.asarray(random_projection(fold(cfg.seed, 2), m, fs.width, jnp.float64))
             out.append((fs, "random projection of the data's features", feats.phi_train @ P, feats.phi_test @ P))
         else:
-            f2 = ctx.features_for(fs.features, fs.width if fs.features == "pca_whiten" else None,
-                                  section=f"convergence.feature_sets[{i}]", pca_key="width")
+            f2 = ctx.features_for(
+                fs.features,
+                fs.width if fs.features == "pca_whiten" else None,
+                section=f"convergence.feature_sets[{i}]",
+                pca_key="width",
+            )
             label = fs.features + (f" {fs.width}" if fs.width else "")
             out.append((fs, label, f2.phi_train, f2.phi_test))
     return out
@@ -246,25 +300,35 @@ def plan(cfg: ReproduceConfig, ctx: Context) -> list[GroupPlan]:
         width = phi.shape[1]
         for loss_name in fs.losses:
             square = loss_name == "square"
-            common = dict(loss=loss_name, chunk=c.chunk, dtype=dtype, fast_compile=cfg.fast_compile,
-                          l2=None if square else c.cross_entropy_l2)
+            common = dict(
+                loss=loss_name,
+                chunk=c.chunk,
+                dtype=dtype,
+                fast_compile=cfg.fast_compile,
+                l2=None if square else c.cross_entropy_l2,
+            )
             runs = []
             for model_label, model in build_models(fs.models, width, k, cfg.model):
                 role = "reference" if isinstance(model, DELM) else "baseline"
                 # baselines record W at every step (cheap), so that the trust-region experiment's shallow GD shares
                 # their compiled program
                 trace = Trace(u_norm=True) if role == "reference" else Trace(W_every_step=True)
-                runs.append(PlannedRun(model_label, role, RunSpec(model, rows=None if square else n, trace=trace,
-                                                               gram=square, **common),
-                                       "direct (LU) solve, autodiff through it" if role == "reference" else ""))
+                runs.append(
+                    PlannedRun(
+                        model_label,
+                        role,
+                        RunSpec(model, rows=None if square else n, trace=trace, gram=square, **common),
+                        "direct (LU) solve, autodiff through it" if role == "reference" else "",
+                    )
+                )
                 if role == "reference":
                     for v in fs.variants:
                         vm = _variant_model(model, v)
                         on_gram = square and v.formulation == "transposed"
-                        spec = RunSpec(vm, rows=None if on_gram else n, mutation=cfg.mutation, gram=on_gram,
-                                       **common)
-                        runs.append(PlannedRun(f"DELM {v.solver} {v.formulation}", "variant", spec,
-                                               _describe_variant(v), v))
+                        spec = RunSpec(vm, rows=None if on_gram else n, mutation=cfg.mutation, gram=on_gram, **common)
+                        runs.append(
+                            PlannedRun(f"DELM {v.solver} {v.formulation}", "variant", spec, _describe_variant(v), v)
+                        )
             groups.append(GroupPlan(loss_name, fs, label, phi, phi_test, square, runs))
     return groups
 
@@ -275,6 +339,7 @@ def programs(groups: list[GroupPlan]) -> list[RunSpec]:
 
 # --------------------------------------------------------------------------------------------- the run
 
+
 def _measure(cfg: ReproduceConfig, ctx: Context, gp: GroupPlan) -> dict:
     """What a group's runs are measured against and trained with, computed before any run: the shallow problem,
     its optimum, spectrum and curvature, and the step size from the reference's initial parameters."""
@@ -284,17 +349,27 @@ def _measure(cfg: ReproduceConfig, ctx: Context, gp: GroupPlan) -> dict:
     C = problem.C if problem is not None else np.asarray(theory.feature_gram(jnp.asarray(gp.phi)))
     curvature = dynamics.curvature_operator(gp.loss, C, c.cross_entropy_l2)
     ref_model = next(r for r in gp.runs if r.role == "reference").spec.model
-    lr, stiff0 = dynamics.learning_rate(c.learning_rate, ref_model, ref_model.init(fold(cfg.seed, 1),
-                                                                                   dtype_of(cfg.dtype)), curvature)
+    lr, stiff0 = dynamics.learning_rate(
+        c.learning_rate, ref_model, ref_model.init(fold(cfg.seed, 1), dtype_of(cfg.dtype)), curvature
+    )
     if problem is not None:
-        spectrum = {"lambda_max": problem.lambda_max, "lambda_min_plus": problem.lambda_min_plus,
-                    "rank": problem.rank}
+        spectrum = {"lambda_max": problem.lambda_max, "lambda_min_plus": problem.lambda_min_plus, "rank": problem.rank}
         pl, pl_name = problem.lambda_min_plus, "lambda_min^+"
     else:
         pl, pl_name = c.cross_entropy_l2, "l2"
         spectrum = spectrum_of(gp.phi)
-    return dict(problem=problem, W_star=W_star, L_star=L_star, opt_info=opt_info, curvature=curvature, lr=lr,
-                stiff0=stiff0, spectrum=spectrum, pl=pl, pl_name=pl_name)
+    return dict(
+        problem=problem,
+        W_star=W_star,
+        L_star=L_star,
+        opt_info=opt_info,
+        curvature=curvature,
+        lr=lr,
+        stiff0=stiff0,
+        spectrum=spectrum,
+        pl=pl,
+        pl_name=pl_name,
+    )
 
 
 def prepare(cfg: ReproduceConfig, ctx: Context, groups: list[GroupPlan]) -> None:
@@ -323,12 +398,23 @@ def run(cfg: ReproduceConfig, ctx: Context, groups: list[GroupPlan]) -> Converge
             monitor = None
             if pr.role == "reference":
                 monitor = functools.partial(_stiffness_monitor, model, curvature, lr, stiff0.exact)
-            res = run_gd(pr.spec, model.init(fold(cfg.seed, 1), dtype), phi_t, y_t, learning_rate=lr,
-                         steps=fs.steps or c.steps,
-                         stop=_stop_at_floor(L_star, c.stop_gap), stop_id=("gap", L_star, c.stop_gap),
-                         keep=KEEP,
-                         store=ctx.store, key=key, progress=ctx.progress, desc=f"[1] {loss_name} m={width} {pr.label}",
-                         monitor=monitor, monitor_id=("stiffness", stiff0.exact) if monitor else None)
+            res = run_gd(
+                pr.spec,
+                model.init(fold(cfg.seed, 1), dtype),
+                phi_t,
+                y_t,
+                learning_rate=lr,
+                steps=fs.steps or c.steps,
+                stop=_stop_at_floor(L_star, c.stop_gap),
+                stop_id=("gap", L_star, c.stop_gap),
+                keep=KEEP,
+                store=ctx.store,
+                key=key,
+                progress=ctx.progress,
+                desc=f"[1] {loss_name} m={width} {pr.label}",
+                monitor=monitor,
+                monitor_id=("stiffness", stiff0.exact) if monitor else None,
+            )
             ctx.runs_total += 1
             ctx.runs_loaded += int(res.from_checkpoint)
             h = res.history
@@ -337,20 +423,30 @@ def run(cfg: ReproduceConfig, ctx: Context, groups: list[GroupPlan]) -> Converge
                 ng = gap / gap[0]
             W_T = res.W_final
             r = ConvergenceRun(
-                label=pr.label, role=pr.role, key=key, description=pr.description, learning_rate=lr,
-                steps=res.steps, stopped_early=res.stopped_early, mutation=pr.spec.mutation,
-                loss_history=h["loss"], normalised_gap=ng, grad_norm=h["grad_norm"],
+                label=pr.label,
+                role=pr.role,
+                key=key,
+                description=pr.description,
+                learning_rate=lr,
+                steps=res.steps,
+                stopped_early=res.stopped_early,
+                mutation=pr.spec.mutation,
+                loss_history=h["loss"],
+                normalised_gap=ng,
+                grad_norm=h["grad_norm"],
                 relative_residual=h["relative_residual"],
                 nonconverged_solves=int(np.size(h["converged"]) - np.sum(h["converged"])),
                 max_solver_residual=finite_max(h["relative_residual"]),
                 backward_solves=int(np.sum(h.get("backward_solves", 0))),
                 backward_failures=int(np.sum(h.get("backward_failures", 0)) + np.sum(h.get("backward_nonfinite", 0))),
                 max_backward_residual=_backward_residual(h),
-                logged_steps=res.logged_steps, W_logged=res.W_logged,
+                logged_steps=res.logged_steps,
+                W_logged=res.W_logged,
                 final_normalised_gap=float(ng[-1]),
                 distance_to_optimum=_ratio(np.linalg.norm(W_T - W_star), np.linalg.norm(W_star)),
                 train=heldout_metrics(W_T, gp.phi, feats.labels_train, feats.Y_train),
-                test=heldout_metrics(W_T, gp.phi_test, feats.labels_test, feats.Y_test))
+                test=heldout_metrics(W_T, gp.phi_test, feats.labels_test, feats.Y_test),
+            )
             try:
                 r.fit = theory.fit_log_linear(ng, lo=c.fit_lo, hi=c.fit_hi)
             except ValueError:  # too few gaps in the band: the claims below say so
@@ -370,10 +466,22 @@ def run(cfg: ReproduceConfig, ctx: Context, groups: list[GroupPlan]) -> Converge
                 dev = np.linalg.norm((r.W_logged[:k_] - ref.W_logged[:k_]).reshape(k_, -1), axis=1)
                 r.path_deviation = dev / scale0 if scale0 > 0 else np.full(k_, np.nan)
         group = ConvergenceGroup(
-            loss=loss_name, loss_title=LOSS_TITLES[loss_name], features=gp.features_label, width=width,
-            reaches_optimum=fs.reaches_optimum, gram_route=ref_plan.spec.gram,
-            learning_rate=lr, stiffness0=lr * stiff0.value, stiffness_exact=stiff0.exact, pl_constant=pl,
-            pl_name=pl_name, L_star=L_star, optimum=opt_info, runs=runs, **spectrum)
+            loss=loss_name,
+            loss_title=LOSS_TITLES[loss_name],
+            features=gp.features_label,
+            width=width,
+            reaches_optimum=fs.reaches_optimum,
+            gram_route=ref_plan.spec.gram,
+            learning_rate=lr,
+            stiffness0=lr * stiff0.value,
+            stiffness_exact=stiff0.exact,
+            pl_constant=pl,
+            pl_name=pl_name,
+            L_star=L_star,
+            optimum=opt_info,
+            runs=runs,
+            **spectrum,
+        )
         results.append(group)
     claims = [claim for g in results for claim in group_claims(cfg, g)]
     return ConvergenceResult(groups=results, claims=claims)
@@ -404,72 +512,150 @@ def _backward_residual(h: dict) -> float:
 
 # --------------------------------------------------------------------------------------------- claims
 
+
 def group_claims(cfg: ReproduceConfig, g: ConvergenceGroup) -> list[Claim]:
     """The claims of one group, from its finished numbers and the thresholds (nothing here recomputes a run)."""
     t, c = cfg.convergence.thresholds, cfg.convergence
     tag = g.title
     gk = f"{NAME}/{g.loss}/{slug(g.features)}/m{g.width}"
     ref = g.reference
-    out = [checked(NAME, f"{gk}/optimum", f"[{tag}] L* is the shallow optimum: |grad L(W*)| / |grad L(0)|",
-                   t.optimum_gradient, "<=",
-                   lambda: (g.optimum["gradient_ratio"], g.optimum.get("method", "")
-                            + (f", {g.optimum['iterations']} Newton steps" if "iterations" in g.optimum else "")
-                            + ("" if g.optimum.get("converged", True) else ", solver did NOT converge")))]
+    out = [
+        checked(
+            NAME,
+            f"{gk}/optimum",
+            f"[{tag}] L* is the shallow optimum: |grad L(W*)| / |grad L(0)|",
+            t.optimum_gradient,
+            "<=",
+            lambda: (
+                g.optimum["gradient_ratio"],
+                g.optimum.get("method", "")
+                + (f", {g.optimum['iterations']} Newton steps" if "iterations" in g.optimum else "")
+                + ("" if g.optimum.get("converged", True) else ", solver did NOT converge"),
+            ),
+        )
+    ]
     for r in g.runs:
         if not r.is_delm and r.label != "linear":
             continue
         if g.reaches_optimum:
             why = " (checks L*)" if r.label == "linear" else ""
-            out.append(checked(NAME, f"{gk}/{slug(r.label)}/reaches_optimum",
-                               f"[{tag}] {r.label} reaches L*{why}: (L_T - L*)/(L_0 - L*), either sign",
-                               t.normalised_gap, "|x| <=",
-                               lambda r=r: (r.final_normalised_gap,
-                                            f"{r.steps} steps; a negative gap means L* is overestimated")))
+            out.append(
+                checked(
+                    NAME,
+                    f"{gk}/{slug(r.label)}/reaches_optimum",
+                    f"[{tag}] {r.label} reaches L*{why}: (L_T - L*)/(L_0 - L*), either sign",
+                    t.normalised_gap,
+                    "|x| <=",
+                    lambda r=r: (r.final_normalised_gap, f"{r.steps} steps; a negative gap means L* is overestimated"),
+                )
+            )
     b = ref.bound
     if g.reaches_optimum:
-        out.append(checked(NAME, f"{gk}/DELM/linear_rate",
-                           f"[{tag}] DELM gap decays linearly: R^2 of the log-linear fit",
-                           t.r2, ">=", lambda: (math.nan, "no gaps in the band") if ref.fit is None else (
-                               ref.fit["r2"], f"gaps in ({c.fit_lo:g}, {c.fit_hi:g}): steps {ref.fit['window'][0]}-"
-                                              f"{ref.fit['window'][1]}, rate {ref.fit['rate']:.6f}/step")))
-    out.append(checked(NAME, f"{gk}/DELM/bound",
-                       f"[{tag}] DELM never slower than the bound: max_t gap_{{t+1}}/gap_t - "
-                       f"(1 - eta {g.pl_name} / |U_t|_2^2)^2", t.bound_excess, "<=",
-                       lambda: (b.max_excess, f"{b.checked_steps} steps with gap > {c.bound_floor:g} gap_0; median "
-                                              f"ratio {b.median_ratio:.6f} vs bound {b.median_bound_ratio:.6f}")))
+        out.append(
+            checked(
+                NAME,
+                f"{gk}/DELM/linear_rate",
+                f"[{tag}] DELM gap decays linearly: R^2 of the log-linear fit",
+                t.r2,
+                ">=",
+                lambda: (
+                    (math.nan, "no gaps in the band")
+                    if ref.fit is None
+                    else (
+                        ref.fit["r2"],
+                        (
+                            f"gaps in ({c.fit_lo:g}, {c.fit_hi:g}): steps {ref.fit['window'][0]}-"
+                            f"{ref.fit['window'][1]}, rate {ref.fit['rate']:.6f}/step"
+                        ),
+                    )
+                ),
+            )
+        )
+    out.append(
+        checked(
+            NAME,
+            f"{gk}/DELM/bound",
+            f"[{tag}] DELM never slower than the bound: max_t gap_{{t+1}}/gap_t - (1 - eta {g.pl_name} / |U_t|_2^2)^2",
+            t.bound_excess,
+            "<=",
+            lambda: (
+                b.max_excess,
+                (
+                    f"{b.checked_steps} steps with gap > {c.bound_floor:g} gap_0; median "
+                    f"ratio {b.median_ratio:.6f} vs bound {b.median_bound_ratio:.6f}"
+                ),
+            ),
+        )
+    )
     if g.reaches_optimum:
-        out.append(checked(NAME, f"{gk}/DELM/rate_factor",
-                           f"[{tag}] DELM's rate is within a factor of its bound: fitted log-rate / the bound's",
-                           t.rate_factor, "<=",
-                           lambda: (rate_factor(ref.fit, b), "over the fit window; >= 1 when the bound holds")))
-    out.append(checked(NAME, f"{gk}/DELM/stability",
-                       f"[{tag}] DELM stayed within its stability condition: max_t eta lambda_max(P_t H)",
-                       STABILITY_LIMIT, "<",
-                       lambda: (finite_max(ref.stiffness),
-                                f"at {np.size(ref.stiffness)} logged steps; "
-                                + ("dense eigensolve" if g.stiffness_exact else
-                                   "power iteration (approximate, from below); certified upper bound from |U_t^-1|_2, "
-                                   f"|W_t|_2 (deq_jax.theory.learning_rate_limit): "
-                                   f"{finite_max(ref.certified_stiffness):.3g}")
-                                + f"; {g.stiffness0:.3g} at the start (the step-size rule)")))
+        out.append(
+            checked(
+                NAME,
+                f"{gk}/DELM/rate_factor",
+                f"[{tag}] DELM's rate is within a factor of its bound: fitted log-rate / the bound's",
+                t.rate_factor,
+                "<=",
+                lambda: (rate_factor(ref.fit, b), "over the fit window; >= 1 when the bound holds"),
+            )
+        )
+    out.append(
+        checked(
+            NAME,
+            f"{gk}/DELM/stability",
+            f"[{tag}] DELM stayed within its stability condition: max_t eta lambda_max(P_t H)",
+            STABILITY_LIMIT,
+            "<",
+            lambda: (
+                finite_max(ref.stiffness),
+                f"at {np.size(ref.stiffness)} logged steps; "
+                + (
+                    "dense eigensolve"
+                    if g.stiffness_exact
+                    else "power iteration (approximate, from below); certified upper bound from |U_t^-1|_2, "
+                    f"|W_t|_2 (deq_jax.theory.learning_rate_limit): "
+                    f"{finite_max(ref.certified_stiffness):.3g}"
+                )
+                + f"; {g.stiffness0:.3g} at the start (the step-size rule)",
+            ),
+        )
+    )
     for r in g.runs:
         if r.role != "variant":
             continue
-        out.append(checked(NAME, f"{gk}/{slug(r.label)}/follows_exact_path",
-                           f"[{tag}] {r.label} follows the exact DELM's path: max_t |W_t - W_t(exact)| / |W_0 - W*|",
-                           t.path, "<=",
-                           lambda r=r: (finite_max(r.path_deviation),
-                                        f"{np.size(r.path_deviation)} logged steps; {r.description}"),
-                           sensitive=True))
+        out.append(
+            checked(
+                NAME,
+                f"{gk}/{slug(r.label)}/follows_exact_path",
+                f"[{tag}] {r.label} follows the exact DELM's path: max_t |W_t - W_t(exact)| / |W_0 - W*|",
+                t.path,
+                "<=",
+                lambda r=r: (
+                    finite_max(r.path_deviation),
+                    f"{np.size(r.path_deviation)} logged steps; {r.description}",
+                ),
+                sensitive=True,
+            )
+        )
     delm = [r for r in g.runs if r.is_delm]
     failed = sum(r.nonconverged_solves + r.backward_failures for r in delm)
-    out.append(checked(NAME, f"{gk}/DELM/solves",
-                       f"[{tag}] every DELM equilibrium solve converged, forward and implicit backward: max relative "
-                       f"residual", t.solver_residual, "<=",
-                       lambda: (finite_max([max(r.max_solver_residual, r.max_backward_residual) for r in delm])
-                                if not failed else math.nan,
-                                f"{sum(r.steps for r in delm)} forward solves, "
-                                f"{sum(r.nonconverged_solves for r in delm)} not converged; "
-                                f"{sum(r.backward_solves for r in delm)} implicit backward solves, "
-                                f"{sum(r.backward_failures for r in delm)} failed")))
+    out.append(
+        checked(
+            NAME,
+            f"{gk}/DELM/solves",
+            f"[{tag}] every DELM equilibrium solve converged, forward and implicit backward: max relative residual",
+            t.solver_residual,
+            "<=",
+            lambda: (
+                finite_max([max(r.max_solver_residual, r.max_backward_residual) for r in delm])
+                if not failed
+                else math.nan,
+                (
+                    f"{sum(r.steps for r in delm)} forward solves, "
+                    f"{sum(r.nonconverged_solves for r in delm)} not converged; "
+                    f"{sum(r.backward_solves for r in delm)} implicit backward solves, "
+                    f"{sum(r.backward_failures for r in delm)} failed"
+                ),
+            ),
+        )
+    )
     return out

@@ -19,7 +19,7 @@ the first-order term is `-eta P(G)` with the induced preconditioner `P = DW DW^*
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,6 @@ import numpy as np
 from deq_jax import theory
 from deq_jax.train import GramData
 from experiments.common import registry
-
 from experiments.reproduce import compiling
 
 #: above this many entries of W (m_y m), lambda_max(P H) is estimated by power iteration instead of a dense eigensolve
@@ -47,8 +46,7 @@ def closed_form(model: Any, params: dict) -> jax.Array:
     return theory.end_to_end(params["A"], params["B"], model.gamma, model.sigma)
 
 
-def shallow_gradient(loss: Any, W: jax.Array, phi: Any, y: Optional[jax.Array], l2: Optional[float] = None
-                     ) -> jax.Array:
+def shallow_gradient(loss: Any, W: jax.Array, phi: Any, y: jax.Array | None, l2: float | None = None) -> jax.Array:
     """`G = dL/dW` of the shallow model's loss `L(W) = loss(phi W^T, y) + (l2/2) |W|_F^2` (any loss of predictions),
     or of the square loss's Gram form `W C - D^T` when `phi` is `GramData`."""
     if isinstance(phi, GramData):
@@ -59,9 +57,18 @@ def shallow_gradient(loss: Any, W: jax.Array, phi: Any, y: Optional[jax.Array], 
     return G if l2 is None else G + l2 * W
 
 
-def update_checks(model: Any, loss: Any, params: dict, new_params: dict, phi: Any, y: Optional[jax.Array],
-                  learning_rate: jax.Array, fd_step: Optional[float] = None, l2: Optional[float] = None,
-                  velocity_only: bool = False) -> dict:
+def update_checks(
+    model: Any,
+    loss: Any,
+    params: dict,
+    new_params: dict,
+    phi: Any,
+    y: jax.Array | None,
+    learning_rate: jax.Array,
+    fd_step: float | None = None,
+    l2: float | None = None,
+    velocity_only: bool = False,
+) -> dict:
     """Compare the applied update `params -> new_params` with the induced dynamics (traceable).
 
     Returns `predicted_step`, the change of W that one exact GD step makes to second order in eta
@@ -82,8 +89,9 @@ def update_checks(model: Any, loss: Any, params: dict, new_params: dict, phi: An
     if velocity_only:
         return out
     out["predicted_step"] = theory.predict_w_step(params, G, learning_rate, gamma, sigma, order=2) - W
-    out["step_error"] = theory.w_step_check(params, closed_form(model, new_params), G, learning_rate, gamma, sigma,
-                                            rtol=STEP_CHECK_RTOL)["step_error"]
+    out["step_error"] = theory.w_step_check(
+        params, closed_form(model, new_params), G, learning_rate, gamma, sigma, rtol=STEP_CHECK_RTOL
+    )["step_error"]
     if fd_step is not None:
         h = fd_step * _norm(params) / jnp.maximum(_norm(d), jnp.finfo(W.dtype).tiny)
         plus = jax.tree_util.tree_map(lambda p, e: p + h * e, params, d)
@@ -128,8 +136,9 @@ def stiffness(model: Any, params: dict, curvature: Curvature) -> Stiffness:
     if m_y * m <= DENSE_LIMIT:
         P = np.asarray(theory.preconditioner_matrix(params, model.gamma, model.sigma), np.float64)
         P = 0.5 * (P + P.T)
-        H = curvature.scale * np.kron(np.eye(m_y), np.asarray(curvature.C, np.float64)) \
-            + curvature.shift * np.eye(m_y * m)
+        H = curvature.scale * np.kron(np.eye(m_y), np.asarray(curvature.C, np.float64)) + curvature.shift * np.eye(
+            m_y * m
+        )
         L = np.linalg.cholesky(P)
         return Stiffness(float(np.linalg.eigvalsh(L.T @ H @ L)[-1]), True)
     value = _power_iteration(params, C, curvature.scale, curvature.shift, model.gamma, model.sigma)
@@ -141,8 +150,8 @@ def preconditioner_operator(params: dict, gamma: float, sigma: Any):
     (`theory.end_to_end`): linearised once (one LU of U, kept as a residual), then applied any number of times
     at `O(m_y m^2)` each (`theory.induced_preconditioner` factorises U at every call: fine for one application,
     not for a power iteration at m ~ 800). Traceable."""
-    W_of = lambda p: theory.end_to_end(p["A"], p["B"], gamma, sigma)  # noqa: E731
-    W, J = jax.linearize(W_of, params)
+    W_of = lambda p: theory.end_to_end(p["A"], p["B"], gamma, sigma)
+    _W, J = jax.linearize(W_of, params)
     J_adjoint = jax.linear_transpose(J, params)
 
     def apply(V):
@@ -173,9 +182,14 @@ def certified_stiffness(model: Any, params: dict, curvature: Curvature) -> float
     `lambda_max(H)`, the measured `|U^{-1}|_2` (`theory.u_inverse_norm`) and `|W|_2` (docs/theory.md section 12).
     Valid at any width (no eigensolve of P); conservative (about 10x the exact value at a small init)."""
     A = params["A"]
-    limit = theory.learning_rate_limit(curvature.lambda_max, theory.u_inverse_norm(A, model.gamma, model.sigma),
-                                       theory.spectral_norm(closed_form(model, params)), model.gamma,
-                                       sigma=model.sigma, m=A.shape[0])
+    limit = theory.learning_rate_limit(
+        curvature.lambda_max,
+        theory.u_inverse_norm(A, model.gamma, model.sigma),
+        theory.spectral_norm(closed_form(model, params)),
+        model.gamma,
+        sigma=model.sigma,
+        m=A.shape[0],
+    )
     return float(1.0 / limit)
 
 
@@ -198,5 +212,16 @@ def integrated_path(W0: np.ndarray, predicted_steps: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(W0)[None], np.asarray(W0)[None] + np.cumsum(steps, axis=0)])
 
 
-__all__ = ["Curvature", "Stiffness", "certified_stiffness", "closed_form", "curvature_operator", "integrated_path",
-           "learning_rate", "preconditioner_operator", "shallow_gradient", "stiffness", "update_checks"]
+__all__ = [
+    "Curvature",
+    "Stiffness",
+    "certified_stiffness",
+    "closed_form",
+    "curvature_operator",
+    "integrated_path",
+    "learning_rate",
+    "preconditioner_operator",
+    "shallow_gradient",
+    "stiffness",
+    "update_checks",
+]

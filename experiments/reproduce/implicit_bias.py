@@ -15,16 +15,27 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
 from deq_jax import theory
-
 from experiments.reproduce import compiling, dynamics
-from experiments.reproduce.common import (Claim, Context, Features, build_models, checked, dtype_of, finite_max, fold,
-                                          heldout_metrics, slug, spectrum_of)
+from experiments.reproduce.common import (
+    Claim,
+    Context,
+    Features,
+    build_models,
+    checked,
+    dtype_of,
+    finite_max,
+    fold,
+    heldout_metrics,
+    slug,
+    spectrum_of,
+)
 from experiments.reproduce.config import ConfigError, ReproduceConfig
 from experiments.reproduce.runs import RunSpec, Trace, run_gd
 
@@ -45,7 +56,7 @@ class BiasRun:
     null_space_change: float
     norm: float
     loss_history: np.ndarray
-    velocity_error: Optional[np.ndarray] = None  # DELM: per step, up to the stop
+    velocity_error: np.ndarray | None = None  # DELM: per step, up to the stop
 
 
 @dataclasses.dataclass
@@ -77,8 +88,15 @@ class ImplicitBiasResult:
     def metric_rows(self) -> Iterator[dict]:
         for r in self.runs:
             for t, value in enumerate(r.loss_history):
-                yield {"experiment": NAME, "run": f"{NAME}/seed{r.seed}/{r.model}", "loss_fn": "square",
-                       "model": r.model, "seed": r.seed, "step": t, "loss": value}
+                yield {
+                    "experiment": NAME,
+                    "run": f"{NAME}/seed{r.seed}/{r.model}",
+                    "loss_fn": "square",
+                    "model": r.model,
+                    "seed": r.seed,
+                    "step": t,
+                    "loss": value,
+                }
 
 
 def _capture_at(target: float):
@@ -102,15 +120,16 @@ def null_projector(phi: np.ndarray) -> np.ndarray:
 
 def _model_config(cfg: ReproduceConfig):
     ib, mc = cfg.implicit_bias, cfg.model
-    return dataclasses.replace(mc, init_scale=ib.init_scale or mc.init_scale,
-                               deep_init_gain=ib.deep_init_gain or mc.deep_init_gain)
+    return dataclasses.replace(
+        mc, init_scale=ib.init_scale or mc.init_scale, deep_init_gain=ib.deep_init_gain or mc.deep_init_gain
+    )
 
 
 @dataclasses.dataclass
 class BiasPlan:
     feats: Features
     runs: list  # [(label, RunSpec)]
-    measured: Optional[list] = None  # per seed, `_measure` started by `prepare`
+    measured: list | None = None  # per seed, `_measure` started by `prepare`
 
 
 def plan(cfg: ReproduceConfig, ctx: Context) -> BiasPlan:
@@ -118,15 +137,29 @@ def plan(cfg: ReproduceConfig, ctx: Context) -> BiasPlan:
     feats = ctx.features_for(ib.features, ib.pca_dim, ib.normalize_rows, section="implicit_bias")
     N, m = feats.phi_train.shape
     if ib.n_train > N:
-        raise ConfigError(f"implicit_bias.n_train ({ib.n_train}) exceeds the {N} training samples of the data "
-                          f"(data.n_train); lower it")
+        raise ConfigError(
+            f"implicit_bias.n_train ({ib.n_train}) exceeds the {N} training samples of the data "
+            f"(data.n_train); lower it"
+        )
     dtype = dtype_of(cfg.dtype)
     runs = []
     for label, model in build_models(ib.models, m, feats.num_classes, _model_config(cfg)):
         is_delm = label == "DELM"
-        runs.append((label, RunSpec(model, "square", ib.chunk, ib.n_train, dtype,
-                                    Trace(W_every_step=True, checks="velocity" if is_delm else None),
-                                    mutation=cfg.mutation if is_delm else None, fast_compile=cfg.fast_compile)))
+        runs.append(
+            (
+                label,
+                RunSpec(
+                    model,
+                    "square",
+                    ib.chunk,
+                    ib.n_train,
+                    dtype,
+                    Trace(W_every_step=True, checks="velocity" if is_delm else None),
+                    mutation=cfg.mutation if is_delm else None,
+                    fast_compile=cfg.fast_compile,
+                ),
+            )
+        )
     return BiasPlan(feats, runs)
 
 
@@ -144,8 +177,10 @@ def _measure(cfg: ReproduceConfig, p: BiasPlan, seed: int) -> tuple:
     W_mn = np.asarray(theory.min_norm_solution(jnp.asarray(phi), jnp.asarray(Y)))
     null = null_projector(phi)
     if np.trace(null) < 0.5:
-        raise ConfigError(f"implicit_bias.n_train ({ib.n_train}) gives training features of full column rank "
-                          f"{m} (seed {seed}): a unique minimiser, no implicit bias to measure; use n_train < {m}")
+        raise ConfigError(
+            f"implicit_bias.n_train ({ib.n_train}) gives training features of full column rank "
+            f"{m} (seed {seed}): a unique minimiser, no implicit bias to measure; use n_train < {m}"
+        )
     spectrum = spectrum_of(phi)
     delm_spec = next((spec for label, spec in p.runs if label == "DELM"), None)
     inits = {label: spec.model.init(fold(cfg.seed, 4, seed), dtype) for label, spec in p.runs}
@@ -153,8 +188,11 @@ def _measure(cfg: ReproduceConfig, p: BiasPlan, seed: int) -> tuple:
         curvature = dynamics.curvature_operator("square", np.asarray(theory.feature_gram(jnp.asarray(phi))))
         lr, _ = dynamics.learning_rate(ib.learning_rate, delm_spec.model, inits["DELM"], curvature)
     else:  # no DELM: the rule with P = I
-        lr = ib.learning_rate.value if ib.learning_rate.rule == "fixed" else \
-            ib.learning_rate.scale / spectrum["lambda_max"]
+        lr = (
+            ib.learning_rate.value
+            if ib.learning_rate.rule == "fixed"
+            else ib.learning_rate.scale / spectrum["lambda_max"]
+        )
     return idx, W_mn, null, spectrum, inits, lr
 
 
@@ -168,21 +206,39 @@ def run(cfg: ReproduceConfig, ctx: Context, p: BiasPlan) -> ImplicitBiasResult:
     feats = p.feats
     m = feats.phi_train.shape[1]
     runs, references = [], []
-    for seed, job in zip(ib.seeds, p.measured or [None] * len(ib.seeds)):
+    for seed, job in zip(ib.seeds, p.measured or [None] * len(ib.seeds), strict=True):
         idx, W_mn, null, spectrum, inits, lr = compiling.wait(job) if job is not None else _measure(cfg, p, seed)
         phi, Y = feats.phi_train[idx], feats.Y_train[idx]
         rank = spectrum["rank"]
         mn_norm = np.linalg.norm(W_mn)
-        references.append(BiasReference(seed=seed, rank=rank, learning_rate=lr, lambda_max=spectrum["lambda_max"],
-                                        lambda_min_plus=spectrum["lambda_min_plus"],
-                                        test=heldout_metrics(W_mn, feats.phi_test, feats.labels_test, feats.Y_test),
-                                        norm=float(mn_norm)))
+        references.append(
+            BiasReference(
+                seed=seed,
+                rank=rank,
+                learning_rate=lr,
+                lambda_max=spectrum["lambda_max"],
+                lambda_min_plus=spectrum["lambda_min_plus"],
+                test=heldout_metrics(W_mn, feats.phi_test, feats.labels_test, feats.Y_test),
+                norm=float(mn_norm),
+            )
+        )
         for label, spec in p.runs:
             keep = ("loss", "velocity_error") if label == "DELM" else ("loss",)
-            res = run_gd(spec, inits[label], phi, Y, learning_rate=lr, steps=ib.max_steps,
-                         stop=_capture_at(ib.target_loss), stop_id=("target", ib.target_loss), keep=keep,
-                         store=ctx.store, key=f"{NAME}/seed{seed}/{slug(label)}", progress=ctx.progress,
-                         desc=f"[3] seed {seed} {label}")
+            res = run_gd(
+                spec,
+                inits[label],
+                phi,
+                Y,
+                learning_rate=lr,
+                steps=ib.max_steps,
+                stop=_capture_at(ib.target_loss),
+                stop_id=("target", ib.target_loss),
+                keep=keep,
+                store=ctx.store,
+                key=f"{NAME}/seed{seed}/{slug(label)}",
+                progress=ctx.progress,
+                desc=f"[3] seed {seed} {label}",
+            )
             ctx.runs_total += 1
             ctx.runs_loaded += int(res.from_checkpoint)
             if res.captured is not None:
@@ -190,79 +246,146 @@ def run(cfg: ReproduceConfig, ctx: Context, p: BiasPlan) -> ImplicitBiasResult:
             else:  # never reached the target: report where it ended, and the claim below fails
                 W, step, train_loss = res.W_final, res.steps, float(res.history["loss"][-1])
             W0 = res.W0
-            runs.append(BiasRun(
-                seed=seed, model=label, reached=res.captured is not None, step=step, train_loss=train_loss,
-                learning_rate=lr, test=heldout_metrics(W, feats.phi_test, feats.labels_test, feats.Y_test),
-                distance_to_min_norm=float(np.linalg.norm(W - W_mn) / mn_norm),
-                null_space_norm=float(np.linalg.norm(W @ null) / mn_norm),
-                null_space_change=float(np.linalg.norm((W - W0) @ null) / np.linalg.norm(W0 @ null)),
-                norm=float(np.linalg.norm(W) / mn_norm), loss_history=res.history["loss"],
-                velocity_error=res.history["velocity_error"][:step] if "velocity_error" in res.history else None))
-    result = ImplicitBiasResult(runs=runs, references=references, table=_table(runs, references), claims=[],
-                                n_train=ib.n_train, width=m, target_loss=ib.target_loss, seeds=list(ib.seeds),
-                                features=feats.info.get("features"), pca_dim=feats.info.get("pca_dim"),
-                                normalize_rows=bool(feats.info.get("normalize_rows", False)))
+            runs.append(
+                BiasRun(
+                    seed=seed,
+                    model=label,
+                    reached=res.captured is not None,
+                    step=step,
+                    train_loss=train_loss,
+                    learning_rate=lr,
+                    test=heldout_metrics(W, feats.phi_test, feats.labels_test, feats.Y_test),
+                    distance_to_min_norm=float(np.linalg.norm(W - W_mn) / mn_norm),
+                    null_space_norm=float(np.linalg.norm(W @ null) / mn_norm),
+                    null_space_change=float(np.linalg.norm((W - W0) @ null) / np.linalg.norm(W0 @ null)),
+                    norm=float(np.linalg.norm(W) / mn_norm),
+                    loss_history=res.history["loss"],
+                    velocity_error=res.history["velocity_error"][:step] if "velocity_error" in res.history else None,
+                )
+            )
+    result = ImplicitBiasResult(
+        runs=runs,
+        references=references,
+        table=_table(runs, references),
+        claims=[],
+        n_train=ib.n_train,
+        width=m,
+        target_loss=ib.target_loss,
+        seeds=list(ib.seeds),
+        features=feats.info.get("features"),
+        pca_dim=feats.info.get("pca_dim"),
+        normalize_rows=bool(feats.info.get("normalize_rows", False)),
+    )
     result.claims = claims(cfg, result)
     return result
 
 
 def _stats(values: list) -> dict:
     a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
-            "min": float(a.min()), "max": float(a.max())}
+    return {
+        "mean": float(a.mean()),
+        "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+        "min": float(a.min()),
+        "max": float(a.max()),
+    }
 
 
 def _table(runs: list, references: list) -> list[dict]:
     rows = []
     for label in dict.fromkeys(r.model for r in runs):
         rs = [r for r in runs if r.model == label]
-        rows.append({"model": label, "seeds": len(rs), "reached": sum(r.reached for r in rs),
-                     "steps": _stats([r.step for r in rs]),
-                     "train_loss": _stats([r.train_loss for r in rs]),
-                     "test_loss": _stats([r.test["square_loss"] for r in rs]),
-                     "test_accuracy": _stats([r.test["accuracy"] for r in rs]),
-                     "distance_to_min_norm": _stats([r.distance_to_min_norm for r in rs]),
-                     "null_space_norm": _stats([r.null_space_norm for r in rs])})
-    rows.append({"model": "min-norm solution (reference)", "seeds": len(references), "reached": len(references),
-                 "steps": None, "train_loss": None,
-                 "test_loss": _stats([r.test["square_loss"] for r in references]),
-                 "test_accuracy": _stats([r.test["accuracy"] for r in references]),
-                 "distance_to_min_norm": _stats([0.0 for _ in references]),
-                 "null_space_norm": _stats([0.0 for _ in references])})
+        rows.append(
+            {
+                "model": label,
+                "seeds": len(rs),
+                "reached": sum(r.reached for r in rs),
+                "steps": _stats([r.step for r in rs]),
+                "train_loss": _stats([r.train_loss for r in rs]),
+                "test_loss": _stats([r.test["square_loss"] for r in rs]),
+                "test_accuracy": _stats([r.test["accuracy"] for r in rs]),
+                "distance_to_min_norm": _stats([r.distance_to_min_norm for r in rs]),
+                "null_space_norm": _stats([r.null_space_norm for r in rs]),
+            }
+        )
+    rows.append(
+        {
+            "model": "min-norm solution (reference)",
+            "seeds": len(references),
+            "reached": len(references),
+            "steps": None,
+            "train_loss": None,
+            "test_loss": _stats([r.test["square_loss"] for r in references]),
+            "test_accuracy": _stats([r.test["accuracy"] for r in references]),
+            "distance_to_min_norm": _stats([0.0 for _ in references]),
+            "null_space_norm": _stats([0.0 for _ in references]),
+        }
+    )
     if any(r.model == "DELM" for r in runs) and any(r.model == "linear" for r in runs):
         by = {(r.seed, r.model): r for r in runs}
         seeds = sorted({r.seed for r in runs})
         diff_acc = [by[s, "DELM"].test["accuracy"] - by[s, "linear"].test["accuracy"] for s in seeds]
         diff_loss = [by[s, "DELM"].test["square_loss"] - by[s, "linear"].test["square_loss"] for s in seeds]
-        rows.append({"model": "DELM - linear (paired by seed)", "seeds": len(seeds), "reached": None,
-                     "steps": None, "train_loss": None, "test_loss": _stats(diff_loss),
-                     "test_accuracy": _stats(diff_acc), "distance_to_min_norm": None, "null_space_norm": None})
+        rows.append(
+            {
+                "model": "DELM - linear (paired by seed)",
+                "seeds": len(seeds),
+                "reached": None,
+                "steps": None,
+                "train_loss": None,
+                "test_loss": _stats(diff_loss),
+                "test_accuracy": _stats(diff_acc),
+                "distance_to_min_norm": None,
+                "null_space_norm": None,
+            }
+        )
     return rows
 
 
 def claims(cfg: ReproduceConfig, r: ImplicitBiasResult) -> list[Claim]:
     ib, t = cfg.implicit_bias, cfg.implicit_bias.thresholds
     runs = r.runs
-    out = [checked(NAME, f"{NAME}/matched_loss",
-                   "every model reaches the matched training loss in every seed (max training loss at stop)",
-                   ib.target_loss, "<=",
-                   lambda: (finite_max([x.train_loss for x in runs]),
-                            f"{sum(x.reached for x in runs)}/{len(runs)} runs reached it within {ib.max_steps} steps"))]
+    out = [
+        checked(
+            NAME,
+            f"{NAME}/matched_loss",
+            "every model reaches the matched training loss in every seed (max training loss at stop)",
+            ib.target_loss,
+            "<=",
+            lambda: (
+                finite_max([x.train_loss for x in runs]),
+                f"{sum(x.reached for x in runs)}/{len(runs)} runs reached it within {ib.max_steps} steps",
+            ),
+        )
+    ]
     linear = [x for x in runs if x.model == "linear"]
     if linear:
-        out.append(checked(NAME, f"{NAME}/linear_null_space",
-                           "linear GD keeps its init's null-space component (max |(W - W_0)(I - P_row)| / "
-                           "|W_0 (I - P_row)|)", t.null_space, "<=",
-                           lambda: (finite_max([x.null_space_change for x in linear]),
-                                    "GD's updates lie in phi's row space")))
+        out.append(
+            checked(
+                NAME,
+                f"{NAME}/linear_null_space",
+                "linear GD keeps its init's null-space component (max |(W - W_0)(I - P_row)| / |W_0 (I - P_row)|)",
+                t.null_space,
+                "<=",
+                lambda: (finite_max([x.null_space_change for x in linear]), "GD's updates lie in phi's row space"),
+            )
+        )
     delm = [x for x in runs if x.model == "DELM"]
     if delm:
-        out.append(checked(NAME, f"{NAME}/delm_velocity",
-                           "every DELM update moves W by -eta P_t(G_t), the preconditioned step behind its bias "
-                           "(max_t |DW[d_t] + eta P_t(G_t)| / |eta P_t(G_t)|)", t.velocity, "<=",
-                           lambda: (finite_max(np.concatenate([x.velocity_error for x in delm])),
-                                    f"{sum(len(x.velocity_error) for x in delm)} steps over {len(delm)} seeds"),
-                           sensitive=True))
+        out.append(
+            checked(
+                NAME,
+                f"{NAME}/delm_velocity",
+                "every DELM update moves W by -eta P_t(G_t), the preconditioned step behind its bias "
+                "(max_t |DW[d_t] + eta P_t(G_t)| / |eta P_t(G_t)|)",
+                t.velocity,
+                "<=",
+                lambda: (
+                    finite_max(np.concatenate([x.velocity_error for x in delm])),
+                    f"{sum(len(x.velocity_error) for x in delm)} steps over {len(delm)} seeds",
+                ),
+                sensitive=True,
+            )
+        )
     return out
 
 

@@ -8,29 +8,39 @@
 from __future__ import annotations
 
 import pathlib
-from typing import Optional
 
 from experiments.common.io import write_json, write_text
 from experiments.reproduce import mutations
 from experiments.reproduce.report import fmt_measured, table
 
 
-def rows(summaries: dict[Optional[str], dict]) -> list[dict]:
+def rows(summaries: dict[str | None, dict]) -> list[dict]:
     """One row per claim (in the honest run's order): its verdict and number in every run."""
     order: dict[str, dict] = {}
     for summary in summaries.values():
         for c in summary["claims"]:
-            order.setdefault(c["key"], {"key": c["key"], "experiment": c["experiment"], "name": c["name"],
-                                        "gradient_sensitive": c["gradient_sensitive"], "runs": {}})
+            order.setdefault(
+                c["key"],
+                {
+                    "key": c["key"],
+                    "experiment": c["experiment"],
+                    "name": c["name"],
+                    "gradient_sensitive": c["gradient_sensitive"],
+                    "runs": {},
+                },
+            )
     for mutation, summary in summaries.items():
         for c in summary["claims"]:
-            order[c["key"]]["runs"][mutation or "honest"] = {"passed": c["passed"], "measured": c["measured"],
-                                                             "threshold": c["threshold"],
-                                                             "comparison": c["comparison"]}
+            order[c["key"]]["runs"][mutation or "honest"] = {
+                "passed": c["passed"],
+                "measured": c["measured"],
+                "threshold": c["threshold"],
+                "comparison": c["comparison"],
+            }
     return list(order.values())
 
 
-def verdict(summaries: dict[Optional[str], dict]) -> dict:
+def verdict(summaries: dict[str | None, dict]) -> dict:
     """Whether the honest run passed every claim and every mutation failed every gradient-sensitive claim; and, per
     mutation and experiment, how many gradient-sensitive claims failed."""
     honest = summaries.get(None)
@@ -47,16 +57,23 @@ def verdict(summaries: dict[Optional[str], dict]) -> dict:
                 e["sensitive_failed"] += not c["passed"]
         out["mutations"][mutation] = {
             "caught": all(e["sensitive_failed"] == e["sensitive"] > 0 for e in per_experiment.values()),
-            "experiments": per_experiment}
+            "experiments": per_experiment,
+        }
     out["passed"] = out["honest_passed"] and all(m["caught"] for m in out["mutations"].values())
     return out
 
 
-def markdown(summaries: dict[Optional[str], dict]) -> str:
+def markdown(summaries: dict[str | None, dict]) -> str:
     names = ["honest"] + [m for m in summaries if m is not None]
-    lines = ["# Which claims fail under which wrong gradient", "",
-             "Each column is the whole main job with the DELMs under test trained as named (the exact reference of "
-             "the convergence experiment is never mutated):", ""]
+    lines = [
+        "# Which claims fail under which wrong gradient",
+        "",
+        (
+            "Each column is the whole main job with the DELMs under test trained as named (the exact reference of "
+            "the convergence experiment is never mutated):"
+        ),
+        "",
+    ]
     lines += [f"- `{m}`: {mutations.DESCRIPTIONS[m]}" for m in names if m != "honest"]
     commands = dict.fromkeys(s["command"] for s in summaries.values() if s)
     lines += ["", "Command" + ("s: " if len(commands) > 1 else ": ") + "; ".join(f"`{c}`" for c in commands), ""]
@@ -65,26 +82,35 @@ def markdown(summaries: dict[Optional[str], dict]) -> str:
         cells = []
         for m in names:
             v = r["runs"].get(m)
-            cells.append("" if v is None else ("PASS" if v["passed"] else "**FAIL**") + " ("
-                         + fmt_measured(v["measured"], v["threshold"], v["comparison"], digits=2) + ")")
+            cells.append(
+                ""
+                if v is None
+                else ("PASS" if v["passed"] else "**FAIL**")
+                + " ("
+                + fmt_measured(v["measured"], v["threshold"], v["comparison"], digits=2)
+                + ")"
+            )
         body.append([r["experiment"], r["name"], "yes" if r["gradient_sensitive"] else "", *cells])
     lines += [table(["experiment", "claim", "gradient-sensitive", *names], body), ""]
     v = verdict(summaries)
     lines += ["Gradient-sensitive claims that failed, per experiment:", ""]
     for m, info in v["mutations"].items():
         parts = [f"{e} {d['sensitive_failed']}/{d['sensitive']}" for e, d in info["experiments"].items()]
-        lines.append(f"- `{m}`: " + ", ".join(parts) + (" (caught everywhere)" if info["caught"] else
-                                                         " (NOT caught everywhere)"))
+        lines.append(
+            f"- `{m}`: " + ", ".join(parts) + (" (caught everywhere)" if info["caught"] else " (NOT caught everywhere)")
+        )
     lines.append("")
     return "\n".join(lines)
 
 
-def write(out_dir: pathlib.Path, summaries: dict[Optional[str], dict]) -> int:
+def write(out_dir: pathlib.Path, summaries: dict[str | None, dict]) -> int:
     """Write MUTATIONS.md and mutations.json; exit status 0 iff the honest run passed and every mutation was caught
     by every gradient-sensitive claim."""
     v = verdict(summaries)
     write_text(out_dir / "MUTATIONS.md", markdown(summaries))
     write_json(out_dir / "mutations.json", {"verdict": v, "claims": rows(summaries)})
-    print(f"\nmutation table: {out_dir / 'MUTATIONS.md'}" + ("" if v["passed"] else
-                                                             " -- the honest run failed or a mutation was not caught"))
+    print(
+        f"\nmutation table: {out_dir / 'MUTATIONS.md'}"
+        + ("" if v["passed"] else " -- the honest run failed or a mutation was not caught")
+    )
     return 0 if v["passed"] else 1

@@ -15,7 +15,7 @@ must then fail:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +47,16 @@ class WrongSigmaDELM(DELM):
     backward_sigma: str = "row_softmax"
 
     def _wrong(self) -> DELM:
-        return model_lib.build("delm", self.width, self.out_dim, gamma=self.gamma, sigma=self.backward_sigma,
-                               formulation="transposed", solver="direct", init_scale=self.init_scale)
+        return model_lib.build(
+            "delm",
+            self.width,
+            self.out_dim,
+            gamma=self.gamma,
+            sigma=self.backward_sigma,
+            formulation="transposed",
+            solver="direct",
+            init_scale=self.init_scale,
+        )
 
     def apply(self, params, phi, warm=None):
         predictions, solution = super().apply(params, phi, warm)
@@ -61,7 +69,7 @@ class WrongSigmaDELM(DELM):
         return wrong + jax.lax.stop_gradient(W - wrong), solution
 
 
-def mutate_model(model: Any, mutation: Optional[str]) -> Any:
+def mutate_model(model: Any, mutation: str | None) -> Any:
     """The model whose gradient the mutation falsifies (DELMs only; other models and `None` pass through)."""
     if mutation is None or not isinstance(model, DELM):
         return model
@@ -69,8 +77,9 @@ def mutate_model(model: Any, mutation: Optional[str]) -> Any:
         return dataclasses.replace(model, backward="one_step")
     if mutation == "wrong_sigma":
         sigma = model.sigma if isinstance(model.sigma, str) else "column_softmax"
-        return WrongSigmaDELM(**{f.name: getattr(model, f.name) for f in dataclasses.fields(DELM)},
-                              backward_sigma=WRONG_SIGMA[sigma])
+        return WrongSigmaDELM(
+            **{f.name: getattr(model, f.name) for f in dataclasses.fields(DELM)}, backward_sigma=WRONG_SIGMA[sigma]
+        )
     return model  # "perturbed" acts on the gradient (see `optimizer`)
 
 
@@ -85,10 +94,10 @@ def relative_noise(relative: float, seed: int = 0) -> optax.GradientTransformati
         del params
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), count), len(leaves))
-        noise = [jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
-        norm = lambda xs: jnp.sqrt(sum(jnp.sum(x * x) for x in xs))  # noqa: E731
+        noise = [jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves, strict=True)]
+        norm = lambda xs: jnp.sqrt(sum(jnp.sum(x * x) for x in xs))
         scale = relative * norm(leaves) / norm(noise)
-        noisy = [leaf + scale * z for leaf, z in zip(leaves, noise)]
+        noisy = [leaf + scale * z for leaf, z in zip(leaves, noise, strict=True)]
         return jax.tree_util.tree_unflatten(treedef, noisy), count + 1
 
     return optax.GradientTransformation(init, update)
@@ -100,7 +109,7 @@ def learning_rate_of(opt_state: Any) -> jax.Array:
     return sgd_state.hyperparams["learning_rate"]
 
 
-def optimizer(learning_rate: Any, mutation: Optional[str] = None) -> optax.GradientTransformation:
+def optimizer(learning_rate: Any, mutation: str | None = None) -> optax.GradientTransformation:
     """Plain SGD with the learning rate held in the state (one compiled program serves every learning rate), behind
     the `perturbed` mutation's noise when asked."""
     sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate)

@@ -10,7 +10,7 @@ import dataclasses
 import io
 import math
 import pathlib
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -25,54 +25,54 @@ def threshold_notes(cfg: dict) -> str:
     return f"""\
 Thresholds judge finished numbers: changing one never recomputes a run (checkpoints are keyed by what the numbers
 depend on), only the verdicts. Sections are those of docs/theory.md.
-- **Reaches L*, |normalised gap| <= {fmt(t['normalised_gap'])}, either sign** (experiment 1, section 4): float64
+- **Reaches L*, |normalised gap| <= {fmt(t["normalised_gap"])}, either sign** (experiment 1, section 4): float64
   resolves `L - L*` down to ~1e-15 of `L_0 - L*`, far below this threshold, which is itself far below any visible
-  plateau. Two-sided: a gap below `-{fmt(t['normalised_gap'])}` means `L*` is overestimated (the model went below
+  plateau. Two-sided: a gap below `-{fmt(t["normalised_gap"])}` means `L*` is overestimated (the model went below
   the "optimum") and fails as well. `L*` comes from an independent solver (deq_jax.theory: least squares from `C`;
-  Newton-CG), checked by its own gradient (`<= {fmt(t['optimum_gradient'])}` of the gradient at 0, recomputed from
+  Newton-CG), checked by its own gradient (`<= {fmt(t["optimum_gradient"])}` of the gradient at 0, recomputed from
   the samples) and by the linear model reaching it too.
-- **R^2 >= {fmt(t['r2'])} over an explicit band of gaps** (`{fmt(c['fit_lo'])} < gap < {fmt(c['fit_hi'])}`): the
+- **R^2 >= {fmt(t["r2"])} over an explicit band of gaps** (`{fmt(c["fit_lo"])} < gap < {fmt(c["fit_hi"])}`): the
   band starts after the initial transient, which decays faster than the asymptotic rate, and stops above rounding
   level.
-- **Bound excess <= {fmt(t['bound_excess'])}** (section 4): the observed per-step ratio `gap_{{t+1}}/gap_t` may
+- **Bound excess <= {fmt(t["bound_excess"])}** (section 4): the observed per-step ratio `gap_{{t+1}}/gap_t` may
   exceed `(1 - eta lambda/|U_t|_2^2)^2` only by rounding. (The gradient-flow bound gives `1 - 2 x_t`,
   `x_t = eta lambda / |U_t|_2^2`, first order in eta; one gradient step contracts the slowest direction by exactly
-  `(1 - x_t)^2`.) Ratios are compared only while the gap is above `bound_floor` ({fmt(c['bound_floor'])} of
+  `(1 - x_t)^2`.) Ratios are compared only while the gap is above `bound_floor` ({fmt(c["bound_floor"])} of
   `gap_0`): a float64 loss is accurate to ~1e-15 absolute, so a ratio of two gaps above that floor is accurate to
   ~1e-15 / floor, below the threshold and far below the bound's margin.
-- **Rate within a factor {fmt(t['rate_factor'])} of the bound**: the other side of the bound. The fitted log-rate
+- **Rate within a factor {fmt(t["rate_factor"])} of the bound**: the other side of the bound. The fitted log-rate
   over the mean log of the per-step bound in the same window is >= 1 when the bound holds; at most
-  {fmt(t['rate_factor'])} says the bound predicts the rate, not merely limits it (a wrong PL constant, e.g.
+  {fmt(t["rate_factor"])} says the bound predicts the rate, not merely limits it (a wrong PL constant, e.g.
   lambda_max for lambda_min^+, fails it).
 - **Stability: eta lambda_max(P_t H) < 2** (section 12): to first order the DELM's W moves by `-eta P_t(G_t)`,
   preconditioned gradient descent on the convex shallow problem, which contracts in every direction iff this holds.
   The step-size rule puts it at `learning_rate.scale` at the start (the trust-region experiment at 0.5, since M is
   positive definite iff it is < 1).
-- **Follows the exact path, <= {fmt(t['path'])} of |W_0 - W*|** (iterative variants): forward and backward solves
+- **Follows the exact path, <= {fmt(t["path"])} of |W_0 - W*|** (iterative variants): forward and backward solves
   to a relative 1e-12 give gradients accurate to ~1e-11; over a few hundred contracting steps the paths may drift
   apart by a few 1e-10. A gradient perturbed at random by 1% moves the path by ~2e-4 (the mutation test), and the
   one-step gradient by ~1e-6 to 3e-3.
-- **Every solve converged, max relative residual <= {fmt(t['solver_residual'])}**: the forward solves' residuals and
+- **Every solve converged, max relative residual <= {fmt(t["solver_residual"])}**: the forward solves' residuals and
   the implicit backward's (per solve); any solve the library flags as failed fails the claim.
-- **Velocity of every update = -eta P_t(G_t), <= {fmt(tt['velocity'])}** (forward mode; experiments 2, 3; section
-  5; {fmt(bt['velocity'])} in experiment 3) **and <= {fmt(tt['finite_difference'])}** (central finite difference,
-  relative step {fmt(tr['fd_step'])}, truncation ~1e-10, rounding ~1e-16 / step): in float64 the closed form and the
+- **Velocity of every update = -eta P_t(G_t), <= {fmt(tt["velocity"])}** (forward mode; experiments 2, 3; section
+  5; {fmt(bt["velocity"])} in experiment 3) **and <= {fmt(tt["finite_difference"])}** (central finite difference,
+  relative step {fmt(tr["fd_step"])}, truncation ~1e-10, rounding ~1e-16 / step): in float64 the closed form and the
   preconditioner agree to ~1e-13; any gradient error of relative size above ~1e-8 shows.
-- **Every trained step lands on the exact GD step, <= {fmt(tt['step'])} of |eta P_t(G_t)|** (section 11): the
+- **Every trained step lands on the exact GD step, <= {fmt(tt["step"])} of |eta P_t(G_t)|** (section 11): the
   trained `W_{{t+1}}` against `W(theta_t - eta g_t)`, `g_t` the exact gradient, to all orders in eta: rounding
   (~1e-13) for the true gradient, the gradient's relative error otherwise.
-- **W-path within {fmt(tt['path'])} of |W_0 - W*| of the path integrated from -eta P_t(G_t)**, to second order in
+- **W-path within {fmt(tt["path"])} of |W_0 - W*| of the path integrated from -eta P_t(G_t)**, to second order in
   eta (section 11; each predicted step is `deq_jax.theory.predict_w_step(order=2)`): what is left are the
   third-order terms of the steps, `O(eta^3 |g|^3)` each (measured ~1e-6 on the tiny config); a gradient perturbed
   by 1% at random moves the path by ~1e-3. (The first-order path alone differs by ~1e-4..1e-3 of |W_0 - W*|, which
   a small random perturbation would hide in.)
-- **Null-space change <= {fmt(bt['null_space'])}** (experiment 3, section 6): linear GD's updates lie in phi's row
+- **Null-space change <= {fmt(bt["null_space"])}** (experiment 3, section 6): linear GD's updates lie in phi's row
   space exactly; what is left is float64 rounding accumulated over the run.
 """
 
 
-
 # --------------------------------------------------------------------------------------------- formatting
+
 
 def fmt(x: Any, digits: int = 3) -> str:
     if x is None:
@@ -112,7 +112,7 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def mean_std(s: Optional[dict], digits: int = 3, percent: bool = False) -> str:
+def mean_std(s: dict | None, digits: int = 3, percent: bool = False) -> str:
     if not s:
         return ""
     k = 100.0 if percent else 1.0
@@ -121,6 +121,7 @@ def mean_std(s: Optional[dict], digits: int = 3, percent: bool = False) -> str:
 
 def table(header: list[str], rows: list[list[str]]) -> str:
     """A Markdown table; `|` inside a cell (a norm) is escaped."""
+
     def cells(row):
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
 
@@ -132,9 +133,17 @@ def _threshold(c: dict) -> str:
 
 
 def claims_table(claims: list[dict]) -> str:
-    rows = [[c["experiment"], c["name"], fmt_measured(c["measured"], c["threshold"], c["comparison"]),
-             _threshold(c), "yes" if c["gradient_sensitive"] else "", "PASS" if c["passed"] else "**FAIL**"]
-            for c in claims]
+    rows = [
+        [
+            c["experiment"],
+            c["name"],
+            fmt_measured(c["measured"], c["threshold"], c["comparison"]),
+            _threshold(c),
+            "yes" if c["gradient_sensitive"] else "",
+            "PASS" if c["passed"] else "**FAIL**",
+        ]
+        for c in claims
+    ]
     return table(["experiment", "claim", "measured", "threshold", "gradient-sensitive", "result"], rows)
 
 
@@ -144,20 +153,26 @@ def claims_text(claims: list[dict]) -> str:
     for c in claims:
         mark = "PASS" if c["passed"] else "FAIL"
         sens = "  [gradient-sensitive]" if c["gradient_sensitive"] else ""
-        lines.append(f"  {mark}  {c['experiment']:<13} {c['name']}{sens}\n"
-                     f"        measured {fmt_measured(c['measured'], c['threshold'], c['comparison'])} "
-                     f"{_threshold(c)}" + (f"   ({c['detail']})" if c.get("detail") else ""))
+        lines.append(
+            f"  {mark}  {c['experiment']:<13} {c['name']}{sens}\n"
+            f"        measured {fmt_measured(c['measured'], c['threshold'], c['comparison'])} "
+            f"{_threshold(c)}" + (f"   ({c['detail']})" if c.get("detail") else "")
+        )
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------- JSON, CSV
 
+
 def jsonable(obj: Any) -> Any:
     """Results for summary.json: scalars and small lists; per-step arrays are left to metrics.csv."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        out = {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-               if not (isinstance(getattr(obj, f.name), np.ndarray) and getattr(obj, f.name).ndim > 0)
-               and f.name != "claims"}
+        out = {
+            f.name: jsonable(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not (isinstance(getattr(obj, f.name), np.ndarray) and getattr(obj, f.name).ndim > 0)
+            and f.name != "claims"
+        }
         return out
     if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items() if not (isinstance(v, np.ndarray) and v.ndim > 0)}
@@ -175,8 +190,22 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-METRIC_COLUMNS = ["experiment", "run", "loss_fn", "model", "width", "seed", "a_scale", "step", "loss",
-                  "normalised_gap", "grad_norm", "solver_relative_residual", "U_norm2", "bound_ratio"]
+METRIC_COLUMNS = [
+    "experiment",
+    "run",
+    "loss_fn",
+    "model",
+    "width",
+    "seed",
+    "a_scale",
+    "step",
+    "loss",
+    "normalised_gap",
+    "grad_norm",
+    "solver_relative_residual",
+    "U_norm2",
+    "bound_ratio",
+]
 
 
 def metrics_csv(results: dict) -> str:
@@ -185,8 +214,12 @@ def metrics_csv(results: dict) -> str:
     writer.writeheader()
     for result in results.values():
         for row in result.metric_rows():
-            writer.writerow({k: ("" if v is None else repr(float(v)) if isinstance(v, (float, np.floating)) else v)
-                             for k, v in row.items()})
+            writer.writerow(
+                {
+                    k: ("" if v is None else repr(float(v)) if isinstance(v, (float, np.floating)) else v)
+                    for k, v in row.items()
+                }
+            )
     return buf.getvalue()
 
 
@@ -209,6 +242,7 @@ def make_figures(results: dict, fig_dir: pathlib.Path) -> dict[str, list[str]]:
 
 # --------------------------------------------------------------------------------------------- REPORT.md
 
+
 def report_markdown(summary: dict, results: dict, figures: dict, config_yaml: str) -> str:
     claims = summary["claims"]
     passed = sum(c["passed"] for c in claims)
@@ -218,41 +252,75 @@ def report_markdown(summary: dict, results: dict, figures: dict, config_yaml: st
     parts = [
         f"# Reproduction report: `{summary['run_name']}`",
         "",
-        "Kawaguchi (ICLR 2021), *On the Theory of Implicit Deep Learning: Global Convergence with Implicit Layers*: "
-        "the deep equilibrium linear model (DELM) against the linear model and deep linear networks. The "
-        "mathematics and what each claim checks: docs/theory.md.",
+        (
+            "Kawaguchi (ICLR 2021), *On the Theory of Implicit Deep Learning: Global Convergence with Implicit "
+            "Layers*: the deep equilibrium linear model (DELM) against the linear model and deep linear networks. The "
+            "mathematics and what each claim checks: docs/theory.md."
+        ),
         "",
     ]
     if summary.get("mutation"):
-        parts += [f"**MUTATION RUN** (`--mutation {summary['mutation']}`): the DELMs under test were trained with "
-                  f"{summary['mutation_description']}. The claims marked gradient-sensitive are expected to FAIL; "
-                  f"{summary['sensitive_failed']} of {summary['sensitive_total']} did.", ""]
+        parts += [
+            (
+                f"**MUTATION RUN** (`--mutation {summary['mutation']}`): the DELMs under test were trained with "
+                f"{summary['mutation_description']}. The claims marked gradient-sensitive are expected to FAIL; "
+                f"{summary['sensitive_failed']} of {summary['sensitive_total']} did."
+            ),
+            "",
+        ]
     parts += [
-        f"**{passed} of {len(claims)} claims passed.** Command: `{summary['command']}` "
-        f"(wall time {summary['wall_time_s']:.1f} s on {env['devices']['description']}; "
-        f"{summary['runs_loaded']} of {plural(summary['runs_total'], 'training run')} loaded from checkpoints).",
+        (
+            f"**{passed} of {len(claims)} claims passed.** Command: `{summary['command']}` "
+            f"(wall time {summary['wall_time_s']:.1f} s on {env['devices']['description']}; "
+            f"{summary['runs_loaded']} of {plural(summary['runs_total'], 'training run')} loaded from checkpoints)."
+        ),
         "",
         "## Claims",
         "",
-        "Gradient-sensitive claims depend on the gradient that training applied being the true one: each fails "
-        "when the DELMs are trained with a wrong gradient (`--mutation one_step|perturbed|wrong_sigma`).",
+        (
+            "Gradient-sensitive claims depend on the gradient that training applied being the true one: each fails "
+            "when the DELMs are trained with a wrong gradient (`--mutation one_step|perturbed|wrong_sigma`)."
+        ),
         "",
         claims_table(claims),
         "",
         "## Data and settings",
         "",
-        table(["setting", "value"], [
-            ["dataset", f"{ds['dataset']} ({ds['n_train']} train / {ds['n_test']} test samples used, of "
-                        f"{ds['n_train_available']} / {ds['n_test_available']})"],
-            ["features", f"{ds['features']}" + (f" to {ds['pca_dim']} dims" if "pca_dim" in ds else "")
-             + (" + bias" if ds.get("add_bias") else "") + f" → width m = {ds['output_dim']}"],
-            ["preprocessing", f"train statistics only; subset seed {ds['seed']}; images scaled to [0, 1] first"],
-            ["DELM", f"gamma = {cfg['model']['gamma']}, sigma = {cfg['model']['sigma']}, A, B ~ "
-                     f"{cfg['model']['init_scale']} N(0, 1); reference runs: exact equilibrium solve (LU)"],
-            ["baselines", f"linear W ~ {cfg['model']['init_scale']} N(0, 1); deep linear nets of depths "
-                          f"{', '.join(map(str, cfg['model']['depths']))}"],
-            ["precision / seed", f"{cfg['dtype']} / {cfg['seed']}"],
-        ]),
+        table(
+            ["setting", "value"],
+            [
+                [
+                    "dataset",
+                    (
+                        f"{ds['dataset']} ({ds['n_train']} train / {ds['n_test']} test samples used, of "
+                        f"{ds['n_train_available']} / {ds['n_test_available']})"
+                    ),
+                ],
+                [
+                    "features",
+                    f"{ds['features']}"
+                    + (f" to {ds['pca_dim']} dims" if "pca_dim" in ds else "")
+                    + (" + bias" if ds.get("add_bias") else "")
+                    + f" → width m = {ds['output_dim']}",
+                ],
+                ["preprocessing", f"train statistics only; subset seed {ds['seed']}; images scaled to [0, 1] first"],
+                [
+                    "DELM",
+                    (
+                        f"gamma = {cfg['model']['gamma']}, sigma = {cfg['model']['sigma']}, A, B ~ "
+                        f"{cfg['model']['init_scale']} N(0, 1); reference runs: exact equilibrium solve (LU)"
+                    ),
+                ],
+                [
+                    "baselines",
+                    (
+                        f"linear W ~ {cfg['model']['init_scale']} N(0, 1); deep linear nets of depths "
+                        f"{', '.join(map(str, cfg['model']['depths']))}"
+                    ),
+                ],
+                ["precision / seed", f"{cfg['dtype']} / {cfg['seed']}"],
+            ],
+        ),
         "",
     ]
     if "convergence" in results:
@@ -268,14 +336,27 @@ def report_markdown(summary: dict, results: dict, figures: dict, config_yaml: st
         threshold_notes(cfg),
         "## Environment",
         "",
-        table(["", ""], [["device", env["devices"]["description"]],
-                         ["machine", f"{env['machine']['cpu_model']}, {env['machine']['platform']}, load average "
-                                     f"{env['machine']['load_average_1_5_15']}"],
-                         ["versions", ", ".join(f"{k} {val}" for k, val in v.items())],
-                         ["wall time", f"{summary['wall_time_s']:.1f} s (this invocation)"]]),
+        table(
+            ["", ""],
+            [
+                ["device", env["devices"]["description"]],
+                [
+                    "machine",
+                    (
+                        f"{env['machine']['cpu_model']}, {env['machine']['platform']}, load average "
+                        f"{env['machine']['load_average_1_5_15']}"
+                    ),
+                ],
+                ["versions", ", ".join(f"{k} {val}" for k, val in v.items())],
+                ["wall time", f"{summary['wall_time_s']:.1f} s (this invocation)"],
+            ],
+        ),
         "",
-        "Files: `config.yaml` (the resolved configuration), `metrics.csv` (every step of every run), "
-        "`summary.json` (claims and measurements), `figures/`, `checkpoints/` (for resuming; `--fresh` clears them).",
+        (
+            "Files: `config.yaml` (the resolved configuration), `metrics.csv` (every step of every run), "
+            "`summary.json` (claims and measurements), `figures/`, `checkpoints/` (for resuming; `--fresh` clears "
+            "them)."
+        ),
         "",
         "<details><summary>Resolved configuration</summary>",
         "",
@@ -297,38 +378,88 @@ def _section_convergence(o: Any, figures: list[str], cfg: dict) -> list[str]:
     c = cfg["convergence"]
     s_rows, rows = [], []
     for g in o.groups:
-        s_rows.append([g.loss_title, g.features, g.width, fmt(g.L_star, 6), fmt(g.lambda_max), fmt(g.lambda_min_plus),
-                       g.rank, f"{fmt(g.pl_constant)} ({g.pl_name})", fmt(g.learning_rate),
-                       fmt(g.stiffness0) + ("" if g.stiffness_exact else " (approx.)"),
-                       "yes" if g.gram_route else "no"])
+        s_rows.append(
+            [
+                g.loss_title,
+                g.features,
+                g.width,
+                fmt(g.L_star, 6),
+                fmt(g.lambda_max),
+                fmt(g.lambda_min_plus),
+                g.rank,
+                f"{fmt(g.pl_constant)} ({g.pl_name})",
+                fmt(g.learning_rate),
+                fmt(g.stiffness0) + ("" if g.stiffness_exact else " (approx.)"),
+                "yes" if g.gram_route else "no",
+            ]
+        )
         for r in g.runs:
             fit = r.fit
-            rows.append([g.loss_title, f"{g.features}, m={g.width}", r.label, r.description or "", r.steps,
-                         fmt(r.final_normalised_gap), fmt(r.distance_to_optimum),
-                         "" if fit is None else f"{fit['rate']:.5f}", "" if fit is None else f"{fit['r2']:.5f}",
-                         f"{100 * r.test['accuracy']:.1f}%"])
+            rows.append(
+                [
+                    g.loss_title,
+                    f"{g.features}, m={g.width}",
+                    r.label,
+                    r.description or "",
+                    r.steps,
+                    fmt(r.final_normalised_gap),
+                    fmt(r.distance_to_optimum),
+                    "" if fit is None else f"{fit['rate']:.5f}",
+                    "" if fit is None else f"{fit['r2']:.5f}",
+                    f"{100 * r.test['accuracy']:.1f}%",
+                ]
+            )
     return [
         f"## 1. {o.title} (docs/theory.md section 4)",
         "",
-        "Full-batch gradient descent from a seeded init; `L*` is the shallow model's optimum, computed "
-        "independently. Cross-entropy carries an L2 penalty "
-        f"`({c['cross_entropy_l2']:g}/2)|W|_F^2` on the end-to-end matrix, so the shallow problem has a unique "
-        "minimiser even on separable data; its PL constant in the bound is then the L2 strength. The exact DELM "
-        "(direct LU solve) is the reference; the iterative variants (an iterative forward solver with the implicit "
-        "backward) must follow its path. The square loss trains through its Gram form (`C = phi^T phi / n`, "
-        "`D = phi^T Y / n`: n-independent per step, same gradients; the per-sample variant uses the samples "
-        "themselves); cross-entropy needs every sample at every step. Dashed: the bound "
-        "`(L_0 - L*) prod_s (1 - eta lambda / |U_s|_2^2)^2` from the DELM's own `|U_t|_2`; dotted: the log-linear fit "
-        f"over gaps in ({c['fit_lo']:g}, {c['fit_hi']:g}). Runs stop once the normalised gap stays below "
-        f"{c['stop_gap']:g} for a whole chunk. Step size: `eta = scale / lambda_max(P_0 H)` (the column "
-        "`eta lambda_max(P_0 H)`).",
+        (
+            "Full-batch gradient descent from a seeded init; `L*` is the shallow model's optimum, computed "
+            "independently. Cross-entropy carries an L2 penalty "
+            f"`({c['cross_entropy_l2']:g}/2)|W|_F^2` on the end-to-end matrix, so the shallow problem has a unique "
+            "minimiser even on separable data; its PL constant in the bound is then the L2 strength. The exact DELM "
+            "(direct LU solve) is the reference; the iterative variants (an iterative forward solver with the implicit "
+            "backward) must follow its path. The square loss trains through its Gram form (`C = phi^T phi / n`, "
+            "`D = phi^T Y / n`: n-independent per step, same gradients; the per-sample variant uses the samples "
+            "themselves); cross-entropy needs every sample at every step. Dashed: the bound "
+            "`(L_0 - L*) prod_s (1 - eta lambda / |U_s|_2^2)^2` from the DELM's own `|U_t|_2`; dotted: the log-linear "
+            f"fit over gaps in ({c['fit_lo']:g}, {c['fit_hi']:g}). Runs stop once the normalised gap stays below "
+            f"{c['stop_gap']:g} for a whole chunk. Step size: `eta = scale / lambda_max(P_0 H)` (the column "
+            "`eta lambda_max(P_0 H)`)."
+        ),
         "",
         *_figs(figures, "normalised gap vs step"),
-        table(["loss", "features", "width", "L*", "lambda_max", "lambda_min^+", "rank", "PL constant",
-               "learning rate", "eta lambda_max(P_0 H)", "Gram route"], s_rows),
+        table(
+            [
+                "loss",
+                "features",
+                "width",
+                "L*",
+                "lambda_max",
+                "lambda_min^+",
+                "rank",
+                "PL constant",
+                "learning rate",
+                "eta lambda_max(P_0 H)",
+                "Gram route",
+            ],
+            s_rows,
+        ),
         "",
-        table(["loss", "features", "model", "solve", "steps", "final (L-L*)/(L_0-L*)", "|W_T - W*|/|W*|",
-               "fitted rate", "R²", "test accuracy"], rows),
+        table(
+            [
+                "loss",
+                "features",
+                "model",
+                "solve",
+                "steps",
+                "final (L-L*)/(L_0-L*)",
+                "|W_T - W*|/|W*|",
+                "fitted rate",
+                "R²",
+                "test accuracy",
+            ],
+            rows,
+        ),
         "",
     ]
 
@@ -337,31 +468,59 @@ def _section_trust_region(o: Any, figures: list[str]) -> list[str]:
     rows = []
     for s in o.scales:
         ch = s.checks
-        rows.append([f"{s.a_scale:g}", len(ch), ", ".join(str(c.step) for c in ch),
-                     fmt(np.max(s.velocity_error)), fmt(np.max(s.fd_velocity_error)), fmt(np.max(s.step_error)),
-                     fmt(np.max(s.path_error)),
-                     fmt(min((c.P_min_eig for c in ch), default=None)), fmt(max((c.P_max_eig for c in ch), default=None)),
-                     fmt(min((c.M_min_eig for c in ch), default=None)),
-                     f"{min((c.cosine_vs_gd for c in ch), default=float('nan')):.6f}",
-                     fmt(s.max_distance_to_gd_path), fmt(float(np.max(s.distance_in_time)))])
+        rows.append(
+            [
+                f"{s.a_scale:g}",
+                len(ch),
+                ", ".join(str(c.step) for c in ch),
+                fmt(np.max(s.velocity_error)),
+                fmt(np.max(s.fd_velocity_error)),
+                fmt(np.max(s.step_error)),
+                fmt(np.max(s.path_error)),
+                fmt(min((c.P_min_eig for c in ch), default=None)),
+                fmt(max((c.P_max_eig for c in ch), default=None)),
+                fmt(min((c.M_min_eig for c in ch), default=None)),
+                f"{min((c.cosine_vs_gd for c in ch), default=float('nan')):.6f}",
+                fmt(s.max_distance_to_gd_path),
+                fmt(float(np.max(s.distance_in_time))),
+            ]
+        )
     return [
         f"## 2. {o.title} (docs/theory.md sections 5 and 11)",
         "",
-        f"The DELM (A ~ s N(0,1) for each scale s, B ~ {o.b_scale:g} N(0,1), same draws) and plain gradient "
-        f"descent on the shallow model from the same `W_0 = B_0 U_0^-1`, both with eta = {fmt(o.learning_rate)} "
-        f"(eta lambda_max(P_0 H) = {fmt(o.stiffness0)} at the stiffest start) on the square loss, width m = "
-        f"{o.width}. At every step the change of `W = B U^-1` along the update training applied is compared with "
-        f"`-eta P_t(G_t)` (forward mode and central differences through the closed form), the trained step with the "
-        f"exact GD step `W(theta_t - eta g_t)` to all orders (`deq_jax.theory.w_step_check`), and the W-path with "
-        f"the path integrated from the second-order predictions (`deq_jax.theory.predict_w_step`). Every {o.check_every} steps (while the gap is above rounding "
-        f"level) `deq_jax.theory.trust_region_check` builds the trust-region norm `M = ((eta P)^-1 - H) / lambda` "
-        f"densely ((m_y m)^2 matrices: feasible widths only). Top: the paths projected on the plane through `W*` "
-        f"spanned by `W_0 - W*` and the DELM path's largest deviation from that line.",
+        (
+            f"The DELM (A ~ s N(0,1) for each scale s, B ~ {o.b_scale:g} N(0,1), same draws) and plain gradient "
+            f"descent on the shallow model from the same `W_0 = B_0 U_0^-1`, both with eta = {fmt(o.learning_rate)} "
+            f"(eta lambda_max(P_0 H) = {fmt(o.stiffness0)} at the stiffest start) on the square loss, width m = "
+            f"{o.width}. At every step the change of `W = B U^-1` along the update training applied is compared with "
+            f"`-eta P_t(G_t)` (forward mode and central differences through the closed form), the trained step with "
+            f"the exact GD step `W(theta_t - eta g_t)` to all orders (`deq_jax.theory.w_step_check`), and the W-path "
+            f"with the path integrated from the second-order predictions (`deq_jax.theory.predict_w_step`). Every "
+            f"{o.check_every} steps (while the gap is above rounding level) `deq_jax.theory.trust_region_check` builds "
+            f"the trust-region norm `M = ((eta P)^-1 - H) / lambda` densely ((m_y m)^2 matrices: feasible widths "
+            f"only). Top: the paths projected on the plane through `W*` spanned by `W_0 - W*` and the DELM path's "
+            f"largest deviation from that line."
+        ),
         "",
         *_figs(figures, "DELM and GD paths in W-space"),
-        table(["A scale", "checks", "at steps", "max velocity err.", "max FD err.", "max step err.", "max path err.",
-               "min eig P",
-               "max eig P", "min eig M", "min cos(P(G), G)", "max dist. to GD path", "max |W_t - W_t^GD|"], rows),
+        table(
+            [
+                "A scale",
+                "checks",
+                "at steps",
+                "max velocity err.",
+                "max FD err.",
+                "max step err.",
+                "max path err.",
+                "min eig P",
+                "max eig P",
+                "min eig M",
+                "min cos(P(G), G)",
+                "max dist. to GD path",
+                "max |W_t - W_t^GD|",
+            ],
+            rows,
+        ),
         "",
     ]
 
@@ -369,23 +528,42 @@ def _section_trust_region(o: Any, figures: list[str]) -> list[str]:
 def _section_implicit_bias(o: Any, figures: list[str]) -> list[str]:
     rows = []
     for r in o.table:
-        rows.append([r["model"], r["reached"] if r["reached"] is not None else "",
-                     "" if r["steps"] is None else f"{r['steps']['mean']:.0f} ± {r['steps']['std']:.0f}",
-                     mean_std(r["test_accuracy"], 3, percent=True),
-                     mean_std(r["test_loss"]), mean_std(r["distance_to_min_norm"]), mean_std(r["null_space_norm"])])
+        rows.append(
+            [
+                r["model"],
+                r["reached"] if r["reached"] is not None else "",
+                "" if r["steps"] is None else f"{r['steps']['mean']:.0f} ± {r['steps']['std']:.0f}",
+                mean_std(r["test_accuracy"], 3, percent=True),
+                mean_std(r["test_loss"]),
+                mean_std(r["distance_to_min_norm"]),
+                mean_std(r["null_space_norm"]),
+            ]
+        )
     return [
         f"## 3. {o.title} (docs/theory.md section 6)",
         "",
-        f"Per seed, n = {o.n_train} training samples (a seeded draw from the training features) with width "
-        f"m = {o.width}: the square loss has an affine set of interpolating minimisers (L* = 0). Every model "
-        f"trains by full-batch GD from its seeded init and is evaluated at the first step whose training loss is "
-        f"<= {o.target_loss:g} (matched training loss). Test metrics use the whole test split; distances are "
-        f"relative to the minimum-norm interpolant `W_mn`; the null-space norm `|W (I - P_row)| / |W_mn|` is the "
-        f"part of W the training data do not determine. Seeds: {', '.join(map(str, o.seeds))} (mean ± sample "
-        f"std). The accuracies and losses are measurements, not tests of a hypothesis.",
+        (
+            f"Per seed, n = {o.n_train} training samples (a seeded draw from the training features) with width "
+            f"m = {o.width}: the square loss has an affine set of interpolating minimisers (L* = 0). Every model "
+            f"trains by full-batch GD from its seeded init and is evaluated at the first step whose training loss is "
+            f"<= {o.target_loss:g} (matched training loss). Test metrics use the whole test split; distances are "
+            f"relative to the minimum-norm interpolant `W_mn`; the null-space norm `|W (I - P_row)| / |W_mn|` is the "
+            f"part of W the training data do not determine. Seeds: {', '.join(map(str, o.seeds))} (mean ± sample "
+            f"std). The accuracies and losses are measurements, not tests of a hypothesis."
+        ),
         "",
         *_figs(figures, "implicit bias"),
-        table(["model", "reached target", "steps", "test accuracy (%)", "test square loss", "|W - W_mn|/|W_mn|",
-               "null-space norm"], rows),
+        table(
+            [
+                "model",
+                "reached target",
+                "steps",
+                "test accuracy (%)",
+                "test square loss",
+                "|W - W_mn|/|W_mn|",
+                "null-space norm",
+            ],
+            rows,
+        ),
         "",
     ]

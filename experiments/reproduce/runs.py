@@ -25,7 +25,8 @@ import dataclasses
 import functools
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,6 @@ from deq_jax import theory
 from deq_jax.loop import ChunkEnd, fit
 from deq_jax.models import DELM, Model
 from deq_jax.train import GramData, TrainState, make_chunk, make_step
-
 from experiments.common import interrupts
 from experiments.common.io import CheckpointStore, NullStore
 from experiments.reproduce import compiling, dynamics, mutations
@@ -57,8 +57,8 @@ class Trace:
 
     u_norm: bool = False
     W_every_step: bool = False
-    checks: Optional[str] = None  # "all" or "velocity" (`dynamics.update_checks(velocity_only=True)`)
-    fd_step: Optional[float] = None  # with `checks`: also the finite-difference check, at this relative step
+    checks: str | None = None  # "all" or "velocity" (`dynamics.update_checks(velocity_only=True)`)
+    fd_step: float | None = None  # with `checks`: also the finite-difference check, at this relative step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,12 +71,12 @@ class RunSpec:
     model: Model
     loss: str
     chunk: int
-    rows: Optional[int]
+    rows: int | None
     dtype: Any
     trace: Trace = Trace()
-    mutation: Optional[str] = None
+    mutation: str | None = None
     fast_compile: bool = False
-    l2: Optional[float] = None
+    l2: float | None = None
     gram: bool = False
 
     def __post_init__(self):
@@ -90,20 +90,29 @@ class RunSpec:
         return _chunk_program(self.model, self.loss, self.chunk, self.trace, self.mutation, self.l2)
 
     @property
-    def compiler_options(self) -> Optional[dict]:
+    def compiler_options(self) -> dict | None:
         return FAST_COMPILE if self.fast_compile else None
 
     def identity(self) -> dict:
-        return {"model": repr(self.model), "loss": self.loss, "l2": self.l2, "gram": self.gram, "chunk": self.chunk,
-                "trace": repr(self.trace), "mutation": self.mutation, "dtype": str(jnp.dtype(self.dtype)),
-                "fast_compile": self.fast_compile}
+        return {
+            "model": repr(self.model),
+            "loss": self.loss,
+            "l2": self.l2,
+            "gram": self.gram,
+            "chunk": self.chunk,
+            "trace": repr(self.trace),
+            "mutation": self.mutation,
+            "dtype": str(jnp.dtype(self.dtype)),
+            "fast_compile": self.fast_compile,
+        }
 
     def abstract_args(self) -> tuple:
         """`(state, data, targets)` as shapes, for compiling ahead of time."""
         model, dtype = self.model, self.dtype
         params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dtype))
-        opt_state = jax.eval_shape(lambda p: mutations.optimizer(jnp.asarray(0.0, dtype), self.mutation).init(p),
-                                   params)
+        opt_state = jax.eval_shape(
+            lambda p: mutations.optimizer(jnp.asarray(0.0, dtype), self.mutation).init(p), params
+        )
         state = TrainState(params, opt_state, None)
         m, k = model.width, model.out_dim
         if self.gram:
@@ -138,15 +147,22 @@ def l2_penalty(model: Model, l2: float) -> Callable:
     return lambda params: 0.5 * l2 * jnp.sum(model.end_to_end(params) ** 2)
 
 
-@functools.lru_cache(maxsize=None)
-def _chunk_program(model: Model, loss: str, chunk: int, trace: Trace, mutation: Optional[str],
-                   l2: Optional[float]) -> Callable:
+@functools.cache
+def _chunk_program(
+    model: Model, loss: str, chunk: int, trace: Trace, mutation: str | None, l2: float | None
+) -> Callable:
     """`run(state, data, targets) -> (state, metrics)`: `chunk` GD steps (`make_chunk`), then the update checks
     over the recorded parameters; metrics also carry `W_start`/`W_end`, the end-to-end matrices before and after
     (leading axis 1). Jit-compiled once per signature."""
     trained = mutations.mutate_model(model, mutation)
-    step = make_step(trained, loss, mutations.optimizer(0.0, mutation), warm_start=False, jit=False,
-                     penalty=None if l2 is None else l2_penalty(trained, l2))
+    step = make_step(
+        trained,
+        loss,
+        mutations.optimizer(0.0, mutation),
+        warm_start=False,
+        jit=False,
+        penalty=None if l2 is None else l2_penalty(trained, l2),
+    )
     is_delm = isinstance(model, DELM)
 
     def record(params):
@@ -166,13 +182,27 @@ def _chunk_program(model: Model, loss: str, chunk: int, trace: Trace, mutation: 
         new_state, history = steps(state, data, targets)
         if "params" in history:
             before = history.pop("params")
-            after = jax.tree_util.tree_map(lambda s, last: jnp.concatenate([s[1:], last[None]]), before,
-                                           new_state.params)
+            after = jax.tree_util.tree_map(
+                lambda s, last: jnp.concatenate([s[1:], last[None]]), before, new_state.params
+            )
             lr = mutations.learning_rate_of(state.opt_state)
-            history.update(jax.lax.map(
-                lambda pair: dynamics.update_checks(model, loss, pair[0], pair[1], data, targets, lr, trace.fd_step,
-                                                    l2, velocity_only=trace.checks == "velocity"),
-                (before, after)))
+            history.update(
+                jax.lax.map(
+                    lambda pair: dynamics.update_checks(
+                        model,
+                        loss,
+                        pair[0],
+                        pair[1],
+                        data,
+                        targets,
+                        lr,
+                        trace.fd_step,
+                        l2,
+                        velocity_only=trace.checks == "velocity",
+                    ),
+                    (before, after),
+                )
+            )
         W_end = closed_form_W(model, new_state.params)
         return new_state, {**history, "W_start": W_start[None], "W_end": W_end[None]}
 
@@ -188,6 +218,7 @@ stop_precompiling = compiling.stop_precompiling
 
 # --------------------------------------------------------------------------------------------- running
 
+
 @dataclasses.dataclass
 class GDResult:
     """A finished run: final params, the kept per-step history (index t = before update t), what `stop` captured,
@@ -197,7 +228,7 @@ class GDResult:
     params: Any
     history: dict
     steps: int
-    captured: Optional[dict]
+    captured: dict | None
     logged_steps: np.ndarray
     W_logged: np.ndarray
     monitored: dict  # name -> array over the logged steps, from `monitor`
@@ -229,8 +260,16 @@ def _unflat(prefix: str, like: Any, arrays: dict) -> Any:
 def progress_bar(enabled: bool, total: int, desc: str, initial: int = 0):
     from tqdm.auto import tqdm  # optional dependency ('experiments' extra): needed only where a bar is drawn
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True,
-                file=sys.stderr, unit="step")
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not enabled,
+        leave=False,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        unit="step",
+    )
 
 
 DEFAULT_KEEP = ("loss", "grad_norm", "relative_residual", "converged")
@@ -246,11 +285,25 @@ def as_data(spec: RunSpec, phi: Any, y: Any) -> tuple[Any, Any]:
     return jnp.asarray(phi, dtype), jnp.asarray(y, dtype)
 
 
-def run_gd(spec: RunSpec, params: Any, phi: Any, y: Any, *, learning_rate: float, steps: int,
-           stop: Optional[Callable[[dict, dict, int], Optional[dict]]] = None, stop_id: Any = None,
-           keep: Sequence[str] = DEFAULT_KEEP, snapshots: bool = False, store: Optional[CheckpointStore] = None,
-           key: str = "", progress: bool = False, desc: str = "",
-           monitor: Optional[Callable[[Any], dict]] = None, monitor_id: Any = None) -> GDResult:
+def run_gd(
+    spec: RunSpec,
+    params: Any,
+    phi: Any,
+    y: Any,
+    *,
+    learning_rate: float,
+    steps: int,
+    stop: Callable[[dict, dict, int], dict | None] | None = None,
+    stop_id: Any = None,
+    keep: Sequence[str] = DEFAULT_KEEP,
+    snapshots: bool = False,
+    store: CheckpointStore | None = None,
+    key: str = "",
+    progress: bool = False,
+    desc: str = "",
+    monitor: Callable[[Any], dict] | None = None,
+    monitor_id: Any = None,
+) -> GDResult:
     """Full-batch GD for up to `steps` steps (a multiple of `spec.chunk`), resuming from the store if it can.
 
     `phi` is `GramData` for a Gram-route spec (`y` is then ignored), else the samples with targets `y`.
@@ -278,12 +331,14 @@ def run_gd(spec: RunSpec, params: Any, phi: Any, y: Any, *, learning_rate: float
     if saved is not None:
         arrays, meta = saved
         state = TrainState(_unflat("p", params0, arrays), _unflat("o", state.opt_state, arrays), None)
-        r = _Run(history={k[2:]: [arrays[k]] for k in arrays if k.startswith("h:")},
-                 snaps=[(s, _unflat(f"s{s}:", params0, arrays)) for s in meta["snapshots"]],
-                 W_logged=list(arrays["W_logged"]), monitored={k[2:]: list(arrays[k]) for k in arrays
-                                                                if k.startswith("m:")},
-                 done=meta["done"], captured=None if meta["captured"] is None else
-                 {k: arrays[f"c:{k}"] for k in meta["captured"]})
+        r = _Run(
+            history={k[2:]: [arrays[k]] for k in arrays if k.startswith("h:")},
+            snaps=[(s, _unflat(f"s{s}:", params0, arrays)) for s in meta["snapshots"]],
+            W_logged=list(arrays["W_logged"]),
+            monitored={k[2:]: list(arrays[k]) for k in arrays if k.startswith("m:")},
+            done=meta["done"],
+            captured=None if meta["captured"] is None else {k: arrays[f"c:{k}"] for k in meta["captured"]},
+        )
     finished_before = saved is not None and (r.done >= steps or r.captured is not None)
     resumed_at, t0 = r.done, time.perf_counter()
 
@@ -300,8 +355,16 @@ def run_gd(spec: RunSpec, params: Any, phi: Any, y: Any, *, learning_rate: float
             arrays.update(_flat(f"s{s}:", p))
         if r.captured is not None:
             arrays.update({f"c:{k}": v for k, v in r.captured.items()})
-        store.save(store_key, arrays, {"done": r.done, "captured": None if r.captured is None else sorted(r.captured),
-                                       "snapshots": [s for s, _ in r.snaps], "learning_rate": float(learning_rate)})
+        store.save(
+            store_key,
+            arrays,
+            {
+                "done": r.done,
+                "captured": None if r.captured is None else sorted(r.captured),
+                "snapshots": [s for s, _ in r.snaps],
+                "learning_rate": float(learning_rate),
+            },
+        )
 
     compiled: dict = {}
 
@@ -340,19 +403,42 @@ def run_gd(spec: RunSpec, params: Any, phi: Any, y: Any, *, learning_rate: float
         if r.done == 0:
             observe(params)
         with progress_bar(progress, steps, desc, initial=r.done) as bar:
-            out = fit(run_chunk, state, data, targets, steps=steps, chunk=chunk, start=r.done,
-                      callbacks=[after_chunk], keep=())
+            out = fit(
+                run_chunk,
+                state,
+                data,
+                targets,
+                steps=steps,
+                chunk=chunk,
+                start=r.done,
+                callbacks=[after_chunk],
+                keep=(),
+            )
         state = out.state
     history = {k: np.concatenate(v) for k, v in r.history.items()}
     if desc:
-        how = ("from checkpoint" if r.done == resumed_at else f"{r.done - resumed_at} in "
-               f"{time.perf_counter() - t0:.1f} s, first chunk {compiled.get('first', 0):.1f} s")
-        print(f"  {desc}: {r.done} steps ({how}), final loss {float(history['loss'][-1]):.10g}", file=sys.stderr,
-              flush=True)
-    return GDResult(params=state.params, history=history, steps=r.done, captured=r.captured,
-                    logged_steps=np.arange(0, r.done + 1, chunk), W_logged=np.stack(r.W_logged),
-                    monitored={k: np.asarray(v, np.float64) for k, v in r.monitored.items()}, snapshots=r.snaps,
-                    from_checkpoint=finished_before)
+        how = (
+            "from checkpoint"
+            if r.done == resumed_at
+            else f"{r.done - resumed_at} in "
+            f"{time.perf_counter() - t0:.1f} s, first chunk {compiled.get('first', 0):.1f} s"
+        )
+        print(
+            f"  {desc}: {r.done} steps ({how}), final loss {float(history['loss'][-1]):.10g}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return GDResult(
+        params=state.params,
+        history=history,
+        steps=r.done,
+        captured=r.captured,
+        logged_steps=np.arange(0, r.done + 1, chunk),
+        W_logged=np.stack(r.W_logged),
+        monitored={k: np.asarray(v, np.float64) for k, v in r.monitored.items()},
+        snapshots=r.snaps,
+        from_checkpoint=finished_before,
+    )
 
 
 @dataclasses.dataclass
@@ -364,5 +450,5 @@ class _Run:
     W_logged: list
     monitored: dict
     done: int
-    captured: Optional[dict]
+    captured: dict | None
     last_save: float = 0.0

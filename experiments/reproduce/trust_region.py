@@ -22,17 +22,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import jax.numpy as jnp
 import numpy as np
 
 from deq_jax import theory
-
 from experiments.reproduce import compiling, dynamics
 from experiments.reproduce.checkpoints import digest
-from experiments.reproduce.common import (Claim, Context, Features, build_models, checked, dtype_of, finite_max,
-                                          fold)
+from experiments.reproduce.common import Claim, Context, Features, build_models, checked, dtype_of, finite_max, fold
 from experiments.reproduce.config import ReproduceConfig
 from experiments.reproduce.runs import RunSpec, Trace, run_gd
 
@@ -55,7 +53,7 @@ class TrustRegionScale:
 
     a_scale: float
     key: str
-    mutation: Optional[str]
+    mutation: str | None
     loss_delm: np.ndarray
     loss_gd: np.ndarray
     normalised_gap: np.ndarray
@@ -96,12 +94,28 @@ class TrustRegionResult:
     def metric_rows(self) -> Iterator[dict]:
         for s in self.scales:
             for t in range(len(s.loss_delm)):
-                yield {"experiment": NAME, "run": s.key + "/DELM", "loss_fn": "square", "model": "DELM",
-                       "a_scale": s.a_scale, "step": t, "loss": s.loss_delm[t], "normalised_gap": s.normalised_gap[t],
-                       "solver_relative_residual": s.relative_residual[t], "U_norm2": s.U_norm2[t]}
+                yield {
+                    "experiment": NAME,
+                    "run": s.key + "/DELM",
+                    "loss_fn": "square",
+                    "model": "DELM",
+                    "a_scale": s.a_scale,
+                    "step": t,
+                    "loss": s.loss_delm[t],
+                    "normalised_gap": s.normalised_gap[t],
+                    "solver_relative_residual": s.relative_residual[t],
+                    "U_norm2": s.U_norm2[t],
+                }
             for t in range(len(s.loss_gd)):
-                yield {"experiment": NAME, "run": s.key + "/GD", "loss_fn": "square", "model": "linear",
-                       "a_scale": s.a_scale, "step": t, "loss": s.loss_gd[t]}
+                yield {
+                    "experiment": NAME,
+                    "run": s.key + "/GD",
+                    "loss_fn": "square",
+                    "model": "linear",
+                    "a_scale": s.a_scale,
+                    "step": t,
+                    "loss": s.loss_gd[t],
+                }
 
 
 def distance_to_polyline(points: np.ndarray, polyline: np.ndarray) -> np.ndarray:
@@ -142,11 +156,20 @@ class TrustRegionPlan:
     width: int
     delm: RunSpec
     linear: RunSpec
-    measured: Optional[compiling.Job] = None  # `_measure`, started by `prepare`
+    measured: compiling.Job | None = None  # `_measure`, started by `prepare`
 
 
-DELM_KEEP = ("loss", "relative_residual", "converged", "U_norm2", "W", "predicted_step", "velocity_error",
-             "fd_velocity_error", "step_error")
+DELM_KEEP = (
+    "loss",
+    "relative_residual",
+    "converged",
+    "U_norm2",
+    "W",
+    "predicted_step",
+    "velocity_error",
+    "fd_velocity_error",
+    "step_error",
+)
 
 
 def plan(cfg: ReproduceConfig, ctx: Context) -> TrustRegionPlan:
@@ -154,15 +177,26 @@ def plan(cfg: ReproduceConfig, ctx: Context) -> TrustRegionPlan:
     feats = ctx.features_for(t.features, t.pca_dim, section="trust_region")
     m, k = feats.phi_train.shape[1], feats.num_classes
     dtype = dtype_of(cfg.dtype)
-    (_, delm), = build_models(("delm",), m, k, cfg.model)
-    (_, linear), = build_models(("linear",), m, k, cfg.model)
+    ((_, delm),) = build_models(("delm",), m, k, cfg.model)
+    ((_, linear),) = build_models(("linear",), m, k, cfg.model)
     return TrustRegionPlan(
-        features=feats, width=m,
-        delm=RunSpec(delm, "square", t.chunk, None, dtype, Trace(u_norm=True, W_every_step=True, checks="all",
-                                                                   fd_step=t.fd_step), mutation=cfg.mutation,
-                     fast_compile=cfg.fast_compile, gram=True),
-        linear=RunSpec(linear, "square", t.chunk, None, dtype, Trace(W_every_step=True),
-                       fast_compile=cfg.fast_compile, gram=True))
+        features=feats,
+        width=m,
+        delm=RunSpec(
+            delm,
+            "square",
+            t.chunk,
+            None,
+            dtype,
+            Trace(u_norm=True, W_every_step=True, checks="all", fd_step=t.fd_step),
+            mutation=cfg.mutation,
+            fast_compile=cfg.fast_compile,
+            gram=True,
+        ),
+        linear=RunSpec(
+            linear, "square", t.chunk, None, dtype, Trace(W_every_step=True), fast_compile=cfg.fast_compile, gram=True
+        ),
+    )
 
 
 def programs(p: TrustRegionPlan) -> list[RunSpec]:
@@ -198,16 +232,37 @@ def run(cfg: ReproduceConfig, ctx: Context, p: TrustRegionPlan) -> TrustRegionRe
     W_star, L_star = g.W_star, g.L_star
 
     scales = []
-    for s, params0 in zip(t.a_scales, inits):
+    for s, params0 in zip(t.a_scales, inits, strict=True):
         base = f"{NAME}/A{s:g}"
-        res = run_gd(p.delm, params0, g.gram, None, learning_rate=lr, steps=t.steps, keep=DELM_KEEP,
-                     snapshots=True, store=ctx.store, key=f"{base}/DELM", progress=ctx.progress,
-                     desc=f"[2] A scale {s:g} DELM")
+        res = run_gd(
+            p.delm,
+            params0,
+            g.gram,
+            None,
+            learning_rate=lr,
+            steps=t.steps,
+            keep=DELM_KEEP,
+            snapshots=True,
+            store=ctx.store,
+            key=f"{base}/DELM",
+            progress=ctx.progress,
+            desc=f"[2] A scale {s:g} DELM",
+        )
         W_delm = np.concatenate([res.history["W"], res.W_final[None]])
         W0 = W_delm[0]
-        gd = run_gd(p.linear, {"W": jnp.asarray(W0, dtype)}, g.gram, None, learning_rate=lr, steps=t.steps,
-                    keep=("loss", "W"), store=ctx.store, key=f"{base}/GD", progress=ctx.progress,
-                    desc=f"[2] A scale {s:g} shallow GD")
+        gd = run_gd(
+            p.linear,
+            {"W": jnp.asarray(W0, dtype)},
+            g.gram,
+            None,
+            learning_rate=lr,
+            steps=t.steps,
+            keep=("loss", "W"),
+            store=ctx.store,
+            key=f"{base}/GD",
+            progress=ctx.progress,
+            desc=f"[2] A scale {s:g} shallow GD",
+        )
         ctx.runs_total += 2
         ctx.runs_loaded += int(res.from_checkpoint) + int(gd.from_checkpoint)
         W_gd = np.concatenate([gd.history["W"], gd.W_final[None]])
@@ -227,23 +282,47 @@ def run(cfg: ReproduceConfig, ctx: Context, p: TrustRegionPlan) -> TrustRegionRe
             checks.append(TrustRegionCheck(step=step, normalised_gap=float(ng[step]), **tr))
 
         scale0 = np.linalg.norm(W0 - W_star)
-        flat = lambda W: W.reshape(len(W), -1)  # noqa: E731
+        flat = lambda W: W.reshape(len(W), -1)
         geometric = distance_to_polyline(flat(W_delm), flat(W_gd)) / scale0
         in_time = np.linalg.norm(flat(W_delm - W_gd), axis=1) / scale0
         (xy_delm, xy_gd, xy_pred), plane = plane_coordinates([W_delm, W_gd, W_pred], W0, W_star)
-        scales.append(TrustRegionScale(
-            a_scale=s, key=base, mutation=p.delm.mutation, loss_delm=res.history["loss"],
-            loss_gd=gd.history["loss"], normalised_gap=ng, U_norm2=res.history["U_norm2"],
-            relative_residual=res.history["relative_residual"], velocity_error=res.history["velocity_error"],
-            fd_velocity_error=res.history["fd_velocity_error"], step_error=res.history["step_error"],
-            path_error=np.linalg.norm(flat(W_delm - W_pred), axis=1) / scale0, checks=checks,
-            distance_to_gd_path=geometric, distance_in_time=in_time, xy_delm=xy_delm, xy_gd=xy_gd,
-            xy_predicted=xy_pred, out_of_plane=plane["out_of_plane"]))
+        scales.append(
+            TrustRegionScale(
+                a_scale=s,
+                key=base,
+                mutation=p.delm.mutation,
+                loss_delm=res.history["loss"],
+                loss_gd=gd.history["loss"],
+                normalised_gap=ng,
+                U_norm2=res.history["U_norm2"],
+                relative_residual=res.history["relative_residual"],
+                velocity_error=res.history["velocity_error"],
+                fd_velocity_error=res.history["fd_velocity_error"],
+                step_error=res.history["step_error"],
+                path_error=np.linalg.norm(flat(W_delm - W_pred), axis=1) / scale0,
+                checks=checks,
+                distance_to_gd_path=geometric,
+                distance_in_time=in_time,
+                xy_delm=xy_delm,
+                xy_gd=xy_gd,
+                xy_predicted=xy_pred,
+                out_of_plane=plane["out_of_plane"],
+            )
+        )
 
-    result = TrustRegionResult(scales=scales, claims=[], learning_rate=lr, stiffness0=stiff0,
-                               lambda_max=g.lambda_max, lambda_min_plus=g.lambda_min_plus, L_star=L_star,
-                               b_scale=t.b_scale, steps=t.steps, check_every=t.check_every,
-                               width=p.width)
+    result = TrustRegionResult(
+        scales=scales,
+        claims=[],
+        learning_rate=lr,
+        stiffness0=stiff0,
+        lambda_max=g.lambda_max,
+        lambda_min_plus=g.lambda_min_plus,
+        L_star=L_star,
+        b_scale=t.b_scale,
+        steps=t.steps,
+        check_every=t.check_every,
+        width=p.width,
+    )
     result.claims = claims(cfg, result)
     return result
 
@@ -258,7 +337,8 @@ def claims(cfg: ReproduceConfig, r: TrustRegionResult) -> list[Claim]:
     scales = r.scales
     checks = [c for s in scales for c in s.checks]
     where = f"{sum(len(s.velocity_error) for s in scales)} steps over A scales " + ", ".join(
-        f"{s.a_scale:g}" for s in scales)
+        f"{s.a_scale:g}" for s in scales
+    )
 
     def worst(attr: str):
         values = [finite_max(getattr(s, attr)) for s in scales]
@@ -266,22 +346,58 @@ def claims(cfg: ReproduceConfig, r: TrustRegionResult) -> list[Claim]:
         return finite_max(values), (f"{where}; worst at A scale {scales[i].a_scale:g}" if scales else where)
 
     return [
-        checked(NAME, f"{NAME}/velocity", "every update moves W by -eta P_t(G_t) (forward mode: max_t "
-                                          "|DW[d_t] + eta P_t(G_t)| / |eta P_t(G_t)|)",
-                t.velocity, "<=", lambda: worst("velocity_error"), sensitive=True),
-        checked(NAME, f"{NAME}/finite_difference", "the same by central finite differences of the closed form",
-                t.finite_difference, "<=", lambda: (worst("fd_velocity_error")[0],
-                                                    f"relative step {cfg.trust_region.fd_step:g}"), sensitive=True),
-        checked(NAME, f"{NAME}/exact_step", "every trained step lands where the exact GD step does, to all orders "
-                                            "(max_t |W_{t+1} - W(theta_t - eta g_t)| / |eta P_t(G_t)|, g_t the exact "
-                                            "gradient: deq_jax.theory.w_step_check)",
-                t.step, "<=", lambda: worst("step_error"), sensitive=True),
-        checked(NAME, f"{NAME}/path", "the W-path follows the path integrated from dW = -eta P_t(G_t) (to second "
-                                      "order in eta): max_t |W_t - W_t(predicted)| / |W_0 - W*|",
-                t.path, "<=", lambda: worst("path_error"), sensitive=True),
-        checked(NAME, f"{NAME}/M_positive_definite", "the trust-region norm M is positive definite (min eigenvalue "
-                                                     "of M = (eta P)^-1 - H; equivalently eta lambda_max(P H) < 1)",
-                0.0, ">", lambda: (-finite_max([-c.M_min_eig for c in checks]),
-                                   f"{len(checks)} checkpoints, dense eigensolves; eta lambda_max(P_0 H) = "
-                                   f"{r.stiffness0:.3g} at the stiffest start")),
+        checked(
+            NAME,
+            f"{NAME}/velocity",
+            "every update moves W by -eta P_t(G_t) (forward mode: max_t |DW[d_t] + eta P_t(G_t)| / |eta P_t(G_t)|)",
+            t.velocity,
+            "<=",
+            lambda: worst("velocity_error"),
+            sensitive=True,
+        ),
+        checked(
+            NAME,
+            f"{NAME}/finite_difference",
+            "the same by central finite differences of the closed form",
+            t.finite_difference,
+            "<=",
+            lambda: (worst("fd_velocity_error")[0], f"relative step {cfg.trust_region.fd_step:g}"),
+            sensitive=True,
+        ),
+        checked(
+            NAME,
+            f"{NAME}/exact_step",
+            "every trained step lands where the exact GD step does, to all orders "
+            "(max_t |W_{t+1} - W(theta_t - eta g_t)| / |eta P_t(G_t)|, g_t the exact "
+            "gradient: deq_jax.theory.w_step_check)",
+            t.step,
+            "<=",
+            lambda: worst("step_error"),
+            sensitive=True,
+        ),
+        checked(
+            NAME,
+            f"{NAME}/path",
+            "the W-path follows the path integrated from dW = -eta P_t(G_t) (to second "
+            "order in eta): max_t |W_t - W_t(predicted)| / |W_0 - W*|",
+            t.path,
+            "<=",
+            lambda: worst("path_error"),
+            sensitive=True,
+        ),
+        checked(
+            NAME,
+            f"{NAME}/M_positive_definite",
+            "the trust-region norm M is positive definite (min eigenvalue "
+            "of M = (eta P)^-1 - H; equivalently eta lambda_max(P H) < 1)",
+            0.0,
+            ">",
+            lambda: (
+                -finite_max([-c.M_min_eig for c in checks]),
+                (
+                    f"{len(checks)} checkpoints, dense eigensolves; eta lambda_max(P_0 H) = "
+                    f"{r.stiffness0:.3g} at the stiffest start"
+                ),
+            ),
+        ),
     ]

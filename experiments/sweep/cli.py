@@ -26,7 +26,7 @@ import dataclasses
 import os
 import pathlib
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from experiments.common import cli, interrupts
 
@@ -55,26 +55,52 @@ stderr names the flag or config key); 130 interrupted (finished chunks are kept:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m experiments sweep", description=__doc__.split("\n\n")[0],
-                           epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(
+        prog="python -m experiments sweep",
+        description=__doc__.split("\n\n")[0],
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", required=True, help="sweep YAML (see configs/sweep_*.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set steps=50 --set grid.seeds=[0,1] (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set steps=50 --set grid.seeds=[0,1] (repeatable)",
+    )
     p.add_argument("--output-dir", default=None, help="default: the config's output_dir or results/sweeps/<name>")
-    p.add_argument("--data-dir", default=None, metavar="FOLDER",
-                   help="folder holding the data sets' files (overrides every datasets[i].data_dir)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        metavar="FOLDER",
+        help="folder holding the data sets' files (overrides every datasets[i].data_dir)",
+    )
     p.add_argument("--fresh", action="store_true", help="discard saved chunks instead of resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     d = p.add_argument_group("several processes (jax.distributed)")
-    d.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (also DEQ_JAX_DISTRIBUTED=1)")
-    d.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="process 0's address (default: detected, or $JAX_COORDINATOR_ADDRESS)")
+    d.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (also DEQ_JAX_DISTRIBUTED=1)",
+    )
+    d.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="process 0's address (default: detected, or $JAX_COORDINATOR_ADDRESS)",
+    )
     d.add_argument("--num-processes", type=int, default=None, metavar="N", help="default: detected")
     d.add_argument("--process-id", type=int, default=None, metavar="I", help="0 .. N-1; default: detected")
-    d.add_argument("--init-timeout", type=int, default=300, metavar="SECONDS",
-                   help="give up when the processes have not all joined after this long (default 300)")
+    d.add_argument(
+        "--init-timeout",
+        type=int,
+        default=300,
+        metavar="SECONDS",
+        help="give up when the processes have not all joined after this long (default 300)",
+    )
     return p
 
 
@@ -88,20 +114,27 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
     if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or args.process_id + 1):
         raise cli.UserError(f"--process-id must be in 0 .. --num-processes - 1; got {args.process_id}")
     try:
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id, initialization_timeout=args.init_timeout)
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+            initialization_timeout=args.init_timeout,
+        )
     except (ValueError, TypeError) as err:  # nothing detected and not given
-        raise cli.UserError(f"--distributed: {err} (pass --coordinator HOST:PORT --num-processes N --process-id I)")
+        hint = "pass --coordinator HOST:PORT --num-processes N --process-id I"
+        raise cli.UserError(f"--distributed: {err} ({hint})") from err
     except jax.errors.JaxRuntimeError as err:  # e.g. the coordinator never answered
-        raise cli.UserError(f"--distributed: the processes could not meet at {args.coordinator or 'the coordinator'}"
-                            f" within {args.init_timeout} s: {' '.join(str(err).split())[:300]}") from None
+        raise cli.UserError(
+            f"--distributed: the processes could not meet at {args.coordinator or 'the coordinator'}"
+            f" within {args.init_timeout} s: {' '.join(str(err).split())[:300]}"
+        ) from None
 
 
 class _LostProcess(Exception):
     pass
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run a sweep from a YAML config; the exit status as in the module docstring."""
     state = {"output_dir": None, "prog": PROG, "joined": False}
 
@@ -121,13 +154,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         config = load_config(args.config, args.overrides)
         if args.data_dir is not None:
-            config = dataclasses.replace(config, datasets=tuple(
-                dataclasses.replace(d, data_dir=args.data_dir) for d in config.datasets))
+            config = dataclasses.replace(
+                config, datasets=tuple(dataclasses.replace(d, data_dir=args.data_dir) for d in config.datasets)
+            )
         output_dir = args.output_dir or config.resolved_output_dir
         state["output_dir"] = output_dir
         try:
-            result = sweep_run.run_sweep(config, output_dir=output_dir, resume=not args.fresh,
-                                         progress=not args.no_progress, log=lambda line: print(line, flush=True))
+            result = sweep_run.run_sweep(
+                config,
+                output_dir=output_dir,
+                resume=not args.fresh,
+                progress=not args.no_progress,
+                log=lambda line: print(line, flush=True),
+            )
         except jax.errors.JaxRuntimeError as err:
             if jax.process_count() == 1:
                 raise
@@ -148,15 +187,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         saved = len(list(chunks.glob("chunk-*.npz"))) if state["output_dir"] and chunks.is_dir() else 0
         if not saved:
             return "no chunk had finished, nothing was written; run the same command again to start"
-        return (f"{saved} finished chunk(s) are kept in {chunks}; run the same command again to resume (--fresh "
-                f"starts over)")
+        return (
+            f"{saved} finished chunk(s) are kept in {chunks}; run the same command again to resume (--fresh "
+            f"starts over)"
+        )
 
     try:
         code = cli.run(PROG, body, interrupted=interrupted)
     except _LostProcess as err:
-        print(f"{state['prog']}: error: the multi-process run lost a process (it died, was killed or cannot be "
-              f"reached): {err}. Finished chunks are kept; start the same commands again to resume.",
-              file=sys.stderr, flush=True)
+        print(
+            f"{state['prog']}: error: the multi-process run lost a process (it died, was killed or cannot be "
+            f"reached): {err}. Finished chunks are kept; start the same commands again to resume.",
+            file=sys.stderr,
+            flush=True,
+        )
         code = EXIT_LOST_PROCESS
     # Leave at once (everything kept is already on disk, written atomically): after an interrupt, because JAX's
     # teardown can crash once a Ctrl-C has landed inside tracing or compiling (measured: a segmentation fault at
@@ -177,9 +221,11 @@ def _write_records(result, *, figures: bool) -> None:
         files.update(sweep_figures.write_figures(result.rows, result.output_dir / "figures"))
     files["manifest"] = summary.write_manifest(result)
     files["summary"] = summary.write_summary(result, files)
-    print(f"sweep {result.config.name}: {len(result.configurations)} configurations in {len(result.groups)} "
-          f"groups, {result.chunks_computed} chunks computed, {result.chunks_skipped} resumed, "
-          f"{result.wall_s:.1f} s")
+    print(
+        f"sweep {result.config.name}: {len(result.configurations)} configurations in {len(result.groups)} "
+        f"groups, {result.chunks_computed} chunks computed, {result.chunks_skipped} resumed, "
+        f"{result.wall_s:.1f} s"
+    )
     print("\n".join(summary.console_lines(result)))
     for name, path in files.items():
         print(f"  {name}: {path}")

@@ -14,14 +14,14 @@ import difflib
 import math
 import pathlib
 import re
-from typing import Any, Callable, Literal, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
 from experiments.common import config as config_lib
-from experiments.common import io
+from experiments.common import io, registry
 from experiments.common import models as model_lib
-from experiments.common import registry
 from experiments.common.data_config import DataConfig
 
 ConfigError = config_lib.ConfigError
@@ -65,8 +65,9 @@ def _axis(name: str, values: tuple, ok: Callable[[Any], bool], expected: str) ->
             _fail(f"{name}[{i}]", expected, v)
     repeated = sorted({repr(v) for v in values if values.count(v) > 1})
     if repeated:
-        raise ValueError(f"{name} lists a value more than once (the grid would repeat configurations): "
-                         f"{', '.join(repeated)}")
+        raise ValueError(
+            f"{name} lists a value more than once (the grid would repeat configurations): {', '.join(repeated)}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,7 @@ class GridSpec:
     models: tuple[str, ...] = ("delm",)
     depths: tuple[int, ...] = (2,)
     losses: tuple[LossName, ...] = ("square",)
-    widths: tuple[Optional[int], ...] = (None,)
+    widths: tuple[int | None, ...] = (None,)
 
     def __post_init__(self):
         _axis("seeds", self.seeds, lambda v: _is_int(v) and 0 <= v < 2**31, "a non-negative integer below 2**31")
@@ -96,8 +97,10 @@ class GridSpec:
             if name not in model_lib.KINDS:
                 close = difflib.get_close_matches(name, list(model_lib.KINDS), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"models[{i}]: {name!r} is not a valid choice{hint}; valid choices: "
-                                 + ", ".join(map(repr, model_lib.KINDS)))
+                raise ValueError(
+                    f"models[{i}]: {name!r} is not a valid choice{hint}; valid choices: "
+                    + ", ".join(map(repr, model_lib.KINDS))
+                )
         _axis("depths", self.depths, lambda v: _is_int(v) and v > 0, "a positive integer")
         _axis("losses", self.losses, lambda v: True, "")
         _axis("widths", self.widths, lambda v: v is None or (_is_int(v) and v > 0), "a positive integer or null")
@@ -112,7 +115,7 @@ class DELMOptions:
     backward: BackwardName = "implicit"
     tol: float = 1e-5
     maxiter: int = 100
-    precision: Optional[PrecisionName] = "highest"
+    precision: PrecisionName | None = "highest"
     init_scale: float = 0.1
 
     def __post_init__(self):
@@ -129,7 +132,7 @@ class LinearOptions:
 
 @dataclasses.dataclass(frozen=True)
 class DeepLinearOptions:
-    hidden: Optional[int] = None
+    hidden: int | None = None
     init_gain: float = 1.0
 
     def __post_init__(self):
@@ -156,11 +159,11 @@ class SweepConfig:
     delm: DELMOptions = dataclasses.field(default_factory=DELMOptions)
     linear: LinearOptions = dataclasses.field(default_factory=LinearOptions)
     deep_linear: DeepLinearOptions = dataclasses.field(default_factory=DeepLinearOptions)
-    memory_budget_mb: Optional[float] = None
-    max_chunk_size: Optional[int] = None
+    memory_budget_mb: float | None = None
+    max_chunk_size: int | None = None
     device_batching: BatchingName = "auto"
     save_params: bool = False
-    output_dir: Optional[str] = None
+    output_dir: str | None = None
 
     def __post_init__(self):
         if not (isinstance(self.name, str) and _NAME.fullmatch(self.name)):
@@ -183,7 +186,7 @@ class SweepConfig:
         return pathlib.Path(self.output_dir) if self.output_dir else pathlib.Path("results") / "sweeps" / self.name
 
 
-def load_config(path: Union[str, pathlib.Path], overrides: Sequence[str] = ()) -> SweepConfig:
+def load_config(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> SweepConfig:
     """Read and validate a sweep YAML file; `overrides` like `["steps=50", "grid.seeds=[0,1]"]`."""
     return config_lib.from_dict(SweepConfig, config_lib.load_yaml(path), overrides=overrides)
 
@@ -197,10 +200,22 @@ def fingerprint(config: SweepConfig) -> str:
     from chunks saved under the same fingerprint. A data set's `data_dir` and `download` say where the files come
     from, not what they hold (checksums do), so they are left out too (and so is `cache_dir`)."""
     content = {k: v for k, v in config_lib.to_dict(config).items() if k not in RUNTIME_ONLY}
-    content["datasets"] = [{k: v for k, v in d.items() if k not in ("data_dir", "cache_dir", "download")}
-                           for d in content["datasets"]]
+    content["datasets"] = [
+        {k: v for k, v in d.items() if k not in ("data_dir", "cache_dir", "download")} for d in content["datasets"]
+    ]
     return io.fingerprint(content)
 
 
-__all__ = ["ConfigError", "DELMOptions", "DataConfig", "DeepLinearOptions", "GridSpec", "LinearOptions",
-           "RUNTIME_ONLY", "SweepConfig", "TARGETS", "fingerprint", "load_config"]
+__all__ = [
+    "ConfigError",
+    "DELMOptions",
+    "DataConfig",
+    "DeepLinearOptions",
+    "GridSpec",
+    "LinearOptions",
+    "RUNTIME_ONLY",
+    "SweepConfig",
+    "TARGETS",
+    "fingerprint",
+    "load_config",
+]

@@ -6,7 +6,7 @@ before anything is compiled or written.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,27 +61,46 @@ def load_datasets(config: SweepConfig, *, progress: bool = False) -> dict[str, d
     for i, spec in enumerate(config.datasets):
         where, settings = f"datasets[{i}] ({spec.key})", _settings(i)
         try:
-            ds = data_lib.load_dataset(spec.dataset, data_dir=spec.data_dir, cache_dir=spec.cache_dir,
-                                       download=spec.download, progress=progress, settings=settings)
-            out[spec.key] = data_lib.preprocess(ds, n_train=spec.n_train, n_test=spec.n_test,
-                                                features=spec.features, pca_dim=spec.pca_dim,
-                                                add_bias=spec.add_bias, seed=spec.seed, settings=settings)
+            ds = data_lib.load_dataset(
+                spec.dataset,
+                data_dir=spec.data_dir,
+                cache_dir=spec.cache_dir,
+                download=spec.download,
+                progress=progress,
+                settings=settings,
+            )
+            out[spec.key] = data_lib.preprocess(
+                ds,
+                n_train=spec.n_train,
+                n_test=spec.n_test,
+                features=spec.features,
+                pca_dim=spec.pca_dim,
+                add_bias=spec.add_bias,
+                seed=spec.seed,
+                settings=settings,
+            )
         except data_lib.DatasetNotFoundError as err:
             if err.setting == "data_dir" or not err.missing:  # a data folder that does not exist; a failed download
                 raise DataError(f"{where}: {_one_line(err)}") from None
             # files missing: the loader's message lists them and the folders searched over several lines
             first = str(err).strip().splitlines()[0].rstrip(".")
-            advice = (f"allow downloading (datasets[{i}].download: true)" if not spec.download
-                      else "check the network or set $DEQ_JAX_DATA_BASE_URL to a mirror")
-            raise DataError(f"{where}: {first}. Missing: {', '.join(err.missing)}. Put them in a folder and pass "
-                            f"--data-dir FOLDER (or set datasets[{i}].data_dir), or {advice}.") from None
+            advice = (
+                f"allow downloading (datasets[{i}].download: true)"
+                if not spec.download
+                else "check the network or set $DEQ_JAX_DATA_BASE_URL to a mirror"
+            )
+            raise DataError(
+                f"{where}: {first}. Missing: {', '.join(err.missing)}. Put them in a folder and pass "
+                f"--data-dir FOLDER (or set datasets[{i}].data_dir), or {advice}."
+            ) from None
         except data_lib.DatasetError as err:  # checksums, formats, settings that do not fit the data
             raise DataError(f"{where}: {_one_line(err)}") from None
     return out
 
 
-def prepare_features(pre: data_lib.Preprocessed, width: Optional[int], dtype: Any,
-                     projection_seed: int = 0) -> FeatureData:
+def prepare_features(
+    pre: data_lib.Preprocessed, width: int | None, dtype: Any, projection_seed: int = 0
+) -> FeatureData:
     """`phi` for one width: the preprocessed features cast to `dtype`, or their fixed random projection
     `x @ P`, `P = random_projection(PRNGKey(projection_seed), d, width)` (the same P for train and test)."""
     x_train = jnp.asarray(pre.x_train, dtype)
@@ -91,8 +110,14 @@ def prepare_features(pre: data_lib.Preprocessed, width: Optional[int], dtype: An
         P = random_projection(jax.random.PRNGKey(projection_seed), x_train.shape[1], width, dtype)
         x_train, x_test = features(x_train, P), features(x_test, P)
         info.update(projection_width=width, projection_seed=projection_seed)
-    return FeatureData(np.asarray(x_train), np.asarray(pre.y_train, np.int32), np.asarray(x_test),
-                       np.asarray(pre.y_test, np.int32), int(pre.num_classes), info)
+    return FeatureData(
+        np.asarray(x_train),
+        np.asarray(pre.y_train, np.int32),
+        np.asarray(x_test),
+        np.asarray(pre.y_test, np.int32),
+        int(pre.num_classes),
+        info,
+    )
 
 
 def shallow_square_optimum(phi: np.ndarray, targets: np.ndarray) -> float:

@@ -10,7 +10,8 @@ sits below the curves, not over them; no text below 9 pt.
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -19,8 +20,15 @@ from experiments.sweep import tables
 
 MIN_FONT_PT = 9
 DIVERGED_COLOR = "tab:red"
-_STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9,
-          "legend.fontsize": 9, "figure.titlesize": 11}
+_STYLE = {
+    "font.size": 10,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "xtick.labelsize": 9,
+    "ytick.labelsize": 9,
+    "legend.fontsize": 9,
+    "figure.titlesize": 11,
+}
 
 
 def setting_label(setting: Mapping) -> str:
@@ -57,8 +65,9 @@ def make_figure(rows: Sequence[Mapping]) -> Any:
     n = len(finals)
     with plt.rc_context(_STYLE):
         legend_rows = -(-n // 2)  # the legend below the curves, two columns
-        fig, (ax_curve, ax_final) = plt.subplots(1, 2, figsize=(14, max(5.0, 1.5 + 0.34 * n, 4.2 + 0.24 * legend_rows)),
-                                                 gridspec_kw={"width_ratios": [3, 2]})
+        fig, (ax_curve, ax_final) = plt.subplots(
+            1, 2, figsize=(14, max(5.0, 1.5 + 0.34 * n, 4.2 + 0.24 * legend_rows)), gridspec_kw={"width_ratios": [3, 2]}
+        )
         colors = plt.cm.tab10(np.arange(10)) if n <= 10 else plt.cm.tab20(np.linspace(0, 1, 20))
         # a log axis: gaps at or below 0 are rounding (float32 against a float64 L*), not progress
         ax_curve.set_yscale("log")
@@ -69,8 +78,9 @@ def make_figure(rows: Sequence[Mapping]) -> Any:
             series.append((i, agg, c["step"], positive(c["mean"]), positive(c["min"]), positive(c["max"])))
         # the axis spans the settings that did not diverge (one decade of headroom): a diverged curve, which may
         # climb to 1e20, leaves it at the top edge, its cross drawn there, instead of squeezing the others flat
-        healthy = [np.nanmax(hi) for _, agg, _, mean, _, hi in series
-                   if not agg["diverged_runs"] and np.isfinite(hi).any()]
+        healthy = [
+            np.nanmax(hi) for _, agg, _, mean, _, hi in series if not agg["diverged_runs"] and np.isfinite(hi).any()
+        ]
         top = 10 * max(healthy) if healthy else np.inf
         cut = False
         for i, agg, steps, mean, low, high in series:
@@ -83,39 +93,64 @@ def make_figure(rows: Sequence[Mapping]) -> Any:
             color = colors[i % len(colors)]
             style = ("-", "--", ":")[(i // len(colors)) % 3]
             marks = {}
+            x, y, y_low, y_high = steps, mean, low, high  # what is drawn
             if agg["diverged_runs"]:
                 # the line ends in a red cross: where its last seed still had a finite loss, or where it left the
                 # axis; the cross is part of the line, so the legend entry shows it too
                 above = np.flatnonzero(mean > top)
                 if above.size:
                     k = int(above[0])
-                    steps, mean = steps[:k + 1], np.append(mean[:k], top)
-                    low, high = low[:k + 1], np.minimum(high[:k + 1], top)
+                    x, y = steps[: k + 1], np.append(mean[:k], top)
+                    y_low, y_high = low[: k + 1], np.minimum(high[: k + 1], top)
                     cut = True
                     end = k
                 else:
                     end = int(finite[-1])
                 marks = dict(marker="x", markevery=[end], ms=9, mew=2, mec=DIVERGED_COLOR, clip_on=False)
-            ax_curve.plot(steps, mean, label=label, lw=1.4, color=color, linestyle=style, **marks)
-            ax_curve.fill_between(steps, low, high, color=color, alpha=0.15, lw=0)
+            ax_curve.plot(x, y, label=label, lw=1.4, color=color, linestyle=style, **marks)
+            ax_curve.fill_between(x, y_low, y_high, color=color, alpha=0.15, lw=0)
         if cut:
             ax_curve.set_ylim(top=top)
-        diverged_at_once = [a for a in finals if a["diverged_runs"] == a["n_seeds"]
-                            and not np.isfinite(np.where(curves[tables.setting(a)]["mean"] > 0,
-                                                         curves[tables.setting(a)]["mean"], np.nan)).any()]
+        diverged_at_once = [
+            a
+            for a in finals
+            if a["diverged_runs"] == a["n_seeds"]
+            and not np.isfinite(
+                np.where(curves[tables.setting(a)]["mean"] > 0, curves[tables.setting(a)]["mean"], np.nan)
+            ).any()
+        ]
         ax_curve.set_xlabel("full-batch GD step")
         ax_curve.set_ylabel("L - L* (train)" if metric == "gap" else "train loss")
-        ax_curve.set_title(f"{first['dataset']}, m={first['width']}{' (projected)' if first['projected'] else ''}, "
-                           f"{first['loss']} loss: mean over seeds, band min..max")
+        ax_curve.set_title(
+            f"{first['dataset']}, m={first['width']}{' (projected)' if first['projected'] else ''}, "
+            f"{first['loss']} loss: mean over seeds, band min..max"
+        )
         if any(not line.get_label().startswith("_") for line in ax_curve.get_lines()):
-            title = ("x: diverged (its last finite loss" + (", or where it leaves the axis" if cut else "") + ")"
-                     if any(a["diverged_runs"] for a in finals) else None)
-            ax_curve.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False, title=title,
-                            title_fontsize=MIN_FONT_PT)
+            title = (
+                "x: diverged (its last finite loss" + (", or where it leaves the axis" if cut else "") + ")"
+                if any(a["diverged_runs"] for a in finals)
+                else None
+            )
+            ax_curve.legend(
+                loc="upper center",
+                bbox_to_anchor=(0.5, -0.13),
+                ncol=2,
+                frameon=False,
+                title=title,
+                title_fontsize=MIN_FONT_PT,
+            )
         if diverged_at_once:
             names = "; ".join(setting_label(a) for a in diverged_at_once)
-            ax_curve.text(0.01, 0.01, f"diverged before the first logged step: {names}", transform=ax_curve.transAxes,
-                          color=DIVERGED_COLOR, fontsize=MIN_FONT_PT, va="bottom", wrap=True)
+            ax_curve.text(
+                0.01,
+                0.01,
+                f"diverged before the first logged step: {names}",
+                transform=ax_curve.transAxes,
+                color=DIVERGED_COLOR,
+                fontsize=MIN_FONT_PT,
+                va="bottom",
+                wrap=True,
+            )
 
         labels = [setting_label(a) for a in finals]
         means = [a["test_accuracy_pct_mean"] for a in finals]
@@ -132,9 +167,15 @@ def make_figure(rows: Sequence[Mapping]) -> Any:
             if a["diverged_runs"]:
                 x = lo + 0.02 * (hi - lo) if means[i] is None else means[i]
                 ax_final.plot(x, i, "x", color=DIVERGED_COLOR, ms=9, mew=2)
-                ax_final.annotate(f"diverged: {a['diverged_runs']}/{a['n_seeds']} seeds", (x, i),
-                                  xytext=(8, 0), textcoords="offset points", va="center", color=DIVERGED_COLOR,
-                                  fontsize=MIN_FONT_PT)
+                ax_final.annotate(
+                    f"diverged: {a['diverged_runs']}/{a['n_seeds']} seeds",
+                    (x, i),
+                    xytext=(8, 0),
+                    textcoords="offset points",
+                    va="center",
+                    color=DIVERGED_COLOR,
+                    fontsize=MIN_FONT_PT,
+                )
         ax_final.set_yticks(range(n), labels)
         ax_final.set_ylim(n - 0.5, -0.5)
         ax_final.set_xlabel("final test accuracy (%), mean +- std over seeds")

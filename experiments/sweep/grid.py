@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
-from typing import Iterable, NamedTuple, Optional
+from collections.abc import Iterable
+from typing import NamedTuple
 
-from experiments.common.cli import UserError
 from experiments.common import models as model_lib
+from experiments.common.cli import UserError
 from experiments.sweep.config import SweepConfig
 
 
@@ -23,11 +24,11 @@ class GroupKey(NamedTuple):
     """The static structure shared by one group: what fixes shapes and the traced computation."""
 
     dataset: str
-    width: Optional[int]  # None: the preprocessed features as they are
+    width: int | None  # None: the preprocessed features as they are
     loss: str
     model: str
-    depth: Optional[int]  # kinds that take the depth axis only
-    sigma: Optional[str]  # kinds that take the sigma axis only
+    depth: int | None  # kinds that take the depth axis only
+    sigma: str | None  # kinds that take the sigma axis only
 
     @property
     def label(self) -> str:
@@ -50,12 +51,12 @@ class Configuration:
 
     config_id: int
     dataset: str
-    width: Optional[int]
+    width: int | None
     loss: str
     model: str
-    depth: Optional[int]
-    sigma: Optional[str]
-    gamma: Optional[float]
+    depth: int | None
+    sigma: str | None
+    gamma: float | None
     learning_rate: float
     seed: int
 
@@ -64,7 +65,7 @@ class Configuration:
         return GroupKey(self.dataset, self.width, self.loss, self.model, self.depth, self.sigma)
 
 
-def _structures(config: SweepConfig) -> list[tuple[str, Optional[int], Optional[str], Optional[float]]]:
+def _structures(config: SweepConfig) -> list[tuple[str, int | None, str | None, float | None]]:
     """(model, depth, sigma, gamma) for every model kind and the axes it takes, in the config's order."""
     g = config.grid
     out = []
@@ -84,8 +85,13 @@ def expand_grid(config: SweepConfig) -> list[Configuration]:
         raise UserError(f"grid.models names unregistered model kinds: {', '.join(map(repr, missing))}")
     out: list[Configuration] = []
     for ds, width, loss, (model, depth, sigma, gamma), lr, seed in itertools.product(
-            [d.key for d in config.datasets], config.grid.widths, config.grid.losses, _structures(config),
-            config.grid.learning_rates, config.grid.seeds):
+        [d.key for d in config.datasets],
+        config.grid.widths,
+        config.grid.losses,
+        _structures(config),
+        config.grid.learning_rates,
+        config.grid.seeds,
+    ):
         out.append(Configuration(len(out), ds, width, loss, model, depth, sigma, gamma, float(lr), int(seed)))
     return out
 

@@ -13,7 +13,8 @@ once more: the final loss, gradient norm and solve statistics, train and test ac
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,19 +36,26 @@ def logged_steps(config: SweepConfig) -> np.ndarray:
     return np.arange(0, config.steps, config.log_every)
 
 
-def model_spec(config: SweepConfig, key: GroupKey, width: int, out_dim: int, gamma: Any = None
-               ) -> model_lib.ModelSpec:
+def model_spec(config: SweepConfig, key: GroupKey, width: int, out_dim: int, gamma: Any = None) -> model_lib.ModelSpec:
     axes = model_lib.KINDS[key.model].axes
-    return model_lib.ModelSpec(width=width, out_dim=out_dim, config=config, sigma=key.sigma, depth=key.depth,
-                                  gamma=gamma if "gamma" in axes else None)
+    return model_lib.ModelSpec(
+        width=width,
+        out_dim=out_dim,
+        config=config,
+        sigma=key.sigma,
+        depth=key.depth,
+        gamma=gamma if "gamma" in axes else None,
+    )
 
 
 def _solver_fields(stats: Any, dtype: Any) -> dict:
     if stats is None:  # explicit models: nothing solved
-        return {"iterations": jnp.zeros((), jnp.int32), "relative_residual": jnp.zeros((), dtype),
-                "converged": jnp.ones((), bool)}
-    return {"iterations": stats.iterations, "relative_residual": stats.relative_residual,
-            "converged": stats.converged}
+        return {
+            "iterations": jnp.zeros((), jnp.int32),
+            "relative_residual": jnp.zeros((), dtype),
+            "converged": jnp.ones((), bool),
+        }
+    return {"iterations": stats.iterations, "relative_residual": stats.relative_residual, "converged": stats.converged}
 
 
 def train_one_fn(config: SweepConfig, key: GroupKey, width: int, out_dim: int) -> Callable:
@@ -64,8 +72,9 @@ def train_one_fn(config: SweepConfig, key: GroupKey, width: int, out_dim: int) -
         model = model_lib.build_model(key.model, model_spec(config, key, width, out_dim, c["gamma"]))
         params = model.init(c["key"], dtype)
         # learning_rate is traced here; full_batch_gd builds optax.sgd from it as for a concrete rate
-        params, history = train.full_batch_gd(model, key.loss, params, phi, y, learning_rate=c["learning_rate"],
-                                              steps=config.steps)
+        params, history = train.full_batch_gd(
+            model, key.loss, params, phi, y, learning_rate=c["learning_rate"], steps=config.steps
+        )
         (loss, solution), grads = jax.value_and_grad(train.objective(model, key.loss), has_aux=True)(params, phi, y)
         final = _solver_fields(None if solution is None else solution.stats, dtype)
         predictions, _ = model.apply(params, phi)
@@ -108,8 +117,9 @@ def param_shapes(config: SweepConfig, key: GroupKey, width: int, out_dim: int) -
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.dtype(config.dtype)))  # key traced too
 
 
-def estimate_config_bytes(config: SweepConfig, key: GroupKey, *, n_train: int, n_test: int, width: int,
-                          out_dim: int) -> Optional[int]:
+def estimate_config_bytes(
+    config: SweepConfig, key: GroupKey, *, n_train: int, n_test: int, width: int, out_dim: int
+) -> int | None:
     """Working memory of one configuration (bytes), by a stated formula, times `SAFETY_FACTOR`; None for a
     registered kind (`deq_jax.parallel` then measures it with XLA).
 
@@ -135,12 +145,20 @@ def estimate_config_bytes(config: SweepConfig, key: GroupKey, *, n_train: int, n
             if config.delm.backward == "unrolled":
                 work += config.delm.maxiter * state
     elif key.model == "deep_linear":
-        shapes = model_lib.build("deep_linear", width, out_dim, depth=key.depth,
-                                 hidden=config.deep_linear.hidden).shapes()
+        shapes = model_lib.build(
+            "deep_linear", width, out_dim, depth=key.depth, hidden=config.deep_linear.hidden
+        ).shapes()
         work = sum(2 * n * rows for rows, _ in shapes)
     elements = 4 * P + 3 * n * m_y + n_test * m_y + 8 * S + work
     return int(SAFETY_FACTOR * elements * itemsize)
 
 
-__all__ = ["SAFETY_FACTOR", "estimate_config_bytes", "logged_steps", "model_spec", "param_shapes", "program_key",
-           "train_one_fn"]
+__all__ = [
+    "SAFETY_FACTOR",
+    "estimate_config_bytes",
+    "logged_steps",
+    "model_spec",
+    "param_shapes",
+    "program_key",
+    "train_one_fn",
+]

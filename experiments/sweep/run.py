@@ -27,7 +27,8 @@ import shutil
 import time
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,8 +51,10 @@ class SweepMemoryError(SweepError):
     """Even one configuration per device does not fit the memory budget."""
 
 
-_MEMORY_ADVICE = ("raise memory_budget_mb (--set memory_budget_mb=MIB), use fewer samples (datasets[i].n_train) or "
-                  "a smaller width (grid.widths, datasets[i].pca_dim)")
+_MEMORY_ADVICE = (
+    "raise memory_budget_mb (--set memory_budget_mb=MIB), use fewer samples (datasets[i].n_train) or "
+    "a smaller width (grid.widths, datasets[i].pca_dim)"
+)
 
 
 @dataclasses.dataclass
@@ -66,10 +69,10 @@ class GroupReport:
     chunks_computed: int = 0
     chunks_skipped: int = 0
     configs_skipped: int = 0
-    estimated_bytes_per_config: Optional[int] = None
+    estimated_bytes_per_config: int | None = None
     data_bytes: int = 0
-    estimated_bytes_per_device: Optional[int] = None
-    measured_bytes_per_device: Optional[int] = None
+    estimated_bytes_per_device: int | None = None
+    measured_bytes_per_device: int | None = None
     programs_compiled: int = 0
     compile_s: float = 0.0
     run_s: float = 0.0
@@ -100,24 +103,26 @@ class SweepResult:
     device_batching: str
     wall_s: float
     files: dict[str, pathlib.Path]
-    final_params: Optional[dict[int, Any]] = None
+    final_params: dict[int, Any] | None = None
     environment: dict = dataclasses.field(default_factory=dict)
 
 
 # engines (hence compiled programs) by program; few entries, since executables hold memory
-_ENGINES: "OrderedDict[tuple, parallel.ParallelMap]" = OrderedDict()
+_ENGINES: OrderedDict[tuple, parallel.ParallelMap] = OrderedDict()
 _ENGINES_KEPT = 16
 
 
-def _engine(config: SweepConfig, key: GroupKey, width: int, out_dim: int, devices: Sequence[Any],
-            compiler_options: Optional[dict]) -> parallel.ParallelMap:
+def _engine(
+    config: SweepConfig, key: GroupKey, width: int, out_dim: int, devices: Sequence[Any], compiler_options: dict | None
+) -> parallel.ParallelMap:
     options = tuple(sorted((compiler_options or {}).items()))
     cache_key = (programs.program_key(config, key, width, out_dim), tuple(devices), config.device_batching, options)
     engine = _ENGINES.get(cache_key)
     if engine is None:
         fn = programs.train_one_fn(config, key, width, out_dim)
-        engine = parallel.ParallelMap(fn, devices=devices, batching=config.device_batching,
-                                      compiler_options=compiler_options)
+        engine = parallel.ParallelMap(
+            fn, devices=devices, batching=config.device_batching, compiler_options=compiler_options
+        )
         _ENGINES[cache_key] = engine
         while len(_ENGINES) > _ENGINES_KEPT:
             _ENGINES.popitem(last=False)
@@ -163,7 +168,8 @@ class _Chunks:
                 return {}, {}
             raise SweepError(
                 f"{root} holds results of a different sweep (fingerprint {found or 'missing'}, this sweep "
-                f"{self.fp}); pass another --output-dir, or --fresh to discard them")
+                f"{self.fp}); pass another --output-dir, or --fresh to discard them"
+            )
         self.store.open(self.fp, fresh=False)
         self.opened = True
         done: dict[int, dict] = {}
@@ -173,8 +179,10 @@ class _Chunks:
                 arrays, meta = self.store.load(path.stem)
                 ids = arrays.pop("config_ids")
             except Exception as err:  # a file this version cannot read is not silently skipped
-                raise SweepError(f"{path} cannot be read as a sweep chunk ({type(err).__name__}: {err}); "
-                                 f"pass --fresh to discard the saved chunks") from None
+                raise SweepError(
+                    f"{path} cannot be read as a sweep chunk ({type(err).__name__}: {err}); "
+                    f"pass --fresh to discard the saved chunks"
+                ) from None
             for row, cid in enumerate(ids.tolist()):
                 done[int(cid)] = {k: v[row] for k, v in arrays.items()}
             per_group[meta.get("group_slug", "")] = per_group.get(meta.get("group_slug", ""), 0) + 1
@@ -187,8 +195,11 @@ class _Chunks:
                     self.created.append(folder)
             self.store.open(self.fp, fresh=False)
             self.opened = True
-        self.store.save(_chunk_key(key, ids), {"config_ids": np.asarray(ids, np.int64), **_flatten(outputs)},
-                        {"group": key.label, "group_slug": key.slug})
+        self.store.save(
+            _chunk_key(key, ids),
+            {"config_ids": np.asarray(ids, np.int64), **_flatten(outputs)},
+            {"group": key.label, "group_slug": key.slug},
+        )
 
     def tidy(self) -> None:
         """Remove the folders this run created if it saved no chunk in them."""
@@ -210,10 +221,18 @@ def _progress(total: int, initial: int, name: str, enabled: bool):
     return tqdm(total=total, initial=initial, unit="chunk", desc=f"sweep {name}", dynamic_ncols=True)
 
 
-def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: bool = True, progress: bool = True,
-              on_chunk: Optional[Callable[[ChunkReport], None]] = None, devices: Optional[Sequence[Any]] = None,
-              max_recompiles: int = 4, compiler_options: Optional[dict] = None,
-              log: Optional[Callable[[str], None]] = None) -> SweepResult:
+def run_sweep(
+    config: SweepConfig,
+    *,
+    output_dir: Any | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    on_chunk: Callable[[ChunkReport], None] | None = None,
+    devices: Sequence[Any] | None = None,
+    max_recompiles: int = 4,
+    compiler_options: dict | None = None,
+    log: Callable[[str], None] | None = None,
+) -> SweepResult:
     """Run every configuration of `config`, one compiled program per group structure, chunked and sharded.
 
     Args:
@@ -236,8 +255,10 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
     if not isinstance(config, SweepConfig):
         raise TypeError(f"config must be a SweepConfig (see load_config); got {type(config).__name__}")
     if config.dtype == "float64" and not jax.config.jax_enable_x64:
-        raise SweepError("dtype 'float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 (or "
-                         "jax.config.update('jax_enable_x64', True)) before running the sweep")
+        raise SweepError(
+            "dtype 'float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 (or "
+            "jax.config.update('jax_enable_x64', True)) before running the sweep"
+        )
     configurations = expand_grid(config)
     groups = group_configurations(configurations)
     devices = list(jax.devices() if devices is None else devices)
@@ -259,7 +280,8 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
         width, out_dim = key.width or pre.x_train.shape[1], int(pre.num_classes)
         report = GroupReport(key.label, key, width, len(members))
         report.estimated_bytes_per_config = programs.estimate_config_bytes(
-            config, key, n_train=n_train, n_test=n_test, width=width, out_dim=out_dim)
+            config, key, n_train=n_train, n_test=n_test, width=width, out_dim=out_dim
+        )
         itemsize, label = dtype.itemsize, 4  # int32 labels
         targets = out_dim * itemsize if key.loss == "square" else label
         report.data_bytes = (n_train + n_test) * (width * itemsize + targets + label)  # = the arrays of `_data`
@@ -267,8 +289,14 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
         if report.estimated_bytes_per_config is not None:
             try:
                 report.chunk_size = parallel.plan_chunk_size(
-                    len(members), report.estimated_bytes_per_config, report.data_bytes, budget, n_dev,
-                    max_chunk_size=config.max_chunk_size, what=f"group {key.label}")
+                    len(members),
+                    report.estimated_bytes_per_config,
+                    report.data_bytes,
+                    budget,
+                    n_dev,
+                    max_chunk_size=config.max_chunk_size,
+                    what=f"group {key.label}",
+                )
             except parallel.MemoryBudgetError as err:
                 raise SweepMemoryError(f"{err}; {_MEMORY_ADVICE}") from None
         reports[key] = report
@@ -276,16 +304,18 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
     # features (a random projection where a width is given) and L* per (data set, width)
     projection_seeds = {d.key: d.projection_seed for d in config.datasets}
     features: dict[tuple, sweep_data.FeatureData] = {}
-    L_stars: dict[tuple, Optional[float]] = {}
+    L_stars: dict[tuple, float | None] = {}
     for key in groups:
         fkey = (key.dataset, key.width)
         if fkey not in features:
-            features[fkey] = sweep_data.prepare_features(preprocessed[key.dataset], key.width, dtype,
-                                                         projection_seeds[key.dataset])
+            features[fkey] = sweep_data.prepare_features(
+                preprocessed[key.dataset], key.width, dtype, projection_seeds[key.dataset]
+            )
         if (fkey, key.loss) not in L_stars:
             fd = features[fkey]
-            L_stars[(fkey, key.loss)] = (sweep_data.shallow_square_optimum(fd.phi_train, fd.targets("square"))
-                                         if key.loss == "square" else None)
+            L_stars[(fkey, key.loss)] = (
+                sweep_data.shallow_square_optimum(fd.phi_train, fd.targets("square")) if key.loss == "square" else None
+            )
 
     # saved chunks (process 0 reads them, every process follows)
     chunks = _Chunks(output_dir, fingerprint(config))
@@ -305,8 +335,10 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
     batching = parallel.device_batching(devices, config.device_batching)
     if log is not None and writer:
         left = sum(len(m) for m in todo.values())
-        log(f"sweep {config.name}: {len(configurations)} configurations in {len(groups)} groups, {left} to compute "
-            f"on {n_dev} device(s) ({batching} per device) -> {output_dir}")
+        log(
+            f"sweep {config.name}: {len(configurations)} configurations in {len(groups)} groups, {left} to compute "
+            f"on {n_dev} device(s) ({batching} per device) -> {output_dir}"
+        )
     bar = None
     computed = 0
     try:
@@ -319,17 +351,25 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
             report = reports[key]
             fd = features[(key.dataset, key.width)]
             engine = _engine(config, key, report.width, fd.num_classes, devices, compiler_options)
-            per_config = {"key": np.stack([np.asarray(jax.random.PRNGKey(c.seed)) for c in members]),
-                          "learning_rate": np.asarray([c.learning_rate for c in members], dtype),
-                          "gamma": np.asarray([0.0 if c.gamma is None else c.gamma for c in members], dtype)}
+            per_config = {
+                "key": np.stack([np.asarray(jax.random.PRNGKey(c.seed)) for c in members]),
+                "learning_rate": np.asarray([c.learning_rate for c in members], dtype),
+                "gamma": np.asarray([0.0 if c.gamma is None else c.gamma for c in members], dtype),
+            }
             shared = _data(fd, key.loss)
             assert sum(a.nbytes for a in shared) == report.data_bytes, "the data's size by shapes is exact"
             compiles = engine.compiles
             try:
-                plan = engine.plan(report.n_configs, per_config, shared, budget_bytes=budget,
-                                   bytes_per_config=report.estimated_bytes_per_config,
-                                   max_chunk_size=config.max_chunk_size, max_recompiles=max_recompiles,
-                                   what=f"group {key.label}")
+                plan = engine.plan(
+                    report.n_configs,
+                    per_config,
+                    shared,
+                    budget_bytes=budget,
+                    bytes_per_config=report.estimated_bytes_per_config,
+                    max_chunk_size=config.max_chunk_size,
+                    max_recompiles=max_recompiles,
+                    what=f"group {key.label}",
+                )
             except parallel.MemoryBudgetError as err:
                 raise SweepMemoryError(f"{err}; {_MEMORY_ADVICE}") from None
             guess = report.chunk_size
@@ -344,7 +384,7 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
                 bar.total += -(-len(members) // plan.chunk_size) - -(-len(members) // guess)
                 bar.refresh()
             for chunk in engine.chunks(per_config, shared, plan=plan):
-                ids = [c.config_id for c in members[chunk.start:chunk.stop]]
+                ids = [c.config_id for c in members[chunk.start : chunk.stop]]
                 if writer:
                     chunks.save(key, ids, chunk.outputs)
                 flat = _flatten(chunk.outputs)
@@ -369,14 +409,15 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
             chunks.tidy()
 
     rows: list[dict] = []
-    final_params: Optional[dict[int, Any]] = {} if config.save_params else None
-    for key, members in (groups.items() if writer else ()):  # other processes lack the resumed chunks
+    final_params: dict[int, Any] | None = {} if config.save_params else None
+    for key, members in groups.items() if writer else ():  # other processes lack the resumed chunks
         fd = features[(key.dataset, key.width)]
         L_star = L_stars[((key.dataset, key.width), key.loss)]
         treedef = None
         if config.save_params:
-            treedef = jax.tree_util.tree_structure(programs.param_shapes(config, key, reports[key].width,
-                                                                         fd.num_classes))
+            treedef = jax.tree_util.tree_structure(
+                programs.param_shapes(config, key, reports[key].width, fd.num_classes)
+            )
         for c in members:
             out = done[c.config_id]
             rows.extend(tables.rows_for(config, c, reports[key].width, out, L_star))
@@ -385,11 +426,23 @@ def run_sweep(config: SweepConfig, *, output_dir: Optional[Any] = None, resume: 
                 final_params[c.config_id] = jax.tree_util.tree_unflatten(treedef, leaves)
     files = tables.write_tables(rows, output_dir) if writer else {}
     return SweepResult(
-        config=config, output_dir=output_dir, configurations=configurations, rows=rows,
-        aggregate=tables.aggregate(rows), groups=list(reports.values()), chunks_computed=computed,
-        chunks_skipped=skipped_chunks, devices=[str(d) for d in devices], budget_bytes=budget,
-        budget_source=budget_source, device_batching=batching, wall_s=time.perf_counter() - start, files=files,
-        final_params=final_params, environment=env.environment())
+        config=config,
+        output_dir=output_dir,
+        configurations=configurations,
+        rows=rows,
+        aggregate=tables.aggregate(rows),
+        groups=list(reports.values()),
+        chunks_computed=computed,
+        chunks_skipped=skipped_chunks,
+        devices=[str(d) for d in devices],
+        budget_bytes=budget,
+        budget_source=budget_source,
+        device_batching=batching,
+        wall_s=time.perf_counter() - start,
+        files=files,
+        final_params=final_params,
+        environment=env.environment(),
+    )
 
 
 def _data(fd: sweep_data.FeatureData, loss: str) -> tuple[np.ndarray, ...]:

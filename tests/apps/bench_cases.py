@@ -11,8 +11,22 @@ import numpy as np
 
 from experiments.bench import cli
 
-TINY = ["--n", "24", "--width", "12", "--classes", "3", "--repeats", "1", "--warmup", "0", "--settle", "0",
-        "--data", "random"]
+TINY = [
+    "--n",
+    "24",
+    "--width",
+    "12",
+    "--classes",
+    "3",
+    "--repeats",
+    "1",
+    "--warmup",
+    "0",
+    "--settle",
+    "0",
+    "--data",
+    "random",
+]
 
 
 def has_gpu() -> bool:
@@ -33,12 +47,39 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
-def make_row(name, impl, formulation, solver, backward, times, *, label="", tol=1e-5, converged=True, grad=1e-6,
-         approximate=False, **extra):
-    return dict(name=name, impl=impl, problem="delm", formulation=formulation, solver=solver, backward=backward,
-                label=label, tol=tol, status="ok", converged=converged, approximate_gradient=approximate,
-                grad_error={"A": grad, "B": grad} if grad is not None else {}, times_s=list(times),
-                min_s=min(times), median_s=float(np.median(times)), **extra)
+def make_row(
+    name,
+    impl,
+    formulation,
+    solver,
+    backward,
+    times,
+    *,
+    label="",
+    tol=1e-5,
+    converged=True,
+    grad=1e-6,
+    approximate=False,
+    **extra,
+):
+    return dict(
+        name=name,
+        impl=impl,
+        problem="delm",
+        formulation=formulation,
+        solver=solver,
+        backward=backward,
+        label=label,
+        tol=tol,
+        status="ok",
+        converged=converged,
+        approximate_gradient=approximate,
+        grad_error={"A": grad, "B": grad} if grad is not None else {},
+        times_s=list(times),
+        min_s=min(times),
+        median_s=float(np.median(times)),
+        **extra,
+    )
 
 
 FULL = {"m": 784, "n": 1024, "m_y": 10, "device": "cpu"}
@@ -63,4 +104,3 @@ def cheap_argv(argv: list[str], tmp_path) -> list[str]:
     if "--rows" not in out:
         out += ["--rows", "^deq_jax delm transposed direct implicit$"]
     return out + TINY + ([] if "--warm-steps" in out else ["--warm-steps", "2"])
-

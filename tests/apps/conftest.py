@@ -12,16 +12,16 @@ import http.server
 import pathlib
 import threading
 from collections import Counter
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import pytest
-
-from experiments.common import datasets as data
-from experiments.common import models as sweep_models
 from dataset_fakes import Server, free_port_url
 from helpers import compile_events
 from sweep_cases import TanhDEQ
+
+from experiments.common import datasets as data
+from experiments.common import models as sweep_models
 
 
 @pytest.fixture
@@ -45,11 +45,11 @@ def server(tmp_path: pathlib.Path) -> Iterator[Server]:
         def __init__(self, *args, **kwargs):
             super().__init__(*args, directory=str(root), **kwargs)
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:  # http.server's name
             requests[self.path] += 1
             super().do_GET()
 
-        def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
+        def log_message(self, format: str, *args) -> None:  # http.server's signature
             pass
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -77,8 +77,10 @@ def x32():
 
 @pytest.fixture
 def tanh_kind():
-    sweep_models.register_model("tanh_deq", sweep_models.ModelKind(
-        lambda spec: TanhDEQ(spec.width, spec.out_dim, contraction=spec.gamma), axes=("gamma",)))
+    sweep_models.register_model(
+        "tanh_deq",
+        sweep_models.ModelKind(lambda spec: TanhDEQ(spec.width, spec.out_dim, contraction=spec.gamma), axes=("gamma",)),
+    )
     yield
     sweep_models.unregister_model("tanh_deq")
 
@@ -89,4 +91,3 @@ def no_compile():
     yield
     stop()
     assert not events, f"{len(events)} XLA compilation(s) although the input is invalid"
-

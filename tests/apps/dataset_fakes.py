@@ -81,7 +81,7 @@ def cifar_members(n_classes: int, seed: int) -> tuple[str, dict[str, bytes], Fak
     yte = rng.integers(0, n_classes, 10).tolist()
     test_name = "test_batch" if n_classes == 10 else "test"
     members[test_name] = pickle.dumps({"data": dte, label_key: yte}, protocol=2)
-    hwc = lambda d: d.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # noqa: E731
+    hwc = lambda d: d.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     fake = Fake({}, hwc(np.concatenate(xs)), np.array(ys), hwc(dte), np.array(yte))
     return folder, members, fake
 
@@ -133,11 +133,11 @@ def check_matches(ds: Dataset, fake: Fake, name: str) -> None:
     d = int(np.prod(shape))
     assert ds.x_train.shape == (len(fake.x_train), d) and ds.x_test.shape == (len(fake.x_test), d)
     assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32 and ds.y_test.dtype == np.int32
-    np.testing.assert_allclose(ds.x_train.reshape((-1,) + shape), fake.x_train / 255.0, rtol=1e-6)
-    np.testing.assert_allclose(ds.x_test.reshape((-1,) + shape), fake.x_test / 255.0, rtol=1e-6)
+    np.testing.assert_allclose(ds.x_train.reshape((-1, *shape)), fake.x_train / 255.0, rtol=1e-6)
+    np.testing.assert_allclose(ds.x_test.reshape((-1, *shape)), fake.x_test / 255.0, rtol=1e-6)
     np.testing.assert_array_equal(ds.y_train, fake.y_train)
     np.testing.assert_array_equal(ds.y_test, fake.y_test)
-    assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+    assert ds.x_train.min() >= 0.0 and ds.x_train.max() <= 1.0
 
 
 def free_port_url() -> str:
@@ -192,4 +192,3 @@ def umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-

@@ -19,13 +19,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers import ROOT
 
 from deq_jax import TanhMap, models, solve, train
 from experiments.common.config import from_dict
 from experiments.sweep import data as sweep_data
 from experiments.sweep.config import SweepConfig
 from experiments.sweep.run import run_sweep
-from helpers import ROOT
 
 #: XLA compiles these small programs ~3x faster at optimisation level 0; it changes speed, not results
 FAST = {"xla_backend_optimization_level": 0}
@@ -37,9 +37,17 @@ TINY = {
     "name": "tiny",
     # two data sets of equal shapes: their groups share compiled programs
     "datasets": [DATA, {**DATA, "label": "digits_b", "seed": 1}],
-    "grid": {"seeds": [0, 1, 2], "learning_rates": [0.02, 0.05], "gammas": [0.5, 0.8], "models": ["delm", "linear"],
-             "losses": ["square"]},
-    "steps": 10, "log_every": 5, "dtype": "float64", "save_params": True,
+    "grid": {
+        "seeds": [0, 1, 2],
+        "learning_rates": [0.02, 0.05],
+        "gammas": [0.5, 0.8],
+        "models": ["delm", "linear"],
+        "losses": ["square"],
+    },
+    "steps": 10,
+    "log_every": 5,
+    "dtype": "float64",
+    "save_params": True,
 }
 
 
@@ -47,7 +55,7 @@ def tiny(**changes) -> SweepConfig:
     return from_dict(SweepConfig, {**TINY, **changes})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def base_result():
     """TINY run once per test process (in a temporary folder) and shared."""
 
@@ -60,8 +68,13 @@ def subprocess_env(devices: int | None = None, x64: bool = False) -> dict:
     """The environment for a child `python -m experiments ...`: CPU, one BLAS thread, fast compiles."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
     flags = [FAST_FLAG] + ([f"--xla_force_host_platform_device_count={devices}"] if devices else [])
-    env.update(OPENBLAS_NUM_THREADS="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=" ".join(flags),
-               PYTHONUNBUFFERED="1")
+    env.update(
+        OPENBLAS_NUM_THREADS="1",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(ROOT),
+        XLA_FLAGS=" ".join(flags),
+        PYTHONUNBUFFERED="1",
+    )
     if x64:
         env["JAX_ENABLE_X64"] = "1"
     return env
@@ -79,6 +92,7 @@ RTOL = 1e-9
 def standalone_run(model_for, loss: str, steps: int):
     """The main job's code path, written here without the sweep: `model.init(PRNGKey(seed))` + `full_batch_gd`, one
     configuration per call (gamma an argument, so that one compiled program serves every gamma)."""
+
     def run(key, gamma, learning_rate, phi, y):
         model = model_for(gamma)
         params = model.init(key, phi.dtype)
@@ -92,6 +106,7 @@ def standalone_run(model_for, loss: str, steps: int):
         if not compiled:  # one compiled program for every configuration (FAST: compile time, not results)
             compiled.append(jax.jit(run).lower(*args).compile(compiler_options=FAST))
         return compiled[0](*args)
+
     return call
 
 
@@ -105,16 +120,22 @@ def check_against_standalone(result, models_for: dict, *, n_expected: int):
         key = (c.model, c.loss)
         if key not in runs:
             runs[key] = standalone_run(models_for[c.model](fd.phi_train.shape[1], fd.num_classes), c.loss, cfg.steps)
-        params, losses, final = runs[key](jax.random.PRNGKey(c.seed), np.float64(c.gamma or 0.5),
-                                          np.float64(c.learning_rate), fd.phi_train, fd.targets(c.loss))
+        params, losses, final = runs[key](
+            jax.random.PRNGKey(c.seed),
+            np.float64(c.gamma or 0.5),
+            np.float64(c.learning_rate),
+            fd.phi_train,
+            fd.targets(c.loss),
+        )
         rows = [r for r in result.rows if r["config_id"] == c.config_id]
-        assert [r["step"] for r in rows] == list(range(0, cfg.steps, cfg.log_every)) + [cfg.steps]
-        want = np.append(np.asarray(losses)[::cfg.log_every], float(final))
+        assert [r["step"] for r in rows] == [*range(0, cfg.steps, cfg.log_every), cfg.steps]
+        want = np.append(np.asarray(losses)[:: cfg.log_every], float(final))
         got = np.asarray([r["train_loss"] for r in rows])
         assert np.all(np.isfinite(got)) and got[-1] < got[0], "trained, not diverged"
         np.testing.assert_allclose(got, want, rtol=RTOL, err_msg=f"config {c.config_id} losses")
-        for leaf, ref in zip(jax.tree_util.tree_leaves(result.final_params[c.config_id]),
-                             jax.tree_util.tree_leaves(params)):
+        for leaf, ref in zip(
+            jax.tree_util.tree_leaves(result.final_params[c.config_id]), jax.tree_util.tree_leaves(params), strict=True
+        ):
             np.testing.assert_allclose(leaf, ref, rtol=RTOL, atol=1e-12, err_msg=f"config {c.config_id} params")
         compared += 1
     assert compared == n_expected
@@ -124,9 +145,11 @@ def check_against_standalone(result, models_for: dict, *, n_expected: int):
     assert len(set(np.round(finals, 9))) == len(finals)  # distinct runs, not one configuration repeated
 
 
-BUILTIN = {"delm": lambda m, k: lambda gamma: models.DELM(width=m, out_dim=k, gamma=gamma),
-           "linear": lambda m, k: lambda gamma: models.Linear(width=m, out_dim=k),
-           "deep_linear": lambda m, k: lambda gamma: models.DeepLinear(width=m, out_dim=k, depth=2)}
+BUILTIN = {
+    "delm": lambda m, k: lambda gamma: models.DELM(width=m, out_dim=k, gamma=gamma),
+    "linear": lambda m, k: lambda gamma: models.Linear(width=m, out_dim=k),
+    "deep_linear": lambda m, k: lambda gamma: models.DeepLinear(width=m, out_dim=k, depth=2),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,8 +170,16 @@ class TanhDEQ:
 
     def apply(self, params, phi, warm=None):
         layer = {k: params[k] for k in ("W", "U", "b")}
-        sol = solve(TanhMap(self.contraction), jnp.zeros((phi.shape[0], self.hidden), phi.dtype), layer, phi,
-                    solver="fixed_point", backward="one_step", tol=1e-10, maxiter=200)
+        sol = solve(
+            TanhMap(self.contraction),
+            jnp.zeros((phi.shape[0], self.hidden), phi.dtype),
+            layer,
+            phi,
+            solver="fixed_point",
+            backward="one_step",
+            tol=1e-10,
+            maxiter=200,
+        )
         return sol.value @ params["B"].T, sol
 
     def warm_start(self, params, phi=None, previous=None):
@@ -160,12 +191,22 @@ class TanhDEQ:
 
 def figure_rows(setting: dict, accuracies: list, losses: list) -> list[dict]:
     rows = []
-    for seed, (acc, curve) in enumerate(zip(accuracies, losses)):
+    for seed, (acc, curve) in enumerate(zip(accuracies, losses, strict=True)):
         for step, loss in enumerate(curve):
             final = step == len(curve) - 1
             diverged = loss is None
-            rows.append({**setting, "seed": seed, "step": step * 10, "final": final, "train_loss": loss,
-                         "gap": None if loss is None else loss - 0.1, "diverged": final and diverged,
-                         "test_accuracy_pct": acc if final else None, "test_loss": 1.0 if final else None,
-                         "nonconverged_steps": 0})
+            rows.append(
+                {
+                    **setting,
+                    "seed": seed,
+                    "step": step * 10,
+                    "final": final,
+                    "train_loss": loss,
+                    "gap": None if loss is None else loss - 0.1,
+                    "diverged": final and diverged,
+                    "test_accuracy_pct": acc if final else None,
+                    "test_loss": 1.0 if final else None,
+                    "nonconverged_steps": 0,
+                }
+            )
     return rows

@@ -88,4 +88,3 @@ def test_a_second_check_flags_a_claim_it_refutes():
     stale = W * (1 + 1e-3)  # a start that was never solved from, claimed converged
     checks.verify_again(row, Check(0, True, stale, ref["grads"], params=params), p, 1e-5, None, "check_after_timing")
     assert not row["converged"] and row["flag"].startswith(checks.FLAG)
-

@@ -12,10 +12,10 @@ import sys
 import time
 
 import pytest
-
-from experiments.bench import cli
 from bench_cases import TINY, cheap_argv, has_gpu, help_examples, load_json, one_error_line
 from helpers import ROOT
+
+from experiments.bench import cli
 
 
 def test_help_examples_run(tmp_path, capsys, x32):
@@ -58,9 +58,16 @@ def test_bad_data_dir_is_one_line_and_nothing_written(tmp_path, capsys):
 def test_peer_suite_says_when_torch_is_missing(monkeypatch, capsys):
     from experiments.bench import torch_cases
 
-    monkeypatch.setattr(torch_cases, "availability", lambda: {
-        "torch": False, "torchdeq": False, "versions": {},
-        "note": "torch is not installed (test); torch and torchdeq rows skipped. Install the optional extra"})
+    monkeypatch.setattr(
+        torch_cases,
+        "availability",
+        lambda: {
+            "torch": False,
+            "torchdeq": False,
+            "versions": {},
+            "note": "torch is not installed (test); torch and torchdeq rows skipped. Install the optional extra",
+        },
+    )
     assert cli.main(["--suite", "peer", "--list"]) == 0
     printed = capsys.readouterr().out
     assert "note: torch is not installed" in printed
@@ -71,17 +78,20 @@ def test_peer_suite_says_when_torch_is_missing(monkeypatch, capsys):
     assert "needs torch/torchdeq" in one_error_line(capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--n", "0"], "--n must be a positive integer"),
-    (["--gamma", "1.5"], "--gamma must be in the open interval (0, 1)"),
-    (["--rows", "("], "--rows must be a regular expression"),
-    (["--suite", "nope"], "invalid choice"),
-    (["--device", "tpu"], "invalid choice"),
-    (["--repeats", "x"], "invalid int value"),
-    (["--suite", "step", "--rows", "no such row", "--list"], "no rows of suite 'step' match"),
-    (["--suite", "profile", "--plot", "x.png"], "the profile suite has no figure"),
-    (["--publish", "a/b"], "--publish NAME must be"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--n", "0"], "--n must be a positive integer"),
+        (["--gamma", "1.5"], "--gamma must be in the open interval (0, 1)"),
+        (["--rows", "("], "--rows must be a regular expression"),
+        (["--suite", "nope"], "invalid choice"),
+        (["--device", "tpu"], "invalid choice"),
+        (["--repeats", "x"], "invalid int value"),
+        (["--suite", "step", "--rows", "no such row", "--list"], "no rows of suite 'step' match"),
+        (["--suite", "profile", "--plot", "x.png"], "the profile suite has no figure"),
+        (["--publish", "a/b"], "--publish NAME must be"),
+    ],
+)
 def test_user_errors_are_one_line_and_exit_2(argv, message, capsys):
     assert cli.main(argv) == 2
     line = one_error_line(capsys.readouterr().err)
@@ -91,8 +101,12 @@ def test_user_errors_are_one_line_and_exit_2(argv, message, capsys):
 def test_gpu_suite_without_a_gpu_errors_clearly(tmp_path, capsys):
     if has_gpu():
         pytest.skip("this machine has a GPU")
-    assert cli.main(["--suite", "gpu", "--n", "8", "--width", "4", "--data", "random",
-                     "--out", str(tmp_path / "gpu.json")]) == 2
+    assert (
+        cli.main(
+            ["--suite", "gpu", "--n", "8", "--width", "4", "--data", "random", "--out", str(tmp_path / "gpu.json")]
+        )
+        == 2
+    )
     line = one_error_line(capsys.readouterr().err)
     assert "--device gpu" in line and "no GPU" in line and "--device cpu" in line
     assert not list(tmp_path.iterdir())
@@ -115,10 +129,31 @@ def test_render_refuses_a_malformed_result(tmp_path, capsys):
 
 def test_sigint_stops_a_run_with_one_line_exit_130_and_nothing_written(tmp_path):
     out = tmp_path / "out" / "step.json"
-    argv = [sys.executable, "-m", "experiments", "bench", "--suite", "step", *TINY, "--repeats", "1000",
-            "--rows", "deq_jax delm transposed direct", "--out", str(out), "--plot", str(tmp_path / "step.png")]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    argv = [
+        sys.executable,
+        "-m",
+        "experiments",
+        "bench",
+        "--suite",
+        "step",
+        *TINY,
+        "--repeats",
+        "1000",
+        "--rows",
+        "deq_jax delm transposed direct",
+        "--out",
+        str(out),
+        "--plot",
+        str(tmp_path / "step.png"),
+    ]
+    proc = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # interrupt once the run has started (its header is printed)
@@ -132,4 +167,3 @@ def test_sigint_stops_a_run_with_one_line_exit_130_and_nothing_written(tmp_path)
     assert proc.returncode == 130, err
     assert "interrupted; nothing was written" in one_error_line(err)
     assert not list(tmp_path.iterdir())  # no JSON, no figure, no folder, no temporary file
-

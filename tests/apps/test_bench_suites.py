@@ -5,21 +5,39 @@ from __future__ import annotations
 import os
 
 import pytest
-
-from experiments.bench import cases, cli, render, training
 from bench_cases import TINY, load_json
 from helpers import ROOT
 
+from experiments.bench import cases, cli, render, training
+
 
 def test_step_suite_publishes_json_figure_and_docs(tmp_path, x32):
-    (tmp_path / "benchmarks.md").write_text("# t\n<!-- bench:begin step summary -->\n<!-- bench:end -->\n"
-                                            "<!-- bench:begin step goals -->\nstale\n<!-- bench:end -->\n"
-                                            "<!-- bench:begin step table -->\n<!-- bench:end -->\n"
-                                            "<!-- bench:begin step training -->\n<!-- bench:end -->\n"
-                                            "<!-- bench:begin step figure -->\n<!-- bench:end -->\n")
-    rc = cli.main(["--suite", "step", *TINY, "--repeats", "2", "--warm-steps", "3", "--publish", "--docs-dir",
-                   str(tmp_path), "--rows", "deq_jax delm transposed (direct implicit$|fixed_point unrolled)"
-                   "|lu_factor|per_sample fixed_point implicit (warm|zero start)"])
+    (tmp_path / "benchmarks.md").write_text(
+        "# t\n<!-- bench:begin step summary -->\n<!-- bench:end -->\n"
+        "<!-- bench:begin step goals -->\nstale\n<!-- bench:end -->\n"
+        "<!-- bench:begin step table -->\n<!-- bench:end -->\n"
+        "<!-- bench:begin step training -->\n<!-- bench:end -->\n"
+        "<!-- bench:begin step figure -->\n<!-- bench:end -->\n"
+    )
+    rc = cli.main(
+        [
+            "--suite",
+            "step",
+            *TINY,
+            "--repeats",
+            "2",
+            "--warm-steps",
+            "3",
+            "--publish",
+            "--docs-dir",
+            str(tmp_path),
+            "--rows",
+            (
+                "deq_jax delm transposed (direct implicit$|fixed_point unrolled)"
+                "|lu_factor|per_sample fixed_point implicit (warm|zero start)"
+            ),
+        ]
+    )
     assert rc == 0
     payload = load_json(tmp_path / "results" / "bench-step.json")
     env = payload["environment"]
@@ -31,8 +49,13 @@ def test_step_suite_publishes_json_figure_and_docs(tmp_path, x32):
     assert problem["learning_rate"] == pytest.approx(1 / problem["gauss_newton_lambda_max"])
     rows = {r["name"]: r for r in payload["rows"]}
     warm, zero = (f"deq_jax delm per_sample fixed_point implicit {label}" for label in training.LABELS)
-    assert set(rows) == {"deq_jax delm transposed direct implicit", "inline delm transposed lu_factor",
-                         "deq_jax delm transposed fixed_point unrolled 100 it", warm, zero}
+    assert set(rows) == {
+        "deq_jax delm transposed direct implicit",
+        "inline delm transposed lu_factor",
+        "deq_jax delm transposed fixed_point unrolled 100 it",
+        warm,
+        zero,
+    }
     for row in rows.values():
         assert row["status"] == "ok", row
         assert len(row["times_s"]) == 2 and row["min_s"] > 0 and row["compile_s"] > 0
@@ -74,8 +97,21 @@ def test_peer_suite_torchdeq_rows_verify_their_settings(tmp_path):
     pytest.importorskip("torchdeq")
     out = tmp_path / "peer.json"
     # gamma 0.5: torchdeq's Anderson (absolute ridge 1e-4) needs > 100 iterations at gamma 0.9 on this tiny problem
-    rc = cli.main(["--suite", "peer", *TINY, "--gamma", "0.5", "--maxiter", "100", "--out", str(out),
-                   "--rows", "^torch(deq)? delm transposed (direct|anderson implicit)"])
+    rc = cli.main(
+        [
+            "--suite",
+            "peer",
+            *TINY,
+            "--gamma",
+            "0.5",
+            "--maxiter",
+            "100",
+            "--out",
+            str(out),
+            "--rows",
+            "^torch(deq)? delm transposed (direct|anderson implicit)",
+        ]
+    )
     assert rc == 0
     rows = {r["name"]: r for r in load_json(out)["rows"]}
     assert set(rows) == {"torch delm transposed direct autodiff", "torchdeq delm transposed anderson implicit"}
@@ -90,8 +126,9 @@ def test_peer_suite_torchdeq_rows_verify_their_settings(tmp_path):
 
 def test_gpu_suite_code_path_on_cpu(tmp_path, x32):
     out = tmp_path / "gpu.json"
-    rc = cli.main(["--suite", "gpu", "--device", "cpu", *TINY, "--out", str(out),
-                   "--rows", "^deq_jax delm transposed direct"])
+    rc = cli.main(
+        ["--suite", "gpu", "--device", "cpu", *TINY, "--out", str(out), "--rows", "^deq_jax delm transposed direct"]
+    )
     assert rc == 0
     payload = load_json(out)
     assert payload["suite"] == "gpu" and payload["settings"]["device"] == "cpu" and payload["problem"]["n"] == 24
@@ -103,8 +140,10 @@ def test_gpu_suite_code_path_on_cpu(tmp_path, x32):
 
 def test_profile_suite_finds_one_lu_factorisation(tmp_path, capsys, x32):
     out = tmp_path / "profile.json"
-    assert cli.main(["--suite", "profile", *TINY, "--out", str(out), "--rows",
-                     "^(deq_jax step|softmax sigma)|bicgstab"]) == 0
+    assert (
+        cli.main(["--suite", "profile", *TINY, "--out", str(out), "--rows", "^(deq_jax step|softmax sigma)|bicgstab"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "[met] DELM step" not in printed  # the toy run must not claim the m = 784 target
     assert "[not applicable at this size] DELM step <= 10 ms" in printed
@@ -136,4 +175,3 @@ def test_sweep_suite_is_handed_to_the_sweep_benchmark(capsys):
     assert cli.main(["--suite", "sweep", "--help"]) == 0
     out = capsys.readouterr().out
     assert "usage:" in out and "--suite" not in out  # the sweep benchmark's own options, not bench's
-

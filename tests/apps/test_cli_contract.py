@@ -27,11 +27,9 @@ import re
 import signal
 import subprocess
 import threading
-from typing import Optional
 
 import pytest
 import yaml
-
 from sweep_cases import DATA, PYTHON, ROOT, TINY, subprocess_env
 
 STARTUP_TIMEOUT_S = 120  # until the first progress line, on a loaded 2-core machine (~3-8 s when quiet)
@@ -58,11 +56,11 @@ class Case:
     args: tuple[str, ...]  # {root}, {out} are filled in
     returncode: int
     message: str  # a regular expression the one stderr line must match (it names the flag, key or file)
-    progress: Optional[str] = None  # SIGINT after the first line on this stream ("stdout" / "stderr")
+    progress: str | None = None  # SIGINT after the first line on this stream ("stdout" / "stderr")
     env: tuple[tuple[str, str], ...] = ()
     output: str = "{out}"  # what the command may write: checked for leftovers (and, on a user error, unchanged)
-    xfail_line: Optional[str] = None
-    xfail_files: Optional[str] = None
+    xfail_line: str | None = None
+    xfail_files: str | None = None
 
     @property
     def id(self) -> str:
@@ -72,60 +70,155 @@ class Case:
 TINY_REPRODUCE = ("--config", "configs/tiny.yaml", "--out", "{out}", "--no-progress")
 BENCH_TINY = ("--suite", "step", "--rows", "direct", "--n", "16", "--width", "8", "--out", "{out}/step.json")
 CASES = [
-    Case("experiments", "no_command", (), 2, r"^python -m experiments: error: a command is required; commands: "
-                                            r"reproduce, sweep, bench"),
-    Case("experiments", "unknown_command", ("swep", "--config", "x.yaml"), 2,
-         r"^python -m experiments: error: unknown command 'swep' \(did you mean 'sweep'\?\)"),
-
-    Case("reproduce", "malformed_yaml", ("--config", "{root}/bad.yaml", "--out", "{out}"), 2,
-         r"^reproduce: (configuration )?error: config file \S*bad\.yaml:3:6 is not valid YAML: expected"),
-    Case("reproduce", "missing_config", ("--config", "{root}/nowhere.yaml", "--out", "{out}"), 2,
-         r"^reproduce: (configuration )?error: config file '\S*nowhere\.yaml' does not exist"),
-    Case("reproduce", "missing_data_dir", TINY_REPRODUCE + ("--data-dir", "{root}/no_such_folder"), 2,
-         r"^reproduce: .*no_such_folder.* does not exist .*--data-dir"),
-    Case("reproduce", "usage", ("--out", "{out}", "--no-such-flag"), 2,
-         r"^.*reproduce: error: unrecognized arguments: --no-such-flag"),
+    Case(
+        "experiments",
+        "no_command",
+        (),
+        2,
+        r"^python -m experiments: error: a command is required; commands: "
+        r"reproduce, sweep, bench",
+    ),
+    Case(
+        "experiments",
+        "unknown_command",
+        ("swep", "--config", "x.yaml"),
+        2,
+        r"^python -m experiments: error: unknown command 'swep' \(did you mean 'sweep'\?\)",
+    ),
+    Case(
+        "reproduce",
+        "malformed_yaml",
+        ("--config", "{root}/bad.yaml", "--out", "{out}"),
+        2,
+        r"^reproduce: (configuration )?error: config file \S*bad\.yaml:3:6 is not valid YAML: expected",
+    ),
+    Case(
+        "reproduce",
+        "missing_config",
+        ("--config", "{root}/nowhere.yaml", "--out", "{out}"),
+        2,
+        r"^reproduce: (configuration )?error: config file '\S*nowhere\.yaml' does not exist",
+    ),
+    Case(
+        "reproduce",
+        "missing_data_dir",
+        (*TINY_REPRODUCE, "--data-dir", "{root}/no_such_folder"),
+        2,
+        r"^reproduce: .*no_such_folder.* does not exist .*--data-dir",
+    ),
+    Case(
+        "reproduce",
+        "usage",
+        ("--out", "{out}", "--no-such-flag"),
+        2,
+        r"^.*reproduce: error: unrecognized arguments: --no-such-flag",
+    ),
     Case("reproduce", "sigint", TINY_REPRODUCE, 130, r"^reproduce: interrupted", progress="stdout"),
-
-    Case("sweep", "malformed_yaml", ("--config", "{root}/bad.yaml", "--output-dir", "{out}"), 2,
-         r"^sweep: error: config file \S*bad\.yaml:3:6 is not valid YAML: expected"),
-    Case("sweep", "missing_config", ("--config", "{root}/nowhere.yaml", "--output-dir", "{out}"), 2,
-         r"^sweep: error: config file '\S*nowhere\.yaml' does not exist"),
-    Case("sweep", "missing_data", ("--config", "{root}/sweep.yaml", "--output-dir", "{out}", "--data-dir",
-                                   "{root}/empty", "--set", "datasets=[{dataset: mnist, download: false}]"), 2,
-         r"^sweep: error: datasets\[0\] \(mnist\): data set 'mnist' not found: downloading is off \(config key "
-         r"datasets\[0\]\.download is false\)\. Missing: .* pass --data-dir FOLDER"),
-    Case("sweep", "usage", ("--config", "{root}/sweep.yaml", "--output-dir", "{out}", "--no-such-flag"), 2,
-         r"^sweep: error: unrecognized arguments: --no-such-flag \(see --help\)$"),
-    Case("sweep", "sigint", ("--config", "{root}/sweep.yaml", "--output-dir", "{out}", "--no-progress"), 130,
-         r"^sweep: interrupted; .*run the same command again", progress="stdout"),
-
-    Case("bench", "malformed_json", ("--render", "--docs-dir", "{root}/docs"), 2,
-         r"^python -m experiments bench: error: \S*bench-step\.json: not valid JSON", output="{root}/docs"),
-    Case("bench", "missing_file", ("--render", "--docs-dir", "{root}/no_docs"), 2,
-         r"^python -m experiments bench: error: --render: \S*no_docs/benchmarks\.md does not exist",
-         output="{root}/no_docs"),
-    Case("bench", "missing_data", BENCH_TINY + ("--data", "fashion_mnist"), 2,
-         r"^python -m experiments bench: error: --data fashion_mnist: Fashion-MNIST is not on disk",
-         env=(("CLI_CONTRACT_NO_SYSTEM_DATA", "1"),)),
-    Case("bench", "usage", ("--suite", "nope", "--out", "{out}/step.json"), 2,
-         r"^python -m experiments bench: error: argument --suite: invalid choice: 'nope'"),
-    Case("bench", "sigint", BENCH_TINY + ("--data", "random"), 130, r"^python -m experiments bench: interrupted",
-         progress="stdout"),
+    Case(
+        "sweep",
+        "malformed_yaml",
+        ("--config", "{root}/bad.yaml", "--output-dir", "{out}"),
+        2,
+        r"^sweep: error: config file \S*bad\.yaml:3:6 is not valid YAML: expected",
+    ),
+    Case(
+        "sweep",
+        "missing_config",
+        ("--config", "{root}/nowhere.yaml", "--output-dir", "{out}"),
+        2,
+        r"^sweep: error: config file '\S*nowhere\.yaml' does not exist",
+    ),
+    Case(
+        "sweep",
+        "missing_data",
+        (
+            "--config",
+            "{root}/sweep.yaml",
+            "--output-dir",
+            "{out}",
+            "--data-dir",
+            "{root}/empty",
+            "--set",
+            "datasets=[{dataset: mnist, download: false}]",
+        ),
+        2,
+        r"^sweep: error: datasets\[0\] \(mnist\): data set 'mnist' not found: downloading is off \(config key "
+        r"datasets\[0\]\.download is false\)\. Missing: .* pass --data-dir FOLDER",
+    ),
+    Case(
+        "sweep",
+        "usage",
+        ("--config", "{root}/sweep.yaml", "--output-dir", "{out}", "--no-such-flag"),
+        2,
+        r"^sweep: error: unrecognized arguments: --no-such-flag \(see --help\)$",
+    ),
+    Case(
+        "sweep",
+        "sigint",
+        ("--config", "{root}/sweep.yaml", "--output-dir", "{out}", "--no-progress"),
+        130,
+        r"^sweep: interrupted; .*run the same command again",
+        progress="stdout",
+    ),
+    Case(
+        "bench",
+        "malformed_json",
+        ("--render", "--docs-dir", "{root}/docs"),
+        2,
+        r"^python -m experiments bench: error: \S*bench-step\.json: not valid JSON",
+        output="{root}/docs",
+    ),
+    Case(
+        "bench",
+        "missing_file",
+        ("--render", "--docs-dir", "{root}/no_docs"),
+        2,
+        r"^python -m experiments bench: error: --render: \S*no_docs/benchmarks\.md does not exist",
+        output="{root}/no_docs",
+    ),
+    Case(
+        "bench",
+        "missing_data",
+        (*BENCH_TINY, "--data", "fashion_mnist"),
+        2,
+        r"^python -m experiments bench: error: --data fashion_mnist: Fashion-MNIST is not on disk",
+        env=(("CLI_CONTRACT_NO_SYSTEM_DATA", "1"),),
+    ),
+    Case(
+        "bench",
+        "usage",
+        ("--suite", "nope", "--out", "{out}/step.json"),
+        2,
+        r"^python -m experiments bench: error: argument --suite: invalid choice: 'nope'",
+    ),
+    Case(
+        "bench",
+        "sigint",
+        (*BENCH_TINY, "--data", "random"),
+        130,
+        r"^python -m experiments bench: interrupted",
+        progress="stdout",
+    ),
 ]
 
 
 def _tree(root: pathlib.Path) -> None:
     """The shared inputs: a malformed YAML, a tiny sweep, an empty folder, docs with a malformed result JSON."""
     (root / "bad.yaml").write_text("name: tiny\ndatasets: [{dataset: digits\nsteps: 3\n")  # the list is never closed
-    sweep = {**TINY, "datasets": [DATA], "dtype": "float32", "save_params": False,
-             "grid": {**TINY["grid"], "models": ["linear"]}}
+    sweep = {
+        **TINY,
+        "datasets": [DATA],
+        "dtype": "float32",
+        "save_params": False,
+        "grid": {**TINY["grid"], "models": ["linear"]},
+    }
     (root / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     (root / "empty").mkdir()
     (root / "cache").mkdir()
     (root / "docs" / "results").mkdir(parents=True)
-    (root / "docs" / "benchmarks.md").write_text("# Benchmarks\n\n<!-- bench:begin step table -->\n"
-                                                 "<!-- bench:end -->\n")
+    (root / "docs" / "benchmarks.md").write_text(
+        "# Benchmarks\n\n<!-- bench:begin step table -->\n<!-- bench:end -->\n"
+    )
     (root / "docs" / "results" / "bench-step.json").write_text('{"suite": "step", "rows": [\n')
 
 
@@ -133,8 +226,10 @@ def _snapshot(folder: pathlib.Path) -> dict[str, str]:
     """Every file (its SHA-256) and folder ("dir") under `folder`, by relative path."""
     if not folder.exists():
         return {}
-    return {str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*"))}
+    return {
+        str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 def _leftovers(folder: pathlib.Path, before: dict[str, str]) -> list[str]:
@@ -167,8 +262,14 @@ def _run(case: Case, root: pathlib.Path) -> dict:
     env.update(DEQ_JAX_DATA_DIR=str(root / "cache"), DEQ_JAX_DATA_BASE_URL="http://127.0.0.1:9/", MPLBACKEND="Agg")
     env.update(case.env)
     command = [] if case.command == "experiments" else [case.command]  # "experiments": no subcommand
-    proc = subprocess.Popen([PYTHON, "-c", LAUNCH, *command, *map(fill, case.args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [PYTHON, "-c", LAUNCH, *command, *map(fill, case.args)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines: dict[str, list[str]] = {"stdout": [], "stderr": []}
     first = threading.Event()
 
@@ -198,9 +299,16 @@ def _run(case: Case, root: pathlib.Path) -> dict:
         timed_out = True
     for reader in readers:
         reader.join()
-    return {"returncode": proc.returncode, "stdout": "".join(lines["stdout"]), "stderr": "".join(lines["stderr"]),
-            "signalled": signalled, "timed_out": timed_out, "output": str(output),
-            "changed": before != _snapshot(output), "leftovers": _leftovers(output, before)}
+    return {
+        "returncode": proc.returncode,
+        "stdout": "".join(lines["stdout"]),
+        "stderr": "".join(lines["stderr"]),
+        "signalled": signalled,
+        "timed_out": timed_out,
+        "output": str(output),
+        "changed": before != _snapshot(output),
+        "leftovers": _leftovers(output, before),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -216,7 +324,7 @@ def outcomes(tmp_path_factory) -> dict[str, dict]:
         if not done.exists():
             _tree(shared)
             with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
-                results = dict(zip([c.id for c in CASES], pool.map(lambda c: _run(c, shared), CASES)))
+                results = dict(zip([c.id for c in CASES], pool.map(lambda c: _run(c, shared), CASES), strict=True))
             done.write_text(json.dumps(results))
         return json.loads(done.read_text())
 
@@ -231,8 +339,10 @@ def _params(xfail_field: str) -> list:
 
 
 def _describe(outcome: dict) -> str:
-    return f"exit status {outcome['returncode']}\n--- stderr:\n{outcome['stderr'][-3000:]}\n--- stdout:\n" \
-           f"{outcome['stdout'][-1000:]}"
+    return (
+        f"exit status {outcome['returncode']}\n--- stderr:\n{outcome['stderr'][-3000:]}\n--- stdout:\n"
+        f"{outcome['stdout'][-1000:]}"
+    )
 
 
 @pytest.mark.parametrize("case", _params("xfail_line"))

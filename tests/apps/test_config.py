@@ -1,25 +1,45 @@
-"""experiments.common.config: strict YAML -> dataclass validation; and the main job's config (experiments/reproduce/config.py)."""
+"""experiments.common.config: strict YAML -> dataclass validation; and the main job's config
+(experiments/reproduce/config.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
-
-from experiments.common.config import (ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml, parse_override,
-                                       to_dict)
-from experiments.reproduce.config import ReproduceConfig, load_config
 from helpers import ROOT
 
+from experiments.common.config import (
+    ConfigError,
+    apply_overrides,
+    dump_yaml,
+    from_dict,
+    load_yaml,
+    parse_override,
+    to_dict,
+)
+from experiments.reproduce.config import ReproduceConfig, load_config
+
 # the main job's configs (configs/ holds other commands' configs too, e.g. sweeps)
-REPRODUCE_NAMES = ("digits", "fashion_mnist", "fashion_mnist_full", "mnist", "kmnist", "cifar10", "cifar100", "svhn",
-                   "tiny")
-CONFIGS = sorted([ROOT / "configs" / f"{n}.yaml" for n in REPRODUCE_NAMES if (ROOT / "configs" / f"{n}.yaml").exists()]
-                 + list((ROOT / "configs").glob("reproduce_*.yaml")))
+REPRODUCE_NAMES = (
+    "digits",
+    "fashion_mnist",
+    "fashion_mnist_full",
+    "mnist",
+    "kmnist",
+    "cifar10",
+    "cifar100",
+    "svhn",
+    "tiny",
+)
+CONFIGS = sorted(
+    [ROOT / "configs" / f"{n}.yaml" for n in REPRODUCE_NAMES if (ROOT / "configs" / f"{n}.yaml").exists()]
+    + list((ROOT / "configs").glob("reproduce_*.yaml"))
+)
 
 
-# --------------------------------------------------------------------------------------------- experiments.common.config
+# ------------------------------------------------------------------------------------------ experiments.common.config
+
 
 @dataclasses.dataclass(frozen=True)
 class Inner:
@@ -27,7 +47,7 @@ class Inner:
     rate: float = 0.5
     loss: Literal["square", "cross_entropy"] = "square"
     widths: tuple[int, ...] = (4, 8)
-    width: Optional[int] = None
+    width: int | None = None
     flag: bool = False
 
     def __post_init__(self):
@@ -48,24 +68,32 @@ def test_defaults_nesting_and_conversion():
     assert from_dict(Outer, {"name": "y"}).inner == Inner()
 
 
-@pytest.mark.parametrize("data, fragments", [
-    ({"name": "x", "inner": {"stepz": 3}}, ["unknown key 'inner.stepz'", "did you mean 'steps'", "valid keys here"]),
-    ({"nme": "x"}, ["unknown key 'nme'", "did you mean 'name'"]),
-    ({"name": "x", "inner": {"loss": "sqare"}}, ["inner.loss", "'sqare' is not a valid choice", "did you mean 'square'",
-                                                 "'square', 'cross_entropy'"]),
-    ({"name": "x", "inner": {"steps": "ten"}}, ["inner.steps", "expected an integer", "'ten'"]),
-    ({"name": "x", "inner": {"steps": 2.5}}, ["inner.steps", "expected an integer"]),
-    ({"name": "x", "inner": {"steps": True}}, ["inner.steps", "expected an integer"]),
-    ({"name": "x", "inner": {"rate": "fast"}}, ["inner.rate", "expected a number"]),
-    ({"name": "x", "inner": {"flag": "yes"}}, ["inner.flag", "expected true or false"]),
-    ({"name": "x", "inner": {"widths": 4}}, ["inner.widths", "expected a list"]),
-    ({"name": "x", "inner": {"widths": [1, "a"]}}, ["inner.widths[1]", "expected an integer"]),
-    ({"name": "x", "inner": {"width": "w"}}, ["inner.width", "expected int or null", "'w'"]),
-    ({"name": 3}, ["name", "expected a string"]),
-    ({}, ["missing required key 'name'"]),
-    ({"name": "x", "inner": [1]}, ["inner", "expected a mapping"]),
-    ({"name": "x", "inner": {"steps": -1}}, ["inner", "steps must be positive; got -1"]),
-])
+@pytest.mark.parametrize(
+    ("data", "fragments"),
+    [
+        (
+            {"name": "x", "inner": {"stepz": 3}},
+            ["unknown key 'inner.stepz'", "did you mean 'steps'", "valid keys here"],
+        ),
+        ({"nme": "x"}, ["unknown key 'nme'", "did you mean 'name'"]),
+        (
+            {"name": "x", "inner": {"loss": "sqare"}},
+            ["inner.loss", "'sqare' is not a valid choice", "did you mean 'square'", "'square', 'cross_entropy'"],
+        ),
+        ({"name": "x", "inner": {"steps": "ten"}}, ["inner.steps", "expected an integer", "'ten'"]),
+        ({"name": "x", "inner": {"steps": 2.5}}, ["inner.steps", "expected an integer"]),
+        ({"name": "x", "inner": {"steps": True}}, ["inner.steps", "expected an integer"]),
+        ({"name": "x", "inner": {"rate": "fast"}}, ["inner.rate", "expected a number"]),
+        ({"name": "x", "inner": {"flag": "yes"}}, ["inner.flag", "expected true or false"]),
+        ({"name": "x", "inner": {"widths": 4}}, ["inner.widths", "expected a list"]),
+        ({"name": "x", "inner": {"widths": [1, "a"]}}, ["inner.widths[1]", "expected an integer"]),
+        ({"name": "x", "inner": {"width": "w"}}, ["inner.width", "expected int or null", "'w'"]),
+        ({"name": 3}, ["name", "expected a string"]),
+        ({}, ["missing required key 'name'"]),
+        ({"name": "x", "inner": [1]}, ["inner", "expected a mapping"]),
+        ({"name": "x", "inner": {"steps": -1}}, ["inner", "steps must be positive; got -1"]),
+    ],
+)
 def test_errors_name_the_key(data, fragments):
     with pytest.raises(ConfigError) as info:
         from_dict(Outer, data)
@@ -86,14 +114,16 @@ def test_overrides():
         parse_override("inner.steps")
     with pytest.raises(ConfigError, match="'name' is not a section"):
         apply_overrides({"name": "x"}, ["name.sub=1"])
-    with pytest.raises(ConfigError, match="inner.stepz"):
+    with pytest.raises(ConfigError, match=r"inner\.stepz"):
         from_dict(Outer, {"name": "x"}, overrides=["inner.stepz=1"])
 
 
 def test_yaml_round_trip(tmp_path):
     cfg = from_dict(Outer, {"name": "x", "inner": {"widths": [3]}})
-    assert to_dict(cfg) == {"name": "x", "inner": {"steps": 100, "rate": 0.5, "loss": "square", "widths": [3],
-                                                   "width": None, "flag": False}}
+    assert to_dict(cfg) == {
+        "name": "x",
+        "inner": {"steps": 100, "rate": 0.5, "loss": "square", "widths": [3], "width": None, "flag": False},
+    }
     path = tmp_path / "c.yaml"
     path.write_text(dump_yaml(cfg))
     assert from_dict(Outer, load_yaml(path)) == cfg
@@ -107,6 +137,7 @@ def test_yaml_round_trip(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- the main job's config
+
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_validates(path):
@@ -128,40 +159,51 @@ def test_shipped_configs_are_complete():
             assert set(fs) == set(expected["convergence"]["feature_sets"][0]), (name, fs)
 
 
-@pytest.mark.parametrize("override, fragments", [
-    ("model.gamma=1.5", ["model", "gamma must lie in the open interval (0, 1)", "1.5"]),
-    ("model.gama=0.5", ["unknown key 'model.gama'", "did you mean 'gamma'"]),
-    ("data.dataset=mnsit", ["data.dataset", "did you mean 'mnist'", "'fashion_mnist'", "'cifar100'"]),
-    ("data.features=standardize", ["data", "pca_dim applies only to features 'pca_whiten'"]),
-    ("data.pca_dim=null", ["data", "pca_dim must be a positive integer"]),
-    ("convergence.steps=1234", ["convergence", "steps (1234) must be a multiple of chunk (50)"]),
-    ("convergence.feature_sets=[{losses: []}]", ["convergence.feature_sets[0]", "losses must list at least one "
-                                                 "entry", "'square', 'cross_entropy'"]),
-    ("convergence.feature_sets=[{models: [linear]}]", ["models must include 'delm'"]),
-    ("convergence.feature_sets=[{features: projection}]", ["width must be a positive integer for features "
-                                                           "'projection'"]),
-    ("convergence.feature_sets=[{variants: [{formulation: per_sample}, {formulation: per_sample}]}]",
-     ["variants must not repeat a formulation"]),
-    ("convergence.feature_sets=[{variants: [{solver: newton}]}]", ["solver", "'newton' is not a valid choice"]),
-    ("convergence.feature_sets=[{steps: 75}]", ["feature_sets[0].steps (75) must be a multiple of chunk (50)"]),
-    ("convergence.feature_sets=[]", ["feature_sets must list at least one feature set"]),
-    ("convergence.learning_rate.rule=theory", ["'theory' is not a valid choice", "'measured', 'bound', 'fixed'"]),
-    ("mutation=one_stepp", ["mutation", "'one_step', 'perturbed', 'wrong_sigma' or null", "'one_stepp'"]),
-    ("trust_region.features=standardize", []),
-    ("convergence.learning_rate.rule=fixed", ["convergence.learning_rate",
-                                              "value must be set (a positive number) when rule is 'fixed'"]),
-    ("convergence.learning_rate.value=0.1", ["value applies only to rule 'fixed'"]),
-    ("convergence.thresholds.r2=1.5", ["convergence.thresholds", "r2 must lie in the open interval (0, 1)"]),
-    ("convergence.fit_lo=0.1", ["fit_lo must be below fit_hi"]),
-    ("trust_region.check_every=75", ["trust_region", "check_every (75) must be a multiple of chunk (50)"]),
-    ("trust_region.a_scales=[1.0, 1.0]", ["a_scales must not repeat entries"]),
-    ("implicit_bias.seeds=[]", ["implicit_bias", "seeds must list at least one entry"]),
-    ("implicit_bias.init_scale=-1", ["implicit_bias", "init_scale must be a positive number"]),
-    ("model.depths=[1]", ["model", "depths must be distinct integers >= 2"]),
-    ("dtype=float16", ["dtype", "'float16' is not a valid choice", "'float64', 'float32'"]),
-    ("name=a/b", ["name must be a non-empty file name"]),
-    ("convergence.enabled=false", []),
-])
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        ("model.gamma=1.5", ["model", "gamma must lie in the open interval (0, 1)", "1.5"]),
+        ("model.gama=0.5", ["unknown key 'model.gama'", "did you mean 'gamma'"]),
+        ("data.dataset=mnsit", ["data.dataset", "did you mean 'mnist'", "'fashion_mnist'", "'cifar100'"]),
+        ("data.features=standardize", ["data", "pca_dim applies only to features 'pca_whiten'"]),
+        ("data.pca_dim=null", ["data", "pca_dim must be a positive integer"]),
+        ("convergence.steps=1234", ["convergence", "steps (1234) must be a multiple of chunk (50)"]),
+        (
+            "convergence.feature_sets=[{losses: []}]",
+            ["convergence.feature_sets[0]", ("losses must list at least one entry"), "'square', 'cross_entropy'"],
+        ),
+        ("convergence.feature_sets=[{models: [linear]}]", ["models must include 'delm'"]),
+        (
+            "convergence.feature_sets=[{features: projection}]",
+            [("width must be a positive integer for features 'projection'")],
+        ),
+        (
+            "convergence.feature_sets=[{variants: [{formulation: per_sample}, {formulation: per_sample}]}]",
+            ["variants must not repeat a formulation"],
+        ),
+        ("convergence.feature_sets=[{variants: [{solver: newton}]}]", ["solver", "'newton' is not a valid choice"]),
+        ("convergence.feature_sets=[{steps: 75}]", ["feature_sets[0].steps (75) must be a multiple of chunk (50)"]),
+        ("convergence.feature_sets=[]", ["feature_sets must list at least one feature set"]),
+        ("convergence.learning_rate.rule=theory", ["'theory' is not a valid choice", "'measured', 'bound', 'fixed'"]),
+        ("mutation=one_stepp", ["mutation", "'one_step', 'perturbed', 'wrong_sigma' or null", "'one_stepp'"]),
+        ("trust_region.features=standardize", []),
+        (
+            "convergence.learning_rate.rule=fixed",
+            ["convergence.learning_rate", "value must be set (a positive number) when rule is 'fixed'"],
+        ),
+        ("convergence.learning_rate.value=0.1", ["value applies only to rule 'fixed'"]),
+        ("convergence.thresholds.r2=1.5", ["convergence.thresholds", "r2 must lie in the open interval (0, 1)"]),
+        ("convergence.fit_lo=0.1", ["fit_lo must be below fit_hi"]),
+        ("trust_region.check_every=75", ["trust_region", "check_every (75) must be a multiple of chunk (50)"]),
+        ("trust_region.a_scales=[1.0, 1.0]", ["a_scales must not repeat entries"]),
+        ("implicit_bias.seeds=[]", ["implicit_bias", "seeds must list at least one entry"]),
+        ("implicit_bias.init_scale=-1", ["implicit_bias", "init_scale must be a positive number"]),
+        ("model.depths=[1]", ["model", "depths must be distinct integers >= 2"]),
+        ("dtype=float16", ["dtype", "'float16' is not a valid choice", "'float64', 'float32'"]),
+        ("name=a/b", ["name must be a non-empty file name"]),
+        ("convergence.enabled=false", []),
+    ],
+)
 def test_reproduce_config_errors(override, fragments):
     if not fragments:  # a valid override, for contrast
         load_config(ROOT / "configs" / "tiny.yaml", [override])

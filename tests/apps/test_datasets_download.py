@@ -9,12 +9,23 @@ import pathlib
 
 import numpy as np
 import pytest
+from dataset_fakes import (
+    FAKES,
+    Server,
+    check_matches,
+    cifar_members,
+    files_under,
+    free_port_url,
+    make_idx,
+    make_svhn,
+    md5,
+    umask,
+    with_content_digests,
+)
 
 from experiments.common import cli
 from experiments.common import datasets as data
 from experiments.common.datasets import ChecksumError, DatasetNotFoundError, DataSettingError
-from dataset_fakes import (FAKES, Server, check_matches, cifar_members, files_under, free_port_url, make_idx,
-                           make_svhn, md5, umask, with_content_digests)
 
 pytestmark = pytest.mark.usefixtures("isolated")  # no real cache, internet or system copy
 
@@ -132,7 +143,7 @@ def test_corrupt_download_leaves_nothing(server: Server, tmp_path: pathlib.Path)
     # With every checksum wrong, the cache stays empty (no final file, no temp file).
     cache2 = tmp_path / "cache2"
     with pytest.raises(ChecksumError):
-        data.load_dataset("mnist", cache_dir=cache2, base_url=server.url, checksums={f: "f" * 32 for f in fake.files})
+        data.load_dataset("mnist", cache_dir=cache2, base_url=server.url, checksums=dict.fromkeys(fake.files, "f" * 32))
     assert files_under(cache2) == []
 
 
@@ -161,7 +172,7 @@ def test_corrupt_cache_redownloads_or_errors(server: Server, tmp_path: pathlib.P
     bad = cache / "fashion_mnist" / "t10k-images-idx3-ubyte.gz"
     bad.write_bytes(b"truncated")
 
-    with pytest.raises(ChecksumError, match="t10k-images-idx3-ubyte.gz"):
+    with pytest.raises(ChecksumError, match=r"t10k-images-idx3-ubyte\.gz"):
         data.load_dataset("fashion_mnist", cache_dir=cache, download=False)
     assert bad.read_bytes() == b"truncated"
 
@@ -191,8 +202,9 @@ def test_mirror_serving_recompressed_files(server: Server, tmp_path: pathlib.Pat
     """A download whose bytes differ from the published .gz is kept when its content is the published one."""
     fake = make_idx(23)
     monkeypatch.setitem(data.CHECKSUMS, "fashion_mnist", with_content_digests(fake))
-    server.publish("fashion_mnist", {f: gzip.compress(gzip.decompress(r), compresslevel=9, mtime=7)
-                                     for f, r in fake.files.items()})
+    server.publish(
+        "fashion_mnist", {f: gzip.compress(gzip.decompress(r), compresslevel=9, mtime=7) for f, r in fake.files.items()}
+    )
     cache = tmp_path / "cache"
     ds = data.load_dataset("fashion_mnist", cache_dir=cache, base_url=server.url)
     check_matches(ds, fake, "fashion_mnist")
@@ -230,4 +242,3 @@ def test_cache_that_cannot_be_written_names_the_setting(tmp_path: pathlib.Path, 
         data.load_dataset("mnist", cache_dir=blocker, base_url=server.url)
     assert err.value.setting == "cache_dir" and isinstance(err.value, cli.UserError)
     assert blocker.read_text() == "not a directory" and sum(server.requests.values()) == 0
-

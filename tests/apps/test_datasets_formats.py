@@ -14,13 +14,31 @@ import tarfile
 
 import numpy as np
 import pytest
+from dataset_fakes import (
+    FASHION_SYSTEM_DIR,
+    Server,
+    check_matches,
+    cifar_members,
+    files_under,
+    idx_bytes,
+    make_cifar,
+    make_idx,
+    md5,
+    raw_idx,
+    toy,
+    with_content_digests,
+)
 
 from experiments.common import cli
 from experiments.common import datasets as data
-from experiments.common.datasets import (ChecksumError, DatasetFormatError, DatasetNotFoundError, DatasetWarning,
-                                         Setting, formats)
-from dataset_fakes import (FASHION_SYSTEM_DIR, Server, check_matches, cifar_members, files_under, idx_bytes,
-                           make_cifar, make_idx, md5, raw_idx, toy, with_content_digests)
+from experiments.common.datasets import (
+    ChecksumError,
+    DatasetFormatError,
+    DatasetNotFoundError,
+    DatasetWarning,
+    Setting,
+    formats,
+)
 
 pytestmark = pytest.mark.usefixtures("isolated")  # no real cache, internet or system copy
 
@@ -61,7 +79,7 @@ def test_offline_message_cifar_mentions_tarball_and_directory(tmp_path: pathlib.
 
 
 @pytest.mark.parametrize(
-    "payload, match",
+    ("payload", "match"),
     [
         (b"\x00\x00\x08\x03" + np.array([2, 28, 28], ">i4").tobytes() + b"\x00" * 10, "need 1568 data bytes"),
         (b"\x12\x34\x08\x03", "bad magic"),
@@ -127,9 +145,14 @@ def test_digits() -> None:
     from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
-    want = train_test_split((bunch.data / 16.0).astype(np.float32), bunch.target.astype(np.int32), test_size=0.2,
-                            random_state=0, stratify=bunch.target)
-    for got, ref in zip((ds.x_train, ds.x_test, ds.y_train, ds.y_test), want):
+    want = train_test_split(
+        (bunch.data / 16.0).astype(np.float32),
+        bunch.target.astype(np.int32),
+        test_size=0.2,
+        random_state=0,
+        stratify=bunch.target,
+    )
+    for got, ref in zip((ds.x_train, ds.x_test, ds.y_train, ds.y_test), want, strict=True):
         np.testing.assert_array_equal(got, ref)
     y = np.repeat(np.arange(7), [5, 9, 2, 13, 4, 4, 6])  # ties in the per-class remainders: drawn by the seed
     for seed in range(5):
@@ -150,7 +173,7 @@ def test_fashion_mnist_system_copy(monkeypatch, tmp_path: pathlib.Path, closed_p
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    ("kwargs", "match"),
     [
         ({"n_test": 0}, r"'n_test'.*positive integer.*received 0"),
         ({"features": "whiten"}, r"'features'.*'raw'.*received 'whiten'"),
@@ -210,8 +233,12 @@ def test_without_a_published_content_digest_a_structural_check_says_so(tmp_path:
     """KMNIST publishes no digest of its decompressed files: other copies pass a structural check, with a warning."""
     fake = make_idx(22)
     monkeypatch.setitem(data.CHECKSUMS, "kmnist", fake.checksums)  # .gz MD5s only, like the real table
-    shapes = {"train-images-idx3-ubyte": (20, 28, 28), "train-labels-idx1-ubyte": (20,),
-              "t10k-images-idx3-ubyte": (10, 28, 28), "t10k-labels-idx1-ubyte": (10,)}
+    shapes = {
+        "train-images-idx3-ubyte": (20, 28, 28),
+        "train-labels-idx1-ubyte": (20,),
+        "t10k-images-idx3-ubyte": (10, 28, 28),
+        "t10k-labels-idx1-ubyte": (10,),
+    }
     for name, shape in shapes.items():  # the fake's sizes in place of 60000 / 10000
         monkeypatch.setitem(data.SPECS["kmnist"].idx_shapes, name, shape)
     for fname, raw in fake.files.items():
@@ -289,4 +316,3 @@ def test_settings_spelled_by_the_application(tmp_path: pathlib.Path) -> None:
     assert "--cache-dir, config key data.cache_dir or $DEQ_JAX_DATA_DIR" in msg  # the default spelling
     with pytest.raises(ValueError, match="unknown setting 'datadir'"):
         data.load_dataset("svhn", settings={"datadir": "x"})
-

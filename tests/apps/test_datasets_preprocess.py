@@ -7,11 +7,11 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from dataset_fakes import toy
 
 from experiments.common import cli
 from experiments.common import datasets as data
 from experiments.common.datasets import Dataset, DataSettingError
-from dataset_fakes import toy
 
 pytestmark = pytest.mark.usefixtures("isolated")  # no real cache, internet or system copy
 
@@ -79,10 +79,16 @@ def test_preprocess_deterministic_subsets() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs, setting, match",
+    ("kwargs", "setting", "match"),
     [
-        ({"n_train": 201}, "n_train", r"n_train = 201 is more than the 200 training samples of 'toy' \(set by config "
-                                      r"key data\.n_train\); use at most 200"),
+        (
+            {"n_train": 201},
+            "n_train",
+            (
+                r"n_train = 201 is more than the 200 training samples of 'toy' \(set by config "
+                r"key data\.n_train\); use at most 200"
+            ),
+        ),
         ({"n_test": 51}, "n_test", r"n_test = 51 is more than the 50 test samples"),
         ({"features": "pca_whiten", "pca_dim": 11}, "pca_dim", r"pca_dim = 11 is more than the 10 non-constant"),
         ({"features": "pca_whiten", "pca_dim": 8, "n_train": 5}, "pca_dim", r"pca_dim = 8 .*numerical rank 4"),
@@ -154,8 +160,7 @@ def test_pca_matches_an_svd_reference(block: int, monkeypatch) -> None:
     # eigh of the d x d covariance vs SVD of the data: equal to ~cond * eps; these components are well separated
     np.testing.assert_allclose(p.x_train, xs @ proj, atol=1e-9)
     np.testing.assert_allclose(p.x_test, xs_te @ proj, atol=1e-9)
-    assert p.info["explained_variance_ratio"] == pytest.approx((s[:k] ** 2).sum() / (s ** 2).sum(), rel=1e-12)
+    assert p.info["explained_variance_ratio"] == pytest.approx((s[:k] ** 2).sum() / (s**2).sum(), rel=1e-12)
     std_only = data.preprocess(ds, features="standardize", add_bias=False)
     np.testing.assert_allclose(std_only.x_train, xs, atol=1e-12)
     np.testing.assert_allclose(std_only.x_test, xs_te, atol=1e-12)
-

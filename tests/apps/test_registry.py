@@ -76,9 +76,14 @@ def test_the_applications_import_no_string_registry_of_the_library():
     import re
 
     root = pathlib.Path(__file__).resolve().parents[2] / "experiments"
-    names = r"\b(SOLVERS|BACKWARDS|LOSSES|SIGMAS|DELM_SOLVERS|FORMULATIONS|LINEAR_SOLVERS|MODELS|BATCHINGS|get_loss|" \
-            r"get_sigma)\b"
-    offenders = [f"{path.relative_to(root)}:{i}" for path in sorted(root.rglob("*.py"))
-                 for i, line in enumerate(path.read_text().splitlines(), 1)
-                 if re.match(r"\s*(from deq_jax\S* import|import deq_jax)", line) and re.search(names, line)]
+    names = (
+        r"\b(SOLVERS|BACKWARDS|LOSSES|SIGMAS|DELM_SOLVERS|FORMULATIONS|LINEAR_SOLVERS|MODELS|BATCHINGS|get_loss|"
+        r"get_sigma)\b"
+    )
+    offenders = [
+        f"{path.relative_to(root)}:{i}"
+        for path in sorted(root.rglob("*.py"))
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if re.match(r"\s*(from deq_jax\S* import|import deq_jax)", line) and re.search(names, line)
+    ]
     assert not offenders, offenders

@@ -8,11 +8,11 @@ import math
 
 import numpy as np
 import pytest
+from reproduce_cases import convergence_group, verdicts
 
 from deq_jax import theory
 from experiments.reproduce import bounds, mutation_table, report
 from experiments.reproduce.common import Claim, checked
-from reproduce_cases import convergence_group, verdicts
 
 
 def test_convergence_claims_pass_on_an_exact_decay_and_fail_on_a_wrong_optimum_or_rate():
@@ -66,10 +66,28 @@ def test_claim_semantics_and_formatting():
 
 def test_mutation_table_verdicts():
     def summary(passes, sensitive_fail, mutation):
-        claims = [{"key": "a/x", "experiment": "a", "name": "x", "gradient_sensitive": True, "passed": passes,
-                   "measured": 1.0, "threshold": 0.5, "comparison": "<="},
-                  {"key": "a/y", "experiment": "a", "name": "y", "gradient_sensitive": False, "passed": True,
-                   "measured": 0.1, "threshold": 0.5, "comparison": "<="}]
+        claims = [
+            {
+                "key": "a/x",
+                "experiment": "a",
+                "name": "x",
+                "gradient_sensitive": True,
+                "passed": passes,
+                "measured": 1.0,
+                "threshold": 0.5,
+                "comparison": "<=",
+            },
+            {
+                "key": "a/y",
+                "experiment": "a",
+                "name": "y",
+                "gradient_sensitive": False,
+                "passed": True,
+                "measured": 0.1,
+                "threshold": 0.5,
+                "comparison": "<=",
+            },
+        ]
         if sensitive_fail is not None:
             claims[0]["passed"] = not sensitive_fail
         return {"claims": claims, "all_passed": all(c["passed"] for c in claims), "command": f"cmd {mutation}"}
@@ -78,8 +96,10 @@ def test_mutation_table_verdicts():
     assert mutation_table.verdict(good)["passed"]
     bad = {None: summary(True, None, None), "one_step": summary(True, False, "one_step")}
     v = mutation_table.verdict(bad)
-    assert not v["passed"] and v["mutations"]["one_step"]["experiments"]["a"] == {"sensitive": 1,
-                                                                                 "sensitive_failed": 0, "failed": 0}
+    assert not v["passed"] and v["mutations"]["one_step"]["experiments"]["a"] == {
+        "sensitive": 1,
+        "sensitive_failed": 0,
+        "failed": 0,
+    }
     text = mutation_table.markdown(good)
     assert "| a | x | yes | PASS (1) | **FAIL** (1) |" in text
-

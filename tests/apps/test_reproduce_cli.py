@@ -13,13 +13,13 @@ import time
 
 import jax
 import pytest
+from helpers import ROOT
+from reproduce_cases import TINY, read_summary, run_main
 
 from experiments.common import io as reproduce_io
 from experiments.reproduce import cli as reproduce
 from experiments.reproduce import report
 from experiments.reproduce import runs as gd_runs
-from helpers import ROOT
-from reproduce_cases import TINY, read_summary, run_main
 
 
 def test_tiny_job_end_to_end(tmp_path, capsys, monkeypatch, request):
@@ -104,9 +104,14 @@ def test_sigint_in_a_real_process_leaves_nothing_half_written(tmp_path):
     """SIGINT delivered by the OS while the job runs: one line naming where the checkpoints are, exit status 130,
     no traceback, no temporary or summary file."""
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "experiments", "reproduce", "--config", TINY, "--out", str(out),
-                             "--no-progress"], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments", "reproduce", "--config", TINY, "--out", str(out), "--no-progress"],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+    )
     lines = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # wait until it trains (the results folder exists), then interrupt
@@ -124,14 +129,17 @@ def test_sigint_in_a_real_process_leaves_nothing_half_written(tmp_path):
     assert not list(out.rglob("*.tmp")) and not (out / "tiny" / "summary.json").exists()
 
 
-@pytest.mark.parametrize("args, fragments", [
-    (["--set", "model.gama=0.5"], ["unknown key 'model.gama'", "did you mean 'gamma'"]),
-    (["--set", "data.pca_dim=500"], ["data.pca_dim", "500"]),
-    (["--set", "data.n_train=5000"], ["data.n_train", "1437", "5000"]),
-    (["--set", "implicit_bias.n_train=5000"], ["implicit_bias.n_train (5000) exceeds"]),
-    (["--config", "no/such.yaml"], ["does not exist"]),
-    (["--config", "MALFORMED"], ["is not valid YAML"]),
-])
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--set", "model.gama=0.5"], ["unknown key 'model.gama'", "did you mean 'gamma'"]),
+        (["--set", "data.pca_dim=500"], ["data.pca_dim", "500"]),
+        (["--set", "data.n_train=5000"], ["data.n_train", "1437", "5000"]),
+        (["--set", "implicit_bias.n_train=5000"], ["implicit_bias.n_train (5000) exceeds"]),
+        (["--config", "no/such.yaml"], ["does not exist"]),
+        (["--config", "MALFORMED"], ["is not valid YAML"]),
+    ],
+)
 def test_user_errors_are_one_line_exit_2_and_write_nothing(args, fragments, tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("name: tiny\ndata: {dataset: digits\nmodel: [\n")
     args = [str(tmp_path / "bad.yaml") if a == "MALFORMED" else a for a in args]
@@ -149,11 +157,31 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(args, fragments, tmp_
 def test_missing_data_set_through_the_cli(tmp_path):
     """An offline user without the files: exit status 2, one line naming --data-dir, no traceback, nothing
     written."""
-    env = {**os.environ, "HOME": str(tmp_path), "DEQ_JAX_DATA_DIR": str(tmp_path / "cache"),
-           "DEQ_JAX_DATA_BASE_URL": "http://127.0.0.1:9/{name}/"}  # a closed port: offline, at once
-    proc = subprocess.run([sys.executable, "-m", "experiments", "reproduce", "--config",
-                           str(ROOT / "configs" / "mnist.yaml"), "--out", str(tmp_path / "out"), "--no-progress"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "DEQ_JAX_DATA_DIR": str(tmp_path / "cache"),
+        "DEQ_JAX_DATA_BASE_URL": "http://127.0.0.1:9/{name}/",
+    }  # a closed port: offline, at once
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments",
+            "reproduce",
+            "--config",
+            str(ROOT / "configs" / "mnist.yaml"),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,  # the exit status is the subject of the test
+    )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -182,8 +210,19 @@ def test_every_help_example_is_valid(tmp_path, capsys):
 def test_full_fashion_mnist_example(tmp_path):
     if not pathlib.Path("/usr/share/datasets/fashion-mnist").is_dir():
         pytest.skip("the Debian package dataset-fashion-mnist is not installed")
-    assert reproduce.main(["--config", str(ROOT / "configs" / "fashion_mnist_full.yaml"), "--dry-run", "--out",
-                           str(tmp_path), "--no-progress"]) == 0
+    assert (
+        reproduce.main(
+            [
+                "--config",
+                str(ROOT / "configs" / "fashion_mnist_full.yaml"),
+                "--dry-run",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
 
 
 def test_python_m_experiments_without_a_command(capsys):
@@ -199,10 +238,14 @@ def test_python_m_experiments_without_a_command(capsys):
 def test_atomic_write_replaces_or_leaves_the_old_file(tmp_path):
     path = tmp_path / "sub" / "f.txt"
     reproduce_io.write_text(path, "one")
-    with pytest.raises(RuntimeError):
+
+    def write_and_die():
         with reproduce_io.atomic_path(path) as tmp:
             tmp.write_text("half-written")
             raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        write_and_die()
     assert path.read_text() == "one" and sorted(p.name for p in path.parent.iterdir()) == ["f.txt"]
 
 
@@ -211,14 +254,15 @@ def test_signals_are_taken_at_safe_points():
     callback would be swallowed); `check()` raises it; a second signal raises at once."""
     from experiments.common import interrupts
 
-    with interrupts.safe_points():
+    def sigint_self():  # the handler runs at the next bytecode boundary: during the sleep at the latest
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)
+
+    with interrupts.safe_points():
+        sigint_self()
         assert interrupts.requested()
         with pytest.raises(KeyboardInterrupt):
             interrupts.check()
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.01)
+            sigint_self()
     assert not interrupts.requested() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reproduce_cases import DELM, TINY, run_spec, tiny_data
 
 from deq_jax import losses, models, theory, train
 from experiments.common import io as reproduce_io
@@ -19,7 +20,6 @@ from experiments.reproduce.common import heldout_metrics, square_problem
 from experiments.reproduce.config import load_config
 from experiments.reproduce.implicit_bias import null_projector
 from experiments.reproduce.trust_region import distance_to_polyline, plane_coordinates
-from reproduce_cases import DELM, TINY, run_spec, tiny_data
 
 
 def test_chunked_runner_equals_full_batch_gd_on_the_samples():
@@ -29,12 +29,13 @@ def test_chunked_runner_equals_full_batch_gd_on_the_samples():
     model = DELM
     phi, Y, _ = tiny_data()
     params = model.init(jax.random.PRNGKey(0), jnp.float64)
-    ref_params, ref = train.full_batch_gd(model, "square", params, phi, Y, learning_rate=0.05, steps=100,
-                                          warm_start=False)
+    ref_params, ref = train.full_batch_gd(
+        model, "square", params, phi, Y, learning_rate=0.05, steps=100, warm_start=False
+    )
     res = gd_runs.run_gd(run_spec(model), params, train.square_gram(phi, Y), None, learning_rate=0.05, steps=100)
     assert res.history["loss"][-1] < 0.5 * res.history["loss"][0]  # a converging run: rounding cannot grow
     np.testing.assert_allclose(res.history["loss"], np.asarray(ref["loss"]), rtol=1e-12)
-    for a, b in zip(jax.tree_util.tree_leaves(res.params), jax.tree_util.tree_leaves(ref_params)):
+    for a, b in zip(jax.tree_util.tree_leaves(res.params), jax.tree_util.tree_leaves(ref_params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-11, atol=1e-14)
     np.testing.assert_allclose(res.W_final, np.asarray(model.end_to_end(ref_params)), rtol=1e-11, atol=1e-14)
     np.testing.assert_allclose(res.W0, np.asarray(model.end_to_end(params)), rtol=1e-12, atol=1e-15)
@@ -49,9 +50,15 @@ def test_runner_resumes_from_its_checkpoint_and_keys_it_by_its_inputs(tmp_path):
     params = DELM.init(jax.random.PRNGKey(1), jnp.float64)
     store = reproduce_io.CheckpointStore(tmp_path / "ck")
     store.open("fp", fresh=True)
-    monitor = lambda p: {"norm_A": float(jnp.linalg.norm(p["A"]))}  # noqa: E731
-    kwargs = dict(learning_rate=0.05, store=store, key="run", monitor=monitor, monitor_id="norm_A",
-                  keep=("loss", "U_norm2", "grad_norm"))
+    monitor = lambda p: {"norm_A": float(jnp.linalg.norm(p["A"]))}
+    kwargs = dict(
+        learning_rate=0.05,
+        store=store,
+        key="run",
+        monitor=monitor,
+        monitor_id="norm_A",
+        keep=("loss", "U_norm2", "grad_norm"),
+    )
     saved = reproduce_io.CheckpointStore.save
     calls = []
 
@@ -113,9 +120,10 @@ def test_cross_entropy_runs_carry_l2_through_the_penalty():
     W0 = theory.end_to_end(params["A"], params["B"], 0.8)
     want = float(losses.cross_entropy(phi @ W0.T, jnp.asarray(labels))) + 0.15 * float(jnp.sum(W0 * W0))
     assert res.history["loss"][0] == pytest.approx(want, rel=1e-13)
-    penalty = lambda p: 0.15 * jnp.sum(DELM.end_to_end(p) ** 2)  # noqa: E731
-    _, ref = train.full_batch_gd(DELM, "cross_entropy", params, phi, Y, learning_rate=0.05, steps=50, penalty=penalty,
-                                 warm_start=False)
+    penalty = lambda p: 0.15 * jnp.sum(DELM.end_to_end(p) ** 2)
+    _, ref = train.full_batch_gd(
+        DELM, "cross_entropy", params, phi, Y, learning_rate=0.05, steps=50, penalty=penalty, warm_start=False
+    )
     np.testing.assert_allclose(res.history["loss"], np.asarray(ref["loss"]), rtol=1e-12)
     assert res.history["loss"][-1] < 0.9 * res.history["loss"][0]  # a converging run
 
@@ -144,8 +152,9 @@ def test_preconditioner_and_stiffness():
     params = {"A": jnp.asarray(20 * rng.normal(size=(9, 9))), "B": jnp.asarray(0.1 * rng.normal(size=(10, 9)))}
     G = jnp.asarray(rng.normal(size=(10, 9)))
     P = jax.jit(lambda p, g: dynamics.preconditioner_operator(p, 0.8, "column_softmax")(g))
-    np.testing.assert_allclose(P(params, G), theory.induced_preconditioner(params, G, 0.8, "column_softmax"),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        P(params, G), theory.induced_preconditioner(params, G, 0.8, "column_softmax"), rtol=1e-12
+    )
     phi = rng.normal(size=(20, 9))
     curvature = dynamics.curvature_operator("square", phi.T @ phi / 20)
     dense = dynamics.stiffness(model, params, curvature)
@@ -168,7 +177,7 @@ def test_mutations_falsify_the_gradient_and_the_update_checks_see_it():
     assert mutations.mutate_model(DELM, "one_step").backward == "one_step"
     assert mutations.mutate_model(DELM, None) is DELM and mutations.mutate_model(DELM, "perturbed") is DELM
     assert mutations.mutate_model(models.Linear(9, 10), "one_step") == models.Linear(9, 10)
-    norm = lambda t: jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(t)))  # noqa: E731
+    norm = lambda t: jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(t)))
 
     @jax.jit
     def measure(params):
@@ -180,15 +189,31 @@ def test_mutations_falsify_the_gradient_and_the_update_checks_see_it():
             step = train.make_step(mutations.mutate_model(DELM, mutation), "square", opt, warm_start=False, jit=False)
             # both routes where the mutation lives in the model (WrongSigmaDELM overrides apply and the end-to-end
             # solution), the Gram route alone for the others (the backward mode and the optimizer act on either)
-            routes = (("samples", (phi, Y)), ("gram", (gram, None))) if name in ("honest", "wrong_sigma") else \
-                (("gram", (gram, None)),)
+            routes = (
+                (("samples", (phi, Y)), ("gram", (gram, None)))
+                if name in ("honest", "wrong_sigma")
+                else (("gram", (gram, None)),)
+            )
             for route, (data, targets) in routes:
                 new, _, metrics = step(params, opt.init(params), data, targets)
-                checks = dynamics.update_checks(DELM, "square", params, new, data, targets, jnp.asarray(lr),
-                                                1e-5 if name in ("honest", "one_step") else None)
+                checks = dynamics.update_checks(
+                    DELM,
+                    "square",
+                    params,
+                    new,
+                    data,
+                    targets,
+                    jnp.asarray(lr),
+                    1e-5 if name in ("honest", "one_step") else None,
+                )
                 error = norm(jax.tree_util.tree_map(lambda a, b, t: a - b + lr * t, new, params, g_true))
-                out[name, route] = (metrics["loss"] / value - 1, error / norm(g_true) / lr, checks["velocity_error"],
-                                    checks["step_error"], checks.get("fd_velocity_error", jnp.nan))
+                out[name, route] = (
+                    metrics["loss"] / value - 1,
+                    error / norm(g_true) / lr,
+                    checks["velocity_error"],
+                    checks["step_error"],
+                    checks.get("fd_velocity_error", jnp.nan),
+                )
         return out
 
     e = {k: [float(x) for x in v] for k, v in measure(DELM.init(jax.random.PRNGKey(4), jnp.float64)).items()}
@@ -276,4 +301,3 @@ def test_fallback_store_reads_but_never_writes_the_other(tmp_path):
     assert store.load("k")[1] == {"m": 1} and store.load("missing") is None
     store.save("j", {"x": np.zeros(1)})
     assert other.load("j") is None and dataclasses.is_dataclass(gd_runs.Trace())
-

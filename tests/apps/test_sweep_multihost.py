@@ -17,7 +17,6 @@ import subprocess
 import numpy as np
 import pytest
 import yaml
-
 from sweep_cases import PYTHON, ROOT, TINY, base_result, subprocess_env
 
 TIMEOUT_S = 240  # a hang fails the test instead of stalling the suite; a healthy run takes ~10 s of CPU per process
@@ -26,14 +25,15 @@ TIMEOUT_S = 240  # a hang fails the test instead of stalling the suite; a health
 # named by SWEEP_TEST_DIE_AFTER_FIRST_CHUNK (process 0's chunk folder) is SIGKILLed once process 0 has saved that
 # chunk. Killed as soon as it had its own outputs, it could take process 0 down inside the same chunk's collectives
 # (measured on a loaded 2-core machine: nothing saved), which tests a different failure than the one meant here.
-LAUNCH = """
+# After TIMEOUT_S // 2 without that chunk it dies anyway: the test then fails on the number of saved chunks.
+LAUNCH = f"""
 import glob, os, signal, sys, time
 from experiments.sweep import cli, run
 chunks = os.environ.get("SWEEP_TEST_DIE_AFTER_FIRST_CHUNK")
 if chunks:
     original = run.run_sweep
     def die(report):
-        deadline = time.monotonic() + %d
+        deadline = time.monotonic() + {TIMEOUT_S // 2}
         while not glob.glob(os.path.join(chunks, "chunk-*.npz")) and time.monotonic() < deadline:
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -41,7 +41,7 @@ if chunks:
         return original(*args, on_chunk=die, **kwargs)
     run.run_sweep = run_sweep
 sys.exit(cli.main(sys.argv[1:]))
-""" % (TIMEOUT_S // 2)  # after that, die anyway: the test then fails on the number of saved chunks
+"""
 
 # TINY's linear groups (equal programs, so one compile per process): 2 data sets x 2 learning rates x 3 seeds, in
 # chunks of 4 (one configuration per device): 2 chunks per group, 4 in all
@@ -62,16 +62,43 @@ def _run(tmp_path, n_processes: int, devices_per_process: int, *, die: int | Non
     procs = []
     for i in range(n_processes):
         env = subprocess_env(devices=devices_per_process, x64=True)
-        env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "compilation_cache"),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+        env.update(
+            JAX_COMPILATION_CACHE_DIR=str(tmp_path / "compilation_cache"),
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        )
         if i == die:
             env["SWEEP_TEST_DIE_AFTER_FIRST_CHUNK"] = str(tmp_path / "out" / "chunks")
         out = tmp_path / ("out" if i == 0 else f"out_process_{i}")
-        procs.append(subprocess.Popen(
-            [PYTHON, "-c", LAUNCH, "--config", str(tmp_path / "sweep.yaml"), "--output-dir", str(out),
-             "--no-progress", "--no-figures", "--distributed", "--coordinator", f"127.0.0.1:{port}",
-             "--num-processes", str(n_processes), "--process-id", str(i), "--init-timeout", "60"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    PYTHON,
+                    "-c",
+                    LAUNCH,
+                    "--config",
+                    str(tmp_path / "sweep.yaml"),
+                    "--output-dir",
+                    str(out),
+                    "--no-progress",
+                    "--no-figures",
+                    "--distributed",
+                    "--coordinator",
+                    f"127.0.0.1:{port}",
+                    "--num-processes",
+                    str(n_processes),
+                    "--process-id",
+                    str(i),
+                    "--init-timeout",
+                    "60",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     results = []
     try:
         for p in procs:
@@ -87,13 +114,17 @@ def _run(tmp_path, n_processes: int, devices_per_process: int, *, die: int | Non
 def _final_losses(path) -> dict:
     with open(path) as fh:
         rows = list(csv.DictReader(fh))
-    return {(r["dataset"], float(r["learning_rate"]), int(r["seed"]), int(r["step"])): float(r["train_loss"])
-            for r in rows}
+    return {
+        (r["dataset"], float(r["learning_rate"]), int(r["seed"]), int(r["step"])): float(r["train_loss"]) for r in rows
+    }
 
 
 def _reference() -> dict:
-    return {(r["dataset"], r["learning_rate"], r["seed"], r["step"]): r["train_loss"]
-            for r in base_result().rows if r["model"] == "linear"}
+    return {
+        (r["dataset"], r["learning_rate"], r["seed"], r["step"]): r["train_loss"]
+        for r in base_result().rows
+        if r["model"] == "linear"
+    }
 
 
 def _check_equal(got: dict, want: dict) -> None:
@@ -108,12 +139,14 @@ def test_two_processes_fail_loudly_when_one_dies_then_resume_to_the_single_proce
     assert rc1 == -9  # killed after the first chunk was saved
     assert rc0 == 1, err0[-3000:]
     last = err0.strip().splitlines()[-1]
-    assert last.startswith("sweep [process 0]: error: the multi-process run lost a process") and \
-        "start the same commands again to resume" in last, err0[-3000:]
+    assert (
+        last.startswith("sweep [process 0]: error: the multi-process run lost a process")
+        and "start the same commands again to resume" in last
+    ), err0[-3000:]
     saved = list((tmp_path / "out" / "chunks").glob("chunk-*.npz"))
     assert len(saved) == 1 and not (tmp_path / "out" / "results.csv").exists()
 
-    (rc0, out0, err0), (rc1, out1, err1) = _run(tmp_path, 2, 2)
+    (rc0, out0, err0), (rc1, _out1, err1) = _run(tmp_path, 2, 2)
     assert (rc0, rc1) == (0, 0), err0[-3000:] + err1[-3000:]
     assert "3 chunks computed, 1 resumed" in out0 and "on 4 device(s) (map per device)" in out0
     assert not (tmp_path / "out_process_1").exists()  # only process 0 writes
@@ -128,5 +161,7 @@ def test_four_processes_give_the_single_process_numbers(tmp_path):
     assert "4 chunks computed, 0 resumed" in results[0][1] and "on 4 device(s) (vmap per device)" in results[0][1]
     assert not any((tmp_path / f"out_process_{i}").exists() for i in range(1, 4))
     _check_equal(_final_losses(tmp_path / "out" / "results.csv"), _reference())
-    np.testing.assert_equal(sorted(p.name for p in (tmp_path / "out").iterdir()),
-                            ["aggregate.csv", "chunks", "results.csv", "results.jsonl", "summary.md", "sweep.json"])
+    np.testing.assert_equal(
+        sorted(p.name for p in (tmp_path / "out").iterdir()),
+        ["aggregate.csv", "chunks", "results.csv", "results.jsonl", "summary.md", "sweep.json"],
+    )

@@ -12,14 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import compile_events
+from sweep_cases import BUILTIN, FAST, RTOL, TINY, TanhDEQ, base_result, check_against_standalone, tiny
 
 from deq_jax import train
 from experiments.common.config import ConfigError
 from experiments.sweep import data as sweep_data
 from experiments.sweep import grid, programs
 from experiments.sweep.run import SweepError, run_sweep
-from helpers import compile_events
-from sweep_cases import BUILTIN, FAST, RTOL, TINY, TanhDEQ, base_result, check_against_standalone, tiny
 
 
 def test_sweep_equals_standalone_runs_and_groups_share_programs():
@@ -28,8 +28,9 @@ def test_sweep_equals_standalone_runs_and_groups_share_programs():
     assert len(result.configurations) == 2 * 2 * 3 * (2 + 1) == 36
     assert result.device_batching == ("map" if D > 1 else "vmap")
     by_label = {g.label: g for g in result.groups}
-    assert set(by_label) == {f"{ds}/features/square/{m}" for ds in ("digits", "digits_b")
-                             for m in ("delm/column_softmax", "linear")}
+    assert set(by_label) == {
+        f"{ds}/features/square/{m}" for ds in ("digits", "digits_b") for m in ("delm/column_softmax", "linear")
+    }
     for g in result.groups:
         assert g.chunk_size % D == 0 and g.chunks_computed == 1  # one chunk each, padded to the devices
         assert g.measured_bytes_per_device <= result.budget_bytes
@@ -44,8 +45,11 @@ def test_chunks_and_resume_give_the_same_numbers_and_reuse_compiled_programs(tmp
     """Deep linear networks with the cross-entropy loss, one configuration per device per chunk: several chunks,
     an interruption after the first, a resume in the same process that compiles nothing."""
     D = len(jax.devices())
-    cfg = tiny(datasets=[TINY["datasets"][0]], output_dir=str(tmp_path),
-               grid={**TINY["grid"], "models": ["deep_linear"], "losses": ["cross_entropy"]})
+    cfg = tiny(
+        datasets=[TINY["datasets"][0]],
+        output_dir=str(tmp_path),
+        grid={**TINY["grid"], "models": ["deep_linear"], "losses": ["cross_entropy"]},
+    )
     n = 6
     (key,) = grid.group_configurations(grid.expand_grid(cfg))
     est = programs.estimate_config_bytes(cfg, key, n_train=60, n_test=20, width=7, out_dim=10)
@@ -67,8 +71,7 @@ def test_chunks_and_resume_give_the_same_numbers_and_reuse_compiled_programs(tmp
     events, stop = compile_events()
     try:
         second = []
-        resumed = run_sweep(cfg, progress=False, compiler_options=FAST,
-                            on_chunk=lambda r: second.append(r.config_ids))
+        resumed = run_sweep(cfg, progress=False, compiler_options=FAST, on_chunk=lambda r: second.append(r.config_ids))
     finally:
         stop()
     assert not events, "a resumed sweep in the same process reuses its compiled program"
@@ -86,8 +89,13 @@ def test_chunks_and_resume_give_the_same_numbers_and_reuse_compiled_programs(tmp
 
 def test_a_users_own_deq_goes_through_the_sweep(tmp_path, tanh_kind):
     # lax.map on each device: vmapping the solver's while loop compiles 3x longer, and vmap is tested above
-    cfg = tiny(datasets=[TINY["datasets"][0]], output_dir=str(tmp_path), save_params=True, device_batching="map",
-               grid={**TINY["grid"], "models": ["tanh_deq"], "seeds": [0, 1], "learning_rates": [0.05]})
+    cfg = tiny(
+        datasets=[TINY["datasets"][0]],
+        output_dir=str(tmp_path),
+        save_params=True,
+        device_batching="map",
+        grid={**TINY["grid"], "models": ["tanh_deq"], "seeds": [0, 1], "learning_rates": [0.05]},
+    )
     result = run_sweep(cfg, progress=False, compiler_options=FAST)
     assert [g.label for g in result.groups] == ["digits/features/square/tanh_deq"]
     assert result.groups[0].estimated_bytes_per_config > 0  # measured by XLA: there is no formula for it
@@ -97,8 +105,11 @@ def test_a_users_own_deq_goes_through_the_sweep(tmp_path, tanh_kind):
     # the reported loss is the user's model's own loss at the returned parameters (evaluated here, without the
     # sweep), and training lowered it
     fd = sweep_data.prepare_features(sweep_data.load_datasets(cfg)["digits"], None, jnp.float64)
-    loss = jax.jit(lambda params, gamma: train.objective(TanhDEQ(7, 10, contraction=gamma), "square")(
-        params, fd.phi_train, fd.targets("square"))[0])
+    loss = jax.jit(
+        lambda params, gamma: train.objective(TanhDEQ(7, 10, contraction=gamma), "square")(
+            params, fd.phi_train, fd.targets("square")
+        )[0]
+    )
     for c in result.configurations:
         value = float(loss(result.final_params[c.config_id], np.float64(c.gamma)))
         assert final[c.config_id]["train_loss"] == pytest.approx(value, rel=RTOL)
@@ -119,4 +130,3 @@ def test_width_is_a_fixed_random_projection_shared_by_train_and_test():
     np.testing.assert_allclose(fd.phi_train, pre.x_train.astype(np.float32) @ P, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fd.phi_test, pre.x_test.astype(np.float32) @ P, rtol=1e-5, atol=1e-6)
     assert fd.targets("cross_entropy").dtype == np.int32
-

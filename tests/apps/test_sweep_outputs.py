@@ -10,10 +10,10 @@ import stat
 
 import numpy as np
 import pytest
+from sweep_cases import FAST, RTOL, TINY, base_result, figure_rows, tiny
 
 from experiments.sweep import figures, tables
 from experiments.sweep.config import fingerprint
-from sweep_cases import FAST, RTOL, TINY, base_result, figure_rows, tiny
 
 
 def test_command_writes_readable_files_with_the_library_numbers(tmp_path, monkeypatch):
@@ -28,8 +28,9 @@ def test_command_writes_readable_files_with_the_library_numbers(tmp_path, monkey
 
     result = base_result()
     # one data set (the base run's first), so one figure: the programs are the base run's all the same
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "datasets": TINY["datasets"][:1],
-                                                        "output_dir": str(tmp_path / "out")}))
+    (tmp_path / "tiny.yaml").write_text(
+        yaml.safe_dump({**TINY, "datasets": TINY["datasets"][:1], "output_dir": str(tmp_path / "out")})
+    )
     want = [r for r in result.rows if r["dataset"] == "digits"]
     old = os.umask(0o022)
     try:
@@ -63,12 +64,21 @@ def test_command_writes_readable_files_with_the_library_numbers(tmp_path, monkey
 def test_figures_mark_divergence_zoom_accuracy_and_stay_readable():
     import matplotlib.pyplot as plt
 
-    base = {"dataset": "digits", "width": 7, "projected": False, "model": "delm", "depth": None,
-            "sigma": "column_softmax", "loss": "square"}
-    rows = (figure_rows({**base, "gamma": 0.5, "learning_rate": 0.1}, [93.0, 94.0], [[1.0, 0.5, 0.2]] * 2)
-            + figure_rows({**base, "gamma": 0.8, "learning_rate": 0.1}, [91.0, 92.5], [[1.0, 0.6, 0.3]] * 2)
-            + figure_rows({**base, "gamma": 0.8, "learning_rate": 0.3}, [None, None], [[1.0, 1e20, None]] * 2)
-            + figure_rows({**base, "gamma": 0.9, "learning_rate": 0.3}, [None, None], [[None, None, None]] * 2))
+    base = {
+        "dataset": "digits",
+        "width": 7,
+        "projected": False,
+        "model": "delm",
+        "depth": None,
+        "sigma": "column_softmax",
+        "loss": "square",
+    }
+    rows = (
+        figure_rows({**base, "gamma": 0.5, "learning_rate": 0.1}, [93.0, 94.0], [[1.0, 0.5, 0.2]] * 2)
+        + figure_rows({**base, "gamma": 0.8, "learning_rate": 0.1}, [91.0, 92.5], [[1.0, 0.6, 0.3]] * 2)
+        + figure_rows({**base, "gamma": 0.8, "learning_rate": 0.3}, [None, None], [[1.0, 1e20, None]] * 2)
+        + figure_rows({**base, "gamma": 0.9, "learning_rate": 0.3}, [None, None], [[None, None, None]] * 2)
+    )
     fig = figures.make_figure(rows)
     try:
         ax_curve, ax_final = fig.axes
@@ -88,8 +98,9 @@ def test_figures_mark_divergence_zoom_accuracy_and_stay_readable():
         assert legend == [line.get_label() for line in drawn] and len(drawn) == 3
         assert any("diverged: 2/2 seeds" in name for name in legend)
         # the cross is on the diverged setting's own line, so its legend entry shows it
-        assert [line.get_label() for line in drawn if line.get_marker() == "x"] == \
-            [name for name in legend if "diverged" in name]
+        assert [line.get_label() for line in drawn if line.get_marker() == "x"] == [
+            name for name in legend if "diverged" in name
+        ]
         # the diverged curve (1e20) leaves the axis at its top, one decade above the others, where its cross is
         (crossed,) = [line for line in drawn if line.get_marker() == "x"]
         top = ax_curve.get_ylim()[1]
@@ -97,8 +108,9 @@ def test_figures_mark_divergence_zoom_accuracy_and_stay_readable():
         assert "x: diverged" in ax_curve.get_legend().get_title().get_text()
         fig.canvas.draw()  # the legend sits below the curves, not over them
         assert not ax_curve.get_legend().get_window_extent().overlaps(ax_curve.get_window_extent())
-        assert any("diverged before the first logged step" in t.get_text() and "gamma=0.9" in t.get_text()
-                   for t in ax_curve.texts)
+        assert any(
+            "diverged before the first logged step" in t.get_text() and "gamma=0.9" in t.get_text()
+            for t in ax_curve.texts
+        )
     finally:
         plt.close(fig)
-

@@ -36,14 +36,33 @@ CIFAR, SVHN, digits), `preprocessing` (subsets, standardisation, PCA whitening, 
 (`load_dataset`), `errors`.
 """
 
-from experiments.common.datasets.errors import (SETTINGS, ChecksumError, DatasetError, DatasetFormatError,
-                                                DatasetNotFoundError, DataSettingError, DatasetWarning, Setting)
+from experiments.common.datasets.errors import (
+    SETTINGS,
+    ChecksumError,
+    DatasetError,
+    DatasetFormatError,
+    DatasetNotFoundError,
+    DataSettingError,
+    DatasetWarning,
+    Setting,
+)
 from experiments.common.datasets.formats import Dataset
 from experiments.common.datasets.loader import DOWNLOAD_TIMEOUT_S, default_cache_dir, load_dataset
-from experiments.common.datasets.preprocessing import (PCA_RANK_RTOL, ZERO_VARIANCE_TOL, Preprocessed, one_hot,
-                                                    preprocess)
-from experiments.common.datasets.registry import (CHECKSUMS, DATASETS, DEFAULT_BASE_URLS, FEATURES, SPECS,
-                                                  SYSTEM_DATA_DIRS)
+from experiments.common.datasets.preprocessing import (
+    PCA_RANK_RTOL,
+    ZERO_VARIANCE_TOL,
+    Preprocessed,
+    one_hot,
+    preprocess,
+)
+from experiments.common.datasets.registry import (
+    CHECKSUMS,
+    DATASETS,
+    DEFAULT_BASE_URLS,
+    FEATURES,
+    SPECS,
+    SYSTEM_DATA_DIRS,
+)
 
 __all__ = [
     "CHECKSUMS",

@@ -17,8 +17,8 @@ Every error carries, besides its message:
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, Union
 
 from experiments.common.cli import UserError
 
@@ -38,9 +38,9 @@ __all__ = [
 class Setting:
     """How a user sets one loader setting: a CLI flag, a config key, an environment variable (any may be None)."""
 
-    flag: Optional[str] = None
-    key: Optional[str] = None
-    env: Optional[str] = None
+    flag: str | None = None
+    key: str | None = None
+    env: str | None = None
 
     def __str__(self) -> str:
         parts = [p for p in (self.flag, self.key and f"config key {self.key}", self.env and f"${self.env}") if p]
@@ -61,7 +61,7 @@ SETTINGS: dict[str, Setting] = {
     "pca_dim": Setting(key="data.pca_dim"),
 }
 
-SettingsArg = Optional[Mapping[str, Union[Setting, str]]]
+SettingsArg = Mapping[str, Setting | str] | None
 
 
 def resolve_settings(overrides: SettingsArg) -> dict[str, Setting]:
@@ -70,16 +70,17 @@ def resolve_settings(overrides: SettingsArg) -> dict[str, Setting]:
     if overrides is None:
         return out
     if not isinstance(overrides, Mapping):
-        raise ValueError(f"argument 'settings' must be a mapping from setting name to Setting; received "
-                         f"{type(overrides).__name__}")
-    for name, value in overrides.items():
+        raise ValueError(
+            f"argument 'settings' must be a mapping from setting name to Setting; received {type(overrides).__name__}"
+        )
+    for name, given in overrides.items():
         if name not in SETTINGS:
             raise ValueError(f"argument 'settings' has an unknown setting {name!r}; known: {sorted(SETTINGS)}")
-        if isinstance(value, str):
-            value = Setting(key=value)
+        value = Setting(key=given) if isinstance(given, str) else given
         if not isinstance(value, Setting):
-            raise ValueError(f"argument 'settings'[{name!r}] must be a Setting or a config key string; received "
-                             f"{value!r}")
+            raise ValueError(
+                f"argument 'settings'[{name!r}] must be a Setting or a config key string; received {value!r}"
+            )
         out[name] = value
     return out
 
@@ -87,8 +88,9 @@ def resolve_settings(overrides: SettingsArg) -> dict[str, Setting]:
 class DatasetError(UserError):
     """Base of every data set error (a `UserError`: the CLIs print its message and exit with status 2)."""
 
-    def __init__(self, message: str, *, dataset: Optional[str] = None, setting: Optional[str] = None,
-                 path: Optional[pathlib.Path] = None):
+    def __init__(
+        self, message: str, *, dataset: str | None = None, setting: str | None = None, path: pathlib.Path | None = None
+    ):
         super().__init__(message)
         self.dataset = dataset
         self.setting = setting
@@ -102,8 +104,7 @@ class DatasetNotFoundError(DatasetError, FileNotFoundError):
     ``"data_dir"`` when the given data directory does not exist, ``"download"`` when files are missing and
     downloading is disabled, None when a download failed (the message gives the URL and the reason)."""
 
-    def __init__(self, message: str, *, missing: Sequence[str] = (), searched: Sequence[pathlib.Path] = (),
-                 **kwargs):
+    def __init__(self, message: str, *, missing: Sequence[str] = (), searched: Sequence[pathlib.Path] = (), **kwargs):
         super().__init__(message, **kwargs)
         self.missing = tuple(missing)
         self.searched = tuple(searched)
@@ -118,8 +119,9 @@ class ChecksumError(DatasetError):
     content", "SHA-256 of the decompressed content" or "structure"); ``expected``/``got``: the digests compared
     (hex), or for "structure" the expected and the found shape in words."""
 
-    def __init__(self, message: str, *, expected: Optional[str] = None, got: Optional[str] = None,
-                 verified_by: str = "", **kwargs):
+    def __init__(
+        self, message: str, *, expected: str | None = None, got: str | None = None, verified_by: str = "", **kwargs
+    ):
         super().__init__(message, **kwargs)
         self.expected = expected
         self.got = got

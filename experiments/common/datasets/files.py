@@ -26,11 +26,18 @@ import pathlib
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
+from typing import Any, NamedTuple
 
-from experiments.common.datasets.errors import (ChecksumError, DatasetFormatError, DatasetNotFoundError,
-                                                DataSettingError, DatasetWarning, Setting)
+from experiments.common.datasets.errors import (
+    ChecksumError,
+    DatasetFormatError,
+    DatasetNotFoundError,
+    DataSettingError,
+    DatasetWarning,
+    Setting,
+)
 from experiments.common.datasets.formats import check_labels, gunzip, parse_idx
 from experiments.common.datasets.registry import Spec
 from experiments.common.io import atomic_path
@@ -72,7 +79,7 @@ class Found(NamedTuple):
     was verified, in words."""
 
     path: pathlib.Path
-    content: Optional[bytes]
+    content: bytes | None
     verified_by: str
 
 
@@ -109,7 +116,7 @@ class Resolver:
 
     spec: Spec
     checksums: dict[str, str]
-    data_dir: Optional[pathlib.Path]
+    data_dir: pathlib.Path | None
     cache_dir: pathlib.Path  # cache_root / name
     system_dirs: tuple[pathlib.Path, ...]
     download: bool
@@ -141,11 +148,12 @@ class Resolver:
         md5 = self.checksums.get(key)
         if not md5:
             raise ChecksumError(
-                f"{self.spec.name}: no checksum known for {key!r}; pass checksums={{{key!r}: '<md5>'}} to "
-                f"load_dataset", dataset=self.spec.name)
+                f"{self.spec.name}: no checksum known for {key!r}; pass checksums={{{key!r}: '<md5>'}} to load_dataset",
+                dataset=self.spec.name,
+            )
         return md5.lower()
 
-    def check(self, path: pathlib.Path, unit: str) -> Union[Found, Mismatch]:
+    def check(self, path: pathlib.Path, unit: str) -> Found | Mismatch:
         """Verify `path` (found under one of `candidates(unit)`) against the published checksums."""
         if not self.spec.is_idx:
             expected, got = self.expected(unit), digest_file(path)
@@ -166,13 +174,16 @@ class Resolver:
             return Mismatch(expected, got, "MD5 of the file", detail)
         return self.check_content(path, content, content_name, got)
 
-    def check_content(self, path: pathlib.Path, content: bytes, name: str,
-                      compressed_md5: Optional[str]) -> Union[Found, Mismatch]:
+    def check_content(
+        self, path: pathlib.Path, content: bytes, name: str, compressed_md5: str | None
+    ) -> Found | Mismatch:
         """Verify an IDX file's decompressed content: by its published digest, else by its structure."""
         prefix = ""
         if compressed_md5 is not None:
-            prefix = (f"its MD5 is {compressed_md5}, not the published file's {self.checksums.get(name + '.gz')} "
-                      f"(a recompressed copy is accepted when its content matches), and ")
+            prefix = (
+                f"its MD5 is {compressed_md5}, not the published file's {self.checksums.get(name + '.gz')} "
+                f"(a recompressed copy is accepted when its content matches), and "
+            )
         expected = self.checksums.get(name, "").lower()
         if expected:
             algo = algo_of(expected)
@@ -191,28 +202,38 @@ class Resolver:
             if len(shape) == 1:
                 check_labels(array, self.spec.num_classes, path)
         except DatasetFormatError as err:
-            return Mismatch(f"IDX shape {shape}", found, "structure",
-                            f"{prefix}no digest of its decompressed content is published, and its structure is "
-                            f"wrong: {err}")
+            return Mismatch(
+                f"IDX shape {shape}",
+                found,
+                "structure",
+                f"{prefix}no digest of its decompressed content is published, and its structure is wrong: {err}",
+            )
         warnings.warn(
             f"{self.spec.name}: {str(path)!r} is not the published file and no digest of its decompressed content "
             f"is published, so it was checked by its structure only (IDX, shape {shape}"
-            + (f", labels in [0, {self.spec.num_classes})" if len(shape) == 1 else "") + "). "
+            + (f", labels in [0, {self.spec.num_classes})" if len(shape) == 1 else "")
+            + "). "
             f"Use the published {name}.gz (checked by its MD5) to rule out altered content.",
-            DatasetWarning, stacklevel=2)
+            DatasetWarning,
+            stacklevel=2,
+        )
         return Found(path, content, "structure only (no published digest of the decompressed content)")
 
     def mismatch_error(self, path: pathlib.Path, mismatch: Mismatch, where: str, advice: str) -> ChecksumError:
         return ChecksumError(
             f"{self.spec.name}: {where} file {str(path)!r} is not the published file: {mismatch.detail}. "
             f"The file is corrupt, truncated or a different version. {advice}",
-            dataset=self.spec.name, path=path, expected=mismatch.expected, got=mismatch.got,
-            verified_by=mismatch.verified_by)
+            dataset=self.spec.name,
+            path=path,
+            expected=mismatch.expected,
+            got=mismatch.got,
+            verified_by=mismatch.verified_by,
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     # Finding and downloading
 
-    def resolve(self, units: Optional[tuple[str, ...]] = None) -> dict[str, Found]:
+    def resolve(self, units: tuple[str, ...] | None = None) -> dict[str, Found]:
         """Each download unit, verified; downloads what is missing. Raises if any cannot be had."""
         units = self.spec.files if units is None else units
         found: dict[str, Found] = {}
@@ -224,19 +245,24 @@ class Resolver:
             else:
                 found[unit] = hit
         if missing and not self.download:
-            raise self.not_found(missing, reason=f"downloading is off ({self.settings['download']} is false)",
-                                 setting="download")
+            raise self.not_found(
+                missing, reason=f"downloading is off ({self.settings['download']} is false)", setting="download"
+            )
         for i, unit in enumerate(missing):
             found[unit] = self.fetch(unit, still_missing=missing[i:])
         return found
 
-    def locate(self, unit: str) -> Optional[Found]:
+    def locate(self, unit: str) -> Found | None:
         for d in self.user_dirs():
             for name in self.candidates(unit):
                 path = d / name
                 if path.is_file():
-                    return self._accept(path, unit, "data directory",
-                                        "It was left in place: replace it with the published file or remove it.")
+                    return self._accept(
+                        path,
+                        unit,
+                        "data directory",
+                        "It was left in place: replace it with the published file or remove it.",
+                    )
         for name in self.candidates(unit):
             path = self.cache_dir / name
             if not path.is_file():
@@ -246,11 +272,17 @@ class Resolver:
                 return result
             if not self.download:
                 raise self.mismatch_error(
-                    path, result, "cached",
+                    path,
+                    result,
+                    "cached",
                     f"Delete it, or allow downloading ({self.settings['download']}: true) to replace it with "
-                    f"{self.url(unit)}.")
-            warnings.warn(str(self.mismatch_error(path, result, "cached", "Removing it and downloading it again.")),
-                          DatasetWarning, stacklevel=3)
+                    f"{self.url(unit)}.",
+                )
+            warnings.warn(
+                str(self.mismatch_error(path, result, "cached", "Removing it and downloading it again.")),
+                DatasetWarning,
+                stacklevel=3,
+            )
             path.unlink()
         for d in self.system_dirs:
             for name in self.candidates(unit):
@@ -281,8 +313,11 @@ class Resolver:
                 raise DataSettingError(
                     f"{self.spec.name}: cannot write the download cache {str(self.cache_dir)!r} ({reason}); set "
                     f"{self.settings['cache_dir']} to a writable directory, or put the files in a directory given "
-                    f"by {self.settings['data_dir']}.", dataset=self.spec.name, setting="cache_dir",
-                    path=self.cache_dir)
+                    f"by {self.settings['data_dir']}.",
+                    dataset=self.spec.name,
+                    setting="cache_dir",
+                    path=self.cache_dir,
+                )
             with atomic_path(final, suffix=".part") as tmp:
                 got = self._download(url, tmp, unit, still_missing)
                 found = self._verify_download(tmp, unit, got, url)
@@ -292,20 +327,23 @@ class Resolver:
         """Stream `url` into `tmp`; the MD5 of what was received. Network failures: `DatasetNotFoundError`."""
         h = _hasher("md5")
         try:
-            with open(tmp, "wb") as out:
-                # Any scheme urllib supports is allowed (a file:// mirror too); integrity comes from the checksum.
-                with contextlib.closing(urllib.request.urlopen(url, timeout=self.timeout)) as resp:  # noqa: S310
-                    total = resp.headers.get("Content-Length")
-                    with _progress_bar(self.progress, total, f"{self.spec.name}/{unit}") as update:
-                        while chunk := resp.read(1 << 20):
-                            out.write(chunk)
-                            h.update(chunk)
-                            update(len(chunk))
-                    if total is not None and total.isdigit() and out.tell() != int(total):
-                        raise OSError(f"incomplete read: got {out.tell()} of {total} bytes")
+            # Any scheme urllib supports is allowed (a file:// mirror too); integrity comes from the checksum.
+            with (
+                open(tmp, "wb") as out,
+                contextlib.closing(urllib.request.urlopen(url, timeout=self.timeout)) as resp,
+            ):
+                total = resp.headers.get("Content-Length")
+                with _progress_bar(self.progress, total, f"{self.spec.name}/{unit}") as update:
+                    while chunk := resp.read(1 << 20):
+                        out.write(chunk)
+                        h.update(chunk)
+                        update(len(chunk))
+                if total is not None and total.isdigit() and out.tell() != int(total):
+                    raise OSError(f"incomplete read: got {out.tell()} of {total} bytes")
         except urllib.error.HTTPError as err:
-            raise self.not_found(still_missing, reason=f"downloading {url} failed (HTTP {err.code} {err.reason})",
-                                 setting=None) from err
+            raise self.not_found(
+                still_missing, reason=f"downloading {url} failed (HTTP {err.code} {err.reason})", setting=None
+            ) from err
         except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as err:
             # URLError: refused connection, DNS failure; OSError: timeout, reset; HTTPException: a broken
             # response; ValueError: an unsupported URL.
@@ -319,14 +357,21 @@ class Resolver:
             if got == expected:
                 return Found(tmp, None, "MD5 of the file")
             try:
-                result: Union[Found, Mismatch] = self.check_content(tmp, gunzip(tmp, tmp), unit[:-3], got)
+                result: Found | Mismatch = self.check_content(tmp, gunzip(tmp, tmp), unit[:-3], got)
             except DatasetFormatError:
-                result = Mismatch(expected, got, "MD5 of the file",
-                                  f"its MD5 is {got}, expected {expected}, and it is not a readable gzip file")
+                result = Mismatch(
+                    expected,
+                    got,
+                    "MD5 of the file",
+                    f"its MD5 is {got}, expected {expected}, and it is not a readable gzip file",
+                )
         else:
             expected = self.expected(unit)
-            result = (Found(tmp, None, "MD5 of the file") if got == expected else
-                      Mismatch(expected, got, "MD5 of the file", f"its MD5 is {got}, expected {expected}"))
+            result = (
+                Found(tmp, None, "MD5 of the file")
+                if got == expected
+                else Mismatch(expected, got, "MD5 of the file", f"its MD5 is {got}, expected {expected}")
+            )
         if isinstance(result, Found):
             return result
         raise ChecksumError(
@@ -334,13 +379,17 @@ class Resolver:
             f"Nothing was saved in {str(self.cache_dir)!r}. The server sent a different or corrupt file: try again "
             f"later, choose another mirror ({self.settings['base_url']}), or put a verified copy in a directory "
             f"given by {self.settings['data_dir']}.",
-            dataset=self.spec.name, path=None, expected=result.expected, got=result.got,
-            verified_by=result.verified_by)
+            dataset=self.spec.name,
+            path=None,
+            expected=result.expected,
+            got=result.got,
+            verified_by=result.verified_by,
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     # Messages
 
-    def not_found(self, missing: list[str], *, reason: str, setting: Optional[str]) -> DatasetNotFoundError:
+    def not_found(self, missing: list[str], *, reason: str, setting: str | None) -> DatasetNotFoundError:
         spec, s = self.spec, self.settings
         lines = [f"data set {spec.name!r} not found: {reason}.", "Missing files:"]
         width = max(len(f) for f in missing)
@@ -357,20 +406,26 @@ class Resolver:
             lines.append(f"    {d}   (system directory, read-only)")
         if spec.extracted_dir is not None:
             members = ", ".join(spec.extracted_members)
-            lines.append(f"An already-extracted directory {spec.extracted_dir}/ (with {members}) in any of them works "
-                         f"as well.")
+            lines.append(
+                f"An already-extracted directory {spec.extracted_dir}/ (with {members}) in any of them works as well."
+            )
         if self.download:
-            lines.append(f"Or retry when {self.base_url} can be reached (downloads go into {self.cache_dir}), or "
-                         f"choose a mirror with {s['base_url']}.")
+            lines.append(
+                f"Or retry when {self.base_url} can be reached (downloads go into {self.cache_dir}), or "
+                f"choose a mirror with {s['base_url']}."
+            )
         else:
-            lines.append(f"Or allow downloading ({s['download']}: true) to fetch them from {self.base_url} into "
-                         f"{self.cache_dir} ({s['base_url']} chooses a mirror).")
-        return DatasetNotFoundError("\n".join(lines), dataset=spec.name, setting=setting, missing=missing,
-                                    searched=self.searched())
+            lines.append(
+                f"Or allow downloading ({s['download']}: true) to fetch them from {self.base_url} into "
+                f"{self.cache_dir} ({s['base_url']} chooses a mirror)."
+            )
+        return DatasetNotFoundError(
+            "\n".join(lines), dataset=spec.name, setting=setting, missing=missing, searched=self.searched()
+        )
 
 
 @contextlib.contextmanager
-def _progress_bar(enabled: bool, total: Optional[str], desc: str) -> Iterator[Callable[[int], Any]]:
+def _progress_bar(enabled: bool, total: str | None, desc: str) -> Iterator[Callable[[int], Any]]:
     if not enabled:
         yield lambda n: None
         return

@@ -11,15 +11,23 @@ import importlib.util
 import pathlib
 import pickle
 import zlib
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from experiments.common.datasets.errors import DatasetFormatError
 from experiments.common.datasets.registry import Spec
 
-__all__ = ["Dataset", "cifar_to_dataset", "gunzip", "idx_dataset", "load_digits", "load_svhn", "parse_idx",
-           "unpickle_cifar_batch"]
+__all__ = [
+    "Dataset",
+    "cifar_to_dataset",
+    "gunzip",
+    "idx_dataset",
+    "load_digits",
+    "load_svhn",
+    "parse_idx",
+    "unpickle_cifar_batch",
+]
 
 
 class Dataset(NamedTuple):
@@ -38,7 +46,7 @@ class Dataset(NamedTuple):
     image_shape: tuple
 
 
-Where = Union[str, Any]  # a path, or "archive:member", for messages
+Where = str | Any  # a path, or "archive:member", for messages
 
 
 def gunzip(raw_or_path: Any, where: Where) -> bytes:
@@ -55,14 +63,17 @@ def gunzip(raw_or_path: Any, where: Where) -> bytes:
 def parse_idx(raw: bytes, where: Where, ndim: int) -> np.ndarray:
     """An unsigned-byte IDX array (magic 0x00 0x00 0x08 ndim, big-endian int32 dims, then the data), no copy."""
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise DatasetFormatError(f"{str(where)!r} is not an IDX file: bad magic number {raw[:4].hex() or '(empty)'}",
-                                 path=_as_path(where))
+        raise DatasetFormatError(
+            f"{str(where)!r} is not an IDX file: bad magic number {raw[:4].hex() or '(empty)'}", path=_as_path(where)
+        )
     if raw[2] != 0x08:
-        raise DatasetFormatError(f"{str(where)!r}: IDX data type 0x{raw[2]:02x}, expected 0x08 (unsigned byte)",
-                                 path=_as_path(where))
+        raise DatasetFormatError(
+            f"{str(where)!r}: IDX data type 0x{raw[2]:02x}, expected 0x08 (unsigned byte)", path=_as_path(where)
+        )
     if raw[3] != ndim:
-        raise DatasetFormatError(f"{str(where)!r}: IDX file has {raw[3]} dimension(s), expected {ndim}",
-                                 path=_as_path(where))
+        raise DatasetFormatError(
+            f"{str(where)!r}: IDX file has {raw[3]} dimension(s), expected {ndim}", path=_as_path(where)
+        )
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DatasetFormatError(f"{str(where)!r}: IDX header truncated ({len(raw)} bytes)", path=_as_path(where))
@@ -71,7 +82,8 @@ def parse_idx(raw: bytes, where: Where, ndim: int) -> np.ndarray:
     if len(raw) - header != size:
         raise DatasetFormatError(
             f"{str(where)!r}: IDX dims {dims} need {size} data bytes, the file has {len(raw) - header}",
-            path=_as_path(where))
+            path=_as_path(where),
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -79,7 +91,8 @@ def check_labels(labels: np.ndarray, num_classes: int, where: Where) -> None:
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise DatasetFormatError(
             f"{str(where)!r}: labels in [{int(labels.min())}, {int(labels.max())}], expected [0, {num_classes})",
-            path=_as_path(where))
+            path=_as_path(where),
+        )
 
 
 def idx_dataset(spec: Spec, arrays: dict[str, tuple[np.ndarray, Where]]) -> Dataset:
@@ -89,12 +102,15 @@ def idx_dataset(spec: Spec, arrays: dict[str, tuple[np.ndarray, Where]]) -> Data
         images, img_where = arrays[f"{split}-images-idx3-ubyte"]
         labels, lab_where = arrays[f"{split}-labels-idx1-ubyte"]
         if images.shape[1:] != spec.image_shape:
-            raise DatasetFormatError(f"{str(img_where)!r}: images are {images.shape[1:]}, expected {spec.image_shape}",
-                                     path=_as_path(img_where))
+            raise DatasetFormatError(
+                f"{str(img_where)!r}: images are {images.shape[1:]}, expected {spec.image_shape}",
+                path=_as_path(img_where),
+            )
         if labels.shape[0] != images.shape[0]:
             raise DatasetFormatError(
                 f"{str(lab_where)!r} has {labels.shape[0]} labels but {str(img_where)!r} has {images.shape[0]} images",
-                path=_as_path(lab_where))
+                path=_as_path(lab_where),
+            )
         check_labels(labels, spec.num_classes, lab_where)
         x = np.empty((images.shape[0], int(np.prod(spec.image_shape))), dtype=np.float32)
         np.divide(images.reshape(images.shape[0], -1), np.float32(255.0), out=x, dtype=np.float32)  # no temporary
@@ -106,7 +122,7 @@ def idx_dataset(spec: Spec, arrays: dict[str, tuple[np.ndarray, Where]]) -> Data
 def unpickle_cifar_batch(raw: bytes, where: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR python batch: uint8 (N, 3072) channel-major rows and int32 labels. Only after its checksum matched."""
     try:
-        entry = pickle.loads(raw, encoding="latin1")  # noqa: S301 (only after the checksum matched)
+        entry = pickle.loads(raw, encoding="latin1")  # only after the checksum matched
     except Exception as err:  # pickle raises many types on bad input
         raise DatasetFormatError(f"{where!r} is not a readable CIFAR pickle: {err}") from err
     if not isinstance(entry, dict):
@@ -125,8 +141,9 @@ def unpickle_cifar_batch(raw: bytes, where: str, num_classes: int) -> tuple[np.n
     return data, labels.astype(np.int32)
 
 
-def cifar_to_dataset(spec: Spec, train: list[tuple[np.ndarray, np.ndarray]],
-                     test: tuple[np.ndarray, np.ndarray]) -> Dataset:
+def cifar_to_dataset(
+    spec: Spec, train: list[tuple[np.ndarray, np.ndarray]], test: tuple[np.ndarray, np.ndarray]
+) -> Dataset:
     def convert(data: np.ndarray) -> np.ndarray:  # rows are R(1024) G(1024) B(1024), each row-major 32x32
         hwc = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         return hwc.reshape(data.shape[0], -1).astype(np.float32) / np.float32(255.0)
@@ -156,8 +173,9 @@ def load_svhn(spec: Spec, paths: dict[str, Any]) -> Dataset:
             raise DatasetFormatError(f"{str(path)!r}: {y.shape[0]} labels for {x.shape[3]} images", path=path)
         y = y.astype(np.int64)
         if y.size and (y.min() < 1 or y.max() > 10):
-            raise DatasetFormatError(f"{str(path)!r}: labels in [{y.min()}, {y.max()}], expected 1..10 (10 = digit 0)",
-                                     path=path)
+            raise DatasetFormatError(
+                f"{str(path)!r}: labels in [{y.min()}, {y.max()}], expected 1..10 (10 = digit 0)", path=path
+            )
         y[y == 10] = 0
         x = np.ascontiguousarray(x.transpose(3, 0, 1, 2)).reshape(x.shape[3], -1).astype(np.float32) / np.float32(255)
         out.append((x, y.astype(np.int32)))
@@ -171,7 +189,7 @@ def _digits_csv() -> Any:
     spec = importlib.util.find_spec("sklearn")  # locates the package; runs none of it
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("load_dataset('digits') needs scikit-learn: pip install 'deq_jax[experiments]'")
-    return pathlib.Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    return pathlib.Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
 
 
 def _approximate_mode(counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
@@ -208,7 +226,7 @@ def stratified_split(y: np.ndarray, test_size: float, seed: int) -> tuple[np.nda
     for i in range(counts.shape[0]):
         members = class_indices[i].take(rng.permutation(counts[i]), mode="clip")
         train.extend(members[: n_i[i]])
-        test.extend(members[n_i[i]: n_i[i] + t_i[i]])
+        test.extend(members[n_i[i] : n_i[i] + t_i[i]])
     return rng.permutation(train), rng.permutation(test)
 
 
@@ -220,12 +238,18 @@ def load_digits() -> Dataset:
         with gzip.open(path, "rt", encoding="utf-8") as fh:
             table = np.loadtxt(fh, delimiter=",")
     except (OSError, ValueError, EOFError, zlib.error) as err:
-        raise DatasetFormatError(f"{str(path)!r} (scikit-learn's bundled digits) cannot be read: {err}; reinstall "
-                                 f"scikit-learn", dataset="digits", path=path) from err
+        raise DatasetFormatError(
+            f"{str(path)!r} (scikit-learn's bundled digits) cannot be read: {err}; reinstall scikit-learn",
+            dataset="digits",
+            path=path,
+        ) from err
     if table.ndim != 2 or table.shape != (1797, 65):
-        raise DatasetFormatError(f"{str(path)!r} (scikit-learn's bundled digits) holds an array of shape "
-                                 f"{table.shape}, expected (1797, 65); reinstall scikit-learn", dataset="digits",
-                                 path=path)
+        raise DatasetFormatError(
+            f"{str(path)!r} (scikit-learn's bundled digits) holds an array of shape "
+            f"{table.shape}, expected (1797, 65); reinstall scikit-learn",
+            dataset="digits",
+            path=path,
+        )
     x = (table[:, :-1] / 16.0).astype(np.float32)
     y = table[:, -1].astype(np.int32)
     train, test = stratified_split(y, 0.2, seed=0)

@@ -6,13 +6,22 @@ import os
 import pathlib
 import tarfile
 import zlib
-from typing import Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Union
 
 from experiments.common.datasets import registry
 from experiments.common.datasets.errors import DatasetFormatError, DatasetNotFoundError, SettingsArg, resolve_settings
 from experiments.common.datasets.files import Found, Mismatch, Resolver, digest_file
-from experiments.common.datasets.formats import (Dataset, cifar_to_dataset, gunzip, idx_dataset, load_digits,
-                                                 load_svhn, parse_idx, unpickle_cifar_batch)
+from experiments.common.datasets.formats import (
+    Dataset,
+    cifar_to_dataset,
+    gunzip,
+    idx_dataset,
+    load_digits,
+    load_svhn,
+    parse_idx,
+    unpickle_cifar_batch,
+)
 
 __all__ = ["DOWNLOAD_TIMEOUT_S", "default_cache_dir", "load_dataset"]
 
@@ -36,12 +45,12 @@ def default_cache_dir() -> pathlib.Path:
 def load_dataset(
     name: str,
     *,
-    data_dir: Optional[PathLike] = None,
-    cache_dir: Optional[PathLike] = None,
+    data_dir: PathLike | None = None,
+    cache_dir: PathLike | None = None,
     download: bool = True,
-    base_url: Optional[str] = None,
+    base_url: str | None = None,
     progress: bool = False,
-    checksums: Optional[Mapping[str, str]] = None,
+    checksums: Mapping[str, str] | None = None,
     timeout: float = DOWNLOAD_TIMEOUT_S,
     settings: SettingsArg = None,
 ) -> Dataset:
@@ -83,21 +92,23 @@ def load_dataset(
         if not isinstance(value, bool):
             raise ValueError(f"load_dataset: argument '{arg}' must be a bool; received {value!r}")
     if base_url is not None and (not isinstance(base_url, str) or not base_url.strip()):
-        raise ValueError(
-            f"load_dataset: argument 'base_url' must be a non-empty string or None; received {base_url!r}")
+        raise ValueError(f"load_dataset: argument 'base_url' must be a non-empty string or None; received {base_url!r}")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(
-            f"load_dataset: argument 'timeout' must be a positive number of seconds; received {timeout!r}")
+        raise ValueError(f"load_dataset: argument 'timeout' must be a positive number of seconds; received {timeout!r}")
     if checksums is not None and not isinstance(checksums, Mapping):
         raise ValueError(
             f"load_dataset: argument 'checksums' must be a mapping from file name to hex digest or None; "
-            f"received {type(checksums).__name__}")
+            f"received {type(checksums).__name__}"
+        )
     if data_path is not None and not data_path.is_dir():
         what = "is not a directory" if data_path.exists() else "does not exist"
         raise DatasetNotFoundError(
             f"data directory {str(data_path)!r} {what} (set by {names['data_dir']}); point it at the directory "
             f"holding the {name} files, or leave it unset to use the cache and downloads",
-            dataset=name, setting="data_dir", path=data_path)
+            dataset=name,
+            setting="data_dir",
+            path=data_path,
+        )
 
     if name == "digits":
         return load_digits()
@@ -166,14 +177,16 @@ def _load_cifar(resolver: Resolver) -> Dataset:
                 except KeyError:
                     f = None
                 if f is None:
-                    raise DatasetFormatError(f"{str(tar_path)!r}: the archive has no file {arcname!r}",
-                                             dataset=spec.name, path=tar_path)
+                    raise DatasetFormatError(
+                        f"{str(tar_path)!r}: the archive has no file {arcname!r}", dataset=spec.name, path=tar_path
+                    )
                 with f:
                     raw = f.read()
                 batches.append(unpickle_cifar_batch(raw, f"{tar_path}:{arcname}", spec.num_classes))
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
-        raise DatasetFormatError(f"{str(tar_path)!r} is not a readable .tar.gz archive: {err}", dataset=spec.name,
-                                 path=tar_path) from err
+        raise DatasetFormatError(
+            f"{str(tar_path)!r} is not a readable .tar.gz archive: {err}", dataset=spec.name, path=tar_path
+        ) from err
     return cifar_to_dataset(spec, batches[:-1], batches[-1])
 
 
@@ -187,7 +200,12 @@ def _load_cifar_extracted(resolver: Resolver, ext_dir: pathlib.Path) -> Dataset:
             raise DatasetNotFoundError(
                 f"{spec.name}: the extracted directory {str(ext_dir)!r} lacks {member!r} (it needs "
                 f"{', '.join(spec.extracted_members)}); complete it, or remove it to use {spec.files[0]} instead",
-                dataset=spec.name, setting="data_dir", path=path, missing=[key], searched=[ext_dir])
+                dataset=spec.name,
+                setting="data_dir",
+                path=path,
+                missing=[key],
+                searched=[ext_dir],
+            )
         expected, got = resolver.expected(key), digest_file(path)
         if got != expected:
             mismatch = Mismatch(expected, got, "MD5 of the file", f"its MD5 is {got}, expected {expected}")
@@ -196,16 +214,20 @@ def _load_cifar_extracted(resolver: Resolver, ext_dir: pathlib.Path) -> Dataset:
     return cifar_to_dataset(spec, batches[:-1], batches[-1])
 
 
-def _check_dir_arg(arg: str, value: Optional[PathLike]) -> Optional[pathlib.Path]:
+def _check_dir_arg(arg: str, value: PathLike | None) -> pathlib.Path | None:
     if value is None:
         return None
     if not isinstance(value, (str, os.PathLike)) or (isinstance(value, str) and not value):
-        raise ValueError(f"load_dataset: argument '{arg}' must be a path (str or os.PathLike) or None; "
-                         f"received {value!r}")
+        raise ValueError(
+            f"load_dataset: argument '{arg}' must be a path (str or os.PathLike) or None; received {value!r}"
+        )
     return pathlib.Path(value).expanduser()
 
 
-def _resolve_base_url(name: str, base_url: Optional[str]) -> str:
-    url = (base_url if base_url is not None else os.environ.get("DEQ_JAX_DATA_BASE_URL", "")
-           or registry.DEFAULT_BASE_URLS[name])
+def _resolve_base_url(name: str, base_url: str | None) -> str:
+    url = (
+        base_url
+        if base_url is not None
+        else os.environ.get("DEQ_JAX_DATA_BASE_URL", "") or registry.DEFAULT_BASE_URLS[name]
+    )
     return url.replace("{name}", name).rstrip("/") + "/"

@@ -8,7 +8,8 @@ Fashion-MNIST training set (60,000 x 784) is standardised and whitened in second
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple, Optional
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -44,11 +45,13 @@ def one_hot(y: np.ndarray, num_classes: int) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or y.size == 0):
         raise ValueError(
-            f"one_hot: argument 'y' must be a 1-D array of integer labels; received shape {y.shape} dtype {y.dtype}")
+            f"one_hot: argument 'y' must be a 1-D array of integer labels; received shape {y.shape} dtype {y.dtype}"
+        )
     if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(
             f"one_hot: argument 'y' must have labels in [0, {int(num_classes)}); "
-            f"received labels in [{int(y.min())}, {int(y.max())}]")
+            f"received labels in [{int(y.min())}, {int(y.max())}]"
+        )
     out = np.zeros((y.shape[0], int(num_classes)), dtype=np.float32)
     out[np.arange(y.shape[0]), y.astype(np.int64)] = 1.0
     return out
@@ -57,10 +60,10 @@ def one_hot(y: np.ndarray, num_classes: int) -> np.ndarray:
 def preprocess(
     ds: Dataset,
     *,
-    n_train: Optional[int] = None,
-    n_test: Optional[int] = None,
+    n_train: int | None = None,
+    n_test: int | None = None,
     features: str = "standardize",
-    pca_dim: Optional[int] = None,
+    pca_dim: int | None = None,
     add_bias: bool = True,
     seed: int = 0,
     settings: SettingsArg = None,
@@ -126,14 +129,20 @@ def preprocess(
         if n < 2:
             raise DataSettingError(
                 f"features {features!r} need at least 2 train samples for train statistics; n_train = {n} (set by "
-                f"{names['n_train']})", dataset=ds.name, setting="n_train")
+                f"{names['n_train']})",
+                dataset=ds.name,
+                setting="n_train",
+            )
         mean = _column_mean(x_tr)
         std = np.sqrt(_column_var(x_tr, mean))
         keep = std > ZERO_VARIANCE_TOL
         if not keep.any():
-            raise DataSettingError(f"every column of {ds.name!r} has zero variance on the {n} train samples; nothing "
-                                   f"to standardize (set by {names['features']})", dataset=ds.name,
-                                   setting="features")
+            raise DataSettingError(
+                f"every column of {ds.name!r} has zero variance on the {n} train samples; nothing "
+                f"to standardize (set by {names['features']})",
+                dataset=ds.name,
+                setting="features",
+            )
         k = int(keep.sum())
         info["kept_columns"], info["dropped_columns"] = k, d - k
         info["kept_column_indices"] = np.flatnonzero(keep).tolist()
@@ -144,7 +153,10 @@ def preprocess(
             if pca_dim > k:
                 raise DataSettingError(
                     f"pca_dim = {pca_dim} is more than the {k} non-constant columns of {ds.name!r} (set by "
-                    f"{names['pca_dim']}); use at most {k}", dataset=ds.name, setting="pca_dim")
+                    f"{names['pca_dim']}); use at most {k}",
+                    dataset=ds.name,
+                    setting="pca_dim",
+                )
             cov = _centered_cov(x_tr, mean, keep) / np.outer(step.std, step.std)  # of the standardised data
             step.proj, top, total = _whitening(cov, int(pca_dim), n, ds.name, names)
             info["pca_dim"] = int(pca_dim)
@@ -153,8 +165,9 @@ def preprocess(
 
     info["add_bias"] = add_bias
     info["output_dim"] = int(out_tr.shape[1])
-    return Preprocessed(x_train=out_tr, y_train=y_tr, x_test=out_te, y_test=y_te, num_classes=int(ds.num_classes),
-                        info=info)
+    return Preprocessed(
+        x_train=out_tr, y_train=y_tr, x_test=out_te, y_test=y_te, num_classes=int(ds.num_classes), info=info
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -167,7 +180,7 @@ class _Standardize:
     def __init__(self, keep: np.ndarray, mean: np.ndarray, std: np.ndarray):
         self.keep, self.mean, self.std = keep, mean, std
         self.all_kept = bool(keep.all())
-        self.proj: Optional[np.ndarray] = None
+        self.proj: np.ndarray | None = None
 
     @property
     def out_dim(self) -> int:
@@ -231,14 +244,16 @@ def _whitening(cov: np.ndarray, pca_dim: int, n: int, name: str, names: dict) ->
         raise DataSettingError(
             f"pca_dim = {pca_dim} is more than the numerical rank {rank} of the standardized train data of {name!r} "
             f"(n_train = {n}; set by {names['pca_dim']}); use at most {rank}, or more train samples",
-            dataset=name, setting="pca_dim")
+            dataset=name,
+            setting="pca_dim",
+        )
     comps = evecs[:, :pca_dim]
     signs = np.sign(comps[np.argmax(np.abs(comps), axis=0), np.arange(pca_dim)])
     comps = comps * np.where(signs == 0, 1.0, signs)
     return comps / np.sqrt(top), top, float(evals[evals > 0].sum())
 
 
-def _transform(x: np.ndarray, step: Optional[_Standardize], add_bias: bool) -> np.ndarray:
+def _transform(x: np.ndarray, step: _Standardize | None, add_bias: bool) -> np.ndarray:
     """The features of every row of `x`, written block by block into one float64 array (bias column last)."""
     width = x.shape[1] if step is None else step.out_dim
     out = np.empty((x.shape[0], width + int(add_bias)))
@@ -255,8 +270,9 @@ def _transform(x: np.ndarray, step: Optional[_Standardize], add_bias: bool) -> n
 
 def _check_args(ds: Any, features: Any, pca_dim: Any, seed: Any, add_bias: Any) -> None:
     if not isinstance(ds, Dataset):
-        raise ValueError(f"preprocess: argument 'ds' must be a Dataset (from load_dataset); received "
-                         f"{type(ds).__name__}")
+        raise ValueError(
+            f"preprocess: argument 'ds' must be a Dataset (from load_dataset); received {type(ds).__name__}"
+        )
     if not isinstance(features, str) or features not in FEATURES:
         raise ValueError(f"preprocess: argument 'features' must be one of {FEATURES}; received {features!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -264,11 +280,17 @@ def _check_args(ds: Any, features: Any, pca_dim: Any, seed: Any, add_bias: Any) 
     if not isinstance(add_bias, bool):
         raise ValueError(f"preprocess: argument 'add_bias' must be a bool; received {add_bias!r}")
     shapes = {k: np.shape(getattr(ds, k)) for k in ("x_train", "y_train", "x_test", "y_test")}
-    if (len(shapes["x_train"]) != 2 or len(shapes["x_test"]) != 2 or shapes["x_train"][1] != shapes["x_test"][1]
-            or shapes["y_train"] != shapes["x_train"][:1] or shapes["y_test"] != shapes["x_test"][:1]):
+    if (
+        len(shapes["x_train"]) != 2
+        or len(shapes["x_test"]) != 2
+        or shapes["x_train"][1] != shapes["x_test"][1]
+        or shapes["y_train"] != shapes["x_train"][:1]
+        or shapes["y_test"] != shapes["x_test"][:1]
+    ):
         raise ValueError(
             "preprocess: argument 'ds' must hold 2-D x arrays with equal column counts and 1-D labels of matching "
-            f"lengths; received shapes {shapes}")
+            f"lengths; received shapes {shapes}"
+        )
     if features == "pca_whiten":
         if pca_dim is None:
             raise ValueError("preprocess: argument 'pca_dim' is required when features='pca_whiten'; received None")
@@ -277,10 +299,11 @@ def _check_args(ds: Any, features: Any, pca_dim: Any, seed: Any, add_bias: Any) 
     elif pca_dim is not None:
         raise ValueError(
             f"preprocess: argument 'pca_dim' is only used with features='pca_whiten'; received pca_dim={pca_dim!r} "
-            f"with features={features!r}")
+            f"with features={features!r}"
+        )
 
 
-def _check_count(arg: str, value: Optional[int], available: int, name: str, split: str, names: dict) -> None:
+def _check_count(arg: str, value: int | None, available: int, name: str, split: str, names: dict) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -288,4 +311,7 @@ def _check_count(arg: str, value: Optional[int], available: int, name: str, spli
     if value > available:
         raise DataSettingError(
             f"{arg} = {value} is more than the {available} {split} samples of {name!r} (set by {names[arg]}); use at "
-            f"most {available}, or null for all of them", dataset=name, setting=arg)
+            f"most {available}, or null for all of them",
+            dataset=name,
+            setting=arg,
+        )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pathlib
 from dataclasses import dataclass, field
-from typing import Optional
 
 __all__ = ["CHECKSUMS", "DATASETS", "DEFAULT_BASE_URLS", "FEATURES", "SPECS", "SYSTEM_DATA_DIRS", "Spec"]
 
@@ -118,7 +117,7 @@ class Spec:
     files: tuple[str, ...]  # download units (what is fetched and cached)
     num_classes: int
     image_shape: tuple[int, ...]
-    extracted_dir: Optional[str] = None  # CIFAR: the directory the tarball extracts to
+    extracted_dir: str | None = None  # CIFAR: the directory the tarball extracts to
     extracted_members: tuple[str, ...] = ()
     #: IDX sets: the shape of each decompressed file, for the structural check of files without a known digest
     idx_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -148,7 +147,7 @@ SPECS: dict[str, Spec] = {
         10,
         (32, 32, 3),
         extracted_dir="cifar-10-batches-py",
-        extracted_members=tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
+        extracted_members=(*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"),
     ),
     "cifar100": Spec(
         "cifar100",
