@@ -62,6 +62,7 @@ def test_python_blocks_run_as_written(document, tmp_path):
         [sys.executable, "-c", RUNNER, str(spec), document],
         cwd=tmp_path,
         env=env,
+        check=False,  # the exit status is asserted below, with the block's output
         capture_output=True,
         text=True,
         timeout=900,

@@ -32,8 +32,9 @@ def test_right_solve_both_ways_against_numpy():
     np.testing.assert_allclose(right_solve(factors, B[0]), X[0], rtol=EPS, atol=EPS)  # one right-hand side
 
 
-def _refined(A, B, start, state, maxiter=50, refine=Refine(max_sweeps=50)):
+def _refined(A, B, start, state, maxiter=50, refine=None):
     """`W U = B` (the transposed DELM map, K = U) by `Refine` from `start`, with the carried `state`."""
+    refine = Refine(max_sweeps=50) if refine is None else refine
     return solve(
         DELMTransposedMap(GAMMA), start, {"A": A}, B, solver=refine, tol=TOL, maxiter=maxiter, solver_state=state
     )
@@ -82,9 +83,9 @@ def test_refactorisation_policy_is_counted():
 
 
 def test_refine_options_are_checked():
-    with pytest.raises(ValueError, match="Refine.max_sweeps must be a positive integer; got 0"):
+    with pytest.raises(ValueError, match=r"Refine\.max_sweeps must be a positive integer; got 0"):
         Refine(max_sweeps=0)
-    with pytest.raises(ValueError, match="Refine.refactor_after must be a positive integer; got 1.5"):
+    with pytest.raises(ValueError, match=r"Refine\.refactor_after must be a positive integer; got 1\.5"):
         Refine(refactor_after=1.5)
 
 

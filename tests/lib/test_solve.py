@@ -229,11 +229,11 @@ def test_forward_mode_support():
     Direct, Unrolled is plain autodiff through the LU solve: exact forward mode)."""
     A, B, phi, y = delm_problem(DTYPE)
     for solver, backward in [("direct", "unrolled"), ("fixed_point", "one_step"), ("fixed_point", "unrolled")]:
-        f = lambda A: solved_loss("per_sample", solver, backward, maxiter=50)(A, B, phi, y)[0]
+        f = lambda A, s=solver, b=backward: solved_loss("per_sample", s, b, maxiter=50)(A, B, phi, y)[0]
         _, tangent = jax.jvp(f, (A,), (jnp.ones_like(A),))
         assert np.isfinite(float(tangent))
     for solver in ("anderson", "direct"):
-        f = lambda A: solved_loss("per_sample", solver, "implicit")(A, B, phi, y)[0]
+        f = lambda A, s=solver: solved_loss("per_sample", s, "implicit")(A, B, phi, y)[0]
         with pytest.raises(TypeError, match="custom_vjp"):
             jax.jvp(f, (A,), (jnp.ones_like(A),))
 

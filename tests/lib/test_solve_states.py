@@ -67,11 +67,11 @@ def _loss(w, z):
 def _reference(state, one_step):
     """Gradients of `sum(w * z*)` (or, one-step, of `sum(w * f(stop_gradient(z*)))`) from the dense system."""
     p, x, w = _inputs(state)
-    flat, unravel = jax.flatten_util.ravel_pytree(jax.tree_util.tree_map(lambda l: l.astype(DTYPE), state))
+    flat, unravel = jax.flatten_util.ravel_pytree(jax.tree_util.tree_map(lambda leaf: leaf.astype(DTYPE), state))
     n = flat.size
 
     def z_star(p, x):
-        x_flat = jax.flatten_util.ravel_pytree(jax.tree_util.tree_map(lambda l: l.astype(DTYPE), x))[0]
+        x_flat = jax.flatten_util.ravel_pytree(jax.tree_util.tree_map(lambda leaf: leaf.astype(DTYPE), x))[0]
         J = p[0] * jnp.eye(n, dtype=DTYPE) + p[1] / n
         return unravel(jnp.linalg.solve(jnp.eye(n, dtype=DTYPE) - J, x_flat))
 
@@ -101,7 +101,7 @@ def _check_pair(kind, solver, backward):
     assert tree_rel_err(gx, ref[1]) <= GRAD_RTOL[kind]
     # gradients keep the structure and dtypes of what they differentiate
     assert jax.tree_util.tree_structure(gx) == jax.tree_util.tree_structure(x)
-    assert [g.dtype for g in jax.tree_util.tree_leaves(gx)] == [l.dtype for l in jax.tree_util.tree_leaves(x)]
+    assert [g.dtype for g in jax.tree_util.tree_leaves(gx)] == [leaf.dtype for leaf in jax.tree_util.tree_leaves(x)]
 
 
 KINDS = ["scalar", "rank3", "pytree"]
@@ -177,7 +177,7 @@ def test_jaxopt_problems():
     z0 = (jnp.asarray([0.6, 0.0, -0.1], DTYPE), jnp.asarray([[0.7], [0.5]], DTYPE))
     sol = solve(fs, z0, 0.0, 0.0, solver="fixed_point", tol=1e-6, atol=1e-12)
     assert bool(sol.stats.converged)
-    assert max(float(jnp.max(jnp.abs(l))) for l in jax.tree_util.tree_leaves(sol.value)) < 1e-6
+    assert max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree_util.tree_leaves(sol.value)) < 1e-6
     # geometric decay with ratios up to 0.999: Anderson instead of jaxopt's 8000 plain iterations
     geometric = lambda z, p, x: jnp.asarray([0.9, 0.99, 0.999], DTYPE) * z
     sol = solve(geometric, jnp.asarray([1.0, 0.4, -0.2], DTYPE), 0.0, 0.0, solver="anderson", tol=1e-5, atol=1e-8)
@@ -243,7 +243,7 @@ def test_optimistix_problems():
     ]
     for i, (name, f, z0, solver) in enumerate(problems):
         has_aux = i % 2 == 1
-        fn = (lambda f: lambda z, c, x: (f(z, c, x), {"smoke": jnp.ones(2)}))(f) if has_aux else f
+        fn = (lambda z, c, x, f=f: (f(z, c, x), {"smoke": jnp.ones(2)})) if has_aux else f
         sol = solve(
             fn, z0, jnp.asarray(1.0, DTYPE), 0.0, solver=solver, tol=1e-6, atol=1e-6, maxiter=1000, has_aux=has_aux
         )

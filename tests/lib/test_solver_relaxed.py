@@ -46,7 +46,7 @@ def test_relaxed_implicit_gradient_matches_the_closed_form():
 
 
 def test_relaxed_damping_is_checked():
-    with pytest.raises(ValueError, match="Relaxed.damping must be a positive number; got 0"):
+    with pytest.raises(ValueError, match=r"Relaxed\.damping must be a positive number; got 0"):
         Relaxed(0)
     with pytest.raises(ValueError, match=r"Relaxed.damping must be in \(0, 1\]; got 1.5"):
         Relaxed(1.5)

@@ -174,7 +174,7 @@ def test_gram_route_gives_the_same_trajectory():
     assert rel_err(final_g, final_p) < 1e-12
     gram = square_gram(phi, y)
     assert gram.C.shape == (8, 8) and gram.D.shape == (8, 3)
-    with pytest.raises(ValueError, match="GramData .* serves the square loss only; got loss 'cross_entropy'"):
+    with pytest.raises(ValueError, match=r"GramData .* serves the square loss only; got loss 'cross_entropy'"):
         full_batch_gd(model, "cross_entropy", params, phi, y, learning_rate=0.1, steps=2, gram=True)
 
 
@@ -278,7 +278,7 @@ def test_divergence_is_reported_as_divergence_with_the_step_size():
     }
     with pytest.raises(
         DivergenceError,
-        match="the loss grew from 1 to 9.*2 of 3 steps had an equilibrium solve "
+        match=r"the loss grew from 1 to 9.*2 of 3 steps had an equilibrium solve "
         "above its tolerance, which follows from the divergence",
     ):
         check_converged(grown, on_failure="raise")
@@ -299,16 +299,16 @@ def test_training_argument_errors():
     params = model.init(jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="learning_rate must be a positive number; got 0"):
         full_batch_gd(model, "square", params, phi, y, learning_rate=0, steps=3)
-    with pytest.raises(ValueError, match="learning_rate must be a positive number; got -0.1"):
+    with pytest.raises(ValueError, match=r"learning_rate must be a positive number; got -0\.1"):
         full_batch_gd(model, "square", params, phi, y, learning_rate=jnp.asarray(-0.1), steps=3)
     # a step size computed with jax.numpy (a concrete 0-d array) is a number like any other
     _, history = full_batch_gd(model, "square", params, phi, y, learning_rate=0.5 * jnp.ones((), jnp.float32), steps=3)
     assert history["loss"].shape == (3,)
-    with pytest.raises(ValueError, match="pass either optimizer=... or learning_rate=... .*not both"):
+    with pytest.raises(ValueError, match=r"pass either optimizer=\.\.\. or learning_rate=\.\.\. .*not both"):
         full_batch_gd(model, "square", params, phi, y, learning_rate=0.1, optimizer=optax.sgd(0.1), steps=3)
-    with pytest.raises(ValueError, match="pass optimizer=... .* or learning_rate=..."):
+    with pytest.raises(ValueError, match=r"pass optimizer=\.\.\. .* or learning_rate=\.\.\."):
         make_step(model, "square")
-    with pytest.raises(TypeError, match="penalty must be a callable penalty\\(params\\) -> scalar; got 0.1"):
+    with pytest.raises(TypeError, match=r"penalty must be a callable penalty\(params\) -> scalar; got 0\.1"):
         make_step(model, "square", learning_rate=0.1, penalty=0.1)
     with pytest.raises(ValueError, match="steps must be a positive integer; got 0"):
         full_batch_gd(model, "square", params, phi, y, learning_rate=0.1, steps=0)
