@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from deq_jax import _checks
-from deq_jax._adjoint import Backward, Unrolled, as_backward
+from deq_jax._adjoint import Backward, Implicit, Unrolled, as_backward
 from deq_jax._solution import Solution
 from deq_jax._solve import as_solver, solve
 from deq_jax._solver._base import AbstractSolver
@@ -101,7 +101,9 @@ class DELM:
     `Refine` without carried state factorises, as `Direct` does.
 
     In training (`make_step` with `warm_start=True`) each step starts its forward and backward solves from the
-    previous step's solutions and keeps `Refine`'s factors: `warm_start` says what is carried.
+    previous step's solutions and keeps `Refine`'s factors: `warm_start` says what is carried. The implicit
+    backward's linear solver defaults to `"forward"` (the forward solver on the backward equation; see
+    `resolved_backward`); an explicit `Implicit(linear_solver=...)` is used as given.
     """
 
     width: int
@@ -159,7 +161,7 @@ class DELM:
             {"A": params["A"]},
             x,
             solver=self.solver,
-            backward=self.backward,
+            backward=self.resolved_backward(),
             tol=self.tol,
             maxiter=self.maxiter,
             precision=self.precision,
@@ -167,6 +169,16 @@ class DELM:
             solver_state=warm.solver_state,
             adjoint_start=warm.adjoint,
         )
+
+    def resolved_backward(self) -> Backward:
+        """The backward strategy the solves use: `Implicit(linear_solver=None)` becomes `"forward"` (the DELM's
+        backward equation `u = v + gamma u sigma(A)^T` is affine like its forward one, so the forward solver,
+        started from the carried adjoint, solves it in about as many steps as the forward: measured in training
+        far cheaper per sample than GMRES)."""
+        backward = as_backward(self.backward)
+        if isinstance(backward, Implicit) and backward.linear_solver is None:
+            return dataclasses.replace(backward, linear_solver="forward")
+        return backward
 
     def end_to_end_solution(self, params: Params, warm: Warm | None = None) -> tuple[Array, Solution]:
         """The end-to-end matrix `W = B (I - gamma sigma(A))^{-1}` as the equilibrium `W = B + gamma W sigma(A)`,
