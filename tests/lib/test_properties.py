@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from helpers import DTYPE, X64, closed_form_end_to_end
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from deq_jax import column_softmax, cross_entropy, logistic, row_softmax, scaled_tanh, solve, square, theory
-from helpers import DTYPE, X64, closed_form_end_to_end
 
 pytestmark = pytest.mark.float32  # every property also holds with x64 off, at the tolerances stated per check
 
@@ -256,8 +257,8 @@ def np_logsumexp(z):
     return (top + np.log(np.exp(z - top).sum(axis=-1, keepdims=True)))[..., 0]
 
 
-LOSS_SHAPES = [(5, 3), (2, 7), (1, 4)]
-JIT_LOSSES = tuple(jax.jit(loss) for loss in (square, cross_entropy, logistic))  # one compile per shape, not per op  # n != m_y: a mean over the wrong axis changes the value
+LOSS_SHAPES = [(5, 3), (2, 7), (1, 4)]  # n != m_y: a mean over the wrong axis changes the value
+JIT_LOSSES = tuple(jax.jit(loss) for loss in (square, cross_entropy, logistic))  # one compile per shape, not per op
 
 
 @settings(max_examples=20, **SETTINGS)
