@@ -94,6 +94,21 @@ def test_random_projection_any_width():
                                   random_projection(jax.random.PRNGKey(1), 64, 5))
 
 
+
+@pytest.mark.float32
+def test_random_projection_entries_are_n_0_1_over_in_dim():
+    """The documented scale: entries N(0, 1/in_dim), so |phi(x)|^2 ~ |x|^2 width / in_dim. 60000 entries: the sample
+    mean has standard deviation 1/sqrt(in_dim N) and the sample variance a relative one of sqrt(2/N) = 0.6%; allow
+    5 of each (a scale off by sqrt(2) is 40% in the variance, one by 1/sqrt(width) a factor 3)."""
+    for in_dim, width, seed in [(400, 150, 3), (25, 2400, 4)]:
+        P = np.asarray(random_projection(jax.random.PRNGKey(seed), in_dim, width, DTYPE), np.float64)
+        N = P.size
+        assert P.shape == (in_dim, width) and N == 60000
+        assert abs(P.mean()) <= 5 / np.sqrt(in_dim * N)
+        assert abs(P.var() * in_dim - 1.0) <= 5 * np.sqrt(2 / N)
+        # Gaussian tails, not a uniform or a sign matrix of the same variance: kurtosis 3 (sd sqrt(24/N) = 0.02)
+        assert abs(np.mean(P ** 4) / P.var() ** 2 - 3.0) <= 5 * np.sqrt(24 / N)
+
 def test_map_argument_errors():
     with pytest.raises(ValueError, match="width must be a positive integer; got 0"):
         random_projection(jax.random.PRNGKey(0), 4, 0)

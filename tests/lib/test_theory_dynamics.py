@@ -137,6 +137,29 @@ def test_sigma_derivative_bound():
         theory.learning_rate_limit(1.0, 1.0, 1.0, GAMMA, sigma="scaled_tanh")
 
 
+
+def test_learning_rate_limit_hand_computed():
+    """`1 / (lambda_max |U^{-1}|_2^2 (1 + gamma^2 c^2 |W|_2^2))` by hand at lambda_max = 2, |U^{-1}| = 3, |W| = 4,
+    gamma = 1/2: softmax (c = 1/2) gives 1 / (2 * 9 * 2) = 1/36, so a limit off by any factor (doubled, c^2
+    dropped, gamma not squared) fails; scaled_tanh at m = 4 (c = 1/4): 1 / (2 * 9 * 1.25); an explicit c = 1: 1/90."""
+    assert float(theory.learning_rate_limit(2.0, 3.0, 4.0, 0.5)) == pytest.approx(1 / 36, rel=1e-6)
+    assert float(theory.learning_rate_limit(2.0, 3.0, 4.0, 0.5, sigma="row_softmax")) == pytest.approx(1 / 36,
+                                                                                                      rel=1e-6)
+    assert float(theory.learning_rate_limit(2.0, 3.0, 4.0, 0.5, sigma="scaled_tanh", m=4)) == pytest.approx(
+        1 / 22.5, rel=1e-6)
+    assert float(theory.learning_rate_limit(2.0, 3.0, 4.0, 0.5, dsigma_norm=1.0)) == pytest.approx(1 / 90, rel=1e-6)
+    # its denominator's factor: |U^{-1}|^2 (1 + gamma^2 c^2 |W|^2), default c = 1/2; broadcast over a history
+    assert float(theory.preconditioner_norm_bound(3.0, 4.0, 0.5)) == pytest.approx(18.0, rel=1e-6)
+    assert float(theory.preconditioner_norm_bound(3.0, 4.0, 0.5, 0.25)) == pytest.approx(11.25, rel=1e-6)
+    history = theory.learning_rate_limit(jnp.array([2.0, 1.0], DT), jnp.array([3.0, 1.0], DT), 0.0, 0.5)
+    np.testing.assert_allclose(np.asarray(history), [1 / 18, 1.0], rtol=1e-6)
+    with pytest.raises(ValueError, match="dsigma_norm must be a positive number"):
+        theory.preconditioner_norm_bound(3.0, 4.0, 0.5, 0.0)
+    assert theory.sigma_derivative_bound(get_sigma("row_softmax"), 3) == 0.5  # the function itself, not its name
+    assert theory.sigma_derivative_bound("scaled_tanh", 8) == 0.125
+    with pytest.raises(ValueError, match="m must be a positive integer"):
+        theory.sigma_derivative_bound("column_softmax", 0)
+
 # ----------------------------------------------------------------------------- the W-path prediction
 
 NOISE = np.random.default_rng(0).standard_normal((2, M, M))  # the "perturbed" gradient's 1e-3 relative noise
