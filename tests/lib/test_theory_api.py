@@ -128,3 +128,16 @@ def test_precision_warning_says_when_float64_is_missing():
         assert W.dtype == jnp.float64 and not flagged
     else:
         assert W.dtype == jnp.float32 and flagged and "jax_enable_x64" in str(flagged[0].message)
+
+
+def test_programs_called_inside_a_trace_on_constants_only():
+    """A theory program called inside another trace with concrete arguments only (no tracer to tell it is nested):
+    JAX refuses compiler options there, and the program falls back to its plain jit with the same result."""
+    rng = np.random.default_rng(61)
+    A, B = rng.standard_normal((5, 5)), rng.standard_normal((2, 5))  # a shape no other test compiles: no cache hit
+    A, B = A.astype(F64), B.astype(F64)  # NumPy constants of the outer trace: concrete, not tracers
+    spectral = jax.jit(lambda s: s * theory.spectral_norm(B))(1.0)
+    inside = jax.jit(lambda s: s * theory.end_to_end(A, B, GAMMA))(1.0)
+    U = np.eye(5) - GAMMA * np.exp(A) / np.exp(A).sum(axis=0)
+    assert rel(inside, np.linalg.solve(U.T, B.T).T) < tol(1e-13, 1e-5)
+    assert abs(float(spectral) - np.linalg.norm(B, 2)) < tol(1e-13, 1e-5) * np.linalg.norm(B, 2)
