@@ -96,6 +96,18 @@ def test_random_projection_any_width():
 
 
 @pytest.mark.float32
+def test_tanh_map_init_scales():
+    """`W ~ N(0, 1/width)`, `U ~ N(0, 1/in_dim)`, `b ~ 0.1 N(0, 1)`: sample standard deviations within 5 standard
+    errors (relative standard error of a standard deviation from N draws: 1/sqrt(2N))."""
+    width, in_dim = 200, 50
+    p = TanhMap(0.9).init(jax.random.PRNGKey(7), width=width, in_dim=in_dim, dtype=DTYPE)
+    assert p["W"].shape == (width, width) and p["U"].shape == (width, in_dim) and p["b"].shape == (width,)
+    for leaf, std in [(p["W"], 1 / np.sqrt(width)), (p["U"], 1 / np.sqrt(in_dim)), (p["b"], 0.1)]:
+        x = np.asarray(leaf, np.float64)
+        assert leaf.dtype == DTYPE and abs(x.std() / std - 1) <= 5 / np.sqrt(2 * x.size), (x.shape, x.std(), std)
+        assert abs(x.mean()) <= 5 * std / np.sqrt(x.size)
+
+@pytest.mark.float32
 def test_random_projection_entries_are_n_0_1_over_in_dim():
     """The documented scale: entries N(0, 1/in_dim), so |phi(x)|^2 ~ |x|^2 width / in_dim. 60000 entries: the sample
     mean has standard deviation 1/sqrt(in_dim N) and the sample variance a relative one of sqrt(2/N) = 0.6%; allow

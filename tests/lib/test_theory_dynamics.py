@@ -213,6 +213,11 @@ def test_w_path_prediction_separates_the_exact_gradient_from_wrong_ones():
             np.testing.assert_allclose(np.asarray(c["first_order_error"]), np.asarray(c["remainder"]),
                                        rtol=tol(1e-6, 0.2))
             assert results[kind] <= float(jnp.max(c["tolerance"]))
+            # one step at a time (A of shape (m, m)) gives what the batched call gives for that step
+            one = theory.w_step_check({"A": params["A"][1], "B": params["B"][1]}, W_next[1], G[1], eta, GAMMA,
+                                      rtol=tol(1e-9, 1e-4))
+            for key in ("step_error", "remainder", "first_order_error", "predicted_step"):
+                assert float(one[key]) == pytest.approx(float(c[key][1]), rel=tol(1e-9, 1e-4)), key
         else:
             assert not bool(jnp.any(c["consistent"])), kind
     # orders of magnitude: the one-step gradient misses by O(1), a wrong sigma by O(0.1), 1e-3 noise by ~1e-3
@@ -251,6 +256,13 @@ def test_w_step_check_errors():
         theory.w_step_check({"A": jnp.stack([params["A"]] * 2), "B": params["B"]}, G, G, 0.1, GAMMA)
     with pytest.raises(ValueError, match="unknown order"):
         theory.predict_w_step(params, G, 0.1, GAMMA, order=3)
+    W = theory.end_to_end(params["A"], params["B"], GAMMA)
+    with pytest.raises(TypeError, match="W_next must be a floating-point array"):
+        theory.w_step_check(params, jnp.ones((M_Y, M), jnp.int32), G, 0.1, GAMMA)
+    with pytest.raises(ValueError, match=r"G must have shape \(3, 6\).*G = dL/dW at W_t, shaped like B"):
+        theory.w_step_check(params, W, jnp.ones((M, M_Y), DT), 0.1, GAMMA)
+    with pytest.raises(ValueError, match=r"y must have shape \(\*, 3\).*y's columns are the outputs m_y = 3"):
+        theory.trust_region_check(params, phi, y[:, :2], 0.1, GAMMA)
 
 
 def test_parameter_gradient_is_the_chain_rule_of_section_3():
