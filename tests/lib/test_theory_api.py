@@ -98,6 +98,14 @@ def test_bad_input_errors():
         theory.shallow_optimum_cross_entropy(phi, jnp.arange(25) % 5, 4)
     with pytest.raises(ValueError, match=r"labels must have shape \(25\)"):
         theory.shallow_optimum_cross_entropy(phi, jnp.zeros((9,), jnp.int32), 4)
+    with pytest.raises(ValueError, match=r"labels must have shape \(25, 4\).*one-hot rows, one per row of phi"):
+        theory.shallow_optimum_cross_entropy(phi, jnp.zeros((25, 3), F64), 4)
+    with pytest.raises(ValueError, match="^maxiter must be a positive integer"):
+        theory.shallow_optimum_cross_entropy(phi, jnp.zeros((25,), jnp.int32), 4, maxiter=0)
+    with pytest.raises(ValueError, match="^cg_maxiter must be a positive integer"):
+        theory.shallow_optimum_cross_entropy(phi, jnp.zeros((25,), jnp.int32), 4, cg_maxiter=0)
+    with pytest.raises(ValueError, match="^gamma must be a number in the open interval"):
+        theory.induced_preconditioner(params, params["B"], 1.0)
     with pytest.raises(ValueError, match="l2 must be a positive number"):
         theory.shallow_optimum_cross_entropy(phi, jnp.zeros((25,), jnp.int32), 4, l2=0.0)
     with pytest.raises(ValueError, match=r"targets must have shape \(25, \*\)"):

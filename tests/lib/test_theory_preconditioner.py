@@ -114,6 +114,9 @@ def test_trust_region_relation_content():
     assert abs(r2["M_min_eig"] - r1["M_min_eig"] / 2) < tol(1e-9, 1e-3) * r1["M_min_eig"]
     assert abs(r2["delta"] - r1["delta"] / np.sqrt(2)) < tol(1e-9, 1e-3) * r1["delta"]
     assert rb["lambda"] > 0 and rb["M_positive_definite"]
+    assert r1["eta"] == eta and r1["grad_norm"] == pytest.approx(np.linalg.norm(G), rel=tol(1e-12, 1e-5))
+    assert r1["loss"] == pytest.approx(0.5 * np.mean(np.sum((np.asarray(phi) @ np.asarray(
+        theory.end_to_end(params["A"], params["B"], GAMMA)).T - np.asarray(y)) ** 2, axis=1)), rel=tol(1e-12, 1e-5))
 
 
 @SLOW
