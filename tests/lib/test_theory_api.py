@@ -149,3 +149,23 @@ def test_programs_called_inside_a_trace_on_constants_only():
     U = np.eye(5) - GAMMA * np.exp(A) / np.exp(A).sum(axis=0)
     assert rel(inside, np.linalg.solve(U.T, B.T).T) < tol(1e-13, 1e-5)
     assert abs(float(spectral) - np.linalg.norm(B, 2)) < tol(1e-13, 1e-5) * np.linalg.norm(B, 2)
+
+
+def test_precision_warning_points_at_the_caller_and_argument_names():
+    """The PrecisionWarning names the caller's line (not theory's internals); argument errors name the argument."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with jax.enable_x64(False):  # x64 off for this block only, in either mode of the suite
+            theory.feature_gram(jnp.ones((4, 3), jnp.float32))
+    flagged = [w for w in caught if issubclass(w.category, theory.PrecisionWarning)]
+    assert flagged and all(w.filename == __file__ for w in flagged)
+    params, _, _ = problem(seed=0)
+    G = jnp.ones((3, 6), F64)
+    with pytest.raises(ValueError, match=r"^params must be a dict with keys 'A' and 'B' .*got \['A'\]"):
+        theory.induced_preconditioner({"A": params["A"]}, G, GAMMA)
+    with pytest.raises(ValueError, match=r"^grads must be a dict with keys 'A' and 'B' .*got tuple"):
+        theory.delm_w_velocity(params, (G, G), GAMMA)
+    with pytest.raises(TypeError, match="^B must be a floating-point array"):
+        theory.end_to_end(params["A"], jnp.ones((3, 6), jnp.int32), GAMMA)
+    with pytest.raises(TypeError, match="^A must be a floating-point array"):
+        theory.u_norms(jnp.ones((2, 6, 6), jnp.int32), GAMMA)
