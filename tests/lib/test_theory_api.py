@@ -158,9 +158,8 @@ def test_precision_warning_points_at_the_caller_and_argument_names():
         with jax.enable_x64(False):  # x64 off for this block only, in either mode of the suite
             theory.feature_gram(jnp.ones((4, 3), jnp.float32))
     flagged = [w for w in caught if issubclass(w.category, theory.PrecisionWarning)]
-    # the caller's file here (under a mutation tool's wrappers, a frame further in: still not the helper's own)
+    # the caller's file (a mutation tool's wrappers add frames, so only "not the helper's own file" is asserted)
     assert flagged and not any(w.filename.endswith("_common.py") for w in flagged)
-    assert flagged[0].filename == __file__ or "mutants" in flagged[0].filename
     params, _, _ = problem(seed=0)
     G = jnp.ones((3, 6), F64)
     with pytest.raises(ValueError, match=r"^params must be a dict with keys 'A' and 'B' .*got \['A'\]"):
