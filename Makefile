@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 # LAPACK/OpenBLAS threads fight XLA's own threads on small CPUs (see docs): one thread is faster
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: run test test-slow lint docs bench sweep venv clean
+.PHONY: run test test-slow lint docs bench sweep mutation venv clean
 
 venv: $(STAMP)
 
@@ -48,5 +48,11 @@ sweep: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m experiments bench --suite step --publish
 
+# mutation testing of the modules in pyproject.toml's [tool.mutmut] only_mutate (docs/mutation.md): a sample of
+# MUTATION_SAMPLE mutants (0: all), at the lowest CPU priority; about 30 minutes on 2 cores for the default 150
+MUTATION_SAMPLE ?= 150
+mutation: $(STAMP)
+	nice -n 19 $(BIN)/python tools/mutation.py --sample $(MUTATION_SAMPLE) --jobs 2
+
 clean:
-	rm -rf $(VENV) results docs/api .mypy_cache .ruff_cache
+	rm -rf $(VENV) results docs/api .mypy_cache .ruff_cache mutants .hypothesis

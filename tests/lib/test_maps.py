@@ -4,11 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import DTYPE, X64
 
 from deq_jax import DELMMap, DELMTransposedMap, TanhMap, random_projection
-from deq_jax.maps import features, get_sigma
-from deq_jax.maps import SIGMAS
-from helpers import DTYPE, X64
+from deq_jax.maps import SIGMAS, features, get_sigma
 
 RTOL = 1e-12 if X64 else 1e-5  # a few rounding errors of the dtype
 
@@ -91,8 +90,37 @@ def test_random_projection_any_width():
         assert phi.shape == (20, width) and phi.dtype == jnp.float32
     np.testing.assert_array_equal(features(x), x)
     # fixed: the same key gives the same projection
-    np.testing.assert_array_equal(random_projection(jax.random.PRNGKey(1), 64, 5),
-                                  random_projection(jax.random.PRNGKey(1), 64, 5))
+    np.testing.assert_array_equal(
+        random_projection(jax.random.PRNGKey(1), 64, 5), random_projection(jax.random.PRNGKey(1), 64, 5)
+    )
+
+
+@pytest.mark.float32
+def test_tanh_map_init_scales():
+    """`W ~ N(0, 1/width)`, `U ~ N(0, 1/in_dim)`, `b ~ 0.1 N(0, 1)`: sample standard deviations within 5 standard
+    errors (relative standard error of a standard deviation from N draws: 1/sqrt(2N))."""
+    width, in_dim = 200, 50
+    p = TanhMap(0.9).init(jax.random.PRNGKey(7), width=width, in_dim=in_dim, dtype=DTYPE)
+    assert p["W"].shape == (width, width) and p["U"].shape == (width, in_dim) and p["b"].shape == (width,)
+    for leaf, std in [(p["W"], 1 / np.sqrt(width)), (p["U"], 1 / np.sqrt(in_dim)), (p["b"], 0.1)]:
+        x = np.asarray(leaf, np.float64)
+        assert leaf.dtype == DTYPE and abs(x.std() / std - 1) <= 5 / np.sqrt(2 * x.size), (x.shape, x.std(), std)
+        assert abs(x.mean()) <= 5 * std / np.sqrt(x.size)
+
+
+@pytest.mark.float32
+def test_random_projection_entries_are_n_0_1_over_in_dim():
+    """The documented scale: entries N(0, 1/in_dim), so |phi(x)|^2 ~ |x|^2 width / in_dim. 60000 entries: the sample
+    mean has standard deviation 1/sqrt(in_dim N) and the sample variance a relative one of sqrt(2/N) = 0.6%; allow
+    5 of each (a scale off by sqrt(2) is 40% in the variance, one by 1/sqrt(width) a factor 3)."""
+    for in_dim, width, seed in [(400, 150, 3), (25, 2400, 4)]:
+        P = np.asarray(random_projection(jax.random.PRNGKey(seed), in_dim, width, DTYPE), np.float64)
+        N = P.size
+        assert P.shape == (in_dim, width) and N == 60000
+        assert abs(P.mean()) <= 5 / np.sqrt(in_dim * N)
+        assert abs(P.var() * in_dim - 1.0) <= 5 * np.sqrt(2 / N)
+        # Gaussian tails, not a uniform or a sign matrix of the same variance: kurtosis 3 (sd sqrt(24/N) = 0.02)
+        assert abs(np.mean(P**4) / P.var() ** 2 - 3.0) <= 5 * np.sqrt(24 / N)
 
 
 def test_map_argument_errors():

@@ -25,8 +25,11 @@ def data(dtype, n=13, m=6, m_y=4):
 def test_delm_formulations_and_closed_form():
     phi = data(jnp.float64)
     sigmas = ["column_softmax", "row_softmax", "scaled_tanh"]
-    models = {(s, f): DELM(6, 4, gamma=0.7, sigma=s, formulation=f, tol=1e-12) for s in sigmas
-              for f in ["transposed", "per_sample"]}
+    models = {
+        (s, f): DELM(6, 4, gamma=0.7, sigma=s, formulation=f, tol=1e-12)
+        for s in sigmas
+        for f in ["transposed", "per_sample"]
+    }
     params = DELM(6, 4).init(jax.random.PRNGKey(1), jnp.float64)
     # one compiled program for all six models: compiling dominates this test
     outs = jax.jit(lambda p: {k: (m.apply(p, phi), m.end_to_end(p)) for k, m in models.items()})(params)
@@ -50,37 +53,67 @@ def test_delm_float32_end_to_end():
     assert grads["A"].dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(grads["A"])))
 
 
+def np_layers(phi, layers):
+    """The deep linear network sample by sample and layer by layer in NumPy float64: h_{k+1} = W_k h_k."""
+    out = []
+    for x in np.asarray(phi, np.float64):
+        h = x
+        for W in layers:
+            h = np.asarray(W, np.float64) @ h
+        out.append(h)
+    return np.array(out)
+
+
+def central_difference(fn, params, h=1e-6):
+    """d fn / d params by central differences in float64, entry by entry (a pytree of arrays)."""
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    grads = []
+    for i, leaf in enumerate(leaves):
+        g = np.zeros(leaf.shape)
+        for idx in np.ndindex(leaf.shape):
+            shifted = []
+            for sign in (1.0, -1.0):
+                moved = [np.asarray(x, np.float64).copy() for x in leaves]
+                moved[i][idx] += sign * h
+                shifted.append(fn(jax.tree_util.tree_unflatten(tree, [jnp.asarray(x) for x in moved])))
+            g[idx] = (shifted[0] - shifted[1]) / (2 * h)
+        grads.append(g)
+    return jax.tree_util.tree_unflatten(tree, grads)
+
+
 @requires_x64
 def test_linear_and_deep_linear():
+    """Predictions against a layer-by-layer product per sample (not the end-to-end matrix apply is built on), and
+    gradients of a loss through apply against float64 central differences."""
     phi = data(jnp.float64)
     lin, deeps = Linear(6, 4), [DeepLinear(6, 4, depth=1), DeepLinear(6, 4, depth=3, hidden=2)]
     p_lin = lin.init(jax.random.PRNGKey(0), jnp.float64)
     p_deep = [deep.init(jax.random.PRNGKey(k), jnp.float64) for k, deep in enumerate(deeps)]
     assert [len(p["layers"]) for p in p_deep] == [1, 3]
+    assert [W.shape for W in p_deep[1]["layers"]] == [(2, 6), (2, 2), (4, 2)]
+    T = np.asarray(jax.random.normal(jax.random.PRNGKey(9), (13, 4), jnp.float64))
 
-    @jax.jit
-    def run(p_lin, p_deep):
-        out = {"linear": (lin.apply(p_lin, phi), lin.end_to_end(p_lin))}
-        for k, (deep, p) in enumerate(zip(deeps, p_deep)):  # differentiable through every layer
-            grads = jax.grad(lambda p: jnp.sum(deep.apply(p, phi)[0] ** 2))(p)
-            out[f"deep{k}"] = (deep.apply(p, phi), deep.end_to_end(p), grads)
-        return out
-
-    out = run(p_lin, p_deep)
-    (pred, stats), W = out["linear"]
+    pred, stats = lin.apply(p_lin, phi)
     assert stats is None
-    np.testing.assert_allclose(pred, phi @ W.T)
-    for k in range(2):
-        (pred, _), W, grads = out[f"deep{k}"]
-        np.testing.assert_allclose(pred, phi @ W.T, rtol=1e-12)
-        assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads["layers"])
+    np.testing.assert_allclose(pred, np_layers(phi, [p_lin["W"]]), rtol=1e-13)
+    for model, p in zip(deeps, p_deep, strict=True):
+
+        def loss(p, model=model):
+            return jnp.sum(jnp.asarray(T) * model.apply(p, phi)[0] ** 2)
+
+        np.testing.assert_allclose(model.apply(p, phi)[0], np_layers(phi, p["layers"]), rtol=1e-12)
+        np.testing.assert_allclose(model.end_to_end(p), np_layers(np.eye(6), p["layers"]).T, rtol=1e-12)
+        grads = jax.jit(jax.grad(loss))(p)
+        fd = central_difference(lambda q: float(loss(q)), p)
+        for g, g_fd in zip(grads["layers"], fd["layers"], strict=True):
+            np.testing.assert_allclose(g, g_fd, rtol=1e-6, atol=1e-8)
 
 
 def test_models_under_vmap_over_seeds():
     phi = data(jnp.float32)
     model = DELM(6, 4)
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    params = jax.vmap(lambda k: model.init(k))(keys)
+    params = jax.vmap(model.init)(keys)
     apply = jax.jit(lambda p: model.apply(p, phi))
     preds, sol = jax.vmap(apply)(params)
     assert preds.shape == (3, 13, 4) and sol.stats.converged.shape == (3,)
@@ -102,7 +135,7 @@ def test_model_argument_errors():
         model.apply(params, phi[0])
     with pytest.raises(ValueError, match="params must be a dict with keys"):
         model.apply({"A": params["A"]}, phi)
-    with pytest.raises(TypeError, match="phi must be a floating-point array.*int"):
+    with pytest.raises(TypeError, match=r"phi must be a floating-point array.*int"):
         model.apply(params, jnp.ones((3, 6), jnp.int32))
     with pytest.raises(ValueError, match="phi contains NaN"):
         model.apply(params, phi.at[0, 0].set(jnp.nan))
@@ -114,7 +147,7 @@ def test_model_argument_errors():
         DELM(3, 2, gamma=1.2)
     with pytest.raises(ValueError, match="unknown formulation 'columns'"):
         DELM(3, 2, formulation="columns")
-    with pytest.raises(ValueError, match="unknown solver 'lbfgs'; valid choices are .*'direct', .*'refine'"):
+    with pytest.raises(ValueError, match=r"unknown solver 'lbfgs'; valid choices are .*'direct', .*'refine'"):
         DELM(3, 2, solver="lbfgs")
     with pytest.raises(ValueError, match="tol must be a positive number; got 0"):
         DELM(3, 2, tol=0)

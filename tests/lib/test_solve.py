@@ -166,7 +166,7 @@ def test_implicit_gradients_match_the_closed_form(formulation, solver, backward)
     (value, stats), grads = jax.jit(value_and_grads(formulation, solver, backward))(A, B, phi, y)
     assert bool(stats.converged)
     np.testing.assert_allclose(value, closed_form_loss(A, B, phi, y), rtol=GRAD_RTOL)
-    for g, r in zip(grads, ref, strict=False):
+    for g, r in zip(grads, ref, strict=True):
         assert g.dtype == DTYPE
         assert rel_err(g, r) <= GRAD_RTOL
 
@@ -220,7 +220,7 @@ def test_nonlinear_map_implicit_matches_unrolled():
     g_imp, s_imp = grad(params, x, Implicit("lu"))
     g_unr, s_unr = grad(params, x, "unrolled")
     assert bool(s_imp.converged) and bool(s_unr.converged)
-    for a, b in zip(jax.tree_util.tree_leaves(g_imp), jax.tree_util.tree_leaves(g_unr), strict=False):
+    for a, b in zip(jax.tree_util.tree_leaves(g_imp), jax.tree_util.tree_leaves(g_unr), strict=True):
         assert rel_err(a, b) <= 10 * GRAD_RTOL
 
 
@@ -249,7 +249,7 @@ class JitEqualsEagerTest(chex.TestCase):
         (value, stats), grads = self.variant(value_and_grads("transposed", "fixed_point", Implicit("lu")))(A, B, phi, y)
         (ref_value, _), ref = jax.jit(value_and_grads("transposed", "direct", Implicit()))(A, B, phi, y)
         chex.assert_trees_all_close(value, ref_value, rtol=GRAD_RTOL)
-        for g, r in zip(grads, ref, strict=False):
+        for g, r in zip(grads, ref, strict=True):
             chex.assert_shape(g, r.shape)
             assert rel_err(g, r) <= GRAD_RTOL
         chex.assert_shape(stats.iterations, ())

@@ -60,7 +60,7 @@ def _inputs(state):
 def _loss(w, z):
     return sum(
         jnp.sum(wl * zl.astype(DTYPE))
-        for wl, zl in zip(jax.tree_util.tree_leaves(w), jax.tree_util.tree_leaves(z), strict=False)
+        for wl, zl in zip(jax.tree_util.tree_leaves(w), jax.tree_util.tree_leaves(z), strict=True)
     )
 
 
@@ -249,5 +249,5 @@ def test_optimistix_problems():
         )
         assert bool(sol.stats.converged), name
         fz = f(sol.value, 1.0, 0.0)
-        for a, b in zip(jax.tree_util.tree_leaves(sol.value), jax.tree_util.tree_leaves(fz), strict=False):
+        for a, b in zip(jax.tree_util.tree_leaves(sol.value), jax.tree_util.tree_leaves(fz), strict=True):
             np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=name)

@@ -32,8 +32,10 @@ def _slow_only_when_selected(request):
 
 def problem(seed=0, a_scale=1.0):
     rng = np.random.default_rng(seed)
-    params = {"A": jnp.asarray(a_scale * rng.standard_normal((M, M)), DT),
-              "B": jnp.asarray(rng.standard_normal((M_Y, M)), DT)}
+    params = {
+        "A": jnp.asarray(a_scale * rng.standard_normal((M, M)), DT),
+        "B": jnp.asarray(rng.standard_normal((M_Y, M)), DT),
+    }
     return params, jnp.asarray(rng.standard_normal((N, M)), DT), jnp.asarray(rng.standard_normal((N, M_Y)), DT)
 
 
@@ -43,6 +45,7 @@ def rel(a, b):
 
 
 # ----------------------------------------------------------------------------- |U^{-1}|_2
+
 
 def concentrated_A(m, row=0, height=60.0):
     """Every column of column_softmax(A) concentrated on one row: sigma(A) -> e_row 1^T."""
@@ -71,8 +74,7 @@ def test_u_inverse_norm_bound_survives_an_adversarial_search(sigma):
     """Gradient ascent on |U^{-1}|_2 over A from many starts never crosses the bound, and gets close to it."""
     m = 7
     bound = theory.u_inverse_norm_bound(m, GAMMA)
-    log_norm = jax.jit(jax.vmap(jax.value_and_grad(
-        lambda a: jnp.log(theory.u_inverse_norm(a, GAMMA, sigma)))))
+    log_norm = jax.jit(jax.vmap(jax.value_and_grad(lambda a: jnp.log(theory.u_inverse_norm(a, GAMMA, sigma)))))
     A = jnp.asarray(np.random.default_rng(0).standard_normal((8, m, m)) * 2.0, DT)
     best = 0.0
     for _ in range(40):
@@ -85,6 +87,7 @@ def test_u_inverse_norm_bound_survives_an_adversarial_search(sigma):
 
 # ----------------------------------------------------------------------------- step-size limit
 
+
 def test_learning_rate_limit_is_a_bound_on_the_exact_trust_region_limit():
     """eta <= learning_rate_limit => eta lambda_max(P H) <= 1 (M positive definite), at several scales of A."""
     _, phi, y = problem(1)
@@ -92,14 +95,18 @@ def test_learning_rate_limit_is_a_bound_on_the_exact_trust_region_limit():
     for seed, a_scale in [(2, 0.1), (4, 3.0)]:
         params, _, _ = problem(seed, a_scale)
         W = theory.end_to_end(params["A"], params["B"], GAMMA)
-        limit = float(theory.learning_rate_limit(lam_max, theory.u_inverse_norm(params["A"], GAMMA),
-                                                 theory.spectral_norm(W), GAMMA))
+        limit = float(
+            theory.learning_rate_limit(
+                lam_max, theory.u_inverse_norm(params["A"], GAMMA), theory.spectral_norm(W), GAMMA
+            )
+        )
         r = theory.trust_region_check(params, phi, y, limit, GAMMA)
         assert r["step_size_ratio"] <= 1.0 + tol(1e-12, 1e-5) and r["M_positive_definite"]
         assert r["eta_limit"] >= limit
         # lambda_max(P) against its bound, and the K K^* term matters: without it the "bound" can fail
-        P_bound = float(theory.preconditioner_norm_bound(theory.u_inverse_norm(params["A"], GAMMA),
-                                                         theory.spectral_norm(W), GAMMA))
+        P_bound = float(
+            theory.preconditioner_norm_bound(theory.u_inverse_norm(params["A"], GAMMA), theory.spectral_norm(W), GAMMA)
+        )
         assert r["P_max_eig"] <= P_bound * (1 + tol(1e-12, 1e-5))
         # twice the exact limit leaves the trust-region range
         r2 = theory.trust_region_check(params, phi, y, 2.0 * r["eta_limit"], GAMMA)
@@ -115,8 +122,9 @@ def test_old_step_size_rule_can_leave_the_trust_region_range():
     r = theory.trust_region_check(params, phi, y, (1 - GAMMA) ** 2 / float(lam_max), GAMMA)
     assert r["step_size_ratio"] > 1.05 and not r["M_positive_definite"]
     W = theory.end_to_end(params["A"], params["B"], GAMMA)
-    limit = theory.learning_rate_limit(lam_max, theory.u_inverse_norm(params["A"], GAMMA), theory.spectral_norm(W),
-                                       GAMMA)
+    limit = theory.learning_rate_limit(
+        lam_max, theory.u_inverse_norm(params["A"], GAMMA), theory.spectral_norm(W), GAMMA
+    )
     assert float(limit) < (1 - GAMMA) ** 2 / float(lam_max)
 
 
@@ -124,7 +132,8 @@ def test_sigma_derivative_bound():
     rng = np.random.default_rng(6)
     for sigma, c in [("column_softmax", 0.5), ("row_softmax", 0.5), ("scaled_tanh", 1.0 / M)]:
         assert theory.sigma_derivative_bound(sigma, M) == c
-        fn = jax.jit(lambda a, s, f=get_sigma(sigma): jax.jvp(f, (a,), (s,))[1])
+        f = get_sigma(sigma)
+        fn = jax.jit(lambda a, s, f=f: jax.jvp(f, (a,), (s,))[1])
         worst = 0.0
         for _ in range(20):
             A = jnp.asarray(rng.standard_normal((M, M)) * rng.uniform(0, 5), DT)
@@ -135,6 +144,29 @@ def test_sigma_derivative_bound():
         theory.sigma_derivative_bound(jnp.tanh, M)
     with pytest.raises(ValueError, match="needs m"):
         theory.learning_rate_limit(1.0, 1.0, 1.0, GAMMA, sigma="scaled_tanh")
+
+
+def test_learning_rate_limit_hand_computed():
+    """`1 / (lambda_max |U^{-1}|_2^2 (1 + gamma^2 c^2 |W|_2^2))` by hand at lambda_max = 2, |U^{-1}| = 3, |W| = 4,
+    gamma = 1/2: softmax (c = 1/2) gives 1 / (2 * 9 * 2) = 1/36, so a limit off by any factor (doubled, c^2
+    dropped, gamma not squared) fails; scaled_tanh at m = 4 (c = 1/4): 1 / (2 * 9 * 1.25); an explicit c = 1: 1/90."""
+    assert float(theory.learning_rate_limit(2.0, 3.0, 4.0, 0.5)) == pytest.approx(1 / 36, rel=1e-6)
+    assert float(theory.learning_rate_limit(2.0, 3.0, 4.0, 0.5, sigma="row_softmax")) == pytest.approx(1 / 36, rel=1e-6)
+    assert float(theory.learning_rate_limit(2.0, 3.0, 4.0, 0.5, sigma="scaled_tanh", m=4)) == pytest.approx(
+        1 / 22.5, rel=1e-6
+    )
+    assert float(theory.learning_rate_limit(2.0, 3.0, 4.0, 0.5, dsigma_norm=1.0)) == pytest.approx(1 / 90, rel=1e-6)
+    # its denominator's factor: |U^{-1}|^2 (1 + gamma^2 c^2 |W|^2), default c = 1/2; broadcast over a history
+    assert float(theory.preconditioner_norm_bound(3.0, 4.0, 0.5)) == pytest.approx(18.0, rel=1e-6)
+    assert float(theory.preconditioner_norm_bound(3.0, 4.0, 0.5, 0.25)) == pytest.approx(11.25, rel=1e-6)
+    history = theory.learning_rate_limit(jnp.array([2.0, 1.0], DT), jnp.array([3.0, 1.0], DT), 0.0, 0.5)
+    np.testing.assert_allclose(np.asarray(history), [1 / 18, 1.0], rtol=1e-6)
+    with pytest.raises(ValueError, match="dsigma_norm must be a positive number"):
+        theory.preconditioner_norm_bound(3.0, 4.0, 0.5, 0.0)
+    assert theory.sigma_derivative_bound(get_sigma("row_softmax"), 3) == 0.5  # the function itself, not its name
+    assert theory.sigma_derivative_bound("scaled_tanh", 8) == 0.125
+    with pytest.raises(ValueError, match="m must be a positive integer"):
+        theory.sigma_derivative_bound("column_softmax", 0)
 
 
 # ----------------------------------------------------------------------------- the W-path prediction
@@ -153,10 +185,12 @@ def gradients(params, phi, y, noise):
     G = (phi @ W.T - y).T @ phi / phi.shape[0]
     GUt = jnp.linalg.solve(U, G.T).T  # the exact dL/dB
     gA = jax.vjp(column_softmax, A)[1](GAMMA * W.T @ GUt)[0]
-    return {"exact": (gA, GUt),
-            "one_step": (jax.vjp(column_softmax, A)[1](GAMMA * W.T @ G)[0], G),
-            "perturbed": (gA * (1 + 1e-3 * noise[0]), GUt * (1 + 1e-3 * noise[1, :M_Y])),
-            "wrong_sigma": (jax.vjp(row_softmax, A)[1](GAMMA * W.T @ GUt)[0], GUt)}
+    return {
+        "exact": (gA, GUt),
+        "one_step": (jax.vjp(column_softmax, A)[1](GAMMA * W.T @ G)[0], G),
+        "perturbed": (gA * (1 + 1e-3 * noise[0]), GUt * (1 + 1e-3 * noise[1, :M_Y])),
+        "wrong_sigma": (jax.vjp(row_softmax, A)[1](GAMMA * W.T @ GUt)[0], GUt),
+    }
 
 
 def train_path(kind, steps=4, eta=0.005):
@@ -187,9 +221,16 @@ def test_w_path_prediction_separates_the_exact_gradient_from_wrong_ones():
             assert bool(jnp.all(c["consistent"]))
             # the trained step misses the first-order prediction by exactly the remainder, and the exact step by
             # rounding only
-            np.testing.assert_allclose(np.asarray(c["first_order_error"]), np.asarray(c["remainder"]),
-                                       rtol=tol(1e-6, 0.2))
+            np.testing.assert_allclose(
+                np.asarray(c["first_order_error"]), np.asarray(c["remainder"]), rtol=tol(1e-6, 0.2)
+            )
             assert results[kind] <= float(jnp.max(c["tolerance"]))
+            # one step at a time (A of shape (m, m)) gives what the batched call gives for that step
+            one = theory.w_step_check(
+                {"A": params["A"][1], "B": params["B"][1]}, W_next[1], G[1], eta, GAMMA, rtol=tol(1e-9, 1e-4)
+            )
+            for key in ("step_error", "remainder", "first_order_error", "predicted_step"):
+                assert float(one[key]) == pytest.approx(float(c[key][1]), rel=tol(1e-9, 1e-4)), key
         else:
             assert not bool(jnp.any(c["consistent"])), kind
     # orders of magnitude: the one-step gradient misses by O(1), a wrong sigma by O(0.1), 1e-3 noise by ~1e-3
@@ -207,8 +248,12 @@ def test_predict_w_step_orders():
     for eta in (0.004, 0.002):
         truth = theory.end_to_end(params["A"] - eta * g["A"], params["B"] - eta * g["B"], GAMMA)
         first = theory.predict_w_step(params, G, eta, GAMMA, order=1)
-        np.testing.assert_allclose(np.asarray(first), np.asarray(W - eta * theory.induced_preconditioner(
-            params, G, GAMMA)), rtol=tol(1e-12, 1e-5), atol=tol(1e-14, 1e-6))
+        np.testing.assert_allclose(
+            np.asarray(first),
+            np.asarray(W - eta * theory.induced_preconditioner(params, G, GAMMA)),
+            rtol=tol(1e-12, 1e-5),
+            atol=tol(1e-14, 1e-6),
+        )
         second = theory.predict_w_step(params, G, eta, GAMMA)
         errors[eta] = (rel(first, truth), rel(second, truth))
     if X64:  # halving eta: the first-order error falls 4x (eta^2), the second-order error 8x (eta^3)
@@ -228,6 +273,13 @@ def test_w_step_check_errors():
         theory.w_step_check({"A": jnp.stack([params["A"]] * 2), "B": params["B"]}, G, G, 0.1, GAMMA)
     with pytest.raises(ValueError, match="unknown order"):
         theory.predict_w_step(params, G, 0.1, GAMMA, order=3)
+    W = theory.end_to_end(params["A"], params["B"], GAMMA)
+    with pytest.raises(TypeError, match="W_next must be a floating-point array"):
+        theory.w_step_check(params, jnp.ones((M_Y, M), jnp.int32), G, 0.1, GAMMA)
+    with pytest.raises(ValueError, match=r"G must have shape \(3, 6\).*G = dL/dW at W_t, shaped like B"):
+        theory.w_step_check(params, W, jnp.ones((M, M_Y), DT), 0.1, GAMMA)
+    with pytest.raises(ValueError, match=r"y must have shape \(\*, 3\).*y's columns are the outputs m_y = 3"):
+        theory.trust_region_check(params, phi, y[:, :2], 0.1, GAMMA)
 
 
 def test_parameter_gradient_is_the_chain_rule_of_section_3():

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from deq_jax import theory
-from deq_jax.theory import cross_entropy as ce_module, shallow
+from deq_jax.theory import cross_entropy as ce_module
+from deq_jax.theory import shallow
 
 X64 = bool(jax.config.jax_enable_x64)
 DT = jnp.float64 if X64 else jnp.float32
@@ -48,7 +49,7 @@ def numpy_reference(phi, y):
     s = np.linalg.svd(phi, compute_uv=False)
     W = np.linalg.lstsq(phi, y, rcond=None)[0].T
     L = 0.5 * np.mean(np.sum((phi @ W.T - y) ** 2, axis=1))
-    return s ** 2 / phi.shape[0], W, L
+    return s**2 / phi.shape[0], W, L
 
 
 @pytest.mark.parametrize("rank", [None, 5])
@@ -124,12 +125,13 @@ def test_compiled_memory_is_linear_in_n_at_full_scale():
     f = jnp.float64 if X64 else jnp.float32
     word = jnp.dtype(f).itemsize
     phi, y = jax.ShapeDtypeStruct((n, m), f), jax.ShapeDtypeStruct((n, k), f)
-    W = jax.ShapeDtypeStruct((k, m), f)
+    jax.ShapeDtypeStruct((k, m), f)
     budget = word * (2 * n * (m + k) + 8 * m * m)  # far below n^2 words (2.9e10 bytes)
     used = {
         "feature_spectrum": memory(shallow._spectrum, phi, 1e-12),
         "min_norm_solution": memory(shallow._min_norm, phi, y, 1e-12),
-        "shallow_optimum_cross_entropy": memory(ce_module._newton_cg_jit, phi, y, 0.1, 1e-10, jnp.int32(1),
-                                                jnp.int32(1)),
+        "shallow_optimum_cross_entropy": memory(
+            ce_module._newton_cg_jit, phi, y, 0.1, 1e-10, jnp.int32(1), jnp.int32(1)
+        ),
     }
     assert all(v <= budget for v in used.values()), (used, budget)

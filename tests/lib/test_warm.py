@@ -131,7 +131,7 @@ def test_rebatch_keeps_what_does_not_depend_on_the_samples():
 
     out = carried(params, phi, other)
     before, after = out["transposed"]
-    for kept, was in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(before), strict=False):
+    for kept, was in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(before), strict=True):
         np.testing.assert_array_equal(kept, was)  # W, dL/dB and the LU factors carry over to other samples
     before, after = out["per_sample"]
     assert after.state.shape == other.shape and not np.any(after.state) and not np.any(after.adjoint)  # from zero
