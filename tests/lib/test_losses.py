@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from helpers import DTYPE
 
-from deq_jax import LOSSES, cross_entropy, get_loss, logistic, square
+from deq_jax import cross_entropy, logistic, square
+from deq_jax.losses import LOSSES, get_loss
 
 pytestmark = pytest.mark.float32
 
