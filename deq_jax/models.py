@@ -22,7 +22,9 @@ from deq_jax._adjoint import Backward, Implicit, Unrolled, as_backward
 from deq_jax._solution import Solution
 from deq_jax._solve import as_solver, solve
 from deq_jax._solver._base import AbstractSolver
+from deq_jax._solver.fixed_point import FixedPoint
 from deq_jax._solver.refine import Refine
+from deq_jax._solver.relaxed import Relaxed
 from deq_jax.maps import DELMMap, DELMTransposedMap, Sigma, get_sigma
 
 Array = jax.Array
@@ -101,9 +103,10 @@ class DELM:
     `Refine` without carried state factorises, as `Direct` does.
 
     In training (`make_step` with `warm_start=True`) each step starts its forward and backward solves from the
-    previous step's solutions and keeps `Refine`'s factors: `warm_start` says what is carried. Per sample, the
-    implicit backward's linear solver defaults to `"forward"` (the forward solver on the backward equation; see
-    `resolved_backward`); an explicit `Implicit(linear_solver=...)` is used as given.
+    previous step's solutions and keeps `Refine`'s factors: `warm_start` says what is carried. The implicit
+    backward's linear solver defaults to `"forward"` (the forward solver on the backward equation) except for
+    plain fixed-point iteration end to end (see `resolved_backward`); an explicit `Implicit(linear_solver=...)` is
+    used as given.
     """
 
     width: int
@@ -171,17 +174,21 @@ class DELM:
         )
 
     def resolved_backward(self) -> Backward:
-        """The backward strategy the solves use. Per sample, `Implicit(linear_solver=None)` becomes `"forward"`:
-        the backward equation `u_i = v_i + gamma u_i sigma(A)` is affine like the forward one, and the forward
-        solver (started from the carried adjoint in training) was measured several times faster than a batched
-        GMRES over the samples (`make bench`: per-sample Anderson 0.17x the inline step against 1.8x). End to end
-        (m_y right-hand sides) the solver's own default stays: `"forward"` for `Direct`/`Refine`, GMRES for the
-        iterative solvers (cold plain fixed-point iteration on the backward takes as many steps as the forward)."""
+        """The backward strategy the solves use: `Implicit(linear_solver=None)` becomes `"forward"` (the forward
+        solver on the backward equation `u = v + J^T u`, affine like the forward one, started from the carried
+        adjoint in training), except for plain (or relaxed) fixed-point iteration end to end, which keeps GMRES.
+
+        Measured (`make bench`, m = 784, batch 1024, cold steps against the inline jaxopt step): per sample,
+        Anderson with `"forward"` 0.17-0.32x the inline step against 1.8x with a batched GMRES; end to end, Anderson
+        0.58x with `"forward"` against 0.9-1.2x with GMRES, but plain iteration 1.38x with `"forward"` (it needs as
+        many steps on the backward as on the forward) against 0.98x with GMRES."""
         backward = as_backward(self.backward)
-        per_sample = self.formulation == "per_sample"
-        if per_sample and isinstance(backward, Implicit) and backward.linear_solver is None:
-            return dataclasses.replace(backward, linear_solver="forward")
-        return backward
+        if not (isinstance(backward, Implicit) and backward.linear_solver is None):
+            return backward
+        plain = isinstance(as_solver(self.solver), (FixedPoint, Relaxed))
+        if plain and self.formulation == "transposed":
+            return backward
+        return dataclasses.replace(backward, linear_solver="forward")
 
     def end_to_end_solution(self, params: Params, warm: Warm | None = None) -> tuple[Array, Solution]:
         """The end-to-end matrix `W = B (I - gamma sigma(A))^{-1}` as the equilibrium `W = B + gamma W sigma(A)`,
