@@ -255,7 +255,7 @@ def implicit(
 
     def layer_bwd(res: Any, cts: Any) -> Any:
         z, consts, params, x, tols, carried, bstate, u0, probe = res
-        v = rep.back(cts.value) if rep.flat else cts.value
+        v = rep.back(cts.value)
         f_here = fn_of(consts)
         with precision_scope(precision):  # the backward is traced after solve() returns: set the precision again
             u, iterations, relative, failed, nonfinite = _backward_solve(
