@@ -122,6 +122,10 @@ def test_models_under_vmap_over_seeds():
 
 
 def test_model_argument_errors():
+    with pytest.raises(ValueError, match=r"^maxiter must be a positive integer; got 0"):
+        DELM(3, 2, maxiter=0)
+    with pytest.raises(ValueError, match=r"^init_scale must be a positive number; got 0"):
+        Linear(3, 2, init_scale=0)
     phi = data(jnp.float32)
     model = DELM(6, 4)
     params = model.init(jax.random.PRNGKey(0), jnp.float32)

@@ -62,7 +62,15 @@ def test_argument_errors():
         (ValueError, "unknown solver 'newton'.*'anderson'", lambda: solve(f, z0, p, phi, solver="newton")),
         (ValueError, "unknown backward 'adjoint'.*'implicit'", lambda: solve(f, z0, p, phi, backward="adjoint")),
         (ValueError, "unknown linear_solver 'qr'.*'gmres'", lambda: Implicit(linear_solver="qr")),
-        (ValueError, "'cg' is refused.*not symmetric", lambda: Implicit(linear_solver="cg")),
+        (
+            ValueError,
+            (
+                r"'cg' is refused for implicit differentiation: the backward system \(I - J\^T\) u = v is not "
+                r"symmetric, so conjugate gradients converges to a wrong gradient without any warning \(0\.8% error"
+            ),
+            lambda: Implicit(linear_solver="cg"),
+        ),
+        (ValueError, r"Implicit\.max_dense must be a positive integer; got 1\.5", lambda: Implicit(max_dense=1.5)),
         (ValueError, "tol must be a positive number; got 0", lambda: solve(f, z0, p, phi, tol=0)),
         (ValueError, "atol must be a number >= 0; got -1", lambda: solve(f, z0, p, phi, atol=-1)),
         (ValueError, "maxiter must be a positive integer; got 2.5", lambda: solve(f, z0, p, phi, maxiter=2.5)),
