@@ -16,10 +16,14 @@ from deq_jax.theory._common import Array
 
 
 def gd_rate_bound(learning_rate: float | Array, lambda_min_plus: float | Array, U_norm2: float | Array) -> Array:
-    """Per-step contraction factor of the gap `L - L*`: `1 - 2 eta lambda_min^+ / |U|_2^2` (theory.md 4 and 9).
+    """The gradient-flow contraction of the gap `L - L*` over a time `eta`: `1 - 2 x` with
+    `x = eta lambda_min^+ / |U|_2^2` (theory.md 4 and 9).
 
-    The discrete form of `dL/dt <= -|G|^2 / |U|_2^2 <= -2 lambda_min^+ (L - L*) / |U|_2^2`; the claim checked is
-    `gap_{t+1} / gap_t <= gd_rate_bound(eta, lambda_min^+, |U_t|_2)`. Broadcasts over all arguments.
+    It is first order in `eta` (from `dL/dt <= -|G|^2 / |U|_2^2 <= -2 lambda_min^+ (L - L*) / |U|_2^2`): one gradient
+    descent *step* can exceed it by its second-order term `x^2`, and does on a tight case
+    (`tests/lib/test_properties.py::test_gd_rate_bound_is_reached_and_exceeded_at_second_order`). The per-step bound
+    for a gradient step is `(1 - x)^2 = gd_rate_bound + x^2`, which the main job's claim checks. Broadcasts over all
+    arguments.
 
     Args:
       learning_rate: the GD step size `eta`.
