@@ -8,40 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from theory_helpers import F64 as DT
+from theory_helpers import GAMMA, X64, _slow_only_when_selected, problem, rel, tol  # noqa: F401 (autouse fixture)
 
 from deq_jax import theory
 from deq_jax.maps import column_softmax, get_sigma, row_softmax
 
-X64 = bool(jax.config.jax_enable_x64)
-DT = jnp.float64 if X64 else jnp.float32
 EPS = float(jnp.finfo(DT).eps)
-GAMMA = 0.8
-N, M, M_Y = 25, 6, 3  # test_theory.py's shape: the jit-compiled cores compile once for both files
-
-
-def tol(f64, f32):
-    return f64 if X64 else f32
-
-
-@pytest.fixture(autouse=True)
-def _slow_only_when_selected(request):
-    """Tests marked `slow` add coverage, not new kinds of checks; they run with `pytest -m slow` (make test-slow)."""
-    if request.node.get_closest_marker("slow") and "slow" not in (request.config.option.markexpr or ""):
-        pytest.skip("slow: run with pytest -m slow")
-
-
-def problem(seed=0, a_scale=1.0):
-    rng = np.random.default_rng(seed)
-    params = {
-        "A": jnp.asarray(a_scale * rng.standard_normal((M, M)), DT),
-        "B": jnp.asarray(rng.standard_normal((M_Y, M)), DT),
-    }
-    return params, jnp.asarray(rng.standard_normal((N, M)), DT), jnp.asarray(rng.standard_normal((N, M_Y)), DT)
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+N, M, M_Y = 25, 6, 3  # theory_helpers.problem's shape: the jit-compiled cores compile once for every theory file
 
 
 # ----------------------------------------------------------------------------- |U^{-1}|_2
@@ -93,7 +67,7 @@ def test_learning_rate_limit_is_a_bound_on_the_exact_trust_region_limit():
     _, phi, y = problem(1)
     lam_max = theory.feature_spectrum(phi)["lambda_max"]
     for seed, a_scale in [(2, 0.1), (4, 3.0)]:
-        params, _, _ = problem(seed, a_scale)
+        params, _, _ = problem(seed, a_scale=a_scale)
         W = theory.end_to_end(params["A"], params["B"], GAMMA)
         limit = float(
             theory.learning_rate_limit(
