@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deq_jax import _checks, _jaxopt
+from deq_jax._diagnose import NonConvergenceError, NonConvergenceWarning
 from deq_jax._rule import Rule, norms
 from deq_jax._solution import BackwardStats, Result
 from deq_jax._solver._base import AbstractSolver, Problem
@@ -160,8 +162,6 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
 
 
 def _report_backward_failure(failed: Any, residual: Any, limit: Any, description: str, on_failure: str) -> None:
-    from deq_jax._diagnose import NonConvergenceError, NonConvergenceWarning
-
     failed, residual = np.asarray(failed), np.asarray(residual)
     if not np.any(failed):
         return
@@ -177,8 +177,6 @@ def _report_backward_failure(failed: Any, residual: Any, limit: Any, description
     )
     if on_failure == "raise":
         raise NonConvergenceError(message)
-    import warnings
-
     warnings.warn(message, NonConvergenceWarning, stacklevel=2)
 
 

@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from deq_jax._rule import subtract
+
 Tree = Any
 
 
@@ -27,10 +29,6 @@ def _jaxopt():
         import jaxopt
         from jaxopt import linear_solve
     return jaxopt, linear_solve
-
-
-def _sub(a: Tree, b: Tree) -> Tree:
-    return jax.tree_util.tree_map(jnp.subtract, a, b)
 
 
 @functools.cache
@@ -66,7 +64,7 @@ def _anderson_class():
 
             extrapolated = jax.lax.cond(mix_now, mix, lambda _: params, None)
             next_params, aux = self._value_with_aux(extrapolated, *args, **kwargs)
-            residual = _sub(next_params, extrapolated)
+            residual = subtract(next_params, extrapolated)
             pos = state.iter_num % m
             params_history = jax.tree_util.tree_map(lambda h, v: h.at[pos].set(v), state.params_history, extrapolated)
             residuals_history = jax.tree_util.tree_map(lambda h, v: h.at[pos].set(v), state.residuals_history, residual)

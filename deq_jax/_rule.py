@@ -37,6 +37,11 @@ def norms(tree: Any, batch_axis: int | None = None) -> Array:
     return jnp.sqrt(sum(sq(leaf) for leaf in jax.tree_util.tree_leaves(tree)))
 
 
+def subtract(a: Any, b: Any) -> Any:
+    """`a - b` leaf by leaf."""
+    return jax.tree_util.tree_map(jnp.subtract, a, b)
+
+
 def max_abs(tree: Any) -> Array:
     """Largest absolute entry over a pytree (0 for an empty one), in float32 or wider."""
     leaves = [jnp.max(jnp.abs(_wide(leaf))) for leaf in jax.tree_util.tree_leaves(tree) if leaf.size]

@@ -10,7 +10,6 @@ The model objects are frozen dataclasses (hashable), so they can be closed over 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -18,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from deq_jax import _checks
-from deq_jax._adjoint import Backward, Implicit, Unrolled, as_backward
+from deq_jax._adjoint import Backward, Implicit, Unrolled, as_backward, precision_scope
 from deq_jax._solution import Solution
 from deq_jax._solve import as_solver, solve
 from deq_jax._solver._base import AbstractSolver
@@ -237,7 +236,7 @@ class DELM:
         U = jnp.eye(self.width, dtype=params["A"].dtype) - self.gamma * get_sigma(self.sigma)(
             jax.lax.stop_gradient(params["A"])
         )
-        with jax.default_matmul_precision(self.precision) if self.precision else contextlib.nullcontext():
+        with precision_scope(self.precision):
             return Warm(zeros, zeros, solver.initial_state(U if end_to_end else U.T))
 
 

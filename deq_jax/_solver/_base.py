@@ -164,8 +164,3 @@ def unrolled(solver: AbstractSolver, problem: Problem, z0: Tree, rule: Rule, max
 
     c, _ = jax.lax.scan(body, c, None, length=maxiter)
     return Run(c.z, c.k, c.ref, None, jnp.zeros((), jnp.int32))
-
-
-def subtract(a: Tree, b: Tree) -> Tree:
-    """`a - b` leaf by leaf."""
-    return jax.tree_util.tree_map(jnp.subtract, a, b)

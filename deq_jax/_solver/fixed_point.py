@@ -6,7 +6,8 @@ import dataclasses
 from typing import Any
 
 from deq_jax import _jaxopt
-from deq_jax._solver._base import AbstractSolver, Problem, subtract
+from deq_jax._rule import subtract
+from deq_jax._solver._base import AbstractSolver, Problem
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from deq_jax import _checks
-from deq_jax._rule import Rule, max_abs
-from deq_jax._solver._base import AbstractSolver, Problem, Run, subtract
+from deq_jax._rule import Rule, max_abs, subtract
+from deq_jax._solver._base import AbstractSolver, Problem, Run
 from deq_jax._solver._lu import Factors, factor, right_solve, when
 from deq_jax._solver.direct import Direct
 

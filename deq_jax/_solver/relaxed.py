@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from deq_jax import _checks
-from deq_jax._solver._base import AbstractSolver, Problem, subtract
+from deq_jax._rule import subtract
+from deq_jax._solver._base import AbstractSolver, Problem
 
 
 @dataclasses.dataclass(frozen=True)
