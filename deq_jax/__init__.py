@@ -34,6 +34,11 @@ from deq_jax._solver.direct import Direct as Direct
 from deq_jax._solver.fixed_point import FixedPoint as FixedPoint
 from deq_jax._solver.refine import Refine as Refine
 from deq_jax._solver.relaxed import Relaxed as Relaxed
+from deq_jax.aids import fixed_point_correction as fixed_point_correction
+from deq_jax.aids import iterates as iterates
+from deq_jax.aids import jacobian_penalty as jacobian_penalty
+from deq_jax.aids import jacobian_regulariser as jacobian_regulariser
+from deq_jax.aids import phantom as phantom
 from deq_jax.loop import ChunkEnd as ChunkEnd
 from deq_jax.loop import fit as fit
 from deq_jax.losses import cross_entropy as cross_entropy
@@ -100,6 +105,11 @@ __all__ = [
     "full_batch_gd",
     "GramData",
     "square_gram",
+    "jacobian_penalty",
+    "jacobian_regulariser",
+    "phantom",
+    "iterates",
+    "fixed_point_correction",
     "check_converged",
     "NonConvergenceError",
     "NonConvergenceWarning",
