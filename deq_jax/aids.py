@@ -294,7 +294,7 @@ def _damped_step(f: Map, params: Any, x: Any, damping: Any) -> Callable[[Any], A
     def step(z: Any) -> Any:
         fz = f(z, params, x)
         if isinstance(damping, (int, float)) and damping == 1:
-            return fz
+            return jax.tree_util.tree_map(lambda a, b: b.astype(a.dtype), z, fz)  # the state keeps its dtypes
         return jax.tree_util.tree_map(lambda a, b: ((1 - damping) * a + damping * b).astype(a.dtype), z, fz)
 
     return step
@@ -424,3 +424,6 @@ def fixed_point_correction(
         raise ValueError(f"loss_fn must return a scalar; got shape {losses.shape[1:]}")
     w = jnp.asarray(gamma, losses.dtype) ** jnp.asarray(n - 1 - positions, losses.dtype)
     return jnp.sum(w * losses)
+
+
+__all__ = ["jacobian_penalty", "jacobian_regulariser", "phantom", "iterates", "fixed_point_correction", "PROBES"]

@@ -3,7 +3,8 @@ its documented variance, per sample, its gradient in expectation), the regularis
 jitted step, phantom gradients against the one-step gradient and the closed form of an affine map, the fixed-point
 correction against hand-computed values, and each under jit, vmap and grad, with the argument errors.
 
-Statistical checks use fixed keys and bounds of 4-5 standard errors, so they are deterministic and not marginal."""
+Statistical checks use fixed keys and bounds of 4-5 standard errors, so they are deterministic and not marginal.
+The tests marked `float32` also run with x64 off (tests/conftest.py), at tolerances in units of the dtype's eps."""
 
 import chex
 import jax
@@ -78,6 +79,7 @@ def test_jacobian_penalty_is_unbiased_with_the_documented_variance(probe):
     assert abs(float(many) - exact) < 4 * (variance / 4096) ** 0.5
 
 
+@pytest.mark.float32
 def test_rademacher_probes_are_exact_for_a_diagonal_jacobian():
     f = lambda z, p, x: jnp.tanh(p["w"] * z + x)  # elementwise: J J^T diagonal, zero Rademacher variance
     p = {"w": jnp.linspace(0.2, 0.9, 5, dtype=DTYPE)}
@@ -129,7 +131,6 @@ def test_jacobian_penalty_per_sample(batch_axis):
     np.testing.assert_allclose(many, exact, rtol=0.05)
 
 
-@pytest.mark.float32
 def test_jacobian_penalty_under_jit_and_vmap():
     f = lambda z, p, x: jnp.tanh(z @ p.T + x)
     Ws = 0.3 * jax.random.normal(jax.random.PRNGKey(0), (3, M_DIM, M_DIM), DTYPE)
@@ -267,7 +268,6 @@ def test_phantom_value_is_the_equilibrium_to_solve_accuracy():
             assert float(jnp.linalg.norm(z - z_star)) <= steps * damping * residual * (1 + 1e-3) + 10 * EPS
 
 
-@pytest.mark.float32
 def test_phantom_under_jit_vmap_and_grad():
     f = lambda z, p, x: {"u": jnp.tanh(p * z["u"] + x), "v": 0.5 * z["v"] + x[:2]}
     ps = jnp.linspace(0.1, 0.6, 3, dtype=DTYPE)
@@ -279,6 +279,15 @@ def test_phantom_under_jit_vmap_and_grad():
         jax.jit(jax.vmap(run))(ps), jax.tree_util.tree_map(lambda *a: jnp.stack(a), *eager), rtol=10 * EPS
     )
     chex.assert_trees_all_close(jax.jit(run)(ps[0]), eager[0], rtol=10 * EPS)
+    # a traced damping (a sweep over it) against the loop
+    dampings = jnp.asarray([0.3, 1.0], DTYPE)
+    swept = jax.jit(jax.vmap(lambda d: phantom(f, z, ps[0], x, steps=3, damping=d)))(dampings)
+    for i, d in enumerate((0.3, 1.0)):
+        chex.assert_trees_all_close(
+            jax.tree_util.tree_map(lambda a, i=i: a[i], swept),
+            phantom(f, z, ps[0], x, steps=3, damping=d),
+            rtol=10 * EPS,
+        )
     scalar = lambda p, x: jnp.sum(phantom(f, z, p, x, steps=3, damping=0.7)["u"] ** 2)
     check_grads(scalar, (ps[1], x), order=1, modes=["rev"], rtol=1e-2 if not X64 else 1e-6)
 
@@ -327,7 +336,6 @@ def test_fixed_point_correction_against_a_hand_computed_example():
     assert float(by_indices) == float(value2)
 
 
-@pytest.mark.float32
 def test_fixed_point_correction_under_jit_and_vmap_on_a_pytree_state():
     f = lambda z, p, x: {"u": jnp.tanh(p * z["u"] + x), "v": 0.5 * z["v"] + p}
     x = jnp.linspace(-1, 1, M_DIM, dtype=DTYPE)
@@ -341,9 +349,7 @@ def test_fixed_point_correction_under_jit_and_vmap_on_a_pytree_state():
 
     looped, grad = jax.jit(run), jax.jit(jax.grad(run))
     np.testing.assert_allclose(jax.jit(jax.vmap(run))(ps), jnp.stack([looped(p) for p in ps]), rtol=20 * EPS)
-    grads = jax.jit(jax.vmap(jax.grad(run)))(ps)
-    np.testing.assert_allclose(grads, jnp.stack([grad(p) for p in ps]), rtol=100 * EPS)
-    np.testing.assert_allclose(looped(ps[1]), run(ps[1]), rtol=20 * EPS)  # jit vs eager: below, by the definition
+    np.testing.assert_allclose(looped(ps[1]), run(ps[1]), rtol=20 * EPS)  # jit vs eager
 
     # the definition, term by term: iterates 6, 4, 2 with weights 1, 0.8^2, 0.8^4
     def by_definition(p):
@@ -355,7 +361,7 @@ def test_fixed_point_correction_under_jit_and_vmap_on_a_pytree_state():
         return total
 
     np.testing.assert_allclose(looped(ps[1]), by_definition(ps[1]), rtol=20 * EPS)
-    np.testing.assert_allclose(grad(ps[1]), jax.grad(by_definition)(ps[1]), rtol=100 * EPS)
+    np.testing.assert_allclose(grad(ps[1]), jax.jit(jax.grad(by_definition))(ps[1]), rtol=100 * EPS)
 
 
 # ----------------------------------------------------------------------------- argument errors
@@ -367,7 +373,6 @@ def _args():
     return f, z, jnp.asarray(0.5, DTYPE), jnp.ones(3, DTYPE)
 
 
-@pytest.mark.float32
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
