@@ -137,7 +137,7 @@ def jacobian_penalty(
     the VJPs, reverse over reverse through `f`), and its gradient is an unbiased estimate of the gradient of
     `|J|_F^2 / D`.
 
-    Cost: one evaluation of `f` (its linearisation) and `samples` VJPs; differentiating it costs about twice that.
+    Cost: one evaluation of `f` (its linearisation) and `samples` VJPs; its gradient costs a small multiple of that.
 
     Args:
       f: the equilibrium map `f(z, params, x)`, returning a state like `z`.
@@ -199,10 +199,11 @@ def jacobian_regulariser(
     Returns `penalty(step, f, z, params, x, key) -> weight * mean(jacobian_penalty(f, z, params, x, key, ...))` on
     the steps with `step % every == 0` (step 0, `every`, `2 every`, ...), and zero on the others. The choice is a
     `lax.cond` on the (possibly traced) `step`, so the penalty lives inside a jitted training step and the other
-    steps evaluate no VJP: they cost nothing but the branch (its value and gradient are exactly zero). Under `vmap`
+    steps evaluate no VJP: they cost nothing but the branch (its value and gradient are exactly zero), and
+    neither does any step with a (concrete) zero weight. Under `vmap`
     with a batched `step`, JAX turns the `cond` into a select and both branches run.
 
-    Cost on the steps it applies: one evaluation of `f` and `samples` VJPs (about twice that with its gradient).
+    Cost on the steps it applies: one evaluation of `f` and `samples` VJPs (a small multiple with its gradient).
 
     Args:
       weight: the penalty's weight, a number >= 0 (a traced weight, e.g. a schedule's, is accepted).
@@ -223,6 +224,7 @@ def jacobian_regulariser(
     _checks.check_positive("every", every, integer=True)
     _checks.check_positive("samples", samples, integer=True)
     _checks.check_choice("probe", probe, PROBES)
+    off_always = _number(weight) == 0.0  # a concrete zero weight: no VJP on any step
 
     def penalty(step: Any, f: Map, z: Any, params: Any, x: Any, key: Array) -> Array:
         """`weight * jacobian_penalty(...)` where `step % every == 0`, else zero (see `jacobian_regulariser`)."""
@@ -232,10 +234,12 @@ def jacobian_regulariser(
             estimate = jacobian_penalty(f, z, params, x, key, samples=samples, probe=probe, batch_axis=batch_axis)
             return weight * jnp.mean(estimate)
 
-        shape = jax.eval_shape(on, z, params, x, key)
-        off = lambda *_: jnp.zeros(shape.shape, shape.dtype)
-        if every == 1:
+        if every == 1 and not off_always:
             return on(z, params, x, key)
+        shape = jax.eval_shape(on, z, params, x, key)
+        if off_always:
+            return jnp.zeros(shape.shape, shape.dtype)
+        off = lambda *_: jnp.zeros(shape.shape, shape.dtype)
         return jax.lax.cond(jnp.asarray(step) % every == 0, on, off, z, params, x, key)
 
     return penalty
@@ -253,10 +257,10 @@ def phantom(f: Map, z_star: Any, params: Any, x: Any, *, steps: int = 1, damping
 
     the result is `z_k`, differentiated through the `k` steps only. Its value is `z*` up to the solve's residual
     (for a map that is non-expansive in z, `|z_k - z*| <= k lambda |f(z*) - z*|`). For an affine map
-    `f(z) = M z + c` its Jacobian with respect to `c` is `(I - M)^{-1} (I - B^k)`, `B = (1 - lambda) I + lambda M`,
-    against the implicit gradient `(I - M)^{-1}`: the phantom gradient converges to it geometrically in `k`, as
-    `|B^k|` (for `|M| < 1`). `steps=1, damping=1` is the one-step (Jacobian-free) gradient, `f(z*)` differentiated
-    at the stopped `z*` (`deq_jax.OneStep`).
+    `f(z) = M z + c` (`z @ M.T + c` on rows of `z`) its Jacobian with respect to `c` is `(I - M)^{-1} (I - B^k)`,
+    `B = (1 - lambda) I + lambda M`, against the implicit gradient `(I - M)^{-1}`: the phantom gradient converges
+    to it geometrically in `k`, as `|B^k|` (for `|M| < 1`). `steps=1, damping=1` is the one-step (Jacobian-free)
+    gradient, `f(z*)` differentiated at the stopped `z*` (`deq_jax.OneStep`).
 
     The gradient of `z*` is stopped, so the solve that produced it contributes nothing to the gradient: its
     backward strategy does not matter, and no backward linear solve runs.

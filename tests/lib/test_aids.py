@@ -182,7 +182,9 @@ def test_regulariser_applies_its_weight_on_every_kth_step_only():
     xb = jnp.stack([x, x])
     expected = 2.0 * jnp.mean(jacobian_penalty(f, zb, W, xb, key, batch_axis=0))
     assert float(always(5, f, zb, W, xb, key)) == pytest.approx(float(expected), rel=50 * EPS)
-    assert float(jacobian_regulariser(0.0, every=2)(0, f, z, W, x, key)) == 0.0
+    before = len(evaluations)
+    assert float(jacobian_regulariser(0.0, every=2)(0, f, z, W, x, key)) == 0.0  # a zero weight: never evaluated
+    assert len(evaluations) == before
 
 
 # ----------------------------------------------------------------------------- phantom gradients
