@@ -263,7 +263,9 @@ def phantom(f: Map, z_star: Any, params: Any, x: Any, *, steps: int = 1, damping
     gradient, `f(z*)` differentiated at the stopped `z*` (`deq_jax.OneStep`).
 
     The gradient of `z*` is stopped, so the solve that produced it contributes nothing to the gradient: its
-    backward strategy does not matter, and no backward linear solve runs.
+    backward strategy does not matter, and no backward linear solve runs. `f` runs under JAX's current matmul
+    precision (`solve` traces its map at `"highest"`): on GPUs, where float32's default is TF32, call it inside
+    `jax.default_matmul_precision("highest")` for a value within the solve's tolerance of `z*`.
 
     Cost: `steps` evaluations of `f`, and `steps` VJPs of `f` in the backward pass (memory: `steps` states).
 
