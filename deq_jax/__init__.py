@@ -24,6 +24,7 @@ from deq_jax._diagnose import NonConvergenceWarning as NonConvergenceWarning
 from deq_jax._diagnose import check_converged as check_converged
 from deq_jax._solution import BackwardStats as BackwardStats
 from deq_jax._solution import Result as Result
+from deq_jax._solution import SampleStats as SampleStats
 from deq_jax._solution import Solution as Solution
 from deq_jax._solution import SolveStats as SolveStats
 from deq_jax._solve import solve as solve
@@ -67,6 +68,7 @@ from deq_jax.train import square_gram as square_gram
 __all__ = [
     "solve",
     "Solution",
+    "SampleStats",
     "SolveStats",
     "Result",
     "value_and_grad",

@@ -1,9 +1,11 @@
 """How gradients flow through an equilibrium: the backward strategies, and the one implicit adjoint.
 
 - `Implicit` (default): the implicit function theorem, `dz*/dtheta = (I - J)^{-1} df/dtheta` with `J = df/dz` at
-  `z*`, as one `jax.custom_vjp`. Its backward pass solves `(I - J^T) u = v` for the incoming cotangent `v`, from a
+  `z*`, as the JVP of the solve (`jax.custom_jvp`). Forward mode solves `(I - J) t = b` for the tangent `t`; JAX
+  transposes that linear solve for reverse mode, which solves `(I - J^T) u = v` for the incoming cotangent `v`, from a
   start `u0` (`solve(..., adjoint_start=u0)`, zero by default), with the forward solver's own factorisation where it
-  has one, then MEASURES the solve: `|(I - J^T) u - v| / |v|`.
+  has one; higher orders (`jax.hessian`, `jax.grad(jax.grad(.))`) differentiate those solves again. Every such solve
+  is MEASURED: `|(I - J^T) u - v| / |v|` (or its forward-mode twin).
 - `OneStep`: the Jacobian-free (one-step) gradient: `f(stop_gradient(z*))`, cheap and approximate.
 - `Unrolled`: autodiff through exactly `maxiter` forward steps (for verification and memory comparisons).
 
@@ -12,6 +14,10 @@ margin covers the rounding between a Krylov solver's own residual estimate and t
 is not finite while its inputs are. Failure is never silent: inside `deq_jax.value_and_grad` it is data
 (`BackwardStats`); under plain `jax.grad` it raises (or warns) at run time, under `jit` too (`Implicit.on_failure`).
 A non-finite cotangent or equilibrium is divergence upstream, not a backward failure: it is counted as `nonfinite`.
+
+A derivative through a forward solve that did not converge is not the implicit one (the theorem holds at an
+equilibrium only): it is counted (`BackwardStats.unconverged_forward`) inside `deq_jax.value_and_grad`, and raises
+under plain `jax.grad`/`jax.jvp` unless `Implicit(unconverged_forward="warn" | "ignore")`.
 
 Carrying the backward solution: the cotangent that the implicit solve returns for `adjoint_start` is the backward
 solution `u` itself (not a derivative). Differentiate with respect to the start (as `deq_jax.make_step` does) to
@@ -55,6 +61,9 @@ class Implicit:
     `maxiter` for `"forward"`, jax's default for the Krylov solvers).
     `on_failure`: a failed backward solve raises (`"raise"`, a `NonConvergenceError` at run time), warns (`"warn"`)
     or is not measured at all (`"ignore"`, one map VJP cheaper); inside `deq_jax.value_and_grad` it is recorded.
+    `unconverged_forward`: a derivative taken through a forward solve that did not converge (the rule not met, or
+    diverged) raises (`"raise"`), warns (`"warn"`) or passes (`"ignore"`: the approximate gradient, knowingly);
+    inside `deq_jax.value_and_grad` it is counted (`BackwardStats.unconverged_forward`).
     """
 
     linear_solver: str | None = None
@@ -62,6 +71,7 @@ class Implicit:
     maxiter: int | None = None
     on_failure: str = "raise"
     max_dense: int = 4096
+    unconverged_forward: str = "raise"
 
     def __post_init__(self) -> None:
         if self.linear_solver == "cg":
@@ -78,6 +88,7 @@ class Implicit:
         if self.maxiter is not None:
             _checks.check_positive("Implicit.maxiter", self.maxiter, integer=True)
         _checks.check_choice("Implicit.on_failure", self.on_failure, ON_FAILURE)
+        _checks.check_choice("Implicit.unconverged_forward", self.unconverged_forward, ON_FAILURE)
         _checks.check_positive("Implicit.max_dense", self.max_dense, integer=True)
 
 
@@ -122,7 +133,8 @@ def precision_scope(precision: str | None) -> Any:
 # ----------------------------------------------------------------------------- statistics out of the backward pass
 
 _PROBES: list = []  # trace-time stack: the probe of the innermost deq_jax.value_and_grad being traced
-_PROBE_SIZE = 5  # solves, failures, nonfinite, relative residual, iterations
+_PROBE_SIZE = 6  # solves, failures, nonfinite, relative residual, iterations, unconverged forward solves
+_LARGE = 1e30  # an infinite relative residual, as the probe's (summed, float32) slot records it
 
 
 def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False) -> Callable:
@@ -154,7 +166,12 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
         ct = grads[0]
         count = lambda i: jnp.round(ct[i]).astype(jnp.int32)
         stats = BackwardStats(
-            solves=count(0), failures=count(1), nonfinite=count(2), relative_residual=ct[3], iterations=count(4)
+            solves=count(0),
+            failures=count(1),
+            nonfinite=count(2),
+            relative_residual=jnp.where(ct[3] >= _LARGE, jnp.inf, ct[3]),
+            iterations=count(4),
+            unconverged_forward=count(5),
         )
         return value, (grads[1] if single else grads[1:]), stats
 
@@ -176,6 +193,24 @@ def _report_backward_failure(failed: Any, residual: Any, limit: Any, description
         f"Implicit(on_failure='ignore') to skip the check."
     )
     if on_failure == "raise":
+        raise NonConvergenceError(message)
+    warnings.warn(message, NonConvergenceWarning, stacklevel=2)
+
+
+def _report_unconverged_forward(failed: Any, relative: Any, tol: Any, mode: str) -> None:
+    failed, relative = np.asarray(failed), np.asarray(relative)
+    if not np.any(failed):
+        return
+    worst = float(np.max(np.where(failed, relative, -np.inf)))
+    message = (
+        f"deq_jax.solve: a gradient through a forward solve that did not converge (relative residual {worst:.2e}, "
+        f"tol {float(np.max(tol)):.1e}): the implicit function theorem holds at an equilibrium only, so this "
+        f"gradient can be far off (measured: 99.6% off after 3 fixed-point steps at gamma 0.99). Raise maxiter, "
+        f"loosen tol or use another solver; read Solution.stats / Solution.result. To record it as data instead, "
+        f"differentiate with deq_jax.value_and_grad (BackwardStats.unconverged_forward, make_step's metrics); to "
+        f"take the approximate gradient knowingly, pass Implicit(unconverged_forward='ignore')."
+    )
+    if mode == "raise":
         raise NonConvergenceError(message)
     warnings.warn(message, NonConvergenceWarning, stacklevel=2)
 
@@ -212,6 +247,29 @@ def _ravel(tree: Any) -> Array:
     return jax.flatten_util.ravel_pytree(tree)[0]
 
 
+def _linked(tree: Any) -> Any:
+    """`tree` with every leaf tied (with a zero weight) to every other: `custom_linear_solve` transposes only a
+    right-hand side whose leaves are all linear in the differentiated inputs, and some of ours (the probe's slot, a
+    parameter's slot) may not be. The tie is a `select` on a False predicate, not a product with zero: its transpose
+    sends exact zeros back, never `0 * inf = nan`."""
+    leaves = [leaf for leaf in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    if len(leaves) < 2:
+        return tree
+    total = sum(jnp.sum(leaf).astype(jnp.float32) for leaf in leaves)
+    never = jnp.zeros((), bool)
+
+    def tie(leaf: Array) -> Array:
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            return leaf
+        return leaf + jnp.where(never, total, jnp.zeros((), jnp.float32)).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map(tie, tree)
+
+
+def _add(a: Any, b: Any) -> Any:
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
 def implicit(
     spec: Implicit,
     solver: AbstractSolver,
@@ -228,10 +286,16 @@ def implicit(
     carried: Any,
     u0: Any,
 ) -> Any:
-    """The forward solve wrapped in the custom VJP whose backward solves, measures and reports `(I - J^T) u = v`.
+    """The forward solve with the implicit function theorem as its JVP, so that forward mode, reverse mode (JAX
+    transposes the JVP) and higher orders all hold.
+
+    The JVP solves `(I - J) t = b` with `b = (df/dtheta) dtheta`, as one `jax.lax.custom_linear_solve` whose
+    transpose solves `(I - J^T) u = v`; both solves are measured and report their failures. The right-hand side
+    carries two more slots with the identity as their matrix: the probe (its cotangent becomes the backward's
+    statistics, see `value_and_grad`) and the adjoint start (its cotangent becomes the backward solution `u`).
 
     `build(fn, params, x)` makes the solver's `Problem` for the map `fn(z, params, x)` on the representation `rep`.
-    Returns the solver's `Run` (value in `rep`'s representation)."""
+    Returns the solver's `Run` (value in `rep`'s representation), with `(r, f(z))` measured at its value."""
     f_conv, consts = jax.closure_convert(fz, z0, params, x)  # closed-over tracers become explicit inputs
     collected = bool(_PROBES)
     probe = _PROBES[-1] if collected else jnp.zeros((_PROBE_SIZE,), jnp.float32)
@@ -241,51 +305,121 @@ def implicit(
 
     def forward(z0: Any, consts: Any, params: Any, x: Any, tols: Array, carried: Any) -> Any:
         r = dataclasses.replace(rule, tol=tols[0], atol=tols[1])
-        return solver.run(build(fn_of(consts), params, x), rep.to(z0), carried, r, maxiter)
+        problem = build(fn_of(consts), params, x)
+        run = solver.run(problem, rep.to(z0), carried, r, maxiter)
+        if run.measured is None:  # the statistics' independent evaluation at the returned value
+            fz = problem.fn(run.value)
+            run = run._replace(measured=(jax.tree_util.tree_map(jnp.subtract, fz, run.value), fz))
+        return run
 
-    @jax.custom_vjp
+    @jax.custom_jvp
     def layer(z0: Any, consts: Any, params: Any, x: Any, tols: Array, carried: Any, u0: Any, probe: Array) -> Any:
         return forward(z0, consts, params, x, tols, carried)
 
-    def layer_fwd(z0: Any, consts: Any, params: Any, x: Any, tols: Array, carried: Any, u0: Any, probe: Array) -> Any:
-        out = forward(z0, consts, params, x, tols, carried)
-        return out, (rep.back(out.value), consts, params, x, tols, carried, out.backward_state, u0, probe)
+    @layer.defjvp
+    def layer_jvp(primals: tuple, tangents: tuple) -> tuple[Any, Any]:
+        _z0, consts, params, x, tols, _carried, u0, probe = primals
+        _, d_consts, d_params, d_x, _, _, d_u0, d_probe = tangents
+        out = layer(*primals)  # itself, so that a higher-order derivative differentiates it by this rule again
+        z, f_here = rep.back(out.value), fn_of(consts)
+        r, fz = (rep.back(t) for t in out.measured)
+        judge = dataclasses.replace(rule, tol=tols[0], atol=tols[1], view=None, to=None)  # on the pytree itself
+        holds, diverged = judge.check(r, fz, _reference(out.ref))
+        forward_failed = ~holds | diverged
+        forward_relative = norms(r) / jnp.maximum(norms(fz), jnp.finfo(jnp.float32).tiny)
+        with precision_scope(precision):
+            _, b = jax.jvp(lambda c, p, xx: fn_of(c)(z, p, xx), (consts, params, x), (d_consts, d_params, d_x))
+        context = (spec, route, solver, build, rep, f_here, z, params, x, out.backward_state, tols[2], maxiter)
+        check = _Check(spec, collected, description, forward_failed, forward_relative, tols)
 
-    def layer_bwd(res: Any, cts: Any) -> Any:
-        z, consts, params, x, tols, carried, bstate, u0, probe = res
-        v = rep.back(cts.value)
-        f_here = fn_of(consts)
-        with precision_scope(precision):  # the backward is traced after solve() returns: set the precision again
-            u, iterations, relative, failed, nonfinite = _backward_solve(
-                spec, route, solver, build, rep, f_here, z, params, x, v, u0, bstate, tols[2], maxiter
-            )
-            _, vjp = jax.vjp(lambda c, p, xx: fn_of(c)(z, p, xx), consts, params, x)
-            g_consts, g_params, g_x = vjp(u)
-        # a residual that is not finite (u overflowed) counts as inf; divergence upstream adds nothing
-        relative = jnp.where(nonfinite, 0, jnp.where(jnp.isnan(relative), jnp.inf, relative))
-        if spec.on_failure != "ignore" and not collected:
-            jax.debug.callback(
-                _report_backward_failure, failed, relative, FAILURE_MARGIN * tols[2], description, spec.on_failure
-            )
-        stat = jnp.stack(
-            [
-                jnp.ones((), jnp.float32),
-                failed.astype(jnp.float32),
-                nonfinite.astype(jnp.float32),
-                relative.astype(jnp.float32),
-                jnp.asarray(iterations, jnp.float32),
-            ]
-        )
-        zeros = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)
-        return (zeros(z), g_consts, g_params, g_x, zeros(tols), _float0_zeros(carried), u, stat.astype(probe.dtype))
+        def matvec(w: tuple) -> tuple:
+            t, s, q = w
+            return _subtract(t, jax.jvp(lambda v: f_here(v, params, x), (z,), (t,))[1]), s, q
 
-    layer.defvjp(layer_fwd, layer_bwd)
+        def tangent_solve(_: Callable, rhs: tuple) -> tuple:
+            b, s, q = rhs
+            with precision_scope(precision):
+                t, _iterations, relative, failed, nonfinite = _linear_solve(*context, b, _zeros(b), transpose=False)
+            check.report(failed, relative, nonfinite)
+            return t, s, q
+
+        def adjoint_solve(_: Callable, cts: tuple) -> tuple:
+            v, s, q = cts
+            with precision_scope(precision):
+                u, iterations, relative, failed, nonfinite = _linear_solve(*context, v, u0, transpose=True)
+            stat = check.report(failed, relative, nonfinite, iterations)
+            return u, s + stat.astype(s.dtype), _add(q, u)
+
+        rhs = _linked((b, d_probe.astype(probe.dtype), d_u0))
+        t, s, q = jax.lax.custom_linear_solve(matvec, rhs, tangent_solve, adjoint_solve)
+        t = _linked((t, s, q))[0]  # the probe's and the start's slots flow back through the output's cotangent
+        return out, _float0_zeros(out)._replace(value=rep.to(t))
+
     dtype = jnp.promote_types(jnp.result_type(*[leaf.dtype for leaf in jax.tree_util.tree_leaves(z0)]), jnp.float32)
     tols = jnp.stack([jnp.asarray(t, dtype) for t in (rule.tol, rule.atol, tol_b)])
     return layer(z0, consts, params, x, tols, carried, u0, probe)
 
 
-def _backward_solve(
+def _reference(ref: Any) -> Array:
+    return jnp.asarray(jnp.inf if ref is None else ref)
+
+
+def _zeros(tree: Any) -> Any:
+    return jax.tree_util.tree_map(jnp.zeros_like, tree)
+
+
+def _subtract(a: Any, b: Any) -> Any:
+    return jax.tree_util.tree_map(jnp.subtract, a, b)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Check:
+    """The verdicts a linear solve of the implicit derivative reports: its own failure, and the forward solve's."""
+
+    spec: Implicit
+    collected: bool
+    description: str
+    forward_failed: Array
+    forward_relative: Array
+    tols: Array
+
+    def report(self, failed: Array, relative: Array, nonfinite: Array, iterations: Any = 0) -> Array:
+        """Raise or warn at run time (outside `deq_jax.value_and_grad`), and return the probe's statistics."""
+        # a residual that is not finite (the solution overflowed) counts as inf; divergence upstream adds nothing
+        relative = jnp.where(nonfinite, 0, jnp.where(jnp.isnan(relative), jnp.inf, relative))
+        forward_failed = self.forward_failed & ~nonfinite & (self.spec.unconverged_forward != "ignore")
+        if not self.collected:
+            if self.spec.on_failure != "ignore":
+                jax.debug.callback(
+                    _report_backward_failure,
+                    failed,
+                    relative,
+                    FAILURE_MARGIN * self.tols[2],
+                    self.description,
+                    self.spec.on_failure,
+                )
+            if self.spec.unconverged_forward != "ignore":
+                jax.debug.callback(
+                    _report_unconverged_forward,
+                    forward_failed,
+                    self.forward_relative,
+                    self.tols[0],
+                    self.spec.unconverged_forward,
+                )
+        stat = jnp.stack(
+            [
+                jnp.ones((), jnp.float32),
+                failed.astype(jnp.float32),
+                nonfinite.astype(jnp.float32),
+                jnp.minimum(relative.astype(jnp.float32), _LARGE),  # finite: the probe's slot is summed
+                jnp.asarray(iterations, jnp.float32),
+                forward_failed.astype(jnp.float32),
+            ]
+        )
+        return stat
+
+
+def _linear_solve(
     spec: Implicit,
     route: str,
     solver: AbstractSolver,
@@ -295,39 +429,45 @@ def _backward_solve(
     z: Any,
     params: Any,
     x: Any,
-    v: Any,
-    u0: Any,
     bstate: Any,
     tol: Array,
     maxiter: int,
+    rhs: Any,
+    start: Any,
+    *,
+    transpose: bool,
 ) -> tuple[Any, Any, Array, Array, Array]:
-    """`u` with `(I - J^T) u = v`, the iterations it took, its relative residual, failed and non-finite flags."""
-    flat_v, unravel = jax.flatten_util.ravel_pytree(v)
+    """The solution of `(I - J) t = rhs` (or `(I - J^T) u = rhs` with `transpose`) from `start`, the iterations it
+    took, its measured relative residual, and its failed and non-finite-input flags."""
+    flat_rhs, unravel = jax.flatten_util.ravel_pytree(rhs)
     flat_z = _ravel(z)
-    _, vjp = jax.vjp(lambda w: f(w, params, x), z)
-    matvec = lambda w: w - _ravel(vjp(unravel(w))[0])
+    g = lambda w: f(w, params, x)
+    if transpose:
+        _, vjp = jax.vjp(g, z)
+        apply_J = lambda w: vjp(w)[0]
+    else:
+        _, apply_J = jax.linearize(g, z)
+    matvec = lambda w: w - _ravel(apply_J(unravel(w)))
     iterations: Any = 0
     if route == "forward":
-        problem = build(f, params, x)  # the forward's matrix K, should the adjoint factorise again
+        problem = build(f, params, x)  # the forward's matrix K, should the linear solve factorise again
         forward_affine = problem.affine
-        affine = None if forward_affine is None else (lambda: (forward_affine()[0], rep.to(v)))
-        adjoint = Problem(
-            lambda w: rep.to(jax.tree_util.tree_map(jnp.add, v, vjp(rep.back(w))[0])), affine, transpose=True
-        )
-        rule = Rule(tol, 0.0, None, float("inf"), scale=norms(v))
-        run = solver.run(adjoint, rep.to(u0), bstate, rule, spec.maxiter or maxiter)
-        u, iterations = _ravel(rep.back(run.value)), run.iterations
+        affine = None if forward_affine is None else (lambda: (forward_affine()[0], rep.to(rhs)))
+        linear = Problem(lambda w: rep.to(_add(rhs, apply_J(rep.back(w)))), affine, transpose=transpose)
+        rule = Rule(tol, 0.0, None, float("inf"), scale=norms(rhs))
+        run = solver.run(linear, rep.to(start), bstate, rule, spec.maxiter or maxiter)
+        solution, iterations = _ravel(rep.back(run.value)), run.iterations
     elif route == "lu":
-        g = lambda w: _ravel(f(unravel(w), params, x))
-        A_T = jnp.eye(flat_v.size, dtype=flat_v.dtype) - jax.jacfwd(g)(flat_z).T
-        u = jnp.linalg.solve(A_T, flat_v)
+        jacobian = jax.jacfwd(lambda w: _ravel(g(unravel(w))))(flat_z)
+        eye = jnp.eye(flat_rhs.size, dtype=flat_rhs.dtype)
+        solution = jnp.linalg.solve(eye - (jacobian.T if transpose else jacobian), flat_rhs)
     else:
-        u = _jaxopt.linear_solve(route, matvec, flat_v, tol, spec.maxiter, init=_ravel(u0))
-    upstream = jnp.all(jnp.isfinite(flat_v)) & jnp.all(jnp.isfinite(flat_z))
+        solution = _jaxopt.linear_solve(route, matvec, flat_rhs, tol, spec.maxiter, init=_ravel(start))
+    upstream = jnp.all(jnp.isfinite(flat_rhs)) & jnp.all(jnp.isfinite(flat_z))
     if spec.on_failure == "ignore":
-        relative, failed = jnp.zeros((), flat_v.dtype), jnp.asarray(False)
+        relative, failed = jnp.zeros((), flat_rhs.dtype), jnp.asarray(False)
     else:
-        r = matvec(u) - flat_v
-        relative = jnp.linalg.norm(r) / jnp.maximum(jnp.linalg.norm(flat_v), jnp.finfo(flat_v.dtype).tiny)
-        failed = upstream & ~(relative <= FAILURE_MARGIN * tol)  # a non-finite u with finite inputs fails too
-    return unravel(u), iterations, relative, failed, ~upstream
+        r = matvec(solution) - flat_rhs
+        relative = jnp.linalg.norm(r) / jnp.maximum(jnp.linalg.norm(flat_rhs), jnp.finfo(flat_rhs.dtype).tiny)
+        failed = upstream & ~(relative <= FAILURE_MARGIN * tol)  # a non-finite solution with finite inputs fails too
+    return unravel(solution), iterations, relative, failed, ~upstream

@@ -43,19 +43,47 @@ def _anderson_class():
           where fixed-point iteration took 213, float64, tol 1e-10; 19 with the relative ridge).
         - The mixing weights are cast to the state's dtype: jaxopt builds them in the default float dtype, which
           turns a float32 (or bfloat16) state into float64 under `jax_enable_x64` and breaks its `lax.cond`.
+        - With `batch_axis`, every sample has its own Gram matrix and mixing weights (jaxopt mixes the whole state
+          with one set): samples never influence each other, and one NaN sample leaves the others' iterates exact.
         """
+
+        batch_axis = None  # set per instance by `make`: the axis of every leaf that indexes independent samples
+
+        def init_state(self, init_params, *args, **kwargs):
+            state = super().init_state(init_params, *args, **kwargs)
+            if self.batch_axis is None:
+                return state
+            n = jax.tree_util.tree_leaves(init_params)[0].shape[self.batch_axis]
+            return state._replace(residual_gram=jnp.zeros((n, *state.residual_gram.shape), state.residual_gram.dtype))
+
+        def _per_sample(self, h):
+            """A history leaf `(m, ...)` as `(m, n, rest)`: its samples on axis 1 (n = 1 without a batch axis)."""
+            if self.batch_axis is None:
+                return h.reshape(h.shape[0], 1, -1)
+            h = jnp.moveaxis(h, self.batch_axis + 1, 1)
+            return h.reshape(h.shape[0], h.shape[1], -1)
 
         def update(self, params, state, *args, **kwargs):
             m = self.history_size
-            gram = state.residual_gram
+            gram = state.residual_gram if self.batch_axis is not None else state.residual_gram[None]  # (n, m, m)
             mix_now = jnp.logical_and(state.iter_num % self.mixing_frequency == 0, state.iter_num >= m)
 
             def mix(_):
-                # argmin_alpha |sum_i alpha_i r_i|^2 + ridge |alpha|^2 subject to sum_i alpha_i = 1
-                ridge = self.ridge * jnp.trace(gram) / m + jnp.finfo(gram.dtype).tiny
-                w = jnp.linalg.solve(gram + ridge * jnp.eye(m, dtype=gram.dtype), jnp.ones(m, gram.dtype))
-                alpha = w / jnp.sum(w)
-                combine = lambda h: jnp.tensordot(alpha.astype(h.dtype), h, axes=1)
+                # per sample: argmin_alpha |sum_i alpha_i r_i|^2 + ridge |alpha|^2 subject to sum_i alpha_i = 1
+                trace = jnp.trace(gram, axis1=1, axis2=2)
+                ridge = self.ridge * trace / m + jnp.finfo(gram.dtype).tiny
+                eye = jnp.eye(m, dtype=gram.dtype)
+                w = jnp.linalg.solve(gram + ridge[:, None, None] * eye, jnp.ones(gram.shape[:2], gram.dtype)[..., None])
+                alpha = w[..., 0] / jnp.sum(w[..., 0], axis=1, keepdims=True)  # (n, m)
+
+                def combine(h):
+                    mixed = jnp.einsum("nm,mnd->nd", alpha.astype(h.dtype), self._per_sample(h))
+                    if self.batch_axis is None:
+                        return mixed.reshape(h.shape[1:])
+                    shape = list(h.shape[1:])
+                    moved = [shape[self.batch_axis], *shape[: self.batch_axis], *shape[self.batch_axis + 1 :]]
+                    return jnp.moveaxis(mixed.reshape(moved), 0, self.batch_axis)
+
                 return jax.tree_util.tree_map(
                     lambda p, r: combine(p) + jnp.asarray(self.beta, p.dtype) * combine(r),
                     state.params_history,
@@ -68,19 +96,20 @@ def _anderson_class():
             pos = state.iter_num % m
             params_history = jax.tree_util.tree_map(lambda h, v: h.at[pos].set(v), state.params_history, extrapolated)
             residuals_history = jax.tree_util.tree_map(lambda h, v: h.at[pos].set(v), state.residuals_history, residual)
-            row = jax.vmap(
-                lambda hist: sum(
-                    jnp.vdot(a, b).astype(gram.dtype)
-                    for a, b in zip(jax.tree_util.tree_leaves(hist), jax.tree_util.tree_leaves(residual), strict=False)
+            # row[n, j] = <r_j, r_new> per sample, summed over the leaves
+            row = sum(
+                jnp.einsum("mnd,nd->nm", self._per_sample(h), self._per_sample(v[None])[0]).astype(gram.dtype)
+                for h, v in zip(
+                    jax.tree_util.tree_leaves(residuals_history), jax.tree_util.tree_leaves(residual), strict=False
                 )
-            )(residuals_history)
-            gram = gram.at[pos, :].set(row).at[:, pos].set(row)
+            )
+            gram = gram.at[:, pos, :].set(row).at[:, :, pos].set(row)
             next_state = state._replace(
                 iter_num=state.iter_num + 1,
-                error=jnp.sqrt(gram[pos, pos]).astype(jnp.asarray(state.error).dtype),
+                error=jnp.sqrt(jnp.max(gram[:, pos, pos])).astype(jnp.asarray(state.error).dtype),
                 params_history=params_history,
                 residuals_history=residuals_history,
-                residual_gram=gram,
+                residual_gram=gram if self.batch_axis is not None else gram[0],
                 aux=aux,
                 num_fun_eval=state.num_fun_eval + 1,
             )
@@ -109,5 +138,8 @@ def make(kind: str, fn: Callable, **options: Any) -> Any:
     if kind == "fixed_point":
         return jaxopt.FixedPointIteration(fixed_point_fun=fn, **common)
     if kind == "anderson":
-        return _anderson_class()(fixed_point_fun=fn, **options, **common)
+        batch_axis = options.pop("batch_axis", None)
+        solver = _anderson_class()(fixed_point_fun=fn, **options, **common)
+        object.__setattr__(solver, "batch_axis", batch_axis)  # not a dataclass field: jaxopt's solvers are frozen
+        return solver
     return jaxopt.Broyden(fun=fn, **options, **common)

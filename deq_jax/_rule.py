@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from deq_jax._solution import SolveStats, result_code
+from deq_jax._solution import SampleStats, SolveStats, result_code
 
 Array = jax.Array
 
@@ -42,9 +43,17 @@ def subtract(a: Any, b: Any) -> Any:
     return jax.tree_util.tree_map(jnp.subtract, a, b)
 
 
-def max_abs(tree: Any) -> Array:
-    """Largest absolute entry over a pytree (0 for an empty one), in float32 or wider."""
-    leaves = [jnp.max(jnp.abs(_wide(leaf))) for leaf in jax.tree_util.tree_leaves(tree) if leaf.size]
+def max_abs(tree: Any, batch_axis: int | None = None) -> Array:
+    """Largest absolute entry over a pytree (0 for an empty one), in float32 or wider; per sample along
+    `batch_axis` (shape `(n,)`)."""
+
+    def largest(leaf: Array) -> Array:
+        leaf = jnp.abs(_wide(leaf))
+        if batch_axis is None:
+            return jnp.max(leaf)
+        return jnp.max(jnp.moveaxis(leaf, batch_axis, 0).reshape(leaf.shape[batch_axis], -1), axis=1, initial=0)
+
+    leaves = [largest(leaf) for leaf in jax.tree_util.tree_leaves(tree) if leaf.size]
     return functools.reduce(jnp.maximum, leaves) if leaves else jnp.zeros((), jnp.float32)
 
 
@@ -62,47 +71,92 @@ def holds(residual: Array, scale: Array, tol: Any, atol: Any) -> Array:
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """The rule with its parameters. `tol`/`atol` may be tracers (e.g. vmapped over); `scale`, if given, replaces
-    `|f(z)|` (a backward solve is judged against `|v|`, the norm of its right-hand side)."""
+    `|f(z)|` (a backward solve is judged against `|v|`, the norm of its right-hand side). `view` maps a solver's
+    representation of the state (e.g. its flattening) back to the pytree that the rule and `batch_axis` describe,
+    and `to` maps a pytree into it again (None: the solver works on the pytree itself)."""
 
     tol: Any
     atol: Any
     batch_axis: int | None
     growth: float
     scale: Any = None
+    view: Callable[[Any], Any] | None = None
+    to: Callable[[Any], Any] | None = None
+
+    def _tree(self, t: Any) -> Any:
+        return t if self.view is None else self.view(t)
 
     def measure(self, r: Any, fz: Any) -> tuple[Array, Array, Array]:
         """`(|r|, scale, rule holds)` per sample (or scalars), for the residual `r = f(z) - z` and `f(z)`."""
+        r, fz = self._tree(r), self._tree(fz)
         res = norms(r, self.batch_axis)
         scale = norms(fz, self.batch_axis) if self.scale is None else self.scale
         return res, scale, holds(res, scale, self.tol, self.atol)
 
+    def verdicts(self, r: Any, fz: Any, ref: Array) -> tuple[Array, Array]:
+        """`(rule holds, diverged)` per sample (or scalars): diverged is not finite, or grown beyond `growth` times
+        the start's scale `ref`."""
+        r, fz = self._tree(r), self._tree(fz)
+        res = norms(r, self.batch_axis)
+        scale = norms(fz, self.batch_axis) if self.scale is None else self.scale
+        grown = max_abs(fz, self.batch_axis)
+        big = jnp.maximum(max_abs(r, self.batch_axis), grown)
+        return holds(res, scale, self.tol, self.atol), ~jnp.isfinite(big) | (grown > self.growth * ref)
+
     def diverged(self, r: Any, fz: Any, ref: Array) -> Array:
-        """Not finite, or grown beyond `growth` times the start's scale `ref`."""
-        big = jnp.maximum(max_abs(r), max_abs(fz))
-        return ~jnp.isfinite(big) | (max_abs(fz) > self.growth * ref)
+        """Not finite, or grown beyond `growth` times the start's scale `ref` (any sample)."""
+        return jnp.any(self.verdicts(r, fz, ref)[1])
 
     def check(self, r: Any, fz: Any, ref: Array) -> tuple[Array, Array]:
-        """The loops' stopping test: `(rule holds for every sample, diverged)`."""
-        return jnp.all(self.measure(r, fz)[2]), self.diverged(r, fz, ref)
+        """`(rule holds for every sample, some sample diverged)`."""
+        ok, diverged = self.verdicts(r, fz, ref)
+        return jnp.all(ok), jnp.any(diverged)
+
+    def keep(self, frozen: Array, old: Any, new: Any) -> Any:
+        """`new`, except for the samples marked `frozen` (shape `(n,)`, or a scalar), which keep `old`."""
+        if self.batch_axis is None or jnp.ndim(frozen) == 0:
+            return jax.tree_util.tree_map(lambda a, b: jnp.where(frozen, a, b), old, new)
+        axis = self.batch_axis
+
+        def pick(a: Array, b: Array) -> Array:
+            shape = [1] * a.ndim
+            shape[axis] = a.shape[axis]
+            return jnp.where(frozen.reshape(shape), a, b)
+
+        kept = jax.tree_util.tree_map(pick, self._tree(old), self._tree(new))
+        return kept if self.to is None else self.to(kept)
 
     def stats(
-        self, z: Any, fz: Any, iterations: Any, ref: Array | None, factorisations: Any = 0
-    ) -> tuple[SolveStats, Array]:
-        """The statistics and `Result` code of the returned value `z` with image `fz`, measured independently of
-        the solver's bookkeeping."""
+        self, z: Any, fz: Any, iterations: Any, ref: Array | None, factorisations: Any = 0, steps: Any = None
+    ) -> tuple[SolveStats, Array, SampleStats | None]:
+        """The statistics, the `Result` code and (with `batch_axis`) the per-sample statistics of the returned value
+        `z` with image `fz`, measured independently of the solver's bookkeeping. `steps`: the solver steps each
+        sample took (None: `iterations` for every sample)."""
         z, fz = jax.lax.stop_gradient((z, fz))
         r = jax.tree_util.tree_map(jnp.subtract, fz, z)
         res, scale, ok = self.measure(r, fz)
         relative = res / jnp.maximum(scale, jnp.finfo(scale.dtype).tiny)
-        diverged = self.diverged(r, fz, jnp.asarray(jnp.inf if ref is None else ref))
+        _, diverged = self.verdicts(r, fz, jnp.asarray(jnp.inf if ref is None else ref))
         finite = jnp.isfinite(max_abs(r)) & jnp.isfinite(max_abs(fz))
-        converged = jnp.all(ok) & ~diverged
+        converged = jnp.all(ok) & ~jnp.any(diverged)
         stats = SolveStats(
             iterations=jnp.asarray(iterations, jnp.int32),
             residual=jnp.max(res),
             relative_residual=jnp.max(relative),
             converged=converged,
-            diverged=diverged,
+            diverged=jnp.any(diverged),
             factorisations=jnp.asarray(factorisations, jnp.int32),
         )
-        return stats, result_code(converged, diverged, finite)
+        samples = None
+        if self.batch_axis is not None:
+            n = res.shape[0]
+            steps = jnp.broadcast_to(jnp.asarray(iterations if steps is None else steps, jnp.int32), (n,))
+            samples = SampleStats(
+                iterations=steps,
+                residual=res,
+                relative_residual=relative,
+                converged=ok & ~diverged,
+                diverged=diverged,
+                result=result_code(ok & ~diverged, diverged, jnp.isfinite(res) & jnp.isfinite(scale)),
+            )
+        return stats, result_code(converged, jnp.any(diverged), finite), samples

@@ -68,6 +68,25 @@ class SolveStats(NamedTuple):
     """int32: matrix factorisations computed by this solve (`Direct`: 1; `Refine`: 0 while kept factors serve)."""
 
 
+class SampleStats(NamedTuple):
+    """The statistics of every sample of a solve with `batch_axis` (each field has shape `(n,)`): every sample
+    iterates until it alone meets the rule (or diverges), then stops moving."""
+
+    iterations: Array
+    """int32: solver steps this sample took before it met the rule or diverged (the loop's steps for solvers that
+    move every sample together: `Refine`, `Direct`)."""
+    residual: Array
+    """`|f(z) - z|_2` of this sample."""
+    relative_residual: Array
+    """`|f(z) - z| / |f(z)|` of this sample."""
+    converged: Array
+    """bool: the rule holds for this sample and it did not diverge."""
+    diverged: Array
+    """bool: this sample is not finite, or grew beyond `eps^(-3/4)` times the start's scale."""
+    result: Array
+    """int32 `Result` code of this sample."""
+
+
 class Solution(NamedTuple):
     """The result of `deq_jax.solve`."""
 
@@ -82,6 +101,8 @@ class Solution(NamedTuple):
     state: Any = None
     """The solver's state to carry into the next solve (`solve(..., solver_state=...)`), e.g. `Refine`'s LU
     factors; None for solvers that carry nothing."""
+    samples: SampleStats | None = None
+    """With `batch_axis`: the statistics of every sample (`stats` summarises the worst one)."""
 
 
 def result_code(converged: Array, diverged: Array, finite: Array) -> Array:
@@ -106,6 +127,9 @@ class BackwardStats(NamedTuple):
     """Sum of `|(I - J^T) u - v| / |v|` over the solves (inf where `u` is not finite)."""
     iterations: Array
     """int32: steps of the backward solves that count them (`linear_solver="forward"`); Krylov solvers report 0."""
+    unconverged_forward: Array
+    """int32: backward passes taken through a forward solve that did not converge (or diverged): their gradient is
+    not the implicit one (see `Implicit.unconverged_forward`)."""
 
     def metrics(self, prefix: str = "backward_") -> dict:
         """The fields as a flat metrics dict: `backward_solves`, `backward_failures`, ..."""

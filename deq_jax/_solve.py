@@ -10,9 +10,11 @@ pytree state,
 
 so "converged" means "within `tol` (relative) of being a fixed point", whatever the start: a far start, a zero start
 and a warm start (e.g. the previous training step's equilibrium) are judged by the same rule on the value returned.
-With `batch_axis=k`, the norms are taken per sample along axis `k` of every leaf and every sample must satisfy the
-rule; the statistics report the worst sample. With `atol=0` (the default) an equilibrium at exactly `z* = 0` is met
-only when the residual vanishes: pass `atol` for such problems.
+With `batch_axis=k`, the norms are taken per sample along axis `k` of every leaf, and every sample iterates until it
+alone satisfies the rule or diverges, then stops moving: one sample that diverges (or is NaN) never changes another
+sample's result (solvers that couple the samples by construction, `Broyden` and the dense routes, are the exception).
+`Solution.stats` reports the worst sample, `Solution.samples` every sample. With `atol=0` (the default) an equilibrium
+at exactly `z* = 0` is met only when the residual vanishes: pass `atol` for such problems.
 
 Divergence: an iterate is `diverged` when it (or its image) is not finite, or when its largest entry exceeds
 `eps^(-3/4)` times the scale of the start, `max(|z0|_inf, |f(z0)|_inf)` (1.5e5 in float32, 5.8e11 in float64; `eps`
@@ -109,15 +111,16 @@ def _check_map(f: Map, z0: Any, params: Any, x: Any, has_aux: bool) -> None:
         )
 
 
-def _builder(f: Map, rep: Representation, z0: Any, uses_matrix: bool) -> Callable[..., Problem]:
+def _builder(f: Map, rep: Representation, z0: Any, uses_matrix: bool, batch_axis: int | None) -> Callable[..., Problem]:
     """`build(fn, params, x) -> Problem` on the solver's representation; for solvers that use the matrix, the
     equation `z K = c`: `K = I - M^T` from the map's `affine(params, x) -> (M, c)` (`f(z) = z M^T + c`), or from
     the dense Jacobian at zero on the flattened state."""
 
     def build(fn: Map, params: Any, x: Any) -> Problem:
         on_rep = lambda z: rep.to(fn(rep.back(z), params, x))
+        samples = None if rep.flat else batch_axis
         if not uses_matrix:
-            return Problem(on_rep)
+            return Problem(on_rep, batch_axis=samples)
 
         def affine() -> tuple[jax.Array, jax.Array]:
             if rep.flat:
@@ -127,7 +130,7 @@ def _builder(f: Map, rep: Representation, z0: Any, uses_matrix: bool) -> Callabl
                 M, c = f.affine(params, x)  # type: ignore[attr-defined]
             return jnp.eye(M.shape[0], dtype=M.dtype) - M.T, c
 
-        return Problem(on_rep, affine)
+        return Problem(on_rep, affine, batch_axis=samples)
 
     return build
 
@@ -166,15 +169,16 @@ def solve(
       precision: matmul precision inside the solve (`"highest"`, `"float32"`, `"tensorfloat32"`, `"bfloat16"`,
         `"default"`), or None to leave JAX's current setting.
       has_aux: `f` returns `(z, aux)`; `Solution.aux` is the aux of `f` at the returned value.
-      batch_axis: an axis of every state leaf that indexes independent samples: the rule then holds per sample and
-        the statistics report the worst one.
+      batch_axis: an axis of every state leaf that indexes independent samples: every sample then iterates until
+        it alone meets the rule (or diverges); `stats` reports the worst sample, `samples` each one.
       solver_state: what a previous solve returned in `Solution.state` (e.g. `Refine`'s LU factors), or None.
       adjoint_start: the start of the implicit backward solve (a pytree like `z0`; None: zero). Its cotangent is
         the backward solution `u`: differentiate with respect to it to carry `u` on (see `deq_jax.make_step`).
 
     Returns:
-      `Solution(value, result, stats, aux, state)`. Works under `jit`, `vmap` and `grad` (reverse mode for
-      `Implicit`; forward and reverse for the other strategies and for `Direct` with `Unrolled`).
+      `Solution(value, result, stats, aux, state, samples)`. Works under `jit`, `vmap`, `grad`, `jvp` and their
+      compositions (`jax.hessian`, `jax.grad(jax.grad(.))`) for every solver and backward strategy (`Implicit` by
+      its own JVP rule, the others by autodiff).
 
     Example:
       >>> f = DELMMap(gamma=0.9)
@@ -217,7 +221,8 @@ def solve(
             f"iterative solver"
         )
     rep = Representation(solver.flat or dense, jax.flatten_util.ravel_pytree(z0)[1])
-    build = _builder(map_with_affine, rep, z0, solver.uses_matrix)
+    build = _builder(map_with_affine, rep, z0, solver.uses_matrix, batch_axis)
+    loop_rule = dataclasses.replace(rule, view=rep.back, to=rep.to) if rep.flat else rule
 
     with precision_scope(precision):
         if isinstance(backward, Implicit):
@@ -225,14 +230,14 @@ def solve(
             u0 = jax.tree_util.tree_map(jnp.zeros_like, z0) if adjoint_start is None else adjoint_start
             u0 = _checks.as_state("adjoint_start", u0)
             run = implicit(
-                backward, solver, build, rep, fz, rule, maxiter, tol_b, precision, z0, params, x, solver_state, u0
+                backward, solver, build, rep, fz, loop_rule, maxiter, tol_b, precision, z0, params, x, solver_state, u0
             )
         elif isinstance(backward, OneStep):
             p, xx = jax.lax.stop_gradient((params, x))
-            run = solver.run(build(fz, p, xx), rep.to(z0), solver_state, rule, maxiter)
+            run = solver.run(build(fz, p, xx), rep.to(z0), solver_state, loop_rule, maxiter)
             return _one_step(f, has_aux, rule, rep, run, params, x)
         else:
-            run = solver.run_unrolled(build(fz, params, x), rep.to(z0), rule, maxiter)
+            run = solver.run_unrolled(build(fz, params, x), rep.to(z0), loop_rule, maxiter)
         return _finish(f, has_aux, rule, rep, run, params, x)
 
 
@@ -255,8 +260,8 @@ def _finish(f: Map, has_aux: bool, rule: Rule, rep: Representation, run: Run, pa
         fz, aux = rep.back(run.measured[1]), None
     else:  # the one extra map application: the statistics' independent residual
         fz, aux = f(*jax.lax.stop_gradient((z, params, x))), None
-    stats, result = rule.stats(z, fz, run.iterations, run.ref, run.factorisations)
-    return Solution(z, result, stats, aux, run.state)
+    stats, result, samples = rule.stats(z, fz, run.iterations, run.ref, run.factorisations, run.steps)
+    return Solution(z, result, stats, aux, run.state, samples)
 
 
 def _one_step(f: Map, has_aux: bool, rule: Rule, rep: Representation, run: Run, params: Any, x: Any) -> Solution:
@@ -265,5 +270,5 @@ def _one_step(f: Map, has_aux: bool, rule: Rule, rep: Representation, run: Run, 
     z_star = jax.lax.stop_gradient(rep.back(run.value))
     out = f(z_star, params, x)
     value, aux = out if has_aux else (out, None)
-    stats, result = rule.stats(z_star, value, run.iterations, run.ref, run.factorisations)
-    return Solution(value, result, stats, aux, run.state)
+    stats, result, samples = rule.stats(z_star, value, run.iterations, run.ref, run.factorisations, run.steps)
+    return Solution(value, result, stats, aux, run.state, samples)

@@ -31,11 +31,13 @@ _REGISTRY: dict[str, type] = {}
 class Problem(NamedTuple):
     """What a solver sees: the map `fn(z) = f(z, params, x)` on the solver's representation of the state (the
     pytree, or its flattening for solvers with `flat = True`), and for affine maps `affine() -> (K, c)`, the
-    equation `z K = c` (`f(z) = c + z (I - K)`; `transpose=True`: `z K^T = c`, the backward's equation)."""
+    equation `z K = c` (`f(z) = c + z (I - K)`; `transpose=True`: `z K^T = c`, the backward's equation). A solver
+    that mixes iterates keeps the samples along `batch_axis` apart (one NaN sample must not reach the others)."""
 
     fn: Callable[[Tree], Tree]
     affine: Callable[[], tuple[Array, Array]] | None = None
     transpose: bool = False
+    batch_axis: int | None = None  # the axis of every state leaf that indexes independent samples (pytree states)
 
 
 class Run(NamedTuple):
@@ -50,6 +52,7 @@ class Run(NamedTuple):
     factorisations: Array
     measured: tuple[Tree, Tree] | None = None
     backward_state: Any = None  # what the implicit backward may reuse (e.g. the forward's LU factors)
+    steps: Array | None = None  # with a batch axis: the steps each sample took (None: `iterations` for every one)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,44 +108,64 @@ class _Loop(NamedTuple):
     k: Array  # solver steps taken
     z: Tree
     state: Any
-    done: Array  # the rule held at the last evaluated point
-    diverged: Array
+    done: Array  # the rule held at the last evaluated point (per sample with a batch axis)
+    diverged: Array  # per sample with a batch axis
     ref: Array  # max(|z0|_inf, |f(z0)|_inf): the scale divergence is measured against
+    steps: Array  # steps each sample took before it stopped (a scalar without a batch axis)
 
 
 def _like(new: Any, old: Any) -> Any:
     return new.astype(old.dtype) if hasattr(new, "astype") and hasattr(old, "dtype") else new
 
 
-def _start(z0: Tree, state: Any, first: tuple[Tree, Tree] | None, rule: Rule) -> _Loop:
-    ref = max_abs(z0)
+def _start(z0: Tree, state: Any, first: tuple[Tree, Tree] | None, rule: Rule, samples: int | None) -> _Loop:
+    ref = max_abs(rule.view(z0) if rule.view else z0)
     zero = jnp.zeros((), jnp.int32)
+    shape = () if samples is None else (samples,)
+    steps = jnp.zeros(shape, jnp.int32)
     if first is None:  # the rule is first checked on f(z0), which the first step computes
-        return _Loop(zero, z0, state, jnp.asarray(False), jnp.asarray(False), ref)
+        no = jnp.zeros(shape, bool)
+        return _Loop(zero, z0, state, no, no, ref, steps)
     r0, f0 = first  # a start that already satisfies the rule takes no step
-    ref = jnp.maximum(ref, max_abs(f0))
-    done, diverged = rule.check(r0, f0, ref)
-    return _Loop(zero, z0, state, done, diverged, ref)
+    ref = jnp.maximum(ref, max_abs(rule.view(f0) if rule.view else f0))
+    done, diverged = rule.verdicts(r0, f0, ref)
+    return _Loop(zero, z0, state, done, diverged, ref, steps)
 
 
 def _body(solver: AbstractSolver, problem: Problem, rule: Rule) -> Callable[[_Loop], _Loop]:
+    """One step of every sample; a sample that met the rule or diverged keeps its value (it stops moving)."""
+
     def body(c: _Loop) -> _Loop:
         z, state, r, fz = solver.step(problem, c.z, c.state)
-        ref = jnp.where(c.k == 0, jnp.maximum(c.ref, max_abs(fz)), c.ref)
-        done, diverged = rule.check(r, fz, ref)
+        ref = jnp.where(c.k == 0, jnp.maximum(c.ref, max_abs(rule.view(fz) if rule.view else fz)), c.ref)
+        done, diverged = rule.verdicts(r, fz, ref)
+        frozen = c.done | c.diverged  # judged at an earlier step: this step's value is not taken
+        if c.done.ndim:
+            z = rule.keep(frozen, c.z, z)
+            done, diverged = frozen & c.done | ~frozen & done, frozen & c.diverged | ~frozen & diverged
         # the carry keeps its dtypes: jaxopt's update can return float64 statistics for a float32 state under x64
         z, state = jax.tree_util.tree_map(_like, (z, state), (c.z, c.state))
-        return _Loop(c.k + 1, z, state, done, diverged, ref)
+        return _Loop(c.k + 1, z, state, done, diverged, ref, c.steps + (~frozen).astype(jnp.int32))
 
     return body
 
 
+def _samples(rule: Rule, z0: Tree) -> int | None:
+    """The number of samples along the rule's batch axis (None without one)."""
+    if rule.batch_axis is None:
+        return None
+    leaf = jax.tree_util.tree_leaves(rule.view(z0) if rule.view else z0)[0]
+    return int(leaf.shape[rule.batch_axis])
+
+
 def iterate(solver: AbstractSolver, problem: Problem, z0: Tree, carried: Any, rule: Rule, maxiter: int) -> Run:
-    """The common loop: a `lax.while_loop` over `solver.step` stopped by the rule, divergence or `maxiter`."""
+    """The common loop: a `lax.while_loop` over `solver.step`, every sample stopped by the rule or its divergence,
+    the loop by all samples stopping or `maxiter`."""
     state, first = solver.init(problem, z0, carried)
-    c = _start(z0, state, first, rule)
-    c = jax.lax.while_loop(lambda c: (c.k < maxiter) & ~c.done & ~c.diverged, _body(solver, problem, rule), c)
-    return Run(c.z, c.k, c.ref, None, jnp.zeros((), jnp.int32))
+    c = _start(z0, state, first, rule, _samples(rule, z0))
+    c = jax.lax.while_loop(lambda c: (c.k < maxiter) & ~jnp.all(c.done | c.diverged), _body(solver, problem, rule), c)
+    steps = c.steps if c.steps.ndim else None
+    return Run(c.z, c.k, c.ref, None, jnp.zeros((), jnp.int32), steps=steps)
 
 
 def unrolled(solver: AbstractSolver, problem: Problem, z0: Tree, rule: Rule, maxiter: int) -> Run:
@@ -153,14 +176,14 @@ def unrolled(solver: AbstractSolver, problem: Problem, z0: Tree, rule: Rule, max
     converges to the implicit one even where plain iteration's derivative oscillates (e.g. `J = -1`).
     """
     state, first = solver.init(problem, z0, None)
-    c = _start(z0, state, first, rule)
+    c = _start(z0, state, first, rule, _samples(rule, z0))
     solver_body = _body(solver, problem, rule)
 
     def tail(c: _Loop) -> _Loop:
         return c._replace(z=jax.tree_util.tree_map(lambda a, b: (a + b) / 2, c.z, problem.fn(c.z)))
 
     def body(c: _Loop, _: None) -> tuple[_Loop, None]:
-        return jax.lax.cond(c.done | c.diverged, tail, solver_body, c), None
+        return jax.lax.cond(jnp.all(c.done | c.diverged), tail, solver_body, c), None
 
     c, _ = jax.lax.scan(body, c, None, length=maxiter)
     return Run(c.z, c.k, c.ref, None, jnp.zeros((), jnp.int32))

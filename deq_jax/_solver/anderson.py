@@ -14,7 +14,8 @@ from deq_jax._solver._base import AbstractSolver, Problem
 @dataclasses.dataclass(frozen=True)
 class Anderson(AbstractSolver):
     """Anderson acceleration (jaxopt's `AndersonAcceleration` with a scale-invariant ridge): mixes the last
-    `history_size` iterates; `ridge` is relative to the mean diagonal of the residual Gram matrix."""
+    `history_size` iterates; `ridge` is relative to the mean diagonal of the residual Gram matrix. With a batch axis
+    every sample has its own history weights: samples never influence each other."""
 
     name = "anderson"
     history_size: int = 5
@@ -28,7 +29,14 @@ class Anderson(AbstractSolver):
         _checks.check_positive("Anderson.ridge", self.ridge)
 
     def _jaxopt(self, problem: Problem) -> Any:
-        return _jaxopt.make("anderson", problem.fn, history_size=self.history_size, beta=self.beta, ridge=self.ridge)
+        return _jaxopt.make(
+            "anderson",
+            problem.fn,
+            history_size=self.history_size,
+            beta=self.beta,
+            ridge=self.ridge,
+            batch_axis=problem.batch_axis,
+        )
 
     def init(self, problem: Problem, z0: Any, carried: Any) -> tuple[Any, None]:
         return self._jaxopt(problem).init_state(z0), None

@@ -70,18 +70,23 @@ class Refine(AbstractSolver):
         r0, f0 = measure(z0)
         ref = jnp.maximum(max_abs(z0), max_abs(f0))
 
+        def frozen(r: Any, fz: Any) -> Array:  # per sample with a batch axis: met the rule, or diverged
+            done, diverged = rule.verdicts(r, fz, ref)
+            return done | diverged
+
         def cond(c: tuple) -> Array:
             k, _, r, fz, _, _, _ = c
-            done, diverged = rule.check(r, fz, ref)
-            return (k < maxiter) & ~done & ~diverged
+            return (k < maxiter) & ~jnp.all(frozen(r, fz))
 
         def body(c: tuple) -> tuple:
-            k, z, r, _, factors, made, since = c
+            k, z, r, fz, factors, made, since = c
             stalled = since >= self.max_sweeps
             factors = when(stalled, lambda _: factor(K()), factors)
             made, since = made + stalled.astype(jnp.int32), jnp.where(stalled, 0, since)
-            z = jax.tree_util.tree_map(lambda a, d: a + right_solve(factors, d, problem.transpose), z, r)
-            r, fz = measure(z)
+            kept = frozen(r, fz)  # a sample that is done (or NaN) keeps its value, its residual and its image
+            z_new = jax.tree_util.tree_map(lambda a, d: a + right_solve(factors, d, problem.transpose), z, r)
+            r_new, fz_new = measure(z_new)
+            z, r, fz = (rule.keep(kept, old, new) for old, new in ((z, z_new), (r, r_new), (fz, fz_new)))
             return k + 1, z, r, fz, factors, made, since + 1
 
         zero = jnp.zeros((), jnp.int32)

@@ -99,6 +99,7 @@ def test_step_with_penalty_equals_a_manual_gradient_step():
         "backward_nonfinite",
         "backward_relative_residual",
         "backward_iterations",
+        "backward_unconverged_forward",
     }
     assert int(metrics["backward_failures"]) == 0 and int(metrics["backward_nonfinite"]) == 0
 
