@@ -201,13 +201,6 @@ def solve(
         _checks.check_factorisable(
             f"solver {solver.name!r}", z0, "Use an iterative solver ('anderson', 'fixed_point', 'broyden') or cast z0"
         )
-    if isinstance(backward, Implicit) and (backward.linear_solver or solver.default_linear_solver()) in ("lu", "gmres"):
-        route = backward.linear_solver or solver.default_linear_solver()
-        _checks.check_factorisable(
-            f"the implicit backward's linear solver {route!r}",
-            z0,
-            "Use Implicit(linear_solver='forward'), 'bicgstab' or 'normal_cg', or cast z0",
-        )
     if isinstance(solver, Broyden) and solver.history_size is None:
         solver = dataclasses.replace(solver, history_size=maxiter)
 

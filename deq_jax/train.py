@@ -249,9 +249,8 @@ def make_step(
 
     def gradient(params: Any, phi: Any, y: Any, warm: Warm | None) -> tuple[Any, ...]:
         if warm is None:
-            (value, (sol, data)), grads, backward = value_and_grad(
-                lambda p: objective_(p, phi, y, None), has_aux=True
-            )(params)
+            cold = lambda p: objective_(p, phi, y, None)
+            (value, (sol, data)), grads, backward = value_and_grad(cold, has_aux=True)(params)
             return value, grads, sol, backward, None, data
         # the backward solution leaves the implicit solve as the cotangent of its start: carried on
         (value, (sol, data)), (grads, adjoint), backward = value_and_grad(
