@@ -235,7 +235,7 @@ def check_batch_axis(batch_axis: Any, state: Any) -> Any:
 #: was 3.9e-4). float32: 4.8e-7, float64: 8.9e-16, float16: 3.9e-3, bfloat16: 3.1e-2.
 TOL_EPS = 4
 
-#: floating dtypes that JAX's LU factorisation (and the GMRES behind the implicit backward's default) refuses
+#: floating dtypes that JAX's LU factorisation refuses (and with it its GMRES, the implicit backward's default)
 LOW_PRECISION = ("float16", "bfloat16")
 
 
@@ -266,12 +266,12 @@ def check_tolerance(name: str, tol: Any, state: Any) -> None:
         )
 
 
-def check_factorisable(what: str, state: Any, advice: str) -> None:
-    """Refuse float16/bfloat16 states for `what`, a route through a dense LU (or QR) factorisation, which JAX does
-    not implement in those dtypes (the error would come from deep inside the factorisation)."""
+def check_factorisable(what: str, state: Any, advice: str, name: str = "z0") -> None:
+    """Refuse float16/bfloat16 leaves of `state` (called `name`) for `what`, a route through a dense LU
+    factorisation, which JAX does not implement in those dtypes (its error would come from deep inside)."""
     low = sorted({d.name for d in _state_dtypes(state) if d.name in LOW_PRECISION})
     if low:
         raise TypeError(
-            f"{what} needs a float32 or float64 state: it factorises a matrix, which JAX does not do in "
-            f"{' or '.join(low)}; got z0 with dtype {' and '.join(low)}. {advice}"
+            f"{what} needs float32 or float64: it factorises a matrix, which JAX does not do in "
+            f"{' or '.join(low)}; got {name} with dtype {' and '.join(low)}. {advice}"
         )

@@ -133,11 +133,15 @@ def test_low_precision_states_are_refused_by_the_solvers_that_factorise(dtype):
     A, phi = data(dtype)
     tol = 4 * float(jnp.finfo(dtype).eps)
     for solver in ("direct", "refine"):
-        match = rf"solver '{solver}' needs a float32 or float64 state.*got z0 with dtype {jnp.dtype(dtype).name}"
+        match = rf"solver '{solver}' needs float32 or float64.*got z0 with dtype {jnp.dtype(dtype).name}"
         with pytest.raises(TypeError, match=match):
             solve_delm(A, phi, solver=solver, tol=tol)
         with pytest.raises(TypeError, match=match):
             jax.jit(lambda A, phi, solver=solver: solve_delm(A, phi, solver=solver, tol=tol).value)(A, phi)
+        model = dj.DELM(M, CLASSES, solver=solver, tol=tol)
+        params = model.init(jax.random.PRNGKey(0), dtype)
+        with pytest.raises(TypeError, match=rf"DELM\(solver='{solver}'\) needs float32 or float64.*got params"):
+            model.warm_start(params, phi)  # Refine's warm start factorises before any solve
     loss = lambda A: jnp.sum(
         solve_delm(A, phi, backward=dj.Implicit("forward"), tol=tol, batch_axis=0).value.astype(jnp.float32)
     )
