@@ -65,6 +65,15 @@ def check_nonnegative(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
 
 
+def check_finite(name: str, value: Any) -> None:
+    """A finite real number of either sign (e.g. an initial inverse-Jacobian scale); a tracer passes."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    value = _number(value)
+    if not _is_number(value) or not np.isfinite(value):
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
+
+
 def _is_real(dtype: Any) -> bool:
     return jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
 

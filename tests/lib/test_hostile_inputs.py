@@ -65,6 +65,20 @@ def test_non_finite_settings_are_refused_naming_the_argument(name, call):
         call(A, phi)
 
 
+def test_the_checks_accept_what_they_should():
+    from deq_jax import _checks
+
+    for value in (1e-300, 3, np.float32(0.5), jnp.asarray(2.0), np.int64(7)):
+        _checks.check_positive("x", value)
+    for value in (0, 0.0, jnp.asarray(0.0), 1e300):
+        _checks.check_nonnegative("x", value)
+    for value in (-1.5, 0, jnp.asarray(-2.0)):
+        _checks.check_finite("x", value)
+    for bad in (float("inf"), float("nan"), "1", None, True, jnp.ones(2)):
+        with pytest.raises(ValueError, match=r"^x must be a finite number; got"):
+            _checks.check_finite("x", bad)
+
+
 def test_traced_settings_pass_through():
     """A tolerance or learning rate vmapped over (a sweep) is a tracer: validated where it was concrete."""
     A, phi = data(jnp.float32)
