@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from deq_jax import _checks
@@ -111,12 +112,18 @@ def _solver_metrics(sol: Solution | None, dtype: Any) -> Metrics:
     }
 
 
-def _nonfinite_rows(a: Any) -> Array:
-    """The number of rows (samples) of `a` holding a NaN or infinite entry (0-d: 1 if it is not finite)."""
-    bad = ~jnp.isfinite(jnp.asarray(a))
-    if bad.ndim > 1:
-        bad = jnp.any(bad.reshape(bad.shape[0], -1), axis=1)
-    return jnp.sum(bad, dtype=jnp.int32)
+def _nonfinite_rows(tree: Any) -> Array:
+    """The number of rows (samples, the leading axis) holding a NaN or infinite entry in any floating leaf of
+    `tree` (a 0-d leaf is one row)."""
+    rows: Any = None
+    for leaf in jax.tree_util.tree_leaves(tree):
+        a = jnp.asarray(leaf)
+        if not jnp.issubdtype(a.dtype, jnp.inexact):
+            continue
+        bad = ~jnp.isfinite(a)
+        bad = jnp.any(bad.reshape(bad.shape[0], -1), axis=1) if bad.ndim > 1 else bad
+        rows = bad if rows is None or rows.shape != bad.shape else rows | bad
+    return jnp.zeros((), jnp.int32) if rows is None else jnp.sum(rows, dtype=jnp.int32)
 
 
 def _data_metrics(loss_fn: Loss, predictions: Any, phi: Any, y: Any) -> Metrics:
@@ -341,15 +348,17 @@ def full_batch_gd(
 
 
 def _check_batch(phi: Any, y: Any) -> None:
-    """Shapes only (static, so checked under `jit` too): at least one sample, and one target row per sample."""
-    n = jnp.shape(phi)[:1]
+    """Shapes only (static, so checked under `jit` too): at least one sample, and one target row per sample (for
+    array features and targets; a user's model may take other pytrees)."""
+    n = getattr(phi, "shape", (None,))[:1]
     if n == (0,):
         raise ValueError(
-            f"phi holds no samples (shape {jnp.shape(phi)}): a training step needs at least one sample (an empty "
-            "batch has no mean loss)"
+            f"phi holds no samples (shape {phi.shape}): a training step needs at least one sample (an empty batch "
+            "has no mean loss)"
         )
-    if jnp.shape(y)[:1] != n:
-        raise ValueError(f"y must have one row per row of phi ({jnp.shape(phi)[0]}); got shape {jnp.shape(y)}")
+    y_shape = tuple(y.shape) if hasattr(y, "shape") else np.shape(y) if isinstance(y, list) else None
+    if n != (None,) and y_shape is not None and y_shape[:1] != tuple(n):
+        raise ValueError(f"y must have one row per row of phi ({n[0]}); got shape {y_shape}")
 
 
 def _check_data(phi: Any, y: Any) -> None:
