@@ -17,6 +17,8 @@ from deq_jax._adjoint import Implicit as Implicit
 from deq_jax._adjoint import OneStep as OneStep
 from deq_jax._adjoint import Unrolled as Unrolled
 from deq_jax._adjoint import value_and_grad as value_and_grad
+from deq_jax._diagnose import DataError as DataError
+from deq_jax._diagnose import DataWarning as DataWarning
 from deq_jax._diagnose import DivergenceError as DivergenceError
 from deq_jax._diagnose import DivergenceWarning as DivergenceWarning
 from deq_jax._diagnose import NonConvergenceError as NonConvergenceError
@@ -117,6 +119,8 @@ __all__ = [
     "NonConvergenceWarning",
     "DivergenceError",
     "DivergenceWarning",
+    "DataError",
+    "DataWarning",
     "theory",
 ]
 

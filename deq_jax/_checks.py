@@ -27,17 +27,51 @@ def is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _number(value: Any) -> Any:
+    """A concrete 0-d array as a Python number (e.g. a step size computed with jax.numpy); anything else as is."""
+    if isinstance(value, (jax.Array, np.ndarray)) and value.shape == () and _is_real(value.dtype):
+        return value.item()
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.floating, np.integer))
+
+
 def check_positive(name: str, value: Any, *, integer: bool = False) -> None:
+    """A positive integer (`integer=True`), or a positive finite number; a tracer (e.g. a learning rate vmapped
+    over in a sweep) passes: it was checked where it was concrete."""
     if integer:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    else:
-        if isinstance(value, jax.core.Tracer):  # e.g. a learning rate vmapped over in a sweep
-            return
-        if isinstance(value, (jax.Array, np.ndarray)) and value.shape == () and _is_real(value.dtype):
-            value = value.item()  # a concrete 0-d array, e.g. a step size computed with jax.numpy
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not value > 0:
-            raise ValueError(f"{name} must be a positive number; got {value!r}")
+        return
+    if isinstance(value, jax.core.Tracer):
+        return
+    value = _number(value)
+    if not _is_number(value) or not value > 0:  # NaN fails the comparison
+        raise ValueError(f"{name} must be a positive number; got {value!r}")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be a finite positive number; got {value!r}")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    """A finite number >= 0 (e.g. an absolute tolerance); a tracer passes."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    value = _number(value)
+    if not _is_number(value) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0; got {value!r}")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+
+
+def check_finite(name: str, value: Any) -> None:
+    """A finite real number of either sign (e.g. an initial inverse-Jacobian scale); a tracer passes."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    value = _number(value)
+    if not _is_number(value) or not np.isfinite(value):
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
 
 
 def _is_real(dtype: Any) -> bool:
@@ -45,11 +79,11 @@ def _is_real(dtype: Any) -> bool:
 
 
 def check_open_unit(name: str, value: Any) -> None:
-    if isinstance(value, jax.core.Tracer):  # e.g. gamma vmapped over in a sweep: checked where it was concrete
+    """A number in the open interval (0, 1); a tracer (e.g. gamma vmapped over in a sweep) passes."""
+    if isinstance(value, jax.core.Tracer):
         return
-    if isinstance(value, (jax.Array, np.ndarray)) and value.shape == () and _is_real(value.dtype):
-        value = value.item()  # a concrete 0-d array
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0.0 < float(value) < 1.0:
+    value = _number(value)
+    if not (_is_number(value) and 0.0 < float(value) < 1.0):
         raise ValueError(f"{name} must be a number in the open interval (0, 1); got {value!r}")
 
 
@@ -150,6 +184,11 @@ def as_state(name: str, tree: Any) -> Any:
                 f"so it must be real-valued; split complex states into real and imaginary parts); "
                 f"got {_describe(leaf)}"
             )
+        if array.size == 0:  # shapes are static: refused under jit too
+            raise ValueError(
+                f"{where} has no entries ({_describe(array)}): an empty state or an empty batch has no equilibrium "
+                f"to solve for; every leaf needs at least one entry (a batch at least one sample)"
+            )
         if is_concrete(array) and not _all_finite(array):
             raise ValueError(f"{where} contains NaN or infinite values ({_describe(array)})")
         out.append(array)
@@ -197,3 +236,51 @@ def check_batch_axis(batch_axis: Any, state: Any) -> Any:
             f"batch_axis={batch_axis} must have the same size in every leaf of z0; got sizes {sorted(sizes)}"
         )
     return int(batch_axis)
+
+
+#: the finest relative tolerance a state can be judged at, in units of its dtype's machine epsilon: the residual
+#: `f(z) - z` is computed in the state's dtype, so below a few roundings of `|f(z)|` it measures rounding, not
+#: distance to the equilibrium (a float16 solve at tol 1e-5 stopped at a float16 fixed point whose float32 residual
+#: was 3.9e-4). float32: 4.8e-7, float64: 8.9e-16, float16: 3.9e-3, bfloat16: 3.1e-2.
+TOL_EPS = 4
+
+#: floating dtypes that JAX's LU factorisation refuses (and with it its GMRES, the implicit backward's default)
+LOW_PRECISION = ("float16", "bfloat16")
+
+
+def _state_dtypes(state: Any) -> list[Any]:
+    return [jnp.dtype(leaf.dtype) for leaf in jax.tree_util.tree_leaves(state)]
+
+
+def finest_tolerance(state: Any) -> float:
+    """`TOL_EPS` times the machine epsilon of the coarsest floating dtype among the leaves of `state`."""
+    return TOL_EPS * max(float(jnp.finfo(dtype).eps) for dtype in _state_dtypes(state))
+
+
+def check_tolerance(name: str, tol: Any, state: Any) -> None:
+    """A relative tolerance that the state's dtype can measure: a positive finite number no finer than
+    `finest_tolerance(state)`. A tracer passes (e.g. tol vmapped over): only concrete values can be checked."""
+    check_positive(name, tol)
+    if isinstance(tol, jax.core.Tracer):
+        return
+    tol = _number(tol)
+    finest = finest_tolerance(state)
+    if tol < finest:
+        coarse = max(_state_dtypes(state), key=lambda d: float(jnp.finfo(d).eps))
+        raise ValueError(
+            f"{name}={tol:g} is finer than a {coarse} state can measure: its residual f(z) - z is computed in "
+            f"{coarse} (machine epsilon {float(jnp.finfo(coarse).eps):.3g}), so the finest tolerance it can be "
+            f"judged at is {finest:.3g} ({TOL_EPS} eps); pass {name} >= {finest:.3g} or a wider dtype "
+            f"(e.g. z0.astype(jnp.float32))"
+        )
+
+
+def check_factorisable(what: str, state: Any, advice: str, name: str = "z0") -> None:
+    """Refuse float16/bfloat16 leaves of `state` (called `name`) for `what`, a route through a dense LU
+    factorisation, which JAX does not implement in those dtypes (its error would come from deep inside)."""
+    low = sorted({d.name for d in _state_dtypes(state) if d.name in LOW_PRECISION})
+    if low:
+        raise TypeError(
+            f"{what} needs float32 or float64: it factorises a matrix, which JAX does not do in "
+            f"{' or '.join(low)}; got {name} with dtype {' and '.join(low)}. {advice}"
+        )

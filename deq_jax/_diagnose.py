@@ -1,9 +1,13 @@
-"""Verdicts on a training history: divergence first (it is the cause when it happens), then unconverged solves.
+"""Verdicts on a training history: bad data first, then divergence, then unconverged solves (each is the cause of
+what follows it).
 
-A run whose loss became NaN/inf or grew diverged: its step size is too large for the problem, and every solve
-that "did not converge" after that point only follows from non-finite or exploding parameters. Blaming the solver
-there sends the user to the wrong knob, so `check_converged` names the step size. Solver advice comes only when
-the loss behaved, and fits the solver: iterative solvers have `maxiter`, a direct solve does not.
+Bad data (NaN/inf features, targets outside the loss's domain, recorded by `make_step` as `nonfinite_features` and
+`bad_targets`) makes the loss NaN whatever the step size: `check_converged` names the data. A loss that is already
+non-finite at step 0, before any update, is not the step size's doing either. Otherwise a run whose loss became
+NaN/inf or grew diverged: its step size is too large for the problem, and every solve that "did not converge" after
+that point only follows from non-finite or exploding parameters. Blaming the solver there sends the user to the
+wrong knob, so `check_converged` names the step size. Solver advice comes only when the loss behaved, and fits the
+solver: iterative solvers have `maxiter`, a direct solve does not.
 """
 
 from __future__ import annotations
@@ -34,6 +38,22 @@ class DivergenceError(RuntimeError):
     """Raised by `check_converged(..., on_failure="raise")` when the training loss diverged."""
 
 
+class DataWarning(RuntimeWarning):
+    """The training data held NaN/inf features or targets outside the loss's domain: the loss is NaN because of
+    the data, not of the step size or the solver."""
+
+
+class DataError(ValueError):
+    """Raised by `check_converged(..., on_failure="raise")` when the training data was bad (see `DataWarning`)."""
+
+
+#: the per-step metrics (`make_step`'s) that count bad samples, and what they mean
+DATA_METRICS = {
+    "nonfinite_features": "samples with NaN/inf features",
+    "bad_targets": "samples with targets outside the loss's domain (NaN/inf, labels outside [0, classes), ...)",
+}
+
+
 #: a loss that ends more than this fraction above where it started has grown (noise of mini-batch means included)
 GROWTH = 0.1
 
@@ -54,6 +74,31 @@ def divergence(history: Metrics) -> str | None:
     return None
 
 
+def data_problems(history: Metrics) -> str | None:
+    """What was wrong with the data, or None: per `DATA_METRICS` entry recorded in `history`, the steps that saw
+    bad samples (the first of them, and the most bad samples in one step)."""
+    found = []
+    for key, meaning in DATA_METRICS.items():
+        if key not in history:
+            continue
+        counts = np.asarray(history[key]).reshape(-1)
+        steps = np.flatnonzero(counts > 0)
+        if steps.size:
+            found.append(
+                f"{steps.size} of {counts.size} steps saw {meaning} ({key}: first at step {int(steps[0])}, up to "
+                f"{int(counts.max())} samples in one step)"
+            )
+    return "; ".join(found) or None
+
+
+def _nonfinite_at_start(history: Metrics) -> str | None:
+    """'NaN' or 'infinite' when the loss of step 0 (evaluated before any update) was not finite, else None."""
+    if "loss" not in history:
+        return None
+    first = float(np.asarray(history["loss"], dtype=float).reshape(-1)[0])
+    return None if np.isfinite(first) else ("NaN" if np.isnan(first) else "infinite")
+
+
 def _solver_advice(model: Any) -> str:
     solver = getattr(model, "solver", None)  # models without a solver (or without this field) get generic advice
     name = solver if isinstance(solver, str) else getattr(solver, "name", type(solver).__name__.lower())
@@ -70,6 +115,8 @@ def _solver_advice(model: Any) -> str:
 def check_converged(history: Metrics, on_failure: str = "warn", *, learning_rate: Any = None, model: Any = None) -> int:
     """Judge a concrete training history (outside `jit`); `on_failure` is `"warn"`, `"raise"` or `"ignore"`.
 
+    - Bad data (`nonfinite_features` or `bad_targets` non-zero in some step), or a loss already NaN/inf at step 0,
+      before any update: `DataWarning` / `DataError`, naming the data (and, at step 0, the initial parameters).
     - Divergence (loss NaN/inf, or grown): `DivergenceWarning` / `DivergenceError`, naming the step size
       (`learning_rate` if given) as the cause.
     - Otherwise, solves that missed their tolerance (the forward `converged` and, where recorded,
@@ -86,6 +133,28 @@ def check_converged(history: Metrics, on_failure: str = "warn", *, learning_rate
     ok = ok & ~backward_failed
     failures = int(ok.size - np.sum(ok))
     if on_failure == "ignore":
+        return failures
+    data, at_start = data_problems(history), _nonfinite_at_start(history)
+    if data or at_start:
+        if data:
+            message = f"the training data is bad: {data}. "
+        else:
+            message = (
+                f"the loss was {at_start} at step 0, before any update, so the step size is not the cause: "
+                "check the data (NaN/inf features, targets outside the loss's domain) and the initial parameters. "
+            )
+        message += (
+            "A NaN loss from such samples is a data error, not divergence: clean or drop them (e.g. with "
+            "np.isfinite on the features, labels in [0, classes)) and run again."
+        )
+        if failures:
+            message += (
+                f" {failures} of {ok.size} steps had an equilibrium solve above its tolerance, which follows from "
+                "the data (or from parameters it made non-finite), not from the solver."
+            )
+        if on_failure == "raise":
+            raise DataError(message)
+        warnings.warn(message, DataWarning, stacklevel=2)
         return failures
     diverged = divergence(history) if "loss" in history else None
     if diverged:

@@ -188,8 +188,7 @@ def solve(
     solver = as_solver(solver)
     backward = as_backward(backward)
     _checks.check_positive("tol", tol)
-    if not (isinstance(atol, jax.core.Tracer) or (isinstance(atol, (int, float)) and atol >= 0)):
-        raise ValueError(f"atol must be a number >= 0; got {atol!r}")
+    _checks.check_nonnegative("atol", atol)
     _checks.check_positive("maxiter", maxiter, integer=True)
     if not callable(f):
         raise TypeError(f"f must be a callable f(z, params, x); got {f!r}")
@@ -199,6 +198,13 @@ def solve(
     params = _checks.as_arguments("params", params)
     x = _checks.as_arguments("x", x)
     batch_axis = _checks.check_batch_axis(batch_axis, z0)
+    _checks.check_tolerance("tol", tol, z0)  # the state's dtype bounds what the rule can measure
+    if isinstance(backward, Implicit) and backward.tol is not None:
+        _checks.check_tolerance("Implicit.tol", backward.tol, z0)
+    if solver.uses_matrix:
+        _checks.check_factorisable(
+            f"solver {solver.name!r}", z0, "Use an iterative solver ('anderson', 'fixed_point', 'broyden') or cast z0"
+        )
     if isinstance(solver, Broyden) and solver.history_size is None:
         solver = dataclasses.replace(solver, history_size=maxiter)
 

@@ -148,6 +148,11 @@ class DELM:
             got = sorted(params) if isinstance(params, dict) else type(params).__name__
             raise ValueError(f"params must be a dict with keys ['A', 'B']; got {got}")
         _checks.check_float_array("params", params)
+        solver = as_solver(self.solver)
+        if solver.uses_matrix:  # its solves (and Refine's warm start) factorise U
+            _checks.check_factorisable(
+                f"DELM(solver={solver.name!r})", params, "Use an iterative solver, e.g. solver='anderson'", "params"
+            )
         m, m_y = self.width, self.out_dim
         _checks.check_shape("params['A']", params["A"], (m, m), f"A is m x m with m = width = {m}")
         _checks.check_shape("params['B']", params["B"], (m_y, m), f"B is m_y x m with m_y = out_dim = {m_y}, m = {m}")

@@ -26,12 +26,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from deq_jax import _checks
 from deq_jax._adjoint import value_and_grad
 from deq_jax._solution import Solution
-from deq_jax.losses import Loss, get_loss, square
+from deq_jax.losses import Loss, get_loss, invalid_targets, square
 from deq_jax.models import Model, Warm
 
 Array = jax.Array
@@ -111,14 +112,42 @@ def _solver_metrics(sol: Solution | None, dtype: Any) -> Metrics:
     }
 
 
-def _metrics(value: Array, grads: Any, sol: Solution | None, backward: Any) -> Metrics:
-    """A step's metrics, built here only: `loss` (before the update), `grad_norm`, the forward solve's
-    `iterations`, `residual`, `relative_residual`, `converged`, `factorisations`, and the implicit backward's
-    `backward_solves`, `backward_failures` (solves that missed their tolerance), `backward_nonfinite`,
-    `backward_relative_residual` (summed over the solves) and `backward_iterations`."""
+def _nonfinite_rows(tree: Any) -> Array:
+    """The number of rows (samples, the leading axis) holding a NaN or infinite entry in any floating leaf of
+    `tree` (a 0-d leaf is one row)."""
+    rows: Any = None
+    for leaf in jax.tree_util.tree_leaves(tree):
+        a = jnp.asarray(leaf)
+        if not jnp.issubdtype(a.dtype, jnp.inexact):
+            continue
+        bad = ~jnp.isfinite(a)
+        bad = jnp.any(bad.reshape(bad.shape[0], -1), axis=1) if bad.ndim > 1 else bad
+        rows = bad if rows is None or rows.shape != bad.shape else rows | bad
+    return jnp.zeros((), jnp.int32) if rows is None else jnp.sum(rows, dtype=jnp.int32)
+
+
+def _data_metrics(loss_fn: Loss, predictions: Any, phi: Any, y: Any) -> Metrics:
+    """`nonfinite_features`: samples (rows of phi) with a NaN/inf feature; `bad_targets`: samples whose target is
+    outside the loss's domain (`losses.invalid_targets`). With `GramData` the samples are summed away: each counts
+    1 when `C` (features) or `D`, `yy` (targets) hold a NaN/inf."""
+    if isinstance(phi, GramData):
+        return {
+            "nonfinite_features": jnp.minimum(_nonfinite_rows(phi.C), 1),
+            "bad_targets": jnp.minimum(_nonfinite_rows(phi.D) + _nonfinite_rows(phi.yy), 1),
+        }
+    return {"nonfinite_features": _nonfinite_rows(phi), "bad_targets": invalid_targets(loss_fn, predictions, y)}
+
+
+def _metrics(value: Array, grads: Any, sol: Solution | None, backward: Any, data: Metrics) -> Metrics:
+    """A step's metrics, built here only: `loss` (before the update), `grad_norm`, the data's
+    `nonfinite_features` and `bad_targets` (non-zero: the loss is NaN because of the data, not of the step size),
+    the forward solve's `iterations`, `residual`, `relative_residual`, `converged`, `factorisations`, and the
+    implicit backward's `backward_solves`, `backward_failures` (solves that missed their tolerance),
+    `backward_nonfinite`, `backward_relative_residual` (summed over the solves) and `backward_iterations`."""
     return {
         "loss": value,
         "grad_norm": optax.tree.norm(grads),
+        **data,
         **_solver_metrics(sol, value.dtype),
         **backward.metrics(),
     }
@@ -143,11 +172,23 @@ def objective(model: Model, loss: str | Loss, penalty: Penalty | None = None) ->
 
     `penalty(params) -> scalar` is any regulariser, e.g. `(l2/2) |W|_F^2` on a DELM's end-to-end matrix:
     `lambda p: 0.5 * l2 * jnp.sum(model.end_to_end(p) ** 2)`."""
-    loss_fn, pen = get_loss(loss), _penalty(penalty)
+    with_data = _objective(model, loss, penalty)
 
     def fn(params: Any, phi: Array, y: Array, warm: Warm | None = None) -> tuple[Array, Solution | None]:
+        value, (sol, _) = with_data(params, phi, y, warm)
+        return value, sol
+
+    return fn
+
+
+def _objective(model: Model, loss: str | Loss, penalty: Penalty | None) -> Callable:
+    """`objective`'s function returning `(L, (solution, data metrics))`."""
+    loss_fn, pen = get_loss(loss), _penalty(penalty)
+
+    def fn(params: Any, phi: Array, y: Array, warm: Warm | None = None) -> tuple[Array, tuple[Any, Metrics]]:
         predictions, sol = model.apply(params, phi, warm)
-        return loss_fn(predictions, y) + pen(params), sol
+        data = _data_metrics(loss_fn, jax.lax.stop_gradient(predictions), phi, y)
+        return loss_fn(predictions, y) + pen(params), (sol, data)
 
     return fn
 
@@ -199,9 +240,9 @@ def make_step(
     """
     loss_fn, pen = get_loss(loss), _penalty(penalty)
     optimizer = _optimizer(optimizer, learning_rate)
-    on_samples = objective(model, loss, penalty)
+    on_samples = _objective(model, loss, penalty)
 
-    def objective_(params: Any, phi: Any, y: Any, warm: Warm | None) -> tuple[Array, Solution | None]:
+    def objective_(params: Any, phi: Any, y: Any, warm: Warm | None) -> tuple[Array, tuple[Any, Metrics]]:
         if isinstance(phi, GramData):
             if loss_fn is not square:
                 raise ValueError(
@@ -209,18 +250,20 @@ def make_step(
                     f"got loss {getattr(loss, '__name__', loss)!r}: pass the features and targets"
                 )
             W, sol = model.end_to_end_solution(params, warm)
-            return _gram_square_loss(W, phi) + pen(params), sol
+            return _gram_square_loss(W, phi) + pen(params), (sol, _data_metrics(loss_fn, None, phi, y))
+        _check_batch(phi, y)
         return on_samples(params, phi, y, warm)
 
     def gradient(params: Any, phi: Any, y: Any, warm: Warm | None) -> tuple[Any, ...]:
         if warm is None:
-            (value, sol), grads, backward = value_and_grad(lambda p: objective_(p, phi, y, None), has_aux=True)(params)
-            return value, grads, sol, backward, None
+            cold = lambda p: objective_(p, phi, y, None)
+            (value, (sol, data)), grads, backward = value_and_grad(cold, has_aux=True)(params)
+            return value, grads, sol, backward, None, data
         # the backward solution leaves the implicit solve as the cotangent of its start: carried on
-        (value, sol), (grads, adjoint), backward = value_and_grad(
+        (value, (sol, data)), (grads, adjoint), backward = value_and_grad(
             lambda p, u: objective_(p, phi, y, warm._replace(adjoint=u)), argnums=(0, 1), has_aux=True
         )(params, warm.adjoint)
-        return value, grads, sol, backward, Warm(sol.value, adjoint, sol.state)
+        return value, grads, sol, backward, Warm(sol.value, adjoint, sol.state), data
 
     def init(params: Any, phi: Any) -> TrainState:
         opt_state = optimizer.init(params)
@@ -229,10 +272,10 @@ def make_step(
 
     def update(state: TrainState, phi: Any, y: Any) -> tuple[TrainState, Metrics]:
         params, opt_state, warm = state
-        value, grads, sol, backward, warm = gradient(params, phi, y, warm)
+        value, grads, sol, backward, warm, data = gradient(params, phi, y, warm)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return TrainState(params, opt_state, warm), _metrics(value, grads, sol, backward)
+        return TrainState(params, opt_state, warm), _metrics(value, grads, sol, backward, data)
 
     def rebatch(state: TrainState, phi: Any) -> TrainState:
         if state.warm is None:
@@ -304,8 +347,21 @@ def full_batch_gd(
     return state.params, history
 
 
+def _check_batch(phi: Any, y: Any) -> None:
+    """Shapes only (static, so checked under `jit` too): at least one sample, and one target row per sample (for
+    array features and targets; a user's model may take other pytrees)."""
+    n = getattr(phi, "shape", (None,))[:1]
+    if n == (0,):
+        raise ValueError(
+            f"phi holds no samples (shape {phi.shape}): a training step needs at least one sample (an empty batch "
+            "has no mean loss)"
+        )
+    y_shape = tuple(y.shape) if hasattr(y, "shape") else np.shape(y) if isinstance(y, list) else None
+    if n != (None,) and y_shape is not None and y_shape[:1] != tuple(n):
+        raise ValueError(f"y must have one row per row of phi ({n[0]}); got shape {y_shape}")
+
+
 def _check_data(phi: Any, y: Any) -> None:
     _checks.check_float_array("phi", phi)
     _checks.check_ndim("phi", phi, (2,))
-    if jnp.shape(y)[:1] != jnp.shape(phi)[:1]:
-        raise ValueError(f"y must have one row per row of phi ({jnp.shape(phi)[0]}); got shape {jnp.shape(y)}")
+    _check_batch(phi, y)

@@ -89,6 +89,8 @@ def test_step_with_penalty_equals_a_manual_gradient_step():
     assert set(metrics) == {
         "loss",
         "grad_norm",
+        "nonfinite_features",
+        "bad_targets",
         "iterations",
         "residual",
         "relative_residual",
