@@ -22,13 +22,14 @@ spans every process's devices, every process computes its shards, and process 0 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import pathlib
 import sys
 from collections.abc import Sequence
 
-from experiments.common import cli, interrupts
+from experiments.common import cli, interrupts, io, locks
 
 PROG = "sweep"
 EXIT_LOST_PROCESS = 1
@@ -157,28 +158,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = dataclasses.replace(
                 config, datasets=tuple(dataclasses.replace(d, data_dir=args.data_dir) for d in config.datasets)
             )
-        output_dir = args.output_dir or config.resolved_output_dir
+        output_dir = pathlib.Path(args.output_dir or config.resolved_output_dir)
         state["output_dir"] = output_dir
-        try:
-            result = sweep_run.run_sweep(
-                config,
-                output_dir=output_dir,
-                resume=not args.fresh,
-                progress=not args.no_progress,
-                log=lambda line: print(line, flush=True),
-            )
-        except jax.errors.JaxRuntimeError as err:
-            if jax.process_count() == 1:
-                raise
-            raise _LostProcess(" ".join(str(err).split())[:300]) from None
-        except cli.UserError as err:
-            if jax.process_count() == 1:
-                raise
-            raise type(err)(f"[process {jax.process_index()}] {err}") from None
-        interrupts.check()
-        if jax.process_index() != 0:
-            return 0
-        _write_records(result, figures=not args.no_figures)
+        writer = jax.process_index() == 0
+        with contextlib.ExitStack() as held:
+            if writer:  # one sweep per folder; taking the lock also checks that the folder can be written
+                flag = "--output-dir" if args.output_dir else "--output-dir (config key output_dir)"
+                held.enter_context(locks.folder_lock(output_dir, flag=flag, log=lambda line: print(line, flush=True)))
+            try:
+                result = sweep_run.run_sweep(
+                    config,
+                    output_dir=output_dir,
+                    resume=not args.fresh,
+                    progress=not args.no_progress,
+                    log=lambda line: print(line, flush=True),
+                    write_tables=False,
+                )
+            except jax.errors.JaxRuntimeError as err:
+                if jax.process_count() == 1:
+                    raise
+                raise _LostProcess(" ".join(str(err).split())[:300]) from None
+            except cli.UserError as err:
+                if jax.process_count() == 1:
+                    raise
+                raise type(err)(f"[process {jax.process_index()}] {err}") from None
+            interrupts.check()
+            if not writer:
+                return 0
+            _write_records(result, figures=not args.no_figures)
         interrupts.check()  # interrupted while writing: say so (every file is whole; the same command redoes them)
         return 0
 
@@ -214,13 +221,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _write_records(result, *, figures: bool) -> None:
     from experiments.sweep import figures as sweep_figures  # these import JAX: after `_initialize_distributed`
-    from experiments.sweep import summary
+    from experiments.sweep import summary, tables
 
-    files = dict(result.files)
-    if figures:
-        files.update(sweep_figures.write_figures(result.rows, result.output_dir / "figures"))
-    files["manifest"] = summary.write_manifest(result)
-    files["summary"] = summary.write_summary(result, files)
+    with io.staged():  # all of them or none (a full disk: exit 2, the previous files kept; the chunks are kept)
+        result.files = tables.write_tables(result.rows, result.output_dir)
+        files = dict(result.files)
+        if figures:
+            files.update(sweep_figures.write_figures(result.rows, result.output_dir / "figures"))
+        files["manifest"] = summary.write_manifest(result)
+        files["summary"] = summary.write_summary(result, files)
     print(
         f"sweep {result.config.name}: {len(result.configurations)} configurations in {len(result.groups)} "
         f"groups, {result.chunks_computed} chunks computed, {result.chunks_skipped} resumed, "
