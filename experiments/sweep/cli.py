@@ -30,6 +30,7 @@ import sys
 from collections.abc import Sequence
 
 from experiments.common import cli, interrupts, io, locks
+from experiments.sweep import rendezvous
 
 PROG = "sweep"
 EXIT_LOST_PROCESS = 1
@@ -105,15 +106,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _initialize_distributed(args: argparse.Namespace) -> None:
-    """`jax.distributed.initialize` with the flags: before anything else touches JAX (devices become global)."""
-    import jax  # here and below, not at the top: nothing may touch JAX before `jax.distributed.initialize`
+def _initialize_distributed(args: argparse.Namespace, state: dict) -> None:
+    """`jax.distributed.initialize` with the flags: before anything else touches JAX (devices become global).
 
+    With --coordinator, --num-processes and --process-id given, the processes first meet in plain Python
+    (`experiments.sweep.rendezvous`): a process that never joins or a coordinator that cannot be reached is then one
+    line and exit status 2 after --init-timeout, where JAX's client would end the process from C++ (status 134)."""
     for flag, value in (("--num-processes", args.num_processes), ("--init-timeout", args.init_timeout)):
         if value is not None and value < 1:
             raise cli.UserError(f"{flag} must be a positive integer; got {value}")
     if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or args.process_id + 1):
         raise cli.UserError(f"--process-id must be in 0 .. --num-processes - 1; got {args.process_id}")
+    if args.coordinator is not None and args.num_processes is not None and args.process_id is not None:
+        rendezvous.meet(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
+    import jax  # here and below, not at the top: nothing may touch JAX before `jax.distributed.initialize`
+
+    state["joined"] = True  # from here a failure ends the process at once (JAX's teardown would wait or crash)
     try:
         jax.distributed.initialize(
             coordinator_address=args.coordinator,
@@ -124,7 +132,7 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
     except (ValueError, TypeError) as err:  # nothing detected and not given
         hint = "pass --coordinator HOST:PORT --num-processes N --process-id I"
         raise cli.UserError(f"--distributed: {err} ({hint})") from err
-    except jax.errors.JaxRuntimeError as err:  # e.g. the coordinator never answered
+    except (jax.errors.JaxRuntimeError, RuntimeError) as err:  # e.g. the coordinator never answered
         raise cli.UserError(
             f"--distributed: the processes could not meet at {args.coordinator or 'the coordinator'}"
             f" within {args.init_timeout} s: {' '.join(str(err).split())[:300]}"
@@ -144,8 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(args, int):  # --help
             return args
         if args.distributed or os.environ.get("DEQ_JAX_DISTRIBUTED", "").lower() in TRUTHY:
-            _initialize_distributed(args)
-            state["joined"] = True
+            _initialize_distributed(args, state)
         import jax  # after `_initialize_distributed` (see there)
 
         if jax.process_count() > 1:
