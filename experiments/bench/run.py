@@ -158,7 +158,9 @@ def _locked(outputs: Outputs, args: argparse.Namespace) -> contextlib.ExitStack:
                 continue
             if path.is_dir():
                 raise UserError(f"{flag} {path} is a folder; name the file to write")
-            stack.enter_context(locks.folder_lock(path.parent, flag=flag, name=f"{path.name}.lock", log=print))
+            stack.enter_context(
+                locks.folder_lock(path.parent, flag=flag, name=f"{path.name}.lock", target=path, log=print)
+            )
         return stack.pop_all()
 
 

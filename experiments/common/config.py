@@ -128,14 +128,16 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
+        errors: list[ConfigError] = []
         for option in args:
             if option is type(None):
                 continue
             try:
                 return _convert(option, value, where)
             except ConfigError as err:
-                errors.append(str(err))
+                errors.append(err)
+        if len(errors) == 1 and isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise errors[0]  # a number for `float | None`: its own message ("expected a finite number") says more
         raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}; got {value!r}")
     if origin is Literal:
         if value not in args:

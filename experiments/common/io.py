@@ -41,6 +41,10 @@ class CheckpointCorrupt(UserError):
 
 def write_error(path: os.PathLike | str, err: OSError) -> WriteError:
     """`err`, raised while writing `path`, as one line: the file and the system's reason."""
+    if isinstance(err, (FileExistsError, NotADirectoryError)):  # a file where a folder on the way should be
+        for parent in pathlib.Path(path).parents:
+            if parent.exists() and not parent.is_dir():
+                return WriteError(f"cannot write {path}: {parent} is a file, not a folder")
     reason = err.strerror or str(err) or type(err).__name__
     return WriteError(f"cannot write {path}: {reason}" + (f" (errno {err.errno})" if err.errno else ""))
 
@@ -69,16 +73,18 @@ def atomic_path(path: os.PathLike | str, suffix: str = ".tmp") -> Iterator[pathl
         raise write_error(path, err) from None
     tmp = pathlib.Path(name)
     staged_files = getattr(_staging, "files", None)
+    handed_over = False
     try:
         yield tmp
         if staged_files is not None:  # within `staged()`: moved into place with the rest of the set
             staged_files.append((tmp, path))
+            handed_over = True
             return
         os.replace(tmp, path)
     except OSError as err:
         raise write_error(path, err) from None
     finally:
-        if staged_files is None and tmp.exists():
+        if not handed_over and tmp.exists():
             tmp.unlink()
 
 
@@ -197,8 +203,8 @@ class CheckpointStore:
         path = self._path(key)
         if not path.exists():
             return None
-        try:
-            with np.load(path, allow_pickle=False) as z:
+        try:  # our own file handle: np.load leaves its own open when the file is not a zip archive
+            with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
                 arrays = {k[2:]: z[k] for k in z.files if k.startswith("a:")}
                 meta = json.loads(str(z["meta"]))
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:

@@ -127,17 +127,20 @@ def folder_lock(
     *,
     flag: str,
     name: str = LOCK_NAME,
+    target: os.PathLike | str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Iterator[pathlib.Path]:
     """Hold `folder/name` for the block: create the folder (removed again at the end if this lock created it and it
     stayed empty), refuse if another live run holds it (`FolderLocked`), take over a dead owner's lock (saying so
-    through `log`). `flag` is how the user chose the folder (e.g. "--out"), for the messages.
+    through `log`). `flag` is how the user chose the folder (e.g. "--out") and `target` what it named (default: the
+    folder; e.g. the output file whose folder this is), for the messages.
 
     Yields the lock file's path. Raises `experiments.common.io.WriteError` if the folder cannot be written."""
     folder = pathlib.Path(folder)
+    named = f"{flag} {target if target is not None else folder}"
     for p in (folder, *folder.parents):
         if p.exists() and not p.is_dir():
-            raise UserError(f"{flag} {folder}: {p} is a file, not a folder")
+            raise UserError(f"{named}: {p} is a file, not a folder")
     path = folder / name
     created = _missing_parents(folder)
     record = {
@@ -155,12 +158,14 @@ def folder_lock(
             if owner is None:  # released meanwhile
                 continue
             if not owner:  # being written (no hard links), or not a lock of ours
-                if time.time() - path.stat().st_mtime < 2.0:
+                fresh = True
+                with contextlib.suppress(FileNotFoundError):
+                    fresh = time.time() - path.stat().st_mtime < 2.0
+                if fresh:
                     time.sleep(0.1)
                     continue
                 raise FolderLocked(
-                    f"{flag} {folder} holds a lock file {path} that is not a run's lock record; delete it if no run "
-                    f"writes to {folder}"
+                    f"{named}: the lock file {path} is not a run's lock record; delete it if no run writes to {folder}"
                 )
             if _stale(path, owner):
                 aside = path.with_name(f"{name}.stale-{os.getpid()}")
@@ -178,10 +183,10 @@ def folder_lock(
                 else "wait for it to finish"
             )
             raise FolderLocked(
-                f"{flag} {folder} is in use by another run ({_describe(owner)}); {advice}, or choose another {flag}"
+                f"{named} is in use by another run ({_describe(owner)}); {advice}, or choose another {flag}"
             )
         else:
-            raise FolderLocked(f"{flag} {folder}: could not take the lock {path} (other runs keep taking it)")
+            raise FolderLocked(f"{named}: could not take the lock {path} (other runs keep taking it)")
     except OSError as err:
         _remove_empty(created)
         raise write_error(getattr(err, "filename", None) or path, err) from None
