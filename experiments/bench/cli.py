@@ -22,9 +22,10 @@ The table and goals are printed; the JSON (with the environment record) is writt
 re-rendered from it.
 
 Exit status: 0 done, every row ran and every correctness goal held (speed and memory goals are reported, met or
-not); 1 done, but a row failed or a correctness goal did not hold; 2 not run: a flag, device or file error (a
-malformed result JSON for --render, a missing or corrupt --data-dir; one line on stderr); 130 interrupted (Ctrl-C
-or SIGTERM; the run stops at its next step): nothing is written.
+not); 1 done, but a row failed or a correctness goal did not hold; 2 not run, or nothing replaced: a flag, device
+or file error (a malformed result JSON for --render, a missing or corrupt --data-dir, an --out that another run
+writes (its `NAME.json.lock`) or that cannot be written; one line on stderr); 130 interrupted (Ctrl-C or SIGTERM;
+the run stops at its next step): nothing is written.
 """
 # This module holds the arguments and the dispatch only; a run is experiments/bench/run.py.
 

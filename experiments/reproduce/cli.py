@@ -9,14 +9,16 @@ compiled programs once, for precompilation and for the run, and a typed result t
   3. implicit bias at matched training loss where minimisers are many (experiments/reproduce/implicit_bias.py).
 
 Writes `<out>/<run-name>/`: config.yaml, metrics.csv, summary.json, figures/*.png, REPORT.md, checkpoints/.
-Every file is written atomically, and nothing is written before the configuration and the data have been read.
+Every file is written atomically, and nothing is written before the configuration and the data have been read; the
+run holds the folder's lock (`run.lock`: one run per folder), and its result files replace the previous run's
+together, once all of them are written (a failed write: exit status 2, the previous files kept).
 Checkpoints are written at the end of every run and every few seconds within one, keyed by what the run's numbers
 depend on: an interrupted run (Ctrl-C, kill) resumes where it was when the same command is run again, and ends with
 the same numbers; a changed threshold re-judges without recomputing; `--fresh` discards them.
 
 Exit status: 0 when every claim passed (with `--mutation`: when every gradient-sensitive claim failed, i.e. the
 wrong gradient was caught; with `--mutation-table`: both, for the honest run and every mutation), 1 otherwise,
-2 for a usage, configuration or data error (one line on stderr), 130 when interrupted.
+2 for a usage, configuration, data or output error (one line on stderr), 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -70,7 +72,13 @@ EXAMPLES = (
 EXIT_STATUSES = (
     (0, "every claim passed (--mutation: every gradient-sensitive claim failed, the wrong gradient was caught)"),
     (1, "a claim failed (--mutation: a gradient-sensitive claim passed with the wrong gradient)"),
-    (2, "usage, configuration or data error (one line on stderr; nothing written)"),
+    (
+        2,
+        (
+            "usage, configuration, data or output error (one line on stderr; the previous results are kept): e.g. "
+            "a folder another run holds, a file that cannot be written, a corrupt checkpoint"
+        ),
+    ),
     (130, "interrupted (Ctrl-C, SIGTERM): checkpoints kept, the same command resumes"),
 )
 

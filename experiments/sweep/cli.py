@@ -5,7 +5,8 @@ Writes into the output folder (default `results/sweeps/<name>`): `results.csv`, 
 `figures/*.png`, `sweep.json` (config, environment, chunking, memory, timing) and `summary.md`. Finished chunks are
 kept in `chunks/`: the same command resumes an interrupted sweep, `--fresh` starts over.
 
-Exit status: 0 done; 2 not run (a usage, configuration or data error: one line on stderr names the flag or key);
+Exit status: 0 done; 2 not run, or stopped without replacing any result (a usage, configuration, data or output
+error: one line on stderr names the flag, key or file; e.g. a folder another sweep holds, processes that did not meet);
 130 interrupted (Ctrl-C or SIGTERM; finished chunks are kept, the process ends at once); 1 a multi-process run
 lost a process (each survivor says so in one line and exits at once; finished chunks are kept and the same
 commands resume).
@@ -51,8 +52,9 @@ two processes on this machine (one command per terminal; on several hosts, HOST0
   .venv/bin/python -m experiments sweep --config configs/sweep_smoke.yaml --distributed \\
       --coordinator 127.0.0.1:12355 --num-processes 2 --process-id 1
 
-exit status: 0 done; 1 a multi-process run lost a process; 2 a usage, configuration or data error (one line on
-stderr names the flag or config key); 130 interrupted (finished chunks are kept: the same command resumes)
+exit status: 0 done; 1 a multi-process run lost a process; 2 a usage, configuration, data or output error (one line
+on stderr names the flag, config key or file; the previous results are kept); 130 interrupted (finished chunks are
+kept: the same command resumes)
 """
 
 
