@@ -173,6 +173,11 @@ def folder_lock(
                     os.rename(path, aside)  # only one of several runs taking it over gets to rename it
                 except FileNotFoundError:
                     continue
+                if _read(aside) != owner:  # another run took it over first: this is its live lock, put it back
+                    with contextlib.suppress(OSError):
+                        os.link(aside, path)
+                    aside.unlink(missing_ok=True)
+                    continue
                 aside.unlink(missing_ok=True)
                 if log is not None:
                     log(f"taking over the lock {path} of a run that is gone ({_describe(owner)})")

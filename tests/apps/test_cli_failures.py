@@ -227,6 +227,51 @@ def test_a_dead_owners_lock_is_taken_over_with_a_message(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["result.txt"]  # the lock is released, the results stay
 
 
+# a run racing for the folder's lock: it starts when told (the file `go`) and holds the lock until told (`release`)
+RACE = """
+import os, sys, time
+from experiments.common import locks
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2] + "/go"):
+    time.sleep(0.01)
+try:
+    with locks.folder_lock(sys.argv[1], flag="--out", log=lambda line: None):
+        print("got", flush=True)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(sys.argv[2] + "/release") and time.monotonic() < deadline:
+            time.sleep(0.01)
+except locks.FolderLocked:
+    print("refused", flush=True)
+"""
+
+
+def test_runs_racing_for_a_dead_owners_lock_get_it_one_at_a_time(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    record = {"pid": dead.pid, "host": socket.gethostname(), "started": time.time() - 60, "command": "x"}
+    (out / locks.LOCK_NAME).write_text(json.dumps(record))
+    procs = [
+        subprocess.Popen(
+            [PYTHON, "-c", RACE, str(out), str(tmp_path)],
+            cwd=ROOT,
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    assert [p.stdout.readline().strip() for p in procs] == ["ready"] * 4
+    (tmp_path / "go").touch()
+    said = sorted(p.stdout.readline().strip() for p in procs)  # all four tried while one holds it
+    (tmp_path / "release").touch()
+    for p in procs:
+        p.communicate(timeout=60)
+    assert said == ["got", "refused", "refused", "refused"], said
+    assert not list(out.iterdir())
+
+
 def test_a_lock_from_another_host_is_refused_with_the_file_to_delete(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
