@@ -75,14 +75,15 @@ def atomic_path(path: os.PathLike | str, suffix: str = ".tmp") -> Iterator[pathl
     staged_files = getattr(_staging, "files", None)
     handed_over = False
     try:
-        yield tmp
+        yield tmp  # the caller's own errors (a download's) pass through as they are
         if staged_files is not None:  # within `staged()`: moved into place with the rest of the set
             staged_files.append((tmp, path))
             handed_over = True
             return
-        os.replace(tmp, path)
-    except OSError as err:
-        raise write_error(path, err) from None
+        try:
+            os.replace(tmp, path)
+        except OSError as err:
+            raise write_error(path, err) from None
     finally:
         if not handed_over and tmp.exists():
             tmp.unlink()
@@ -119,8 +120,12 @@ def staged() -> Iterator[None]:
 
 def write_bytes(path: os.PathLike | str, data: bytes) -> None:
     # no fsync: os.replace is atomic against a killed process, which is the concern
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        fh.write(data)
+    with atomic_path(path) as tmp:
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+        except OSError as err:
+            raise write_error(path, err) from None
 
 
 def write_text(path: os.PathLike | str, text: str) -> None:

@@ -533,9 +533,12 @@ def test_an_unreachable_coordinator_is_one_line_and_exit_2_within_the_timeout(co
 
 
 def test_a_third_process_missing_fails_both_that_came(configs, tmp_path):
+    """Process 1 reaches process 0 (it is started first and retries; its timeout ends before process 0's, so that a
+    slow start of process 0 on a loaded machine still leaves it time to answer) and both wait for process 2."""
     port = _free_port()
-    procs = [_sweep_process(configs, tmp_path / f"out{i}", port, i, n=3) for i in (0, 1)]
-    (rc0, err0, _), (rc1, err1, _) = [_finish(p) for p in procs]
+    one = _sweep_process(configs, tmp_path / "out1", port, 1, n=3, timeout=6)
+    zero = _sweep_process(configs, tmp_path / "out0", port, 0, n=3, timeout=8)
+    (rc0, err0, _), (rc1, err1, _) = _finish(zero), _finish(one)
     assert (rc0, rc1) == (2, 2), err0[-2000:] + err1[-2000:]
     assert "only 2 of 3 processes joined" in _one_line(err0) and "missing --process-id 2" in err0
     assert "process 0 answered, but not all 3 processes joined" in _one_line(err1)
