@@ -546,9 +546,8 @@ def test_a_third_process_missing_fails_both_that_came(configs, tmp_path):
 
 def test_a_process_id_taken_twice_is_refused(configs, tmp_path):
     port = _free_port()
-    procs = [
-        _sweep_process(configs, tmp_path / f"out{i}", port, pid, n=3, timeout=4) for i, pid in enumerate((0, 1, 1))
-    ]
+    ones = [_sweep_process(configs, tmp_path / f"out{i}", port, 1, n=3, timeout=6) for i in (1, 2)]
+    procs = [_sweep_process(configs, tmp_path / "out0", port, 0, n=3, timeout=8), *ones]  # as in the test above
     outcomes = [_finish(p) for p in procs]
     assert [rc for rc, _, _ in outcomes] == [2, 2, 2], [err[-1000:] for _, err, _ in outcomes]
     refused = [err for _, err, _ in outcomes[1:] if "another process with --process-id 1 has already joined" in err]
