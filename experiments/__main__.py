@@ -6,7 +6,8 @@ Commands:
   bench      benchmarks (the DELM step, the peer comparison with torchdeq)
 
 `python -m experiments COMMAND --help` describes each. Exit statuses, the same for every command: 0 done, 1 done but
-a check failed, 2 a usage, configuration or data error (one line on stderr), 130 interrupted.
+a check failed, 2 a usage, configuration, data or output error (one line on stderr; previous results kept), 130
+interrupted.
 """
 
 from __future__ import annotations

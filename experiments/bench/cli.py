@@ -22,9 +22,10 @@ The table and goals are printed; the JSON (with the environment record) is writt
 re-rendered from it.
 
 Exit status: 0 done, every row ran and every correctness goal held (speed and memory goals are reported, met or
-not); 1 done, but a row failed or a correctness goal did not hold; 2 not run: a flag, device or file error (a
-malformed result JSON for --render, a missing or corrupt --data-dir; one line on stderr); 130 interrupted (Ctrl-C
-or SIGTERM; the run stops at its next step): nothing is written.
+not); 1 done, but a row failed or a correctness goal did not hold; 2 not run, or nothing replaced: a flag, device
+or file error (a malformed result JSON for --render, a missing or corrupt --data-dir, an --out that another run
+writes (its `NAME.json.lock`) or that cannot be written; one line on stderr); 130 interrupted (Ctrl-C or SIGTERM;
+the run stops at its next step): nothing is written.
 """
 # This module holds the arguments and the dispatch only; a run is experiments/bench/run.py.
 
@@ -38,6 +39,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse
+import math
 import pathlib
 import re
 import sys
@@ -47,6 +49,7 @@ from experiments.bench import run, sweep_bench
 from experiments.common import cli as common_cli
 from experiments.common import interrupts
 from experiments.common.cli import UserError
+from experiments.common.config import COUNT_MAX
 
 PROG = "python -m experiments bench"
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -182,18 +185,22 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the suite-dependent defaults and check every value; `UserError` names the flag."""
     args.device = args.device or ("gpu" if args.suite == "gpu" else "cpu")
     args.n = args.n if args.n is not None else (60000 if args.suite == "gpu" else 1024)
-    for name in ("n", "width", "classes", "maxiter", "repeats", "slow_repeats", "warm_steps"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be a positive integer; got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise UserError(f"--warmup must be >= 0; got {args.warmup}")
+    for name in ("n", "width", "classes", "maxiter", "repeats", "slow_repeats", "warm_steps", "warmup"):
+        low = 0 if name == "warmup" else 1
+        if not low <= getattr(args, name) <= COUNT_MAX:
+            what = "an integer >= 0" if low == 0 else "a positive integer"
+            raise UserError(f"--{name.replace('_', '-')} must be {what} (at most 2**31 - 1); got {getattr(args, name)}")
+    for name in ("gamma", "tol", "learning_rate", "settle", "max_temp_gb"):  # argparse's float() takes inf and nan
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number; got {value}")
     if not args.settle >= 0:
         raise UserError(f"--settle must be >= 0; got {args.settle}")
     if not 0.0 < args.gamma < 1.0:
         raise UserError(f"--gamma must be in the open interval (0, 1); got {args.gamma}")
     for name in ("tol", "learning_rate", "max_temp_gb"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
+            raise UserError(f"--{name.replace('_', '-')} must be a positive number; got {getattr(args, name)}")
     for name in ("rows", "skip"):
         if getattr(args, name) is not None:
             try:
@@ -213,6 +220,9 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     if args.plot is not None and args.suite == "profile":
         raise UserError("--plot: the profile suite has no figure (its tables are printed and written to the JSON)")
     args.out = args.out or os.path.join("results", "bench", f"{args.suite}.json")
+    for name in ("out", "plot"):  # checked before anything runs (the folders' locks check that they can be written)
+        if getattr(args, name) is not None and os.path.isdir(getattr(args, name)):
+            raise UserError(f"--{name} {getattr(args, name)} is a folder; name the file to write")
     return args
 
 

@@ -8,6 +8,7 @@ Nothing is written before the run is complete, and each file is written atomical
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -21,7 +22,7 @@ from experiments.bench import render as renderer
 from experiments.bench import torch_cases as bt
 from experiments.bench.problem import Problem, make_problem
 from experiments.bench.protocol import Case
-from experiments.common import interrupts, io
+from experiments.common import interrupts, io, locks
 from experiments.common.cli import EXIT_FAILED, EXIT_OK, UserError
 from experiments.common.env import environment
 
@@ -131,10 +132,12 @@ def _write(payload: dict, outputs: Outputs, docs_dir: pathlib.Path) -> None:
 
     png = plots.png(payload) if outputs.png is not None else None
     interrupts.check()  # the last moment an interrupt can stop the run: after it, every file is written
-    io.write_json(outputs.json, payload)
+    with io.staged():  # both or neither (a full disk: exit 2, the previous files kept)
+        io.write_json(outputs.json, payload)
+        if png is not None:
+            io.write_bytes(outputs.png, png)
     print(f"\nwrote {outputs.json}")
     if png is not None:
-        io.write_bytes(outputs.png, png)
         print(f"wrote {outputs.png}")
     if outputs.doc is not None:
         if outputs.doc.is_file():
@@ -142,6 +145,23 @@ def _write(payload: dict, outputs: Outputs, docs_dir: pathlib.Path) -> None:
             print(f"{'rendered' if changed else 'unchanged'} {outputs.doc} ({count} generated blocks)")
         else:
             print(f"note: no {outputs.doc} to render")
+
+
+def _locked(outputs: Outputs, args: argparse.Namespace) -> contextlib.ExitStack:
+    """The output files' locks (`NAME.lock` beside each), taken before anything is measured: one run per output
+    file, and the check that its folder can be written. A path that is a folder is a `UserError`."""
+    stack = contextlib.ExitStack()
+    flags = ("--publish", "--publish") if args.publish is not None else ("--out", "--plot")
+    with stack:
+        for path, flag in zip((outputs.json, outputs.png), flags, strict=True):
+            if path is None:
+                continue
+            if path.is_dir():
+                raise UserError(f"{flag} {path} is a folder; name the file to write")
+            stack.enter_context(
+                locks.folder_lock(path.parent, flag=flag, name=f"{path.name}.lock", target=path, log=print)
+            )
+        return stack.pop_all()
 
 
 def render(args: argparse.Namespace) -> int:
@@ -251,6 +271,23 @@ def run(args: argparse.Namespace, argv: list[str], *, started: float) -> int:
     _header(args, p, device, env, what)
     for note in notes:
         print(f"note: {note}")
+    with _locked(outputs, args):
+        return _measure_and_write(args, argv, started, outputs, p, device, env, selection, notes, torch_info)
+
+
+def _measure_and_write(
+    args: argparse.Namespace,
+    argv: list[str],
+    started: float,
+    outputs: Outputs,
+    p: Problem,
+    device: Any,
+    env: dict,
+    selection: Any,
+    notes: list,
+    torch_info: dict,
+) -> int:
+    """`run`'s measuring and writing, under the output files' locks."""
     size = {"m": p.m, "n": p.n, "m_y": p.m_y, "device": device.platform}
     measure = _measure_profile if args.suite == "profile" else _measure_rows
     payload = report.payload(

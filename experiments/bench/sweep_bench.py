@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deq_jax import parallel, train
-from experiments.common import cli, io, models
+from experiments.common import cli, io, locks, models
 from experiments.common import datasets as data
 from experiments.common import env as env_lib
 from experiments.common.config import from_dict
@@ -193,7 +193,15 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     if args.worker:
         print(json.dumps(worker(args.repeats)))
         return 0
+    out = pathlib.Path(args.out)
+    if out.is_dir():
+        raise cli.UserError(f"--out {out} is a folder; name the file to write")
+    # one run per output file; taking the lock also checks that its folder can be written, before the workers run
+    with locks.folder_lock(out.parent, flag="--out", name=f"{out.name}.lock", target=out, log=print):
+        return _measure_and_write(args, argv)
 
+
+def _measure_and_write(args: argparse.Namespace, argv: list[str]) -> int:
     env_base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env_base.setdefault("OPENBLAS_NUM_THREADS", "1")
     env_base["PYTHONPATH"] = str(ROOT) + os.pathsep + env_base.get("PYTHONPATH", "")

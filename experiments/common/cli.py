@@ -6,8 +6,11 @@ Exit statuses, the same for every subcommand of `python -m experiments`:
 |---|---|
 | 0 | done, and everything checked passed |
 | 1 | done, but something checked failed (a claim, a benchmark goal) |
-| 2 | not run: a usage, configuration or data error the user can fix (one line on stderr names it) |
+| 2 | not run, or stopped without replacing any result: an error the user can fix (one line on stderr names it) |
 | 130 | interrupted (Ctrl-C or SIGTERM); what was finished is kept, the same command resumes |
+
+Exit status 2 covers usage, configuration, data and output errors: a flag or key, a missing data set, a folder another
+run holds, a file that cannot be written (`experiments.common.io.WriteError`), a corrupt checkpoint.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Strict configuration: YAML mappings validated into frozen dataclasses.
 
 An unknown or misspelt key, a missing required key, or a value of the wrong type is a `ConfigError` that names the
-key (with its dotted path), the valid keys or choices, and what was received. Range checks live in each
-dataclass's `__post_init__`; their `ValueError`s are re-raised as `ConfigError` with the key path.
+key (with its dotted path), the valid keys or choices, and what was received. Every number is checked where it
+enters: a float must be finite (`.inf` and `.nan` are refused for every key), an integer must fit in 64 bits.
+Range checks live in each dataclass's `__post_init__` (`check_seed` and `check_count` for seeds and iteration
+counts); their `ValueError`s are re-raised as `ConfigError` with the key path.
 
     @dataclasses.dataclass(frozen=True)
     class Train:
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import pathlib
 import re
 import types
@@ -30,6 +33,26 @@ from experiments.common.cli import UserError
 
 class ConfigError(UserError, ValueError):
     """A configuration that does not validate; the message names the key."""
+
+
+#: seeds lie in 0 .. SEED_MAX: there `jax.random.PRNGKey(seed)` is the same distinct key with and without 64-bit JAX
+#: (above it, 32-bit JAX folds a seed onto a smaller one, e.g. 2**32 onto 0, and 2**63 overflows)
+SEED_MAX = 2**32 - 1
+#: iteration counts and sizes that enter a compiled program as integers: int32 without 64-bit JAX
+COUNT_MAX = 2**31 - 1
+_INT64 = 2**63
+
+
+def check_seed(name: str, value: int) -> None:
+    """A seed in 0 .. `SEED_MAX` (a `ValueError` naming `name` otherwise)."""
+    if not 0 <= value <= SEED_MAX:
+        raise ValueError(f"{name} must be an integer in 0 .. 2**32 - 1 (a seed of jax.random.PRNGKey); got {value!r}")
+
+
+def check_count(name: str, value: int, *, minimum: int = 1) -> None:
+    """An iteration count or size in `minimum` .. `COUNT_MAX` (it enters compiled programs as an int32)."""
+    if not minimum <= value <= COUNT_MAX:
+        raise ValueError(f"{name} must be an integer in {minimum} .. 2**31 - 1; got {value!r}")
 
 
 def load_yaml(path: str | pathlib.Path) -> dict:
@@ -105,14 +128,16 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
+        errors: list[ConfigError] = []
         for option in args:
             if option is type(None):
                 continue
             try:
                 return _convert(option, value, where)
             except ConfigError as err:
-                errors.append(str(err))
+                errors.append(err)
+        if len(errors) == 1 and isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise errors[0]  # a number for `float | None`: its own message ("expected a finite number") says more
         raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}; got {value!r}")
     if origin is Literal:
         if value not in args:
@@ -136,11 +161,16 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer; got {value!r}")
+        if not -_INT64 <= value < _INT64:
+            raise ConfigError(f"{where}: expected an integer that fits in 64 bits; got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number; got {value!r}")
-        return float(value)
+        number = float(value) if not isinstance(value, int) or abs(value) < 2**1023 else math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number; got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string; got {value!r}")
@@ -201,4 +231,16 @@ def dump_yaml(obj: Any) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False)
 
 
-__all__ = ["ConfigError", "apply_overrides", "dump_yaml", "from_dict", "load_yaml", "parse_override", "to_dict"]
+__all__ = [
+    "COUNT_MAX",
+    "SEED_MAX",
+    "ConfigError",
+    "apply_overrides",
+    "check_count",
+    "check_seed",
+    "dump_yaml",
+    "from_dict",
+    "load_yaml",
+    "parse_override",
+    "to_dict",
+]

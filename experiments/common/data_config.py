@@ -12,6 +12,7 @@ import dataclasses
 import re
 from typing import Literal
 
+from experiments.common.config import check_seed
 from experiments.common.datasets.registry import DATASETS, FEATURES
 
 DatasetName = Literal[DATASETS]
@@ -70,8 +71,7 @@ class DataConfig:
         elif self.pca_dim is not None and self.pca_dim < 1:  # checked again once the command's default is in
             raise ValueError(f"pca_dim must be a positive integer or null; got {self.pca_dim!r}")
         for key in ("seed", "projection_seed"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key} must be a non-negative integer; got {getattr(self, key)!r}")
+            check_seed(key, getattr(self, key))
 
     @property
     def key(self) -> str:

@@ -9,14 +9,16 @@ compiled programs once, for precompilation and for the run, and a typed result t
   3. implicit bias at matched training loss where minimisers are many (experiments/reproduce/implicit_bias.py).
 
 Writes `<out>/<run-name>/`: config.yaml, metrics.csv, summary.json, figures/*.png, REPORT.md, checkpoints/.
-Every file is written atomically, and nothing is written before the configuration and the data have been read.
+Every file is written atomically, and nothing is written before the configuration and the data have been read; the
+run holds the folder's lock (`run.lock`: one run per folder), and its result files replace the previous run's
+together, once all of them are written (a failed write: exit status 2, the previous files kept).
 Checkpoints are written at the end of every run and every few seconds within one, keyed by what the run's numbers
 depend on: an interrupted run (Ctrl-C, kill) resumes where it was when the same command is run again, and ends with
 the same numbers; a changed threshold re-judges without recomputing; `--fresh` discards them.
 
 Exit status: 0 when every claim passed (with `--mutation`: when every gradient-sensitive claim failed, i.e. the
 wrong gradient was caught; with `--mutation-table`: both, for the honest run and every mutation), 1 otherwise,
-2 for a usage, configuration or data error (one line on stderr), 130 when interrupted.
+2 for a usage, configuration, data or output error (one line on stderr), 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -35,10 +37,10 @@ import jax
 
 from experiments.common import cli as common_cli
 from experiments.common import datasets as dq_data
-from experiments.common import env, interrupts
+from experiments.common import env, interrupts, io, locks
 from experiments.common.cli import UserError
 from experiments.common.config import dump_yaml, to_dict
-from experiments.common.io import CheckpointMismatch, CheckpointStore, NullStore, fingerprint, write_json, write_text
+from experiments.common.io import CheckpointStore, NullStore, fingerprint, write_json, write_text
 from experiments.reproduce import convergence, implicit_bias, mutation_table, mutations, report, trust_region
 from experiments.reproduce import runs as gd_runs
 from experiments.reproduce.checkpoints import FallbackStore
@@ -70,7 +72,13 @@ EXAMPLES = (
 EXIT_STATUSES = (
     (0, "every claim passed (--mutation: every gradient-sensitive claim failed, the wrong gradient was caught)"),
     (1, "a claim failed (--mutation: a gradient-sensitive claim passed with the wrong gradient)"),
-    (2, "usage, configuration or data error (one line on stderr; nothing written)"),
+    (
+        2,
+        (
+            "usage, configuration, data or output error (one line on stderr; the previous results are kept): e.g. "
+            "a folder another run holds, a file that cannot be written, a corrupt checkpoint"
+        ),
+    ),
     (130, "interrupted (Ctrl-C, SIGTERM): checkpoints kept, the same command resumes"),
 )
 
@@ -299,70 +307,69 @@ def _run_one(cfg: ReproduceConfig, args: argparse.Namespace, argv: list[str], ru
 
     out = pathlib.Path(args.out) / run_name
     where["out"] = out
-    store = CheckpointStore(out / "checkpoints")
-    fp = fingerprint({"checkpoint_format": CHECKPOINT_FORMAT})
-    honest = pathlib.Path(args.out) / where.get("honest", cfg.name) / "checkpoints"
-    if (
-        cfg.mutation
-        and (honest / "fingerprint.txt").is_file()
-        and (honest / "fingerprint.txt").read_text().strip() == fp
-    ):  # reuse the honest run's unmutated runs
-        store = FallbackStore(out / "checkpoints", CheckpointStore(honest))
-    try:
-        found = store.open(fp, fresh=args.fresh)
-    except CheckpointMismatch as err:
-        raise UserError(str(err)) from None
-    for stale in ("summary.json", "REPORT.md", "metrics.csv"):  # a previous run's, until this one replaces them
-        (out / stale).unlink(missing_ok=True)
-    config_yaml = dump_yaml(cfg)
-    write_text(out / "config.yaml", config_yaml)
-    log(
-        f"reproduce: {run_name} -> {out}"
-        + (f" (found {report.plural(found, 'checkpoint file')})" if found else "")
-        + (f"; MUTATION: {mutations.DESCRIPTIONS[cfg.mutation]}" if cfg.mutation else "")
-    )
+    # one run per folder; taking the lock also checks, before any compute, that the folder can be written
+    with locks.folder_lock(out, flag="--out/--run-name", log=log):
+        store = CheckpointStore(out / "checkpoints")
+        fp = fingerprint({"checkpoint_format": CHECKPOINT_FORMAT})
+        honest = pathlib.Path(args.out) / where.get("honest", cfg.name) / "checkpoints"
+        if (
+            cfg.mutation
+            and (honest / "fingerprint.txt").is_file()
+            and (honest / "fingerprint.txt").read_text().strip() == fp
+        ):  # reuse the honest run's unmutated runs
+            store = FallbackStore(out / "checkpoints", CheckpointStore(honest))
+        found = store.open(fp, fresh=args.fresh)  # another configuration's checkpoints: a CheckpointMismatch (exit 2)
+        config_yaml = dump_yaml(cfg)
+        log(
+            f"reproduce: {run_name} -> {out}"
+            + (f" (found {report.plural(found, 'checkpoint file')})" if found else "")
+            + (f"; MUTATION: {mutations.DESCRIPTIONS[cfg.mutation]}" if cfg.mutation else "")
+        )
 
-    ctx.store = store
-    if found:  # resuming: most runs come from checkpoints, so compile only what a run needs, when it needs it
-        wanted = lambda spec: False
-    elif isinstance(store, FallbackStore):  # a mutation run: the unmutated runs come from the honest run's store
-        wanted = lambda spec: spec.mutation is not None
-    else:
-        wanted = lambda spec: True
-    results = run_experiments(cfg, ctx, plans, log=log, precompile=wanted)
-    interrupts.check()  # not a half-finished report: interrupted is interrupted
-    t_out = time.perf_counter()
+        ctx.store = store
+        if found:  # resuming: most runs come from checkpoints, so compile only what a run needs, when it needs it
+            wanted = lambda spec: False
+        elif isinstance(store, FallbackStore):  # a mutation run: the unmutated runs come from the honest run's store
+            wanted = lambda spec: spec.mutation is not None
+        else:
+            wanted = lambda spec: True
+        results = run_experiments(cfg, ctx, plans, log=log, precompile=wanted)
+        interrupts.check()  # not a half-finished report: interrupted is interrupted
+        t_out = time.perf_counter()
 
-    claims = [c.as_dict() for result in results.values() for c in result.claims]
-    sensitive = [c for c in claims if c["gradient_sensitive"]]
-    figures = report.make_figures(results, out / "figures")
-    write_text(out / "metrics.csv", report.metrics_csv(results))
-    info = {k: v for k, v in feats.info.items() if k != "kept_column_indices"}
-    all_passed = all(c["passed"] for c in claims)
-    caught = bool(sensitive) and not any(c["passed"] for c in sensitive)
-    summary = {
-        "run_name": run_name,
-        "command": f"{PROG} " + " ".join(shlex.quote(a) for a in argv),
-        "mutation": cfg.mutation,
-        "mutation_description": mutations.DESCRIPTIONS.get(cfg.mutation) if cfg.mutation else None,
-        "all_passed": all_passed,
-        "claims_passed": sum(c["passed"] for c in claims),
-        "claims_total": len(claims),
-        "sensitive_total": len(sensitive),
-        "sensitive_failed": sum(not c["passed"] for c in sensitive),
-        "claims": claims,
-        "dataset": report.jsonable(info),
-        "config": report.jsonable(to_dict(cfg)),
-        "experiments": {name: report.jsonable(result) for name, result in results.items()},
-        "environment": env.environment(),
-        "runs_total": ctx.runs_total,
-        "runs_loaded": ctx.runs_loaded,
-        "wall_time_s": time.perf_counter() - t_start,
-    }
-    write_text(out / "REPORT.md", report.report_markdown(summary, results, figures, config_yaml))
-    summary["wall_time_s"] = time.perf_counter() - t_start
-    write_json(out / "summary.json", summary)
-    log(f"reproduce: figures, metrics.csv, summary.json, REPORT.md written ({time.perf_counter() - t_out:.1f} s)")
+        claims = [c.as_dict() for result in results.values() for c in result.claims]
+        sensitive = [c for c in claims if c["gradient_sensitive"]]
+        # the previous run's files stay whole until all of this run's are written (a full disk: exit 2)
+        with io.staged():
+            figures = report.make_figures(results, out / "figures")
+            write_text(out / "config.yaml", config_yaml)
+            write_text(out / "metrics.csv", report.metrics_csv(results))
+            info = {k: v for k, v in feats.info.items() if k != "kept_column_indices"}
+            all_passed = all(c["passed"] for c in claims)
+            caught = bool(sensitive) and not any(c["passed"] for c in sensitive)
+            summary = {
+                "run_name": run_name,
+                "command": f"{PROG} " + " ".join(shlex.quote(a) for a in argv),
+                "mutation": cfg.mutation,
+                "mutation_description": mutations.DESCRIPTIONS.get(cfg.mutation) if cfg.mutation else None,
+                "all_passed": all_passed,
+                "claims_passed": sum(c["passed"] for c in claims),
+                "claims_total": len(claims),
+                "sensitive_total": len(sensitive),
+                "sensitive_failed": sum(not c["passed"] for c in sensitive),
+                "claims": claims,
+                "dataset": report.jsonable(info),
+                "config": report.jsonable(to_dict(cfg)),
+                "experiments": {name: report.jsonable(result) for name, result in results.items()},
+                "environment": env.environment(),
+                "runs_total": ctx.runs_total,
+                "runs_loaded": ctx.runs_loaded,
+                "wall_time_s": time.perf_counter() - t_start,
+            }
+            write_text(out / "REPORT.md", report.report_markdown(summary, results, figures, config_yaml))
+            summary["wall_time_s"] = time.perf_counter() - t_start
+            write_json(out / "summary.json", summary)
+        log(f"reproduce: figures, metrics.csv, summary.json, REPORT.md written ({time.perf_counter() - t_out:.1f} s)")
 
     print(f"\nClaims ({summary['claims_passed']}/{len(claims)} passed) -- {out / 'REPORT.md'}")
     print(report.claims_text(claims))

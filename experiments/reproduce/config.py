@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from experiments.common import registry
-from experiments.common.config import ConfigError, from_dict, load_yaml
+from experiments.common.config import ConfigError, check_count, check_seed, from_dict, load_yaml
 from experiments.common.data_config import DataConfig, FeatureKind, check_pca
 
 ModelName = Literal[tuple(registry.MODELS)]
@@ -147,7 +147,7 @@ class VariantConfig:
 
     def __post_init__(self):
         _unit("tol", self.tol)
-        _positive("maxiter", self.maxiter, integer=True)
+        check_count("maxiter", self.maxiter)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,8 +368,8 @@ class ImplicitBiasConfig:
         if self.n_train < 2:
             raise ValueError(f"n_train must be an integer >= 2; got {self.n_train!r}")
         _nonempty_unique("seeds", self.seeds)
-        if any(s < 0 for s in self.seeds):
-            raise ValueError(f"seeds must be non-negative integers; got {list(self.seeds)}")
+        for i, s in enumerate(self.seeds):
+            check_seed(f"seeds[{i}]", s)
         _nonempty_unique("models", self.models, ("delm", "linear", "deep_linear"))
         _positive("target_loss", self.target_loss)
         _positive("max_steps", self.max_steps, integer=True)
@@ -405,8 +405,7 @@ class ReproduceConfig:
         object.__setattr__(self, "data", self.data.with_default_features(*DEFAULT_FEATURES))
         if not self.name or any(c in self.name for c in "/\\") or self.name in (".", ".."):
             raise ValueError(f"name must be a non-empty file name (no slashes); got {self.name!r}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer; got {self.seed!r}")
+        check_seed("seed", self.seed)
         if not (self.convergence.enabled or self.trust_region.enabled or self.implicit_bias.enabled):
             raise ValueError(
                 "at least one of convergence.enabled, trust_region.enabled, implicit_bias.enabled must be true"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pathlib
 
-from experiments.common.io import write_json, write_text
+from experiments.common.io import staged, write_json, write_text
 from experiments.reproduce import mutations
 from experiments.reproduce.report import fmt_measured, table
 
@@ -107,8 +107,9 @@ def write(out_dir: pathlib.Path, summaries: dict[str | None, dict]) -> int:
     """Write MUTATIONS.md and mutations.json; exit status 0 iff the honest run passed and every mutation was caught
     by every gradient-sensitive claim."""
     v = verdict(summaries)
-    write_text(out_dir / "MUTATIONS.md", markdown(summaries))
-    write_json(out_dir / "mutations.json", {"verdict": v, "claims": rows(summaries)})
+    with staged():  # both or neither
+        write_text(out_dir / "MUTATIONS.md", markdown(summaries))
+        write_json(out_dir / "mutations.json", {"verdict": v, "claims": rows(summaries)})
     print(
         f"\nmutation table: {out_dir / 'MUTATIONS.md'}"
         + ("" if v["passed"] else " -- the honest run failed or a mutation was not caught")

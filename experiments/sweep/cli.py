@@ -5,7 +5,8 @@ Writes into the output folder (default `results/sweeps/<name>`): `results.csv`, 
 `figures/*.png`, `sweep.json` (config, environment, chunking, memory, timing) and `summary.md`. Finished chunks are
 kept in `chunks/`: the same command resumes an interrupted sweep, `--fresh` starts over.
 
-Exit status: 0 done; 2 not run (a usage, configuration or data error: one line on stderr names the flag or key);
+Exit status: 0 done; 2 not run, or stopped without replacing any result (a usage, configuration, data or output
+error: one line on stderr names the flag, key or file; e.g. a folder another sweep holds, processes that did not meet);
 130 interrupted (Ctrl-C or SIGTERM; finished chunks are kept, the process ends at once); 1 a multi-process run
 lost a process (each survivor says so in one line and exits at once; finished chunks are kept and the same
 commands resume).
@@ -22,13 +23,15 @@ spans every process's devices, every process computes its shards, and process 0 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import pathlib
 import sys
 from collections.abc import Sequence
 
-from experiments.common import cli, interrupts
+from experiments.common import cli, interrupts, io, locks
+from experiments.sweep import rendezvous
 
 PROG = "sweep"
 EXIT_LOST_PROCESS = 1
@@ -49,8 +52,9 @@ two processes on this machine (one command per terminal; on several hosts, HOST0
   .venv/bin/python -m experiments sweep --config configs/sweep_smoke.yaml --distributed \\
       --coordinator 127.0.0.1:12355 --num-processes 2 --process-id 1
 
-exit status: 0 done; 1 a multi-process run lost a process; 2 a usage, configuration or data error (one line on
-stderr names the flag or config key); 130 interrupted (finished chunks are kept: the same command resumes)
+exit status: 0 done; 1 a multi-process run lost a process; 2 a usage, configuration, data or output error (one line
+on stderr names the flag, config key or file; the previous results are kept); 130 interrupted (finished chunks are
+kept: the same command resumes)
 """
 
 
@@ -104,15 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _initialize_distributed(args: argparse.Namespace) -> None:
-    """`jax.distributed.initialize` with the flags: before anything else touches JAX (devices become global)."""
-    import jax  # here and below, not at the top: nothing may touch JAX before `jax.distributed.initialize`
+def _initialize_distributed(args: argparse.Namespace, state: dict) -> None:
+    """`jax.distributed.initialize` with the flags: before anything else touches JAX (devices become global).
 
+    With --coordinator, --num-processes and --process-id given, the processes first meet in plain Python
+    (`experiments.sweep.rendezvous`): a process that never joins or a coordinator that cannot be reached is then one
+    line and exit status 2 after --init-timeout, where JAX's client would end the process from C++ (status 134)."""
     for flag, value in (("--num-processes", args.num_processes), ("--init-timeout", args.init_timeout)):
         if value is not None and value < 1:
             raise cli.UserError(f"{flag} must be a positive integer; got {value}")
     if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or args.process_id + 1):
         raise cli.UserError(f"--process-id must be in 0 .. --num-processes - 1; got {args.process_id}")
+    if args.coordinator is not None and args.num_processes is not None and args.process_id is not None:
+        rendezvous.meet(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
+    import jax  # here and below, not at the top: nothing may touch JAX before `jax.distributed.initialize`
+
+    state["joined"] = True  # from here a failure ends the process at once (JAX's teardown would wait or crash)
     try:
         jax.distributed.initialize(
             coordinator_address=args.coordinator,
@@ -123,7 +134,7 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
     except (ValueError, TypeError) as err:  # nothing detected and not given
         hint = "pass --coordinator HOST:PORT --num-processes N --process-id I"
         raise cli.UserError(f"--distributed: {err} ({hint})") from err
-    except jax.errors.JaxRuntimeError as err:  # e.g. the coordinator never answered
+    except (jax.errors.JaxRuntimeError, RuntimeError) as err:  # e.g. the coordinator never answered
         raise cli.UserError(
             f"--distributed: the processes could not meet at {args.coordinator or 'the coordinator'}"
             f" within {args.init_timeout} s: {' '.join(str(err).split())[:300]}"
@@ -143,8 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(args, int):  # --help
             return args
         if args.distributed or os.environ.get("DEQ_JAX_DISTRIBUTED", "").lower() in TRUTHY:
-            _initialize_distributed(args)
-            state["joined"] = True
+            _initialize_distributed(args, state)
         import jax  # after `_initialize_distributed` (see there)
 
         if jax.process_count() > 1:
@@ -157,28 +167,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = dataclasses.replace(
                 config, datasets=tuple(dataclasses.replace(d, data_dir=args.data_dir) for d in config.datasets)
             )
-        output_dir = args.output_dir or config.resolved_output_dir
+        output_dir = pathlib.Path(args.output_dir or config.resolved_output_dir)
         state["output_dir"] = output_dir
-        try:
-            result = sweep_run.run_sweep(
-                config,
-                output_dir=output_dir,
-                resume=not args.fresh,
-                progress=not args.no_progress,
-                log=lambda line: print(line, flush=True),
-            )
-        except jax.errors.JaxRuntimeError as err:
-            if jax.process_count() == 1:
-                raise
-            raise _LostProcess(" ".join(str(err).split())[:300]) from None
-        except cli.UserError as err:
-            if jax.process_count() == 1:
-                raise
-            raise type(err)(f"[process {jax.process_index()}] {err}") from None
-        interrupts.check()
-        if jax.process_index() != 0:
-            return 0
-        _write_records(result, figures=not args.no_figures)
+        writer = jax.process_index() == 0
+        with contextlib.ExitStack() as held:
+            if writer:  # one sweep per folder; taking the lock also checks that the folder can be written
+                flag = "--output-dir" if args.output_dir else "--output-dir (config key output_dir)"
+                held.enter_context(locks.folder_lock(output_dir, flag=flag, log=lambda line: print(line, flush=True)))
+            try:
+                result = sweep_run.run_sweep(
+                    config,
+                    output_dir=output_dir,
+                    resume=not args.fresh,
+                    progress=not args.no_progress,
+                    log=lambda line: print(line, flush=True),
+                    write_tables=False,
+                )
+            except jax.errors.JaxRuntimeError as err:
+                if jax.process_count() == 1:
+                    raise
+                raise _LostProcess(" ".join(str(err).split())[:300]) from None
+            except cli.UserError as err:
+                if jax.process_count() == 1:
+                    raise
+                raise type(err)(f"[process {jax.process_index()}] {err}") from None
+            interrupts.check()
+            if not writer:
+                return 0
+            _write_records(result, figures=not args.no_figures)
         interrupts.check()  # interrupted while writing: say so (every file is whole; the same command redoes them)
         return 0
 
@@ -214,13 +230,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _write_records(result, *, figures: bool) -> None:
     from experiments.sweep import figures as sweep_figures  # these import JAX: after `_initialize_distributed`
-    from experiments.sweep import summary
+    from experiments.sweep import summary, tables
 
-    files = dict(result.files)
-    if figures:
-        files.update(sweep_figures.write_figures(result.rows, result.output_dir / "figures"))
-    files["manifest"] = summary.write_manifest(result)
-    files["summary"] = summary.write_summary(result, files)
+    with io.staged():  # all of them or none (a full disk: exit 2, the previous files kept; the chunks are kept)
+        result.files = tables.write_tables(result.rows, result.output_dir)
+        files = dict(result.files)
+        if figures:
+            files.update(sweep_figures.write_figures(result.rows, result.output_dir / "figures"))
+        files["manifest"] = summary.write_manifest(result)
+        files["summary"] = summary.write_summary(result, files)
     print(
         f"sweep {result.config.name}: {len(result.configurations)} configurations in {len(result.groups)} "
         f"groups, {result.chunks_computed} chunks computed, {result.chunks_skipped} resumed, "

@@ -88,7 +88,12 @@ class GridSpec:
     widths: tuple[int | None, ...] = (None,)
 
     def __post_init__(self):
-        _axis("seeds", self.seeds, lambda v: _is_int(v) and 0 <= v < 2**31, "a non-negative integer below 2**31")
+        _axis(
+            "seeds",
+            self.seeds,
+            lambda v: _is_int(v) and 0 <= v <= config_lib.SEED_MAX,
+            "an integer in 0 .. 2**32 - 1 (a seed of jax.random.PRNGKey)",
+        )
         _axis("learning_rates", self.learning_rates, lambda v: _is_number(v) and v > 0, "a positive finite number")
         _axis("gammas", self.gammas, lambda v: _is_number(v) and 0 < v < 1, "a number in the open interval (0, 1)")
         _axis("sigmas", self.sigmas, lambda v: True, "")
@@ -119,6 +124,7 @@ class DELMOptions:
     init_scale: float = 0.1
 
     def __post_init__(self):
+        config_lib.check_count("maxiter", self.maxiter)
         model_lib.build("delm", 1, 1, **dataclasses.asdict(self))  # the model's own range checks
 
 

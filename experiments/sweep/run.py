@@ -147,7 +147,7 @@ class _Chunks:
 
     def __init__(self, output_dir: pathlib.Path, fp: str):
         self.output_dir = output_dir
-        self.store = io.CheckpointStore(output_dir / "chunks")
+        self.store = io.CheckpointStore(output_dir / "chunks", elsewhere="another --output-dir")
         self.fp = fp
         self.opened = False
         self.created: list[pathlib.Path] = []
@@ -232,6 +232,7 @@ def run_sweep(
     max_recompiles: int = 4,
     compiler_options: dict | None = None,
     log: Callable[[str], None] | None = None,
+    write_tables: bool = True,
 ) -> SweepResult:
     """Run every configuration of `config`, one compiled program per group structure, chunked and sharded.
 
@@ -246,6 +247,8 @@ def run_sweep(
       compiler_options: XLA options for the groups' programs (`deq_jax.parallel.ParallelMap`); they change speed,
         not results.
       log: called on process 0 with one line when the data are ready and the computing starts.
+      write_tables: write the tables (`experiments.sweep.tables.write_tables`) into `output_dir` on process 0; the
+        command writes them itself, together with the figures and the summary (`experiments.common.io.staged`).
 
     Returns a `SweepResult`; on processes other than 0 its rows, aggregate and files are empty.
     Raises `UserError`s (`SweepError`, `SweepMemoryError`, `ConfigError`, `experiments.sweep.data.DataError`)
@@ -424,7 +427,7 @@ def run_sweep(
             if treedef is not None:
                 leaves = [out[f"param_{i}"] for i in range(treedef.num_leaves)]
                 final_params[c.config_id] = jax.tree_util.tree_unflatten(treedef, leaves)
-    files = tables.write_tables(rows, output_dir) if writer else {}
+    files = tables.write_tables(rows, output_dir) if writer and write_tables else {}
     return SweepResult(
         config=config,
         output_dir=output_dir,

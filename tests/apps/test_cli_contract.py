@@ -299,6 +299,8 @@ def _run(case: Case, root: pathlib.Path) -> dict:
         timed_out = True
     for reader in readers:
         reader.join()
+    proc.stdout.close()  # read to the end by the readers; closed here, not left to the garbage collector
+    proc.stderr.close()
     return {
         "returncode": proc.returncode,
         "stdout": "".join(lines["stdout"]),

@@ -102,11 +102,12 @@ def test_help_examples_run_as_written_up_to_the_computation(tmp_path, capsys, mo
     """Every example of `sweep --help`, run through the command as written (its own output folder moved to a
     temporary one): the flags parse, the config and the overrides validate, the data load and fit the settings,
     every group's memory plan is made; the sweep is stopped where the computing starts (the same command's
-    computing is tested on TINY). The multi-process examples reach `jax.distributed.initialize` with their flags'
-    values (recorded here, since one process alone cannot meet its partner)."""
+    computing is tested on TINY). The multi-process examples reach the processes' meeting and
+    `jax.distributed.initialize` with their flags' values (both recorded here, since one process alone cannot meet
+    its partner)."""
     import jax
 
-    from experiments.sweep import cli
+    from experiments.sweep import cli, rendezvous
     from experiments.sweep import data as sweep_data
 
     assert cli.main(["--help"]) == 0
@@ -121,6 +122,8 @@ def test_help_examples_run_as_written_up_to_the_computation(tmp_path, capsys, mo
     joined = []
     monkeypatch.setattr(sweep_data, "prepare_features", ready)
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: joined.append(kwargs))
+    met = []
+    monkeypatch.setattr(rendezvous, "meet", lambda *args: met.append(args))
     monkeypatch.chdir(cli.__file__.rsplit("/experiments/", 1)[0])  # the repository root, as the examples say
     for i, example in enumerate(examples):
         with pytest.raises(_Ready):
@@ -130,4 +133,5 @@ def test_help_examples_run_as_written_up_to_the_computation(tmp_path, capsys, mo
         ("127.0.0.1:12355", 2, 0),
         ("127.0.0.1:12355", 2, 1),
     ]
+    assert met == [("127.0.0.1:12355", 2, 0, 300), ("127.0.0.1:12355", 2, 1, 300)]
     assert not list(tmp_path.iterdir())  # nothing written before the computing
