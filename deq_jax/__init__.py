@@ -46,6 +46,10 @@ from deq_jax.maps import column_softmax as column_softmax
 from deq_jax.maps import random_projection as random_projection
 from deq_jax.maps import row_softmax as row_softmax
 from deq_jax.maps import scaled_tanh as scaled_tanh
+from deq_jax.minibatch import MinibatchEvent as MinibatchEvent
+from deq_jax.minibatch import MinibatchResult as MinibatchResult
+from deq_jax.minibatch import MinibatchState as MinibatchState
+from deq_jax.minibatch import fit_minibatches as fit_minibatches
 from deq_jax.models import DELM as DELM
 from deq_jax.models import DeepLinear as DeepLinear
 from deq_jax.models import Linear as Linear
@@ -97,6 +101,10 @@ __all__ = [
     "make_chunk",
     "fit",
     "ChunkEnd",
+    "fit_minibatches",
+    "MinibatchState",
+    "MinibatchEvent",
+    "MinibatchResult",
     "full_batch_gd",
     "GramData",
     "square_gram",
