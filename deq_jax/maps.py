@@ -250,7 +250,8 @@ class TanhMap:
         if self.norm == "frobenius":
             return jnp.sqrt(jnp.sum(W * W))
         fixed = jax.lax.stop_gradient(W)
-        v = jax.random.normal(jax.random.PRNGKey(0), (W.shape[1],), W.dtype)  # a fixed start: same estimate each call
+        # a fixed start, drawn in float32 whatever W's dtype: the same start (and estimate) in every precision
+        v = jax.random.normal(jax.random.PRNGKey(0), (W.shape[1],), jnp.float32).astype(W.dtype)
 
         def power_step(_: Any, v: Array) -> Array:
             w = fixed.T @ (fixed @ v)
