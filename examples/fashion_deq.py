@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--small", action="store_true", help="a quick check: 384 training and 200 test images, 2 epochs")
-    add("--epochs", type=int, default=None, help="epochs (default 10; 2 with --small)")
+    add("--epochs", type=int, default=None, help="epochs (default 6; 2 with --small)")
     add("--batch-size", type=int, default=128)
     add("--width", type=int, default=128, help="the equilibrium's width m (default 128)")
     add("--embed", type=int, default=128, help="the embedding's width d (default 128)")
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
     add("--data-dir", default=None, help="a folder with Fashion-MNIST's IDX files (default: the apt package's)")
     add("--time-backward", type=int, default=0, metavar="STEPS", help="only time STEPS steps per backward solver")
     args = parser.parse_args(argv)
-    epochs = args.epochs or (2 if args.small else 10)
+    epochs = args.epochs or (2 if args.small else 6)
     train, test = load(args.small, args.data_dir)
     if args.time_backward:
         return time_backward(args, train)
