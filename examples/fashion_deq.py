@@ -5,11 +5,13 @@
     logits       =  z* V + c
 
 The equilibrium is found by Anderson acceleration (`batch_axis=0`: every sample is held to the tolerance) and
-differentiated by the implicit function theorem; training is `deq_jax.fit_minibatches` (Adam with a cosine
-schedule, batches of 128, float32). `norm="spectral"` makes `|W_c|_2 ~ 0.9` (the Frobenius default would give
-~0.16 at this width: a nearly shallow layer), so the layer does real work: the iterations are printed and plotted.
+differentiated by the implicit function theorem (`Implicit("forward")`: Anderson on the backward equation too, the
+fastest of the four linear solvers here, see --time-backward); training is `deq_jax.fit_minibatches` (AdamW with a
+cosine schedule over 6 epochs, batches of 128, float32). `norm="spectral"` makes `|W_c|_2 ~ 0.9` (the Frobenius
+default would give ~0.16 at this width: a nearly shallow layer), so the layer does real work: the iterations are
+printed and plotted.
 
-    python examples/fashion_deq.py                         # the full run (60,000 / 10,000 images)
+    python examples/fashion_deq.py --budget-min 15         # the full run (60,000 / 10,000 images)
     python examples/fashion_deq.py --small                 # a quick check on a few hundred images (the tests run it)
     python examples/fashion_deq.py --time-backward 20      # time a step with each implicit backward linear solver
 
