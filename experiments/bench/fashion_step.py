@@ -50,6 +50,7 @@ import deq_jax
 from deq_jax import minibatch
 from experiments.bench import render as renderer
 from experiments.bench import report
+from experiments.bench import run as run_lib
 from experiments.bench.torch_cases import availability
 from experiments.common import cli, interrupts, io
 from experiments.common.env import environment
@@ -284,7 +285,7 @@ def _torchdeq_row(settings: dict, params: dict, batch: tuple) -> Row:
                 "converged_own": bool(info["rel_lowest"].max().item() < tol),
                 "state": z.detach().numpy(),
                 "grads": grads,
-                "loss": float(value),
+                "loss": float(value.detach()),
                 "backward_iterations": None if back is None else int(back["nstep"].max().item()),
             }
 
@@ -549,6 +550,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         rows=rows,
     )
     payload["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    payload["notes"] = payload["notes"] + run_lib._load_note(payload)  # the step suites' note on a loaded machine
     print()
     print(table(rows))
     print()

@@ -42,7 +42,9 @@ def rows():
 def test_goals_compare_with_the_twins_and_say_what_was_not_run():
     verdicts = fashion_step.goals(rows())
     assert verdicts[0]["kind"] == "correctness" and verdicts[0]["met"]
-    assert verdicts[1]["met"] and "implicit[gmres] 1.50" in verdicts[1]["value"]  # forward is the fastest deq_jax backward
+    assert (
+        verdicts[1]["met"] and "implicit[gmres] 1.50" in verdicts[1]["value"]
+    )  # forward is the fastest deq_jax backward
     jaxopt, torchdeq = verdicts[2], verdicts[3]
     assert jaxopt["met"] and "paired median ratio 0.50" in jaxopt["value"]
     assert torchdeq["status"] == "not measured"  # no torchdeq row: said, not hidden
