@@ -9,9 +9,11 @@
     state = step.init(model.init(jax.random.PRNGKey(0)), phi)
     state, metrics = step.update(state, phi, y)
 
-The public surface is this namespace and `deq_jax.theory`; every name below is documented in the API reference.
+The public surface is this namespace, `deq_jax.minibatch` and `deq_jax.theory`; every name below is documented in
+the API reference.
 """
 
+from deq_jax import minibatch as minibatch
 from deq_jax import theory as theory
 from deq_jax._adjoint import Implicit as Implicit
 from deq_jax._adjoint import OneStep as OneStep
@@ -113,6 +115,7 @@ __all__ = [
     "NonConvergenceWarning",
     "DivergenceError",
     "DivergenceWarning",
+    "minibatch",
     "theory",
 ]
 
