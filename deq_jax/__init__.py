@@ -9,9 +9,11 @@
     state = step.init(model.init(jax.random.PRNGKey(0)), phi)
     state, metrics = step.update(state, phi, y)
 
-The public surface is this namespace and `deq_jax.theory`; every name below is documented in the API reference.
+The public surface is this namespace, `deq_jax.minibatch` and `deq_jax.theory`; every name below is documented in
+the API reference.
 """
 
+from deq_jax import minibatch as minibatch
 from deq_jax import theory as theory
 from deq_jax._adjoint import Implicit as Implicit
 from deq_jax._adjoint import OneStep as OneStep
@@ -54,6 +56,10 @@ from deq_jax.maps import column_softmax as column_softmax
 from deq_jax.maps import random_projection as random_projection
 from deq_jax.maps import row_softmax as row_softmax
 from deq_jax.maps import scaled_tanh as scaled_tanh
+from deq_jax.minibatch import MinibatchEvent as MinibatchEvent
+from deq_jax.minibatch import MinibatchResult as MinibatchResult
+from deq_jax.minibatch import MinibatchState as MinibatchState
+from deq_jax.minibatch import fit_minibatches as fit_minibatches
 from deq_jax.models import DELM as DELM
 from deq_jax.models import DeepLinear as DeepLinear
 from deq_jax.models import Linear as Linear
@@ -106,6 +112,10 @@ __all__ = [
     "make_chunk",
     "fit",
     "ChunkEnd",
+    "fit_minibatches",
+    "MinibatchState",
+    "MinibatchEvent",
+    "MinibatchResult",
     "full_batch_gd",
     "GramData",
     "square_gram",
@@ -121,6 +131,7 @@ __all__ = [
     "DivergenceWarning",
     "DataError",
     "DataWarning",
+    "minibatch",
     "theory",
 ]
 

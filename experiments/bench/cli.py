@@ -13,6 +13,8 @@ of a shared machine hits every row alike; rows: experiments/bench/cases.py, goal
   gpu      the peer rows at full batch n = 60000 on a GPU (--device cpu --n 256 --width 64: same code on a CPU)
   profile  where the time of the transposed DELM step goes, component by component (experiments/bench/profile.py)
   sweep    64 seeds as one vmapped program vs a Python loop (experiments/bench/sweep_bench.py; its own options)
+  fashion  the Fashion-MNIST DEQ example's training step: deq_jax (each implicit backward), plain jaxopt and
+           torchdeq side by side (experiments/bench/fashion_step.py; its own options)
 
 Every row records min and median step time, compile time, iterations, the implementation's own convergence
 verdict and an independent one (the float64 relative residual |f(z) - z| / |f(z)| of the returned equilibrium
@@ -45,7 +47,7 @@ import re
 import sys
 import time
 
-from experiments.bench import run, sweep_bench
+from experiments.bench import fashion_step, run, sweep_bench
 from experiments.common import cli as common_cli
 from experiments.common import interrupts
 from experiments.common.cli import UserError
@@ -53,7 +55,7 @@ from experiments.common.config import COUNT_MAX
 
 PROG = "python -m experiments bench"
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-SUITES = ("step", "peer", "gpu", "profile", "sweep")
+SUITES = ("step", "peer", "gpu", "profile", "sweep", "fashion")
 EXAMPLES = """examples:
   .venv/bin/python -m experiments bench --suite step --list
   .venv/bin/python -m experiments bench --suite profile --list
@@ -253,6 +255,11 @@ def _without_suite(argv: list[str]) -> list[str]:
 
 
 def _body(argv: list[str]) -> int:
+    if _suite_of(argv) == "fashion":  # its own options, as the sweep's
+        try:
+            return int(fashion_step.main(_without_suite(argv)) or 0)
+        except SystemExit as exit_:
+            return int(exit_.code or 0)
     if _suite_of(argv) == "sweep":
         # the sweep benchmark has its own options (experiments/bench/sweep_bench.py): everything else goes to it
 

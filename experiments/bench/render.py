@@ -103,6 +103,10 @@ def block(name: str, part: str, data: dict | None) -> str:
         text = _summary(name, data)
     elif part == "goals":
         text = report.goals_text(data["goals"]) or "(no goals for this suite)"
+    elif part == "table" and data["suite"] == "fashion":
+        from experiments.bench.fashion_step import table  # its own table (paired ratios); imports the suite lazily
+
+        text = table(data["rows"])
     elif part == "table":
         text = report.table(data["rows"]) if data["suite"] != "profile" else report.tables(data)
     elif part == "training":
