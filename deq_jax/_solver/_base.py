@@ -86,7 +86,7 @@ class AbstractSolver:
 
     def default_linear_solver(self) -> str:
         """The implicit backward's linear solver when `Implicit(linear_solver=None)`."""
-        return "gmres"
+        return "bicgstab"  # measured fastest per step (a tanh DEQ: 0.72x GMRES's time), and a few vectors of memory
 
     @staticmethod
     def registered() -> dict[str, type]:

@@ -24,6 +24,7 @@ class Broyden(AbstractSolver):
     history_size: int | None = None
 
     def __post_init__(self) -> None:
+        _checks.check_finite("Broyden.inverse_jacobian_init", self.inverse_jacobian_init)
         if self.history_size is not None:
             _checks.check_positive("Broyden.history_size", self.history_size, integer=True)
 
