@@ -90,7 +90,7 @@ def step_suite(p: Problem, w: Where) -> list[Case]:
         cases.append(training.training_delm(p, formulation, solver, **w.jax))
         if twin:
             cases.append(training.training_delm(p, formulation, solver, zero_start=True, **w.jax))
-    # the default GMRES backward keeps a restart-20 Krylov basis of the state; BiCGSTAB keeps a few vectors
+    # the default backward (the model's choice: "forward" or BiCGSTAB) next to BiCGSTAB named explicitly
     cases.append(_memory_row(p, w, "transposed", "implicit"))
     cases.append(_memory_row(p, w, "transposed", "unrolled"))
     cases.append(_memory_row(p, w, "per_sample", "implicit"))

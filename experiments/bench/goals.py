@@ -81,13 +81,15 @@ def overhead(formulation: str, solver: str) -> Goal:
             label="",
         )
         base = _find(run["rows"], impl="inline", problem="delm", formulation=formulation, solver=solver)
-        return None if lib is None or base is None else (paired_ratio(lib, base) <= 1.10, _ratios(lib, base))
+        limit = 1.0 if formulation == "per_sample" else 1.10  # the generic DEQ form: no slower than hand-written
+        return None if lib is None or base is None else (paired_ratio(lib, base) <= limit, _ratios(lib, base))
 
-    return Goal(f"deq_jax adds <= 10% over inline ({formulation} {solver})", measure, CPU_SIZE)
+    text = "is no slower than" if formulation == "per_sample" else "adds <= 10% over"
+    return Goal(f"deq_jax {text} inline ({formulation} {solver})", measure, CPU_SIZE)
 
 
 def implicit_memory(formulation: str, backward: str) -> Goal:
-    which = "default GMRES" if backward == "implicit" else "BiCGSTAB"
+    which = "default" if backward == "implicit" else "BiCGSTAB"
 
     def measure(run):
         unr = _find(

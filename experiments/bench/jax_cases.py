@@ -185,7 +185,7 @@ def deq_jax_delm(
 
     backward_arg: Any = backward
     if backward == "implicit" and (linear_solver or backward_tol):
-        backward_arg = Implicit(linear_solver=linear_solver or "gmres", tol=backward_tol)
+        backward_arg = Implicit(linear_solver=linear_solver, tol=backward_tol)  # None: the solver's default
     tol = p.tol if tol is None else tol
     maxiter = p.maxiter if maxiter is None else maxiter
 
