@@ -290,7 +290,8 @@ def plan(cfg: ReproduceConfig, ctx: Context) -> list[GroupPlan]:
 
     The square loss trains on its Gram route (the reference, the baselines, the transposed variant); the per-sample
     variant solves one equilibrium per training sample, on the samples. Cross-entropy trains on the samples, with
-    the L2 term as make_step's penalty on the end-to-end matrix."""
+    the L2 term on the end-to-end matrix, fused (`fused.Penalised`: one solve, two passes over the data per step)
+    except for the per-sample variant (make_step's penalty)."""
     c = cfg.convergence
     dtype = dtype_of(cfg.dtype)
     n = ctx.features.phi_train.shape[0]
@@ -317,7 +318,9 @@ def plan(cfg: ReproduceConfig, ctx: Context) -> list[GroupPlan]:
                     PlannedRun(
                         model_label,
                         role,
-                        RunSpec(model, rows=None if square else n, trace=trace, gram=square, **common),
+                        RunSpec(
+                            model, rows=None if square else n, trace=trace, gram=square, fused=not square, **common
+                        ),
                         "direct (LU) solve, autodiff through it" if role == "reference" else "",
                     )
                 )
@@ -325,7 +328,14 @@ def plan(cfg: ReproduceConfig, ctx: Context) -> list[GroupPlan]:
                     for v in fs.variants:
                         vm = _variant_model(model, v)
                         on_gram = square and v.formulation == "transposed"
-                        spec = RunSpec(vm, rows=None if on_gram else n, mutation=cfg.mutation, gram=on_gram, **common)
+                        spec = RunSpec(
+                            vm,
+                            rows=None if on_gram else n,
+                            mutation=cfg.mutation,
+                            gram=on_gram,
+                            fused=not square and v.formulation == "transposed",
+                            **common,
+                        )
                         runs.append(
                             PlannedRun(f"DELM {v.solver} {v.formulation}", "variant", spec, _describe_variant(v), v)
                         )
