@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -319,10 +320,12 @@ def paired_test(a: list, b: list) -> dict:
     if np.all(d == d[0]):
         out.update(p_t=1.0 if d[0] == 0 else 0.0, p_wilcoxon=1.0 if d[0] == 0 else float("nan"))
     else:
-        t = sps.ttest_rel(np.asarray(a, np.float64), np.asarray(b, np.float64))
-        out.update(t=float(t.statistic), p_t=float(t.pvalue))
-        if np.any(d != 0):
-            out["p_wilcoxon"] = float(sps.wilcoxon(d).pvalue)
+        with warnings.catch_warnings():  # nearly equal differences: scipy warns of cancellation; the p-value stands
+            warnings.simplefilter("ignore", RuntimeWarning)
+            t = sps.ttest_rel(np.asarray(a, np.float64), np.asarray(b, np.float64))
+            out.update(t=float(t.statistic), p_t=float(t.pvalue))
+            if np.any(d != 0):
+                out["p_wilcoxon"] = float(sps.wilcoxon(d).pvalue)
     out["significant"] = bool(out["p_t"] < 1 - CONFIDENCE)
     return out
 
