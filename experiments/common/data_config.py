@@ -9,10 +9,12 @@ default) means "the command's default preprocessing", which each command's confi
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import re
 from typing import Literal
 
 from experiments.common.datasets.errors import SettingsArg
+from experiments.common.datasets.files import digest_file
 from experiments.common.datasets.formats import Dataset
 from experiments.common.datasets.loader import load_dataset
 from experiments.common.datasets.own import NAME as FILES
@@ -72,6 +74,20 @@ class FilesConfig:
             raise ValueError("label_column must name the CSV column of the labels; got an empty string")
         if self.num_classes is not None and self.num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2 or null; got {self.num_classes!r}")
+
+    def digests(self) -> dict[str, str | None]:
+        """SHA-256 of each file named (None where it cannot be read): what the files hold, for fingerprints of
+        results computed from them (a sweep resumes only from chunks of the same data)."""
+        out: dict[str, str | None] = {}
+        for key in ("path", "train", "test"):
+            name = getattr(self, key)
+            if name is None:
+                continue
+            try:
+                out[key] = digest_file(pathlib.Path(name).expanduser(), "sha256")
+            except OSError:
+                out[key] = None
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -198,3 +198,17 @@ def test_sweep_reads_own_files(tmp_path):
         sweep_data.load_datasets(tiny(datasets=[bad]))
     result = run_sweep(tiny(datasets=[own], output_dir=str(tmp_path / "sweep")), progress=False, compiler_options=FAST)
     assert result.configurations and {c.dataset for c in result.configurations} == {"mine"}
+
+
+def test_sweep_fingerprint_follows_the_files_content(tmp_path):
+    from sweep_cases import DATA, tiny
+
+    from experiments.sweep.config import fingerprint
+
+    path = _npz(tmp_path)
+    cfg = tiny(datasets=[{**DATA, "dataset": "files", "files": {"path": str(path)}}])
+    before = fingerprint(cfg)
+    assert fingerprint(cfg) == before
+    x_tr, y_tr, x_te, y_te = _rng_data(seed=1)
+    np.savez(path, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
+    assert fingerprint(cfg) != before  # same name, other data: a resumed sweep must not reuse its chunks
