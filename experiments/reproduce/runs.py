@@ -120,9 +120,11 @@ class RunSpec:
         )
         state = TrainState(params, opt_state, None)
         m, k = model.width, model.out_dim
+        S = jax.ShapeDtypeStruct
         if self.gram:
-            S = jax.ShapeDtypeStruct
             return state, GramData(S((m, m), dtype), S((m, k), dtype), S((), dtype)), None
+        if self.fused:
+            return state, fused.SampleData(S((self.rows, m), dtype), S((m, self.rows), dtype)), S((self.rows, k), dtype)
         return (state, jax.ShapeDtypeStruct((self.rows, m), dtype), jax.ShapeDtypeStruct((self.rows, k), dtype))
 
 
@@ -291,12 +293,15 @@ DEFAULT_KEEP = ("loss", "grad_norm", "relative_residual", "converged")
 
 
 def as_data(spec: RunSpec, phi: Any, y: Any) -> tuple[Any, Any]:
-    """The run's data as arrays of its dtype: `GramData` (then no targets) or samples and targets."""
+    """The run's data as arrays of its dtype: `GramData` (then no targets), `fused.SampleData` (the samples and their
+    transposed copy) and targets, or samples and targets."""
     dtype = jnp.dtype(spec.dtype)
     if spec.gram:
         if not isinstance(phi, GramData):
             raise TypeError("a Gram-route run takes GramData (deq_jax.train.square_gram)")
         return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), phi), None
+    if spec.fused:
+        return fused.sample_data(phi, dtype), jnp.asarray(y, dtype)
     return jnp.asarray(phi, dtype), jnp.asarray(y, dtype)
 
 
