@@ -221,7 +221,7 @@ def _one_line(cfg: ReproduceConfig, err: Exception) -> UserError:
     """A data error as one line: the data package's (multi-line) message, with what was missing and where it was
     looked for, in the terms of this command (--data-dir, --cache-dir, data.download)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if isinstance(err, dq_data.DatasetNotFoundError):
+    if isinstance(err, dq_data.DatasetNotFoundError) and cfg.data.dataset != "files":
         missing = ", ".join(getattr(err, "missing", ()) or ())
         searched = ", ".join(str(p) for p in getattr(err, "searched", ()) or ())
         what = lines[0].rstrip(".") if lines else f"data set {cfg.data.dataset!r} not found"

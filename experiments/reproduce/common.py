@@ -16,6 +16,7 @@ from deq_jax.models import Model
 from deq_jax.train import GramData, square_gram
 from experiments.common import datasets as dq_data
 from experiments.common import models as model_lib
+from experiments.common.data_config import load_configured
 from experiments.reproduce import compiling
 from experiments.reproduce.config import DataConfig, ModelConfig
 
@@ -102,10 +103,9 @@ class Context:
 
 
 def load_dataset(cfg: DataConfig, *, progress: bool = False) -> Any:
-    """`experiments.common.datasets.load_dataset` as the config says (its errors pass through)."""
-    return dq_data.load_dataset(
-        cfg.dataset, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, download=cfg.download, progress=progress
-    )
+    """The data set the config names (`experiments.common.data_config.load_configured`: a built-in set or the
+    user's own files; the loaders' errors pass through)."""
+    return load_configured(cfg, progress=progress)
 
 
 def make_features(

@@ -161,6 +161,8 @@ class FeatureSetConfig:
     runs reach L* and that the DELM's rate is within `rate_factor` of its bound (false for ill-conditioned features,
     where L* is out of reach in `steps`: the gap and the rate are then reported, and the per-step bound is claimed).
     `steps`: this set's step budget (null: `convergence.steps`; a multiple of `convergence.chunk`).
+    `n_train`: train on this many of the training samples (a random subset drawn with `data.seed`; null: all), e.g.
+    the per-sample formulation at full width, whose equilibria cost `O(n m^2)` per solver iteration.
     """
 
     features: Literal["data", "projection", "pca_whiten", "standardize"] = "data"
@@ -170,6 +172,7 @@ class FeatureSetConfig:
     variants: tuple[VariantConfig, ...] = ()
     reaches_optimum: bool = True
     steps: int | None = None
+    n_train: int | None = None
 
     def __post_init__(self):
         if self.features in ("projection", "pca_whiten"):
@@ -190,6 +193,8 @@ class FeatureSetConfig:
             raise ValueError(f"variants must not repeat a formulation; got {forms}")
         if self.steps is not None:
             _positive("steps", self.steps, integer=True)
+        if self.n_train is not None and self.n_train < 2:
+            raise ValueError(f"n_train must be an integer >= 2 or null (all samples); got {self.n_train!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,7 +49,7 @@ from experiments.reproduce.common import (
     slug,
     spectrum_of,
 )
-from experiments.reproduce.config import FeatureSetConfig, ReproduceConfig, VariantConfig
+from experiments.reproduce.config import ConfigError, FeatureSetConfig, ReproduceConfig, VariantConfig
 from experiments.reproduce.runs import RunSpec, Trace, run_gd
 
 NAME = "convergence"
@@ -237,6 +237,7 @@ class GroupPlan:
     phi_test: np.ndarray
     square: bool  # the square loss (its problem is computed by `run`: plans stay cheap, so compiling starts early)
     runs: list
+    feats: Features  # the set's features, labels and targets (its samples: all, or a subset)
     measured: compiling.Job | None = None  # `_measure`, started by `prepare`
 
     @property
@@ -266,11 +267,11 @@ def _feature_sets(cfg: ReproduceConfig, ctx: Context) -> list[tuple[FeatureSetCo
         if fs.features == "data":
             d = feats.info
             label = f"{d.get('features', cfg.data.features)}" + (f" {d['pca_dim']}" if d.get("pca_dim") else "")
-            out.append((fs, label + " (data)", feats.phi_train, feats.phi_test))
+            out.append((fs, label + " (data)", feats.phi_train, feats.phi_test, feats))
         elif fs.features == "projection":
             m = feats.phi_train.shape[1]
             P = np.asarray(random_projection(fold(cfg.seed, 2), m, fs.width, jnp.float64))
-            out.append((fs, "random projection of the data's features", feats.phi_train @ P, feats.phi_test @ P))
+            out.append((fs, "random projection of the data's features", feats.phi_train @ P, feats.phi_test @ P, feats))
         else:
             f2 = ctx.features_for(
                 fs.features,
@@ -279,8 +280,25 @@ def _feature_sets(cfg: ReproduceConfig, ctx: Context) -> list[tuple[FeatureSetCo
                 pca_key="width",
             )
             label = fs.features + (f" {fs.width}" if fs.width else "")
-            out.append((fs, label, f2.phi_train, f2.phi_test))
-    return out
+            out.append((fs, label, f2.phi_train, f2.phi_test, f2))
+    return [_subset(cfg, *entry) for entry in out]
+
+
+def _subset(cfg: ReproduceConfig, fs: FeatureSetConfig, label: str, phi, phi_test, feats: Features) -> tuple:
+    """The feature set's training samples: all, or `fs.n_train` of them (a seeded random subset, drawn from
+    `data.seed`), with their labels and targets in `feats`."""
+    feats = feats._replace(phi_train=phi, phi_test=phi_test)
+    if fs.n_train is None:
+        return fs, label, phi, phi_test, feats
+    n = phi.shape[0]
+    if fs.n_train > n:
+        raise ConfigError(
+            f"convergence.feature_sets: n_train = {fs.n_train} is more than the {n} training samples of the data "
+            "section; use at most that many, or null for all"
+        )
+    rows = np.sort(np.random.default_rng(cfg.data.seed).permutation(n)[: fs.n_train])
+    feats = feats._replace(phi_train=phi[rows], labels_train=feats.labels_train[rows], Y_train=feats.Y_train[rows])
+    return fs, f"{label}, {fs.n_train} samples", feats.phi_train, phi_test, feats
 
 
 def plan(cfg: ReproduceConfig, ctx: Context) -> list[GroupPlan]:
@@ -290,14 +308,14 @@ def plan(cfg: ReproduceConfig, ctx: Context) -> list[GroupPlan]:
 
     The square loss trains on its Gram route (the reference, the baselines, the transposed variant); the per-sample
     variant solves one equilibrium per training sample, on the samples. Cross-entropy trains on the samples, with
-    the L2 term as make_step's penalty on the end-to-end matrix."""
+    the L2 term on the end-to-end matrix, fused (`fused.Penalised`: one solve, two passes over the data per step)
+    except for the per-sample variant (make_step's penalty)."""
     c = cfg.convergence
     dtype = dtype_of(cfg.dtype)
-    n = ctx.features.phi_train.shape[0]
     k = ctx.features.num_classes
     groups = []
-    for fs, label, phi, phi_test in _feature_sets(cfg, ctx):
-        width = phi.shape[1]
+    for fs, label, phi, phi_test, feats in _feature_sets(cfg, ctx):
+        width, n = phi.shape[1], phi.shape[0]
         for loss_name in fs.losses:
             square = loss_name == "square"
             common = dict(
@@ -317,7 +335,9 @@ def plan(cfg: ReproduceConfig, ctx: Context) -> list[GroupPlan]:
                     PlannedRun(
                         model_label,
                         role,
-                        RunSpec(model, rows=None if square else n, trace=trace, gram=square, **common),
+                        RunSpec(
+                            model, rows=None if square else n, trace=trace, gram=square, fused=not square, **common
+                        ),
                         "direct (LU) solve, autodiff through it" if role == "reference" else "",
                     )
                 )
@@ -325,11 +345,18 @@ def plan(cfg: ReproduceConfig, ctx: Context) -> list[GroupPlan]:
                     for v in fs.variants:
                         vm = _variant_model(model, v)
                         on_gram = square and v.formulation == "transposed"
-                        spec = RunSpec(vm, rows=None if on_gram else n, mutation=cfg.mutation, gram=on_gram, **common)
+                        spec = RunSpec(
+                            vm,
+                            rows=None if on_gram else n,
+                            mutation=cfg.mutation,
+                            gram=on_gram,
+                            fused=not square and v.formulation == "transposed",
+                            **common,
+                        )
                         runs.append(
                             PlannedRun(f"DELM {v.solver} {v.formulation}", "variant", spec, _describe_variant(v), v)
                         )
-            groups.append(GroupPlan(loss_name, fs, label, phi, phi_test, square, runs))
+            groups.append(GroupPlan(loss_name, fs, label, phi, phi_test, square, runs, feats))
     return groups
 
 
@@ -343,7 +370,7 @@ def programs(groups: list[GroupPlan]) -> list[RunSpec]:
 def _measure(cfg: ReproduceConfig, ctx: Context, gp: GroupPlan) -> dict:
     """What a group's runs are measured against and trained with, computed before any run: the shallow problem,
     its optimum, spectrum and curvature, and the step size from the reference's initial parameters."""
-    c, feats = cfg.convergence, ctx.features
+    c, feats = cfg.convergence, gp.feats
     problem = ctx.square_problem(gp.phi, feats.Y_train) if gp.square else None
     W_star, L_star, opt_info = _optimum(gp.loss, gp.phi, feats, problem, c.cross_entropy_l2)
     C = problem.C if problem is not None else np.asarray(theory.feature_gram(jnp.asarray(gp.phi)))
@@ -380,10 +407,10 @@ def prepare(cfg: ReproduceConfig, ctx: Context, groups: list[GroupPlan]) -> None
 
 def run(cfg: ReproduceConfig, ctx: Context, groups: list[GroupPlan]) -> ConvergenceResult:
     c = cfg.convergence
-    feats = ctx.features
     dtype = dtype_of(cfg.dtype)
     results = []
     for gp in groups:
+        feats = gp.feats
         loss_name, width, fs = gp.loss, gp.width, gp.fs
         m_ = compiling.wait(gp.measured) if gp.measured is not None else _measure(cfg, ctx, gp)
         problem, W_star, L_star, opt_info = m_["problem"], m_["W_star"], m_["L_star"], m_["opt_info"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -280,14 +281,69 @@ def run(cfg: ReproduceConfig, ctx: Context, p: BiasPlan) -> ImplicitBiasResult:
     return result
 
 
+#: the confidence level of the intervals and the significance level of the paired tests
+CONFIDENCE = 0.95
+
+
 def _stats(values: list) -> dict:
+    """Mean, sample std, min, max and the two-sided `CONFIDENCE` t-interval of the mean over the seeds (NaN bounds
+    with a single seed)."""
+    from scipy import stats as sps  # a dependency of the experiments (pyproject), imported where it is used
+
     a = np.asarray(values, dtype=np.float64)
+    n = int(a.size)
+    std = float(a.std(ddof=1)) if n > 1 else 0.0
+    half = float(sps.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * std / np.sqrt(n)) if n > 1 else float("nan")
+    mean = float(a.mean())
     return {
-        "mean": float(a.mean()),
-        "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+        "mean": mean,
+        "std": std,
         "min": float(a.min()),
         "max": float(a.max()),
+        "n": n,
+        "ci_lo": mean - half,
+        "ci_hi": mean + half,
     }
+
+
+def paired_test(a: list, b: list) -> dict:
+    """The paired comparison of `a - b` over seeds: the mean difference with its `CONFIDENCE` t-interval, the
+    paired t-test's two-sided p-value and the Wilcoxon signed-rank test's (exact for few seeds), and `significant`
+    (the paired t-test's p below `1 - CONFIDENCE`). Identical samples give p = 1 (no difference to test)."""
+    from scipy import stats as sps
+
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    out = {**_stats(list(d)), "p_t": float("nan"), "t": float("nan"), "p_wilcoxon": float("nan")}
+    if d.size < 2:
+        out["significant"] = False
+        return out
+    if np.all(d == d[0]):
+        out.update(p_t=1.0 if d[0] == 0 else 0.0, p_wilcoxon=1.0 if d[0] == 0 else float("nan"))
+    else:
+        with warnings.catch_warnings():  # nearly equal differences: scipy warns of cancellation; the p-value stands
+            warnings.simplefilter("ignore", RuntimeWarning)
+            t = sps.ttest_rel(np.asarray(a, np.float64), np.asarray(b, np.float64))
+            out.update(t=float(t.statistic), p_t=float(t.pvalue))
+            if np.any(d != 0):
+                out["p_wilcoxon"] = float(sps.wilcoxon(d).pvalue)
+    out["significant"] = bool(out["p_t"] < 1 - CONFIDENCE)
+    return out
+
+
+def paired_words(name: str, test: dict, *, percent: bool = False, digits: int = 3) -> str:
+    """One sentence saying what `paired_test` found for a metric, and whether it is significant."""
+    k, unit = (100.0, " percentage points") if percent else (1.0, "")
+
+    def f(x: float) -> str:
+        return f"{x * k:+.{digits}g}"
+
+    level = f"{100 * (1 - CONFIDENCE):g}%"
+    verdict = f"significant at the {level} level" if test["significant"] else f"not significant at the {level} level"
+    return (
+        f"DELM - linear {name}: {f(test['mean'])}{unit} on average over {test['n']} seeds "
+        f"({100 * CONFIDENCE:g}% CI [{f(test['ci_lo'])}, {f(test['ci_hi'])}]); paired t-test p = {test['p_t']:.3g}, "
+        f"Wilcoxon signed-rank p = {test['p_wilcoxon']:.3g}: {verdict}."
+    )
 
 
 def _table(runs: list, references: list) -> list[dict]:
@@ -323,8 +379,10 @@ def _table(runs: list, references: list) -> list[dict]:
     if any(r.model == "DELM" for r in runs) and any(r.model == "linear" for r in runs):
         by = {(r.seed, r.model): r for r in runs}
         seeds = sorted({r.seed for r in runs})
-        diff_acc = [by[s, "DELM"].test["accuracy"] - by[s, "linear"].test["accuracy"] for s in seeds]
-        diff_loss = [by[s, "DELM"].test["square_loss"] - by[s, "linear"].test["square_loss"] for s in seeds]
+
+        def pair(get):
+            return paired_test([get(by[s, "DELM"]) for s in seeds], [get(by[s, "linear"]) for s in seeds])
+
         rows.append(
             {
                 "model": "DELM - linear (paired by seed)",
@@ -332,9 +390,9 @@ def _table(runs: list, references: list) -> list[dict]:
                 "reached": None,
                 "steps": None,
                 "train_loss": None,
-                "test_loss": _stats(diff_loss),
-                "test_accuracy": _stats(diff_acc),
-                "distance_to_min_norm": None,
+                "test_loss": pair(lambda r: r.test["square_loss"]),
+                "test_accuracy": pair(lambda r: r.test["accuracy"]),
+                "distance_to_min_norm": pair(lambda r: r.distance_to_min_norm),
                 "null_space_norm": None,
             }
         )
@@ -389,4 +447,4 @@ def claims(cfg: ReproduceConfig, r: ImplicitBiasResult) -> list[Claim]:
     return out
 
 
-__all__ = ["run", "plan", "programs", "null_projector", "NAME"]
+__all__ = ["CONFIDENCE", "NAME", "null_projector", "paired_test", "plan", "programs", "run"]

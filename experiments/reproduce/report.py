@@ -525,20 +525,38 @@ def _section_trust_region(o: Any, figures: list[str]) -> list[str]:
     ]
 
 
+def mean_ci(s: dict | None, digits: int = 3, percent: bool = False) -> str:
+    """`mean [lo, hi]`: the mean over seeds and its confidence interval (`implicit_bias.CONFIDENCE`)."""
+    if not s:
+        return ""
+    k = 100.0 if percent else 1.0
+    if "ci_lo" not in s:
+        return mean_std(s, digits, percent)
+    return f"{fmt(s['mean'] * k, digits)} [{fmt(s['ci_lo'] * k, digits)}, {fmt(s['ci_hi'] * k, digits)}]"
+
+
 def _section_implicit_bias(o: Any, figures: list[str]) -> list[str]:
-    rows = []
+    from experiments.reproduce.implicit_bias import CONFIDENCE, paired_words
+
+    rows, words = [], []
     for r in o.table:
         rows.append(
             [
                 r["model"],
                 r["reached"] if r["reached"] is not None else "",
                 "" if r["steps"] is None else f"{r['steps']['mean']:.0f} ± {r['steps']['std']:.0f}",
-                mean_std(r["test_accuracy"], 3, percent=True),
-                mean_std(r["test_loss"]),
-                mean_std(r["distance_to_min_norm"]),
-                mean_std(r["null_space_norm"]),
+                mean_ci(r["test_accuracy"], 3, percent=True),
+                mean_ci(r["test_loss"]),
+                mean_ci(r["distance_to_min_norm"]),
+                mean_ci(r["null_space_norm"]),
             ]
         )
+        if r["model"].startswith("DELM - linear"):
+            words = [
+                "- " + paired_words("test accuracy", r["test_accuracy"], percent=True),
+                "- " + paired_words("test square loss", r["test_loss"]),
+                "- " + paired_words("distance from the minimum-norm interpolant", r["distance_to_min_norm"]),
+            ]
     return [
         f"## 3. {o.title} (docs/theory.md section 6)",
         "",
@@ -548,8 +566,9 @@ def _section_implicit_bias(o: Any, figures: list[str]) -> list[str]:
             f"trains by full-batch GD from its seeded init and is evaluated at the first step whose training loss is "
             f"<= {o.target_loss:g} (matched training loss). Test metrics use the whole test split; distances are "
             f"relative to the minimum-norm interpolant `W_mn`; the null-space norm `|W (I - P_row)| / |W_mn|` is the "
-            f"part of W the training data do not determine. Seeds: {', '.join(map(str, o.seeds))} (mean ± sample "
-            f"std). The accuracies and losses are measurements, not tests of a hypothesis."
+            f"part of W the training data do not determine. Seeds: {', '.join(map(str, o.seeds))}. Cells: mean over "
+            f"seeds [{100 * CONFIDENCE:g}% t-interval]. The DELM - linear row pairs the two models by seed (same "
+            f"training samples); its tests are reported as measured, no threshold is tuned to them."
         ),
         "",
         *_figs(figures, "implicit bias"),
@@ -566,4 +585,6 @@ def _section_implicit_bias(o: Any, figures: list[str]) -> list[str]:
             rows,
         ),
         "",
+        *words,
+        *([""] if words else []),
     ]

@@ -38,7 +38,7 @@ from deq_jax.models import DELM, Model
 from deq_jax.train import GramData, TrainState, make_chunk, make_step
 from experiments.common import interrupts
 from experiments.common.io import CheckpointStore, NullStore
-from experiments.reproduce import compiling, dynamics, mutations
+from experiments.reproduce import compiling, dynamics, fused, mutations
 from experiments.reproduce.checkpoints import run_identity
 
 #: seconds between checkpoints within a run (a run's end is always checkpointed); the numbers do not depend on it
@@ -65,8 +65,9 @@ class Trace:
 class RunSpec:
     """One compiled chunk program. Data: `GramData` of width `model.width` (`gram=True`, square loss only) or
     samples, `phi` `(rows, model.width)` and targets `(rows, model.out_dim)`. `l2`: the penalty
-    `(l2/2) |W|_F^2` on the end-to-end matrix (make_step's `penalty`). `mutation` falsifies the gradient
-    (`mutations`); None for honest runs and for every reference."""
+    `(l2/2) |W|_F^2` on the end-to-end matrix (make_step's `penalty`). `fused`: penalised cross-entropy with one
+    solve and two passes over the data per step (`fused.Penalised`; the same loss and gradient). `mutation`
+    falsifies the gradient (`mutations`); None for honest runs and for every reference."""
 
     model: Model
     loss: str
@@ -78,16 +79,19 @@ class RunSpec:
     fast_compile: bool = False
     l2: float | None = None
     gram: bool = False
+    fused: bool = False
 
     def __post_init__(self):
         if self.gram and (self.loss != "square" or self.l2 is not None):
             raise ValueError("the Gram route serves the unpenalised square loss only")
+        if self.fused and not (self.loss == "cross_entropy" and self.l2 is not None and fused.fusable(self.model)):
+            raise ValueError("the fused step serves penalised cross-entropy of a transposed DELM or a linear model")
         if not self.gram and not self.rows:
             raise ValueError("a run on samples needs rows > 0")
 
     @property
     def program(self) -> Callable:
-        return _chunk_program(self.model, self.loss, self.chunk, self.trace, self.mutation, self.l2)
+        return _chunk_program(self.model, self.loss, self.chunk, self.trace, self.mutation, self.l2, self.fused)
 
     @property
     def compiler_options(self) -> dict | None:
@@ -99,6 +103,7 @@ class RunSpec:
             "loss": self.loss,
             "l2": self.l2,
             "gram": self.gram,
+            "fused": self.fused,
             "chunk": self.chunk,
             "trace": repr(self.trace),
             "mutation": self.mutation,
@@ -115,9 +120,11 @@ class RunSpec:
         )
         state = TrainState(params, opt_state, None)
         m, k = model.width, model.out_dim
+        S = jax.ShapeDtypeStruct
         if self.gram:
-            S = jax.ShapeDtypeStruct
             return state, GramData(S((m, m), dtype), S((m, k), dtype), S((), dtype)), None
+        if self.fused:
+            return state, fused.SampleData(S((self.rows, m), dtype), S((m, self.rows), dtype)), S((self.rows, k), dtype)
         return (state, jax.ShapeDtypeStruct((self.rows, m), dtype), jax.ShapeDtypeStruct((self.rows, k), dtype))
 
 
@@ -149,20 +156,30 @@ def l2_penalty(model: Model, l2: float) -> Callable:
 
 @functools.cache
 def _chunk_program(
-    model: Model, loss: str, chunk: int, trace: Trace, mutation: str | None, l2: float | None
+    model: Model, loss: str, chunk: int, trace: Trace, mutation: str | None, l2: float | None, fuse: bool = False
 ) -> Callable:
     """`run(state, data, targets) -> (state, metrics)`: `chunk` GD steps (`make_chunk`), then the update checks
     over the recorded parameters; metrics also carry `W_start`/`W_end`, the end-to-end matrices before and after
     (leading axis 1). Jit-compiled once per signature."""
     trained = mutations.mutate_model(model, mutation)
-    step = make_step(
-        trained,
-        loss,
-        mutations.optimizer(0.0, mutation),
-        warm_start=False,
-        jit=False,
-        penalty=None if l2 is None else l2_penalty(trained, l2),
-    )
+    if fuse:  # one solve and two passes over the data per step (experiments/reproduce/fused.py)
+        assert l2 is not None
+        step = make_step(
+            fused.Penalised(trained),
+            fused.penalised_cross_entropy(l2),
+            mutations.optimizer(0.0, mutation),
+            warm_start=False,
+            jit=False,
+        )
+    else:
+        step = make_step(
+            trained,
+            loss,
+            mutations.optimizer(0.0, mutation),
+            warm_start=False,
+            jit=False,
+            penalty=None if l2 is None else l2_penalty(trained, l2),
+        )
     is_delm = isinstance(model, DELM)
 
     def record(params):
@@ -276,12 +293,15 @@ DEFAULT_KEEP = ("loss", "grad_norm", "relative_residual", "converged")
 
 
 def as_data(spec: RunSpec, phi: Any, y: Any) -> tuple[Any, Any]:
-    """The run's data as arrays of its dtype: `GramData` (then no targets) or samples and targets."""
+    """The run's data as arrays of its dtype: `GramData` (then no targets), `fused.SampleData` (the samples and their
+    transposed copy) and targets, or samples and targets."""
     dtype = jnp.dtype(spec.dtype)
     if spec.gram:
         if not isinstance(phi, GramData):
             raise TypeError("a Gram-route run takes GramData (deq_jax.train.square_gram)")
         return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), phi), None
+    if spec.fused:
+        return fused.sample_data(phi, dtype), jnp.asarray(y, dtype)
     return jnp.asarray(phi, dtype), jnp.asarray(y, dtype)
 
 

@@ -209,6 +209,9 @@ def fingerprint(config: SweepConfig) -> str:
     content["datasets"] = [
         {k: v for k, v in d.items() if k not in ("data_dir", "cache_dir", "download")} for d in content["datasets"]
     ]
+    for entry, d in zip(content["datasets"], config.datasets, strict=True):
+        if d.files is not None:  # the user's own files: what they hold, not only their names
+            entry["file_digests"] = d.files.digests()
     return io.fingerprint(content)
 
 

@@ -16,6 +16,7 @@ from deq_jax import theory
 from deq_jax.maps import features, random_projection
 from experiments.common import datasets as data_lib
 from experiments.common.cli import UserError
+from experiments.common.data_config import load_configured
 from experiments.common.datasets.errors import Setting
 from experiments.sweep.config import SweepConfig
 
@@ -61,14 +62,7 @@ def load_datasets(config: SweepConfig, *, progress: bool = False) -> dict[str, d
     for i, spec in enumerate(config.datasets):
         where, settings = f"datasets[{i}] ({spec.key})", _settings(i)
         try:
-            ds = data_lib.load_dataset(
-                spec.dataset,
-                data_dir=spec.data_dir,
-                cache_dir=spec.cache_dir,
-                download=spec.download,
-                progress=progress,
-                settings=settings,
-            )
+            ds = load_configured(spec, progress=progress, settings=settings, key=f"datasets[{i}]")
             out[spec.key] = data_lib.preprocess(
                 ds,
                 n_train=spec.n_train,

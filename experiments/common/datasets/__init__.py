@@ -9,6 +9,9 @@ Data sets (`DATASETS`):
   published (``.gz``), recompressed by a mirror, or uncompressed (``train-images-idx3-ubyte``). Pixels / 255.
 * ``cifar10``, ``cifar100`` -- the canonical python-pickle tarballs (32x32 colour images; CIFAR-100 uses the 100
   ``fine_labels``), or the directory that the tarball extracts to. Pixels / 255.
+* ``files`` -- the user's own data: ``.npz`` or CSV files (`own.load_files`, config ``data.files``), validated
+  (shapes, dtypes, finite values, labels in range; `DataShapeError`, `DataTypeError`, `NonFiniteDataError`,
+  `LabelRangeError`).
 * ``svhn`` -- ``train_32x32.mat`` and ``test_32x32.mat`` (the cropped-digits format; label 10 means digit 0 and is
   mapped to 0). Pixels / 255.
 
@@ -48,6 +51,13 @@ from experiments.common.datasets.errors import (
 )
 from experiments.common.datasets.formats import Dataset
 from experiments.common.datasets.loader import DOWNLOAD_TIMEOUT_S, default_cache_dir, load_dataset
+from experiments.common.datasets.own import (
+    DataShapeError,
+    DataTypeError,
+    LabelRangeError,
+    NonFiniteDataError,
+    load_files,
+)
 from experiments.common.datasets.preprocessing import (
     PCA_RANK_RTOL,
     ZERO_VARIANCE_TOL,
@@ -71,6 +81,10 @@ __all__ = [
     "DEFAULT_BASE_URLS",
     "DOWNLOAD_TIMEOUT_S",
     "DataSettingError",
+    "DataShapeError",
+    "DataTypeError",
+    "LabelRangeError",
+    "NonFiniteDataError",
     "Dataset",
     "DatasetError",
     "DatasetFormatError",
@@ -86,6 +100,7 @@ __all__ = [
     "ZERO_VARIANCE_TOL",
     "default_cache_dir",
     "load_dataset",
+    "load_files",
     "one_hot",
     "preprocess",
 ]
