@@ -180,41 +180,51 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
     return wrapped
 
 
-def _report_backward_failure(failed: Any, residual: Any, limit: Any, description: str, on_failure: str) -> None:
-    failed, residual = np.asarray(failed), np.asarray(residual)
-    if not np.any(failed):
-        return
-    worst = float(np.max(np.where(failed, residual, -np.inf)))
-    message = (
-        f"deq_jax.solve: {Result.backward_failed.message}: relative residual {worst:.2e} > "
-        f"{float(np.max(limit)):.1e} ({FAILURE_MARGIN:g} x tol = {float(np.max(limit)) / FAILURE_MARGIN:.1e}) with "
-        f"{description}. Raise Implicit(maxiter=...), use linear_solver='lu' (small states), 'gmres' or 'forward', or "
-        f"loosen Implicit(tol=...) (float32 cannot reach much below 1e-6); a map that barely contracts at the "
-        f"equilibrium (gamma near 1) makes I - J^T ill-conditioned. To record failures as data instead, "
-        f"differentiate with deq_jax.value_and_grad (make_step's metrics carry them), or pass "
-        f"Implicit(on_failure='ignore') to skip the check."
-    )
-    if on_failure == "raise":
-        raise NonConvergenceError(message)
-    warnings.warn(message, NonConvergenceWarning, stacklevel=2)
-
-
-def _report_unconverged_forward(failed: Any, relative: Any, tol: Any, mode: str) -> None:
+def _raise_or_warn(failed: Any, relative: Any, mode: str, message: Callable[[float], str]) -> None:
+    """At run time: nothing unless some entry of `failed` is set; then `message(worst relative residual)` raised as
+    a `NonConvergenceError` (`mode="raise"`) or warned."""
     failed, relative = np.asarray(failed), np.asarray(relative)
     if not np.any(failed):
         return
-    worst = float(np.max(np.where(failed, relative, -np.inf)))
-    message = (
-        f"deq_jax.solve: a gradient through a forward solve that did not converge (relative residual {worst:.2e}, "
-        f"tol {float(np.max(tol)):.1e}): the implicit function theorem holds at an equilibrium only, so this "
-        f"gradient can be far off (measured: 99.6% off after 3 fixed-point steps at gamma 0.99). Raise maxiter, "
-        f"loosen tol or use another solver; read Solution.stats / Solution.result. To record it as data instead, "
-        f"differentiate with deq_jax.value_and_grad (BackwardStats.unconverged_forward, make_step's metrics); to "
-        f"take the approximate gradient knowingly, pass Implicit(unconverged_forward='ignore')."
-    )
+    text = message(float(np.max(np.where(failed, relative, -np.inf))))
     if mode == "raise":
-        raise NonConvergenceError(message)
-    warnings.warn(message, NonConvergenceWarning, stacklevel=2)
+        raise NonConvergenceError(text)
+    warnings.warn(text, NonConvergenceWarning, stacklevel=3)
+
+
+def _report_backward_failure(failed: Any, residual: Any, limit: Any, description: str, on_failure: str) -> None:
+    limit = float(np.max(np.asarray(limit)))
+    _raise_or_warn(
+        failed,
+        residual,
+        on_failure,
+        lambda worst: (
+            f"deq_jax.solve: {Result.backward_failed.message}: relative residual {worst:.2e} > {limit:.1e} "
+            f"({FAILURE_MARGIN:g} x tol = {limit / FAILURE_MARGIN:.1e}) with {description}. Raise "
+            f"Implicit(maxiter=...), use linear_solver='lu' (small states), 'gmres' or 'forward', or loosen "
+            f"Implicit(tol=...) (float32 cannot reach much below 1e-6); a map that barely contracts at the "
+            f"equilibrium (gamma near 1) makes I - J^T ill-conditioned. To record failures as data instead, "
+            f"differentiate with deq_jax.value_and_grad (make_step's metrics carry them), or pass "
+            f"Implicit(on_failure='ignore') to skip the check."
+        ),
+    )
+
+
+def _report_unconverged_forward(failed: Any, relative: Any, tol: Any, mode: str) -> None:
+    tol = float(np.max(np.asarray(tol)))
+    _raise_or_warn(
+        failed,
+        relative,
+        mode,
+        lambda worst: (
+            f"deq_jax.solve: a gradient through a forward solve that did not converge (relative residual "
+            f"{worst:.2e}, tol {tol:.1e}): the implicit function theorem holds at an equilibrium only, so this "
+            f"gradient can be far off (measured: 99.6% off after 3 fixed-point steps at gamma 0.99). Raise maxiter, "
+            f"loosen tol or use another solver; read Solution.stats / Solution.result. To record it as data "
+            f"instead, differentiate with deq_jax.value_and_grad (BackwardStats.unconverged_forward, make_step's "
+            f"metrics); to take the approximate gradient knowingly, pass Implicit(unconverged_forward='ignore')."
+        ),
+    )
 
 
 # ----------------------------------------------------------------------------- the one implicit adjoint

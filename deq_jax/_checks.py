@@ -217,8 +217,8 @@ def as_arguments(name: str, tree: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def check_batch_axis(batch_axis: Any, state: Any) -> Any:
-    """A valid axis of every leaf of `state`, all of the same size along it; returned non-negative per leaf."""
+def check_batch_axis(batch_axis: Any, state: Any, name: str = "z0") -> Any:
+    """A valid axis of every leaf of `state` (called `name` in the messages), of one size in all of them."""
     if batch_axis is None:
         return None
     if isinstance(batch_axis, bool) or not isinstance(batch_axis, (int, np.integer)):
@@ -227,13 +227,13 @@ def check_batch_axis(batch_axis: Any, state: Any) -> Any:
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         if not -leaf.ndim <= batch_axis < leaf.ndim:
             raise ValueError(
-                f"batch_axis={batch_axis} is not an axis of z0{jax.tree_util.keystr(path)} "
+                f"batch_axis={batch_axis} is not an axis of {name}{jax.tree_util.keystr(path)} "
                 f"({_describe(leaf)}); every leaf of the state needs the batch axis"
             )
         sizes.add(leaf.shape[batch_axis])
     if len(sizes) > 1:
         raise ValueError(
-            f"batch_axis={batch_axis} must have the same size in every leaf of z0; got sizes {sorted(sizes)}"
+            f"batch_axis={batch_axis} must have the same size in every leaf of {name}; got sizes {sorted(sizes)}"
         )
     return int(batch_axis)
 

@@ -77,27 +77,6 @@ def _check_state(name: str, z: Any) -> list:
     return leaves
 
 
-def _check_batch_axis(name: str, batch_axis: Any, z: Any) -> int | None:
-    """A valid axis of every leaf of `z`, of one size in all of them; returned as given (negative allowed)."""
-    if batch_axis is None:
-        return None
-    if isinstance(batch_axis, bool) or not isinstance(batch_axis, (int, np.integer)):
-        raise TypeError(f"batch_axis must be an integer axis or None; got {batch_axis!r}")
-    sizes = set()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(z)[0]:
-        if not -leaf.ndim <= batch_axis < leaf.ndim:
-            raise ValueError(
-                f"batch_axis={batch_axis} is not an axis of {name}{jax.tree_util.keystr(path)} (shape "
-                f"{tuple(leaf.shape)}); every leaf of the state needs the batch axis"
-            )
-        sizes.add(leaf.shape[batch_axis])
-    if len(sizes) > 1:
-        raise ValueError(
-            f"batch_axis={batch_axis} must have the same size in every leaf of {name}; got {sorted(sizes)}"
-        )
-    return int(batch_axis)
-
-
 # ----------------------------------------------------------------------------- Jacobian regularisation
 
 
@@ -163,7 +142,7 @@ def jacobian_penalty(
     _checks.check_positive("samples", samples, integer=True)
     _checks.check_choice("probe", probe, PROBES)
     leaves = _check_state("z", z)
-    batch_axis = _check_batch_axis("z", batch_axis, z)
+    batch_axis = _checks.check_batch_axis(batch_axis, z, name="z")
     z = jax.lax.stop_gradient(z)
     total = sum(int(np.prod(leaf.shape)) for leaf in leaves)
     per_sample = total if batch_axis is None else total // leaves[0].shape[batch_axis]
