@@ -112,6 +112,16 @@ def _solver_advice(model: Any) -> str:
     return f"raise maxiter, loosen tol or use another solver than {name!r}"
 
 
+def _solves_follow(failures: int, steps: int, cause: str) -> str:
+    """The sentence that blames `failures` solves above their tolerance on `cause`, not on the solver ("" for 0)."""
+    if not failures:
+        return ""
+    return (
+        f" {failures} of {steps} steps had an equilibrium solve above its tolerance, which follows from {cause}, "
+        "not from the solver."
+    )
+
+
 def check_converged(history: Metrics, on_failure: str = "warn", *, learning_rate: Any = None, model: Any = None) -> int:
     """Judge a concrete training history (outside `jit`); `on_failure` is `"warn"`, `"raise"` or `"ignore"`.
 
@@ -147,11 +157,7 @@ def check_converged(history: Metrics, on_failure: str = "warn", *, learning_rate
             "A NaN loss from such samples is a data error, not divergence: clean or drop them (e.g. with "
             "np.isfinite on the features, labels in [0, classes)) and run again."
         )
-        if failures:
-            message += (
-                f" {failures} of {ok.size} steps had an equilibrium solve above its tolerance, which follows from "
-                "the data (or from parameters it made non-finite), not from the solver."
-            )
+        message += _solves_follow(failures, ok.size, "the data (or from parameters it made non-finite)")
         if on_failure == "raise":
             raise DataError(message)
         warnings.warn(message, DataWarning, stacklevel=2)
@@ -163,11 +169,7 @@ def check_converged(history: Metrics, on_failure: str = "warn", *, learning_rate
             f"training diverged: {diverged}. The step size is too large for this problem: lower {rate} "
             "(e.g. 10x) and run again."
         )
-        if failures:
-            message += (
-                f" {failures} of {ok.size} steps had an equilibrium solve above its tolerance, which follows "
-                "from the divergence (exploding or non-finite parameters), not from the solver."
-            )
+        message += _solves_follow(failures, ok.size, "the divergence (exploding or non-finite parameters)")
         if on_failure == "raise":
             raise DivergenceError(message)
         warnings.warn(message, DivergenceWarning, stacklevel=2)

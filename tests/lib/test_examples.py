@@ -8,23 +8,29 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_compose_example_trains_every_seed():
+def run_example(name: str, *args: str) -> subprocess.CompletedProcess:
+    """`examples/<name> args...` in a child process; its exit status must be 0 (asserted with its stderr)."""
     env = dict(os.environ)
-    # the example compiles one vmapped training program; XLA's lowest optimisation level compiles it about 3x
-    # faster (measured: 28 -> 10 CPU-s) and changes no result this test checks
+    # an example compiles one training program; XLA's lowest optimisation level compiles it about 3x faster
+    # (measured: 28 -> 10 CPU-s) and changes no result these tests check
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     ).strip()
     out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "compose.py"), "--small"],
+        [sys.executable, str(ROOT / "examples" / name), *args],
         env=env,
         cwd=ROOT,
-        check=False,  # the exit status is asserted below, with the example's output
+        check=False,  # the exit status is asserted here, with the example's output
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]
+    return out
+
+
+def test_compose_example_trains_every_seed():
+    out = run_example("compose.py", "--small")
     lines = [line for line in out.stdout.splitlines() if line.startswith("seed ")]
     assert len(lines) == 2
     for line in lines:
@@ -46,20 +52,7 @@ def test_fashion_deq_example_trains_and_writes_its_results(tmp_path):
         load_dataset("fashion_mnist", download=False)
     except DatasetNotFoundError:
         pytest.skip("Fashion-MNIST is not on disk (apt-get install dataset-fashion-mnist)")
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (  # as above: compile time dominates this small run
-        env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    ).strip()
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "fashion_deq.py"), "--small", "--out", str(tmp_path)],
-        env=env,
-        cwd=ROOT,
-        check=False,  # the exit status is asserted below, with the example's output
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = run_example("fashion_deq.py", "--small", "--out", str(tmp_path))
     epochs = [line for line in out.stdout.splitlines() if line.startswith("epoch ")]
     assert len(epochs) == 2, out.stdout
     results = json.loads((tmp_path / "results.json").read_text())
