@@ -73,6 +73,7 @@ def _memory_row(p: Problem, w: Where, formulation: str, backward: str, linear_so
         **w.jax,
         linear_solver=linear_solver,
         backward_tol=p.tol if backward == "implicit" else None,
+        unconverged_forward="ignore",  # the forward stops at maxiter by design: its gradient is taken knowingly
         label=MEMORY_LABEL,
         note=f"forward tol {MEMORY_TOL:g}: runs all {MEMORY_ITERATIONS} iterations by design (memory comparison); "
         f"implicit backward at tol {p.tol:g}",

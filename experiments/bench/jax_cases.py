@@ -174,18 +174,20 @@ def deq_jax_delm(
     maxiter: int | None = None,
     linear_solver: str | None = None,
     backward_tol: float | None = None,
+    unconverged_forward: str = "raise",
     label: str = "",
     note: str = "",
 ) -> Case:
     """The DELM step through `deq_jax.models.DELM` + `deq_jax.train.make_step`.
 
     `linear_solver` / `backward_tol` choose the implicit backward's linear solver and its tolerance (default: the
-    library's GMRES at the forward tolerance).
+    model's choice at the forward tolerance); `unconverged_forward="ignore"` lets a row that stops its forward solve
+    early by design (the memory rows) take the implicit gradient there.
     """
 
     backward_arg: Any = backward
-    if backward == "implicit" and (linear_solver or backward_tol):
-        backward_arg = Implicit(linear_solver=linear_solver, tol=backward_tol)  # None: the solver's default
+    if backward == "implicit" and (linear_solver or backward_tol or unconverged_forward != "raise"):
+        backward_arg = Implicit(linear_solver=linear_solver, tol=backward_tol, unconverged_forward=unconverged_forward)
     tol = p.tol if tol is None else tol
     maxiter = p.maxiter if maxiter is None else maxiter
 
