@@ -128,17 +128,19 @@ def _start(z0: Tree, state: Any, first: tuple[Tree, Tree] | None, rule: Rule, sa
         return _Loop(zero, z0, state, no, no, ref, steps)
     r0, f0 = first  # a start that already satisfies the rule takes no step
     ref = jnp.maximum(ref, max_abs(rule.view(f0) if rule.view else f0))
-    done, diverged = rule.verdicts(r0, f0, ref)
+    done, diverged = rule.verdicts(r0, f0, ref) if samples is not None else rule.check(r0, f0, ref)
     return _Loop(zero, z0, state, done, diverged, ref, steps)
 
 
 def _body(solver: AbstractSolver, problem: Problem, rule: Rule) -> Callable[[_Loop], _Loop]:
-    """One step of every sample; a sample that met the rule or diverged keeps its value (it stops moving)."""
+    """One step of every sample; with a per-sample problem (`problem.batch_axis`), a sample that met the rule or
+    diverged keeps its value (it stops moving). A solver on the flattened state couples the samples (Broyden's
+    secant updates): its iterate is never edited, and the loop stops when every sample meets the rule."""
 
     def body(c: _Loop) -> _Loop:
         z, state, r, fz = solver.step(problem, c.z, c.state)
         ref = jnp.where(c.k == 0, jnp.maximum(c.ref, max_abs(rule.view(fz) if rule.view else fz)), c.ref)
-        done, diverged = rule.verdicts(r, fz, ref)
+        done, diverged = rule.verdicts(r, fz, ref) if c.done.ndim else rule.check(r, fz, ref)
         frozen = c.done | c.diverged  # judged at an earlier step: this step's value is not taken
         if c.done.ndim:
             z = rule.keep(frozen, c.z, z)
@@ -150,19 +152,18 @@ def _body(solver: AbstractSolver, problem: Problem, rule: Rule) -> Callable[[_Lo
     return body
 
 
-def _samples(rule: Rule, z0: Tree) -> int | None:
-    """The number of samples along the rule's batch axis (None without one)."""
-    if rule.batch_axis is None:
+def _samples(problem: Problem, z0: Tree) -> int | None:
+    """The number of samples the loop stops one by one (None: the loop judges the batch as a whole)."""
+    if problem.batch_axis is None:
         return None
-    leaf = jax.tree_util.tree_leaves(rule.view(z0) if rule.view else z0)[0]
-    return int(leaf.shape[rule.batch_axis])
+    return int(jax.tree_util.tree_leaves(z0)[0].shape[problem.batch_axis])
 
 
 def iterate(solver: AbstractSolver, problem: Problem, z0: Tree, carried: Any, rule: Rule, maxiter: int) -> Run:
     """The common loop: a `lax.while_loop` over `solver.step`, every sample stopped by the rule or its divergence,
     the loop by all samples stopping or `maxiter`."""
     state, first = solver.init(problem, z0, carried)
-    c = _start(z0, state, first, rule, _samples(rule, z0))
+    c = _start(z0, state, first, rule, _samples(problem, z0))
     c = jax.lax.while_loop(lambda c: (c.k < maxiter) & ~jnp.all(c.done | c.diverged), _body(solver, problem, rule), c)
     steps = c.steps if c.steps.ndim else None
     return Run(c.z, c.k, c.ref, None, jnp.zeros((), jnp.int32), steps=steps)
@@ -176,7 +177,7 @@ def unrolled(solver: AbstractSolver, problem: Problem, z0: Tree, rule: Rule, max
     converges to the implicit one even where plain iteration's derivative oscillates (e.g. `J = -1`).
     """
     state, first = solver.init(problem, z0, None)
-    c = _start(z0, state, first, rule, _samples(rule, z0))
+    c = _start(z0, state, first, rule, _samples(problem, z0))
     solver_body = _body(solver, problem, rule)
 
     def tail(c: _Loop) -> _Loop:
