@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from deq_jax import _checks, _jaxopt
-from deq_jax._diagnose import NonConvergenceError, NonConvergenceWarning
-from deq_jax._rule import Rule, norms
+from deq_jax._diagnose import NonConvergenceError, NonConvergenceWarning, raise_or_warn
+from deq_jax._rule import Rule, norms, subtract
 from deq_jax._solution import BackwardStats, Result
 from deq_jax._solver._base import AbstractSolver, Problem
 
@@ -187,9 +186,7 @@ def _raise_or_warn(failed: Any, relative: Any, mode: str, message: Callable[[flo
     if not np.any(failed):
         return
     text = message(float(np.max(np.where(failed, relative, -np.inf))))
-    if mode == "raise":
-        raise NonConvergenceError(text)
-    warnings.warn(text, NonConvergenceWarning, stacklevel=3)
+    raise_or_warn(text, mode, NonConvergenceError, NonConvergenceWarning)
 
 
 def _report_backward_failure(failed: Any, residual: Any, limit: Any, description: str, on_failure: str) -> None:
@@ -321,7 +318,7 @@ def implicit(
         run = solver.run(problem, rep.to(z0), carried, r, maxiter)
         if run.measured is None:  # the statistics' independent evaluation at the returned value
             fz = problem.fn(run.value)
-            run = run._replace(measured=(jax.tree_util.tree_map(jnp.subtract, fz, run.value), fz))
+            run = run._replace(measured=(subtract(fz, run.value), fz))
         return run
 
     @jax.custom_jvp
@@ -350,7 +347,7 @@ def implicit(
 
         def matvec(w: tuple) -> tuple:
             t, s, q = w
-            return _subtract(t, jax.jvp(lambda v: f_here(v, params, x), (z,), (t,))[1]), s, q
+            return subtract(t, jax.jvp(lambda v: f_here(v, params, x), (z,), (t,))[1]), s, q
 
         def tangent_solve(_: Callable, rhs: tuple) -> tuple:
             b, s, q = rhs
@@ -382,10 +379,6 @@ def _reference(ref: Any) -> Array:
 
 def _zeros(tree: Any) -> Any:
     return jax.tree_util.tree_map(jnp.zeros_like, tree)
-
-
-def _subtract(a: Any, b: Any) -> Any:
-    return jax.tree_util.tree_map(jnp.subtract, a, b)
 
 
 @dataclasses.dataclass(frozen=True)

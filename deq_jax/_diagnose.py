@@ -112,6 +112,13 @@ def _solver_advice(model: Any) -> str:
     return f"raise maxiter, loosen tol or use another solver than {name!r}"
 
 
+def raise_or_warn(message: str, on_failure: str, error: type, warning: type) -> None:
+    """`message` raised as `error` (`on_failure="raise"`) or warned as `warning` (from the caller's caller)."""
+    if on_failure == "raise":
+        raise error(message)
+    warnings.warn(message, warning, stacklevel=3)
+
+
 def _solves_follow(failures: int, steps: int, cause: str) -> str:
     """The sentence that blames `failures` solves above their tolerance on `cause`, not on the solver ("" for 0)."""
     if not failures:
@@ -158,9 +165,7 @@ def check_converged(history: Metrics, on_failure: str = "warn", *, learning_rate
             "np.isfinite on the features, labels in [0, classes)) and run again."
         )
         message += _solves_follow(failures, ok.size, "the data (or from parameters it made non-finite)")
-        if on_failure == "raise":
-            raise DataError(message)
-        warnings.warn(message, DataWarning, stacklevel=2)
+        raise_or_warn(message, on_failure, DataError, DataWarning)
         return failures
     diverged = divergence(history) if "loss" in history else None
     if diverged:
@@ -170,9 +175,7 @@ def check_converged(history: Metrics, on_failure: str = "warn", *, learning_rate
             "(e.g. 10x) and run again."
         )
         message += _solves_follow(failures, ok.size, "the divergence (exploding or non-finite parameters)")
-        if on_failure == "raise":
-            raise DivergenceError(message)
-        warnings.warn(message, DivergenceWarning, stacklevel=2)
+        raise_or_warn(message, on_failure, DivergenceError, DivergenceWarning)
         return failures
     if failures:
         worst = float(np.nanmax(np.asarray(history["relative_residual"])))
@@ -185,7 +188,5 @@ def check_converged(history: Metrics, on_failure: str = "warn", *, learning_rate
                 f"; in {int(np.sum(backward_failed))} steps the backward (adjoint) solve missed its "
                 "tolerance: see Implicit(tol=..., maxiter=...)"
             )
-        if on_failure == "raise":
-            raise NonConvergenceError(message)
-        warnings.warn(message, NonConvergenceWarning, stacklevel=2)
+        raise_or_warn(message, on_failure, NonConvergenceError, NonConvergenceWarning)
     return failures

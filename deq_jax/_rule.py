@@ -96,12 +96,11 @@ class Rule:
     def verdicts(self, r: Any, fz: Any, ref: Array) -> tuple[Array, Array]:
         """`(rule holds, diverged)` per sample (or scalars): diverged is not finite, or grown beyond `growth` times
         the start's scale `ref`."""
+        ok = self.measure(r, fz)[2]
         r, fz = self._tree(r), self._tree(fz)
-        res = norms(r, self.batch_axis)
-        scale = norms(fz, self.batch_axis) if self.scale is None else self.scale
         grown = max_abs(fz, self.batch_axis)
         big = jnp.maximum(max_abs(r, self.batch_axis), grown)
-        return holds(res, scale, self.tol, self.atol), ~jnp.isfinite(big) | (grown > self.growth * ref)
+        return ok, ~jnp.isfinite(big) | (grown > self.growth * ref)
 
     def diverged(self, r: Any, fz: Any, ref: Array) -> Array:
         """Not finite, or grown beyond `growth` times the start's scale `ref` (any sample)."""

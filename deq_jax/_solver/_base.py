@@ -144,7 +144,7 @@ def _body(solver: AbstractSolver, problem: Problem, rule: Rule) -> Callable[[_Lo
         frozen = c.done | c.diverged  # judged at an earlier step: this step's value is not taken
         if c.done.ndim:
             z = rule.keep(frozen, c.z, z)
-            done, diverged = frozen & c.done | ~frozen & done, frozen & c.diverged | ~frozen & diverged
+            done, diverged = jnp.where(frozen, c.done, done), jnp.where(frozen, c.diverged, diverged)
         # the carry keeps its dtypes: jaxopt's update can return float64 statistics for a float32 state under x64
         z, state = jax.tree_util.tree_map(_like, (z, state), (c.z, c.state))
         return _Loop(c.k + 1, z, state, done, diverged, ref, c.steps + (~frozen).astype(jnp.int32))
